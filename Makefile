@@ -1,0 +1,32 @@
+# Makefile — the short way in. `make demo` and `make test` do every set-up step on a fresh Debian
+# machine (packages, configure, build) and then run. The real build is CMake (CMakeLists.txt).
+BUILD ?= build
+JOBS ?= $(shell nproc)
+CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=Release
+
+.PHONY: all deps build demo test clean
+
+all: build
+
+deps:
+	./scripts/install-deps.sh
+
+$(BUILD)/CMakeCache.txt: | deps
+	cmake -S . -B $(BUILD) $(CMAKE_FLAGS)
+
+build: deps $(BUILD)/CMakeCache.txt
+	cmake --build $(BUILD) -j $(JOBS)
+
+# Generates 32 tokens with the embedded default model (seeded random GPT-2 Medium weights: the speed
+# and memory are real, the text is not), then the same under the sink plugin with a 64-token budget.
+demo: build
+	$(BUILD)/kvhost generate --model random:gpt2-medium --prompt "The history of the city" --max-new 32
+	$(BUILD)/kvhost generate --model random:gpt2-medium --prompt "The history of the city" --max-new 32 \
+	  --plugins sink.so --set cache.budget=64 --set cache.slack=8
+
+# Builds everything and runs every test suite.
+test: build
+	cd $(BUILD) && ctest --output-on-failure -j 1
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,346 @@
+/* backend_cpu.c — the CPU backend: GPT-2 forward pass in fp32 with OpenBLAS for the projections and
+ * MLP, and hand-written cache-friendly loops for LayerNorm, GELU and decode attention.
+ * Owns: the activation workspace, the attention over the dense fp32 cache (with causal masking by
+ * position and score accumulation), per-phase timing. Does not own: eviction or sampling. */
+#include <cblas.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "backend.h"
+
+typedef struct cpu_workspace {
+    size_t rows;      /* Ttot capacity of the activation buffers */
+    float *x;         /* [Ttot, C] residual stream */
+    float *xn;        /* [Ttot, C] normalized input of a sub-layer */
+    float *qkv;       /* [Ttot, 3C] */
+    float *att;       /* [Ttot, C] attention output before projection */
+    float *h;         /* [Ttot, F] MLP hidden */
+    int32_t *pos;     /* [Ttot] positions of the new tokens */
+    size_t scores_cap;/* per-thread score scratch capacity (floats) */
+    float *scores;    /* [threads, scores_cap] */
+    int n_threads;
+} cpu_workspace;
+
+static void workspace_free(cpu_workspace *w) {
+    free(w->x);
+    free(w->xn);
+    free(w->qkv);
+    free(w->att);
+    free(w->h);
+    free(w->pos);
+    free(w->scores);
+    memset(w, 0, sizeof *w);
+}
+
+static int workspace_reserve(cpu_workspace *w, const kvh_model_config *cfg, size_t rows, size_t score_floats,
+                             kvh_err *err) {
+    if (rows > w->rows) {
+        size_t C = (size_t)cfg->n_embd, F = (size_t)cfg->n_inner;
+        float *x = realloc(w->x, rows * C * sizeof(float));
+        if (x) w->x = x;
+        float *xn = realloc(w->xn, rows * C * sizeof(float));
+        if (xn) w->xn = xn;
+        float *qkv = realloc(w->qkv, rows * 3 * C * sizeof(float));
+        if (qkv) w->qkv = qkv;
+        float *att = realloc(w->att, rows * C * sizeof(float));
+        if (att) w->att = att;
+        float *h = realloc(w->h, rows * F * sizeof(float));
+        if (h) w->h = h;
+        int32_t *pos = realloc(w->pos, rows * sizeof(int32_t));
+        if (pos) w->pos = pos;
+        if (!x || !xn || !qkv || !att || !h || !pos)
+            return kvh_fail(err, "cpu backend: out of memory for activations of %zu tokens", rows);
+        w->rows = rows;
+    }
+    if (score_floats > w->scores_cap) {
+        float *s = realloc(w->scores, score_floats * (size_t)w->n_threads * sizeof(float));
+        if (!s) return kvh_fail(err, "cpu backend: out of memory for attention scratch (%zu floats)", score_floats);
+        w->scores = s;
+        w->scores_cap = score_floats;
+    }
+    return 0;
+}
+
+/* ---- small kernels ------------------------------------------------------------------------------ */
+
+/* out[t] = LayerNorm(in[t]) * w + b for T rows of C. */
+static void layernorm(float *out, const float *in, const float *w, const float *b, int T, int C, float eps) {
+#pragma omp parallel for if (T > 4)
+    for (int t = 0; t < T; t++) {
+        const float *x = in + (size_t)t * C;
+        float *y = out + (size_t)t * C;
+        float mean = 0.0f;
+        for (int i = 0; i < C; i++) mean += x[i];
+        mean /= (float)C;
+        float var = 0.0f;
+        for (int i = 0; i < C; i++) {
+            float d = x[i] - mean;
+            var += d * d;
+        }
+        var /= (float)C;
+        float rstd = 1.0f / sqrtf(var + eps);
+        for (int i = 0; i < C; i++) y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+    }
+}
+
+/* y[T, N] = x[T, K] · W[K, N] + bias[N] (+ y when accumulate: the residual add fused into the GEMM). */
+static void linear(float *y, const float *x, const float *W, const float *bias, int T, int K, int N, int accumulate) {
+    if (!accumulate) {
+        for (int t = 0; t < T; t++) memcpy(y + (size_t)t * N, bias, (size_t)N * sizeof(float));
+    } else {
+        for (int t = 0; t < T; t++) {
+            float *row = y + (size_t)t * N;
+            for (int n = 0; n < N; n++) row[n] += bias[n];
+        }
+    }
+    if (T == 1) {
+        cblas_sgemv(CblasRowMajor, CblasTrans, K, N, 1.0f, W, N, x, 1, 1.0f, y, 1);
+    } else {
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, N, K, 1.0f, x, K, W, N, 1.0f, y, N);
+    }
+}
+
+/* GELU, tanh approximation (GPT-2's gelu_new). */
+static void gelu_inplace(float *x, size_t n) {
+    const float k = 0.7978845608028654f; /* sqrt(2/pi) */
+#pragma omp parallel for if (n > 65536)
+    for (size_t i = 0; i < n; i++) {
+        float v = x[i];
+        x[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+    }
+}
+
+/* Attention of T new queries (rows of q with stride q_stride, positions qpos[T]) over one head's cache.
+ * Slots whose position is beyond a query's position are masked (causal). Writes out rows (stride
+ * out_stride). scores: scratch of n floats. Adds probabilities to the head's accumulators as asked. */
+static void attend_head(const float *q, size_t q_stride, const int32_t *qpos, int T, kvh_head_cache *hc, int HS,
+                        const kvh_layer_policy_settings *ls, bool in_prefill, float *out, size_t out_stride,
+                        float *scores) {
+    const float scale = 1.0f / sqrtf((float)HS);
+    const uint32_t n = hc->n;
+    for (int t = 0; t < T; t++) {
+        const float *qt = q + (size_t)t * q_stride;
+        const int32_t p = qpos[t];
+        float mx = -INFINITY;
+        for (uint32_t j = 0; j < n; j++) {
+            if (hc->pos[j] > p) {
+                scores[j] = -INFINITY;
+                continue;
+            }
+            const float *kj = hc->k + (size_t)j * HS;
+            float s = 0.0f;
+            for (int d = 0; d < HS; d++) s += qt[d] * kj[d];
+            s *= scale;
+            scores[j] = s;
+            if (s > mx) mx = s;
+        }
+        float sum = 0.0f;
+        for (uint32_t j = 0; j < n; j++) {
+            float e = scores[j] == -INFINITY ? 0.0f : expf(scores[j] - mx);
+            scores[j] = e;
+            sum += e;
+        }
+        const float inv = 1.0f / sum;
+        float *o = out + (size_t)t * out_stride;
+        for (int d = 0; d < HS; d++) o[d] = 0.0f;
+        for (uint32_t j = 0; j < n; j++) {
+            const float pj = scores[j] * inv;
+            scores[j] = pj;
+            if (pj == 0.0f) continue;
+            const float *vj = hc->v + (size_t)j * HS;
+            for (int d = 0; d < HS; d++) o[d] += pj * vj[d];
+        }
+        if (hc->score && ((in_prefill && ls->prefill_scores) || (!in_prefill && ls->decode_scores)))
+            for (uint32_t j = 0; j < n; j++) hc->score[j] += scores[j];
+        if (hc->obs_score && in_prefill && T - t <= (int)ls->obs_window)
+            for (uint32_t j = 0; j < n; j++) hc->obs_score[j] += scores[j];
+    }
+}
+
+/* ---- the forward pass --------------------------------------------------------------------------- */
+
+typedef struct cpu_backend {
+    cpu_workspace ws;
+} cpu_backend;
+
+static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *batch, float *logits, kvh_err *err) {
+    cpu_backend *cb = be->impl;
+    cpu_workspace *ws = &cb->ws;
+    const kvh_model *m = be->model;
+    const kvh_model_config *cfg = &m->cfg;
+    const int C = cfg->n_embd, NH = cfg->n_head, HS = C / NH, F = cfg->n_inner, V = cfg->n_vocab;
+    const int L = cfg->n_layer;
+
+    /* Validate the batch and lay its tokens out as rows 0..Ttot-1. */
+    size_t Ttot = 0;
+    size_t max_ctx = 0;
+    for (int b = 0; b < batch->n; b++) {
+        int s = batch->seq[b];
+        if (s < 0 || s >= cache->n_seq) return kvh_fail(err, "batch entry %d: sequence %d out of range", b, s);
+        int T = batch->n_tokens[b];
+        if (T < 1) return kvh_fail(err, "batch entry %d: no tokens", b);
+        if ((int64_t)cache->next_pos[s] + T > cfg->n_positions)
+            return kvh_fail(err,
+                            "sequence %d would reach position %lld, past n_positions %d (the model's learned position "
+                            "table ends there)",
+                            s, (long long)cache->next_pos[s] + T, cfg->n_positions);
+        for (int t = 0; t < T; t++) {
+            int32_t id = batch->tokens[b][t];
+            if (id < 0 || id >= V) return kvh_fail(err, "batch entry %d: token id %d out of range [0, %d)", b, id, V);
+        }
+        Ttot += (size_t)T;
+        size_t ctx = 0;
+        for (int l = 0; l < L; l++) {
+            uint32_t mx = 0;
+            for (int h = 0; h < NH; h++) {
+                uint32_t n = kvh_kvcache_head(cache, s, l, h)->n;
+                if (n > mx) mx = n;
+            }
+            if (mx > ctx) ctx = mx;
+        }
+        if (ctx + (size_t)T > max_ctx) max_ctx = ctx + (size_t)T;
+    }
+    if (workspace_reserve(ws, cfg, Ttot, max_ctx, err) != 0) return -1;
+
+    uint64_t t0 = kvh_now_ns();
+    /* Embedding: x[t] = wte[token] + wpe[position]. */
+    {
+        size_t row = 0;
+        for (int b = 0; b < batch->n; b++) {
+            int s = batch->seq[b];
+            for (int t = 0; t < batch->n_tokens[b]; t++, row++) {
+                int32_t id = batch->tokens[b][t];
+                int32_t p = cache->next_pos[s] + t;
+                ws->pos[row] = p;
+                const float *te = m->wte + (size_t)id * C;
+                const float *pe = m->wpe + (size_t)p * C;
+                float *x = ws->x + row * C;
+                for (int i = 0; i < C; i++) x[i] = te[i] + pe[i];
+            }
+        }
+    }
+    uint64_t t1 = kvh_now_ns();
+    be->times.embed += t1 - t0;
+
+    const int T_all = (int)Ttot;
+    for (int l = 0; l < L; l++) {
+        const kvh_layer_weights *w = &m->layers[l];
+        const kvh_layer_policy_settings *ls = &cache->layer[l];
+        uint64_t a0 = kvh_now_ns();
+        layernorm(ws->xn, ws->x, w->ln1_w, w->ln1_b, T_all, C, cfg->ln_eps);
+        linear(ws->qkv, ws->xn, w->attn_w, w->attn_b, T_all, C, 3 * C, 0);
+        uint64_t a1 = kvh_now_ns();
+
+        /* Append this step's K/V, then attend over the cache. */
+        size_t row0 = 0;
+        for (int b = 0; b < batch->n; b++) {
+            int s = batch->seq[b];
+            int T = batch->n_tokens[b];
+            if (kvh_kvcache_reserve(cache, s, l, (uint32_t)T, err) != 0) return -1;
+            kvh_kvcache_append(cache, s, l, T, ws->qkv + row0 * 3 * C + C, ws->qkv + row0 * 3 * C + 2 * C,
+                               (size_t)3 * C, ws->pos + row0);
+            row0 += (size_t)T;
+        }
+        /* Work items: (entry, head). Entry row offsets computed up front so items are independent. */
+        int n_items = batch->n * NH;
+#pragma omp parallel
+        {
+            int tid = 0;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+#endif
+            float *scratch = ws->scores + (size_t)tid * ws->scores_cap;
+#pragma omp for schedule(dynamic, 1)
+            for (int item = 0; item < n_items; item++) {
+                int b = item / NH, h = item % NH;
+                size_t r0 = 0;
+                for (int bb = 0; bb < b; bb++) r0 += (size_t)batch->n_tokens[bb];
+                int s = batch->seq[b];
+                int T = batch->n_tokens[b];
+                kvh_head_cache *hc = kvh_kvcache_head(cache, s, l, h);
+                attend_head(ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls, T > 1,
+                            ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
+            }
+        }
+        uint64_t a2 = kvh_now_ns();
+        linear(ws->x, ws->att, w->proj_w, w->proj_b, T_all, C, C, 1);
+        uint64_t a3 = kvh_now_ns();
+
+        layernorm(ws->xn, ws->x, w->ln2_w, w->ln2_b, T_all, C, cfg->ln_eps);
+        linear(ws->h, ws->xn, w->fc_w, w->fc_b, T_all, C, F, 0);
+        gelu_inplace(ws->h, (size_t)T_all * F);
+        linear(ws->x, ws->h, w->fcproj_w, w->fcproj_b, T_all, F, C, 1);
+        uint64_t a4 = kvh_now_ns();
+        be->times.attn_proj += (a1 - a0) + (a3 - a2);
+        be->times.attn_core += a2 - a1;
+        be->times.mlp += a4 - a3;
+    }
+
+    uint64_t h0 = kvh_now_ns();
+    /* Final LayerNorm and tied LM head on the rows whose logits are wanted. */
+    if (batch->all_logits) {
+        layernorm(ws->xn, ws->x, m->lnf_w, m->lnf_b, T_all, C, cfg->ln_eps);
+        if (T_all == 1)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, V, C, 1.0f, m->wte, C, ws->xn, 1, 0.0f, logits, 1);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T_all, V, C, 1.0f, ws->xn, C, m->wte, C, 0.0f, logits, V);
+    } else {
+        size_t row = 0;
+        for (int b = 0; b < batch->n; b++) {
+            row += (size_t)batch->n_tokens[b];
+            layernorm(ws->xn + (size_t)b * C, ws->x + (row - 1) * C, m->lnf_w, m->lnf_b, 1, C, cfg->ln_eps);
+        }
+        if (batch->n == 1)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, V, C, 1.0f, m->wte, C, ws->xn, 1, 0.0f, logits, 1);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, batch->n, V, C, 1.0f, ws->xn, C, m->wte, C, 0.0f,
+                        logits, V);
+    }
+    be->times.lm_head += kvh_now_ns() - h0;
+
+    for (int b = 0; b < batch->n; b++) cache->next_pos[batch->seq[b]] += batch->n_tokens[b];
+    return 0;
+}
+
+static void cpu_destroy(kvh_backend *be) {
+    cpu_backend *cb = be->impl;
+    if (cb) {
+        workspace_free(&cb->ws);
+        free(cb);
+    }
+    free(be);
+}
+
+static const kvh_backend_ops cpu_ops = {.name = "cpu", .forward = cpu_forward, .destroy = cpu_destroy};
+
+int kvh_backend_cpu_create(kvh_backend **out, const kvh_model *model, int threads, kvh_err *err) {
+    *out = NULL;
+    kvh_backend *be = calloc(1, sizeof *be);
+    cpu_backend *cb = calloc(1, sizeof *cb);
+    if (!be || !cb) {
+        free(be);
+        free(cb);
+        return kvh_fail(err, "cpu backend: out of memory");
+    }
+    if (threads < 1) threads = 1;
+#ifdef _OPENMP
+    omp_set_num_threads(threads);
+#endif
+    openblas_set_num_threads(threads);
+    cb->ws.n_threads = threads;
+#ifdef _OPENMP
+    if (omp_get_max_threads() > cb->ws.n_threads) cb->ws.n_threads = omp_get_max_threads();
+#endif
+    be->ops = &cpu_ops;
+    be->model = model;
+    be->threads = threads;
+    be->impl = cb;
+    snprintf(be->device, sizeof be->device, "cpu (%d threads, OpenBLAS %s)", threads, openblas_get_config());
+    *out = be;
+    return 0;
+}

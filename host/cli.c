@@ -1,0 +1,174 @@
+/* cli.c — implementation of the common options (cli.h). */
+#include "cli.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+const char *const kvh_cli_common_help =
+    "Model and backend:\n"
+    "  --model SPEC          checkpoint directory (config.json, model.safetensors, vocab.json, merges.txt)\n"
+    "                        or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl[:SEED] (seeded random weights at the\n"
+    "                        real shapes; their text is meaningless). Default: " KVH_DEFAULT_MODEL "\n"
+    "  --backend NAME        cpu | cuda | auto (default: cpu, or [model] backend of --config)\n"
+    "  --threads N           CPU threads (default: all cores)\n"
+    "Cache and plugins:\n"
+    "  --config FILE         INI run file (see docs/ini-reference.md)\n"
+    "  --plugins A.so,B.so   apply plugins with their defaults to every layer\n"
+    "  --set SEC.KEY=VALUE   override one value, e.g. --set cache.budget=256 --set sink.sinks=4\n"
+    "  --plugin-path DIRS    extra plugin directories, ':'-separated\n"
+    "  --no-cache            baseline: recompute the whole prefix every step (no KV cache)\n"
+    "  --mem-limit BYTES     cap on KV-cache bytes (e.g. 512M); growth beyond it is an error\n"
+    "Output:\n"
+    "  --json FILE           append one JSON Lines record per run to FILE\n";
+
+int kvh_cli_parse_int(const char *text, long lo, long hi, long *out) {
+    if (!text || !*text) return -1;
+    errno = 0;
+    char *end = NULL;
+    long v = strtol(text, &end, 10);
+    if (errno != 0 || *end != '\0' || v < lo || v > hi) return -1;
+    *out = v;
+    return 0;
+}
+
+int kvh_cli_parse_bytes(const char *text, size_t *out) {
+    if (!text || !*text || *text == '-') return -1;
+    errno = 0;
+    char *end = NULL;
+    double v = strtod(text, &end);
+    if (errno != 0 || end == text || !(v >= 0)) return -1;
+    double mul = 1.0;
+    if (*end) {
+        switch (*end) {
+        case 'k': case 'K': mul = 1024.0; break;
+        case 'm': case 'M': mul = 1024.0 * 1024.0; break;
+        case 'g': case 'G': mul = 1024.0 * 1024.0 * 1024.0; break;
+        default: return -1;
+        }
+        end++;
+        if (*end == 'i') end++;
+        if (*end == 'B' || *end == 'b') end++;
+        if (*end) return -1;
+    }
+    double bytes = v * mul;
+    if (bytes >= 9.0e18) return -1;
+    *out = (size_t)bytes;
+    return 0;
+}
+
+static int need_value(int argc, char **argv, int *i, const char **value, kvh_err *err) {
+    if (*i + 1 >= argc) return kvh_fail(err, "option %s needs a value", argv[*i]);
+    *value = argv[*i + 1];
+    *i += 2;
+    return 0;
+}
+
+int kvh_cli_common_parse(kvh_cli_common *c, int argc, char **argv, int *i, kvh_err *err) {
+    const char *a = argv[*i];
+    const char *v = NULL;
+    if (strcmp(a, "--model") == 0) {
+        if (need_value(argc, argv, i, &c->model, err)) return -1;
+    } else if (strcmp(a, "--backend") == 0) {
+        if (need_value(argc, argv, i, &c->backend, err)) return -1;
+    } else if (strcmp(a, "--threads") == 0) {
+        if (need_value(argc, argv, i, &v, err)) return -1;
+        long t;
+        if (kvh_cli_parse_int(v, 1, 1024, &t) != 0)
+            return kvh_fail(err, "--threads '%s': expected a whole number from 1 to 1024", v);
+        c->threads = (int)t;
+    } else if (strcmp(a, "--config") == 0) {
+        if (need_value(argc, argv, i, &c->config_path, err)) return -1;
+    } else if (strcmp(a, "--plugins") == 0) {
+        if (need_value(argc, argv, i, &v, err)) return -1;
+        if (c->plugins) return kvh_fail(err, "--plugins given twice; list all plugins in one comma-separated value");
+        c->plugins = v;
+    } else if (strcmp(a, "--set") == 0) {
+        if (need_value(argc, argv, i, &v, err)) return -1;
+        if (c->n_sets >= KVH_MAX_SETS) return kvh_fail(err, "more than %d --set options", KVH_MAX_SETS);
+        c->sets[c->n_sets++] = v;
+    } else if (strcmp(a, "--plugin-path") == 0) {
+        if (need_value(argc, argv, i, &c->plugin_path, err)) return -1;
+    } else if (strcmp(a, "--json") == 0) {
+        if (need_value(argc, argv, i, &c->json_path, err)) return -1;
+    } else if (strcmp(a, "--no-cache") == 0) {
+        c->no_cache = true;
+        *i += 1;
+    } else if (strcmp(a, "--mem-limit") == 0) {
+        if (need_value(argc, argv, i, &v, err)) return -1;
+        if (kvh_cli_parse_bytes(v, &c->mem_limit) != 0 || c->mem_limit == 0)
+            return kvh_fail(err, "--mem-limit '%s': expected a positive size such as 512M or 2G", v);
+    } else {
+        return 0;
+    }
+    return 1;
+}
+
+int kvh_cli_build_config(const kvh_cli_common *c, kvh_run_config *cfg, kvh_err *err) {
+    kvh_config_defaults(cfg);
+    if (c->config_path && kvh_config_load_ini(cfg, c->config_path, err) != 0) return -1;
+    if (c->plugins && kvh_config_add_plugins_list(cfg, c->plugins, err) != 0) return -1;
+    for (int i = 0; i < c->n_sets; i++)
+        if (kvh_config_set(cfg, c->sets[i], err) != 0) return -1;
+    return 0;
+}
+
+const char *kvh_cli_model_spec(const kvh_cli_common *c, const kvh_run_config *cfg) {
+    if (c->model) return c->model;
+    if (cfg && cfg->model) return cfg->model;
+    return KVH_DEFAULT_MODEL;
+}
+
+const char *kvh_cli_backend(const kvh_cli_common *c, const kvh_run_config *cfg) {
+    if (c->backend) return c->backend;
+    if (cfg && cfg->backend_origin.line > 0) return cfg->backend;
+    return "cpu";
+}
+
+int kvh_cli_threads(const kvh_cli_common *c, const kvh_run_config *cfg) {
+    if (c->threads > 0) return c->threads;
+    if (cfg && cfg->threads > 0) return cfg->threads;
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+static bool file_exists(const char *path) {
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+int kvh_cli_load_model(const char *spec, kvh_model *model, kvh_tokenizer **tok, kvh_err *err) {
+    *tok = NULL;
+    if (kvh_model_load(model, spec, err) != 0) return -1;
+    int rc;
+    if (strncmp(spec, "random:", 7) != 0) {
+        char vocab[PATH_MAX], merges[PATH_MAX];
+        snprintf(vocab, sizeof vocab, "%s/vocab.json", spec);
+        snprintf(merges, sizeof merges, "%s/merges.txt", spec);
+        if (file_exists(vocab) && file_exists(merges)) {
+            rc = kvh_tokenizer_load(tok, vocab, merges, err);
+        } else {
+            fprintf(stderr, "kvhost: %s has no vocab.json/merges.txt; using the built-in GPT-2 tokenizer\n", spec);
+            rc = kvh_tokenizer_load_embedded(tok, err);
+        }
+    } else {
+        rc = kvh_tokenizer_load_embedded(tok, err);
+    }
+    if (rc != 0) {
+        kvh_model_free(model);
+        return -1;
+    }
+    if (kvh_tokenizer_vocab_size(*tok) > model->cfg.n_vocab) {
+        kvh_fail(err, "tokenizer has %d tokens but the model's vocabulary is %d", kvh_tokenizer_vocab_size(*tok),
+                 model->cfg.n_vocab);
+        kvh_tokenizer_free(*tok);
+        *tok = NULL;
+        kvh_model_free(model);
+        return -1;
+    }
+    return 0;
+}

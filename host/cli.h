@@ -1,0 +1,58 @@
+/* cli.h — options shared by the commands (model, backend, plugins, output) and turning them into a
+ * loaded model, tokenizer and run configuration.
+ * Owns: parsing of the common options, precedence (CLI over --config file over built-in defaults),
+ * the embedded default model spec. Does not own: command-specific options or output. */
+#ifndef KVH_CLI_H
+#define KVH_CLI_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "config.h"
+#include "model.h"
+#include "tokenizer.h"
+#include "util.h"
+
+#define KVH_DEFAULT_MODEL "random:gpt2-medium"
+#define KVH_MAX_SETS 64
+
+typedef struct kvh_cli_common {
+    const char *model;       /* --model */
+    const char *backend;     /* --backend */
+    int threads;             /* --threads (0 = not given) */
+    const char *config_path; /* --config */
+    const char *plugins;     /* --plugins a.so,b.so */
+    const char *sets[KVH_MAX_SETS]; /* --set sec.key=value */
+    int n_sets;
+    const char *plugin_path; /* --plugin-path DIR[:DIR] */
+    const char *json_path;   /* --json FILE */
+    bool no_cache;           /* --no-cache */
+    size_t mem_limit;        /* --mem-limit BYTES (K/M/G suffixes): cap on KV cache bytes */
+} kvh_cli_common;
+
+/* The help text of the common options (for the commands' --help). */
+extern const char *const kvh_cli_common_help;
+
+/* Tries to consume argv[*i] (and its value) as a common option. Returns 1 if consumed (*i advanced past
+ * the value), 0 if not a common option, -1 on a bad value (err says which option and why). */
+int kvh_cli_common_parse(kvh_cli_common *c, int argc, char **argv, int *i, kvh_err *err);
+
+/* Parses "512M", "2G", "1048576" into bytes. */
+int kvh_cli_parse_bytes(const char *text, size_t *out);
+/* Parses a whole-string integer in [lo, hi]. */
+int kvh_cli_parse_int(const char *text, long lo, long hi, long *out);
+
+/* Builds the run configuration: --config, then --plugins, then each --set; then CLI --model/--backend/
+ * --threads override the file. */
+int kvh_cli_build_config(const kvh_cli_common *c, kvh_run_config *cfg, kvh_err *err);
+
+/* Resolved settings after build_config. */
+const char *kvh_cli_model_spec(const kvh_cli_common *c, const kvh_run_config *cfg);
+const char *kvh_cli_backend(const kvh_cli_common *c, const kvh_run_config *cfg);
+int kvh_cli_threads(const kvh_cli_common *c, const kvh_run_config *cfg);
+
+/* Loads the model and its tokenizer (vocab.json/merges.txt beside a checkpoint, else the embedded GPT-2
+ * files). */
+int kvh_cli_load_model(const char *spec, kvh_model *model, kvh_tokenizer **tok, kvh_err *err);
+
+#endif

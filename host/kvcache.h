@@ -1,0 +1,95 @@
+/* kvcache.h — the per-sequence, per-layer, per-head KV cache held in host memory (dense fp32 store).
+ * Owns: slot storage (K, V, position, score accumulators) ragged per head, growth on demand up to the
+ * head's cap, dense compaction after eviction (metadata kept in step), validation of victim lists, and
+ * the byte accounting (bytes actually held, peak).
+ * Does not own: deciding who is evicted (the policy plugins via router.h), attention math (backend).
+ *
+ * Layout: for sequence s, layer l, head h: k[slot * HS + d], v[slot * HS + d], pos[slot], score[slot],
+ * obs_score[slot]; live slots are 0..n-1. Eviction fills each hole with the last live slot, so slot
+ * order is not chronological; positions are baked into K, so attention does not care. */
+#ifndef KVH_KVCACHE_H
+#define KVH_KVCACHE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "util.h"
+
+#define KVH_BUDGET_UNLIMITED UINT32_MAX
+
+typedef struct kvh_head_cache {
+    float *k;          /* [cap, HS] */
+    float *v;          /* [cap, HS] */
+    int32_t *pos;      /* [cap] absolute positions */
+    float *score;      /* [cap] accumulated attention, NULL unless the layer tracks scores */
+    float *obs_score;  /* [cap] observation-window scores, NULL unless the layer tracks them */
+    uint32_t n;        /* live slots */
+    uint32_t cap;      /* allocated slots */
+    uint32_t budget;   /* target live count after eviction (KVH_BUDGET_UNLIMITED: keep all) */
+} kvh_head_cache;
+
+/* Per-layer settings, identical for every sequence. */
+typedef struct kvh_layer_policy_settings {
+    uint32_t budget;        /* per-head budget (KVH_BUDGET_UNLIMITED: keep all) */
+    uint32_t slack;         /* heads grow to budget + slack before eviction */
+    bool track_scores;      /* score[] kept (decode and/or prefill sums) */
+    bool decode_scores;     /* add decode attention probabilities to score[] */
+    bool prefill_scores;    /* add prefill column sums to score[] */
+    bool obs_scores;        /* obs_score[] kept */
+    uint32_t obs_window;    /* last queries of a prefill block summed into obs_score[] */
+} kvh_layer_policy_settings;
+
+typedef struct kvh_kvcache {
+    int n_seq, n_layer, n_head, head_dim, n_ctx;
+    kvh_layer_policy_settings *layer; /* [L] */
+    kvh_head_cache *heads;            /* [n_seq * L * NH], index kvh_kvcache_head_index */
+    int32_t *next_pos;                /* [n_seq] position of the next token of each sequence */
+    size_t bytes_held;                /* bytes allocated for slots right now (data + metadata) */
+    size_t bytes_peak;                /* largest bytes_held seen */
+    size_t bytes_limit;               /* 0 = none; growth beyond it fails (emulates a smaller memory) */
+    uint32_t *scratch_victims;        /* [n_ctx + max slack] scratch for victim lists */
+    unsigned char *scratch_mark;      /* [same] scratch for validation */
+    uint32_t scratch_len;
+} kvh_kvcache;
+
+/* Creates an empty cache. settings[L] may be NULL (keep all, no scores). */
+int kvh_kvcache_init(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int head_dim, int n_ctx,
+                     const kvh_layer_policy_settings *settings, size_t bytes_limit, kvh_err *err);
+void kvh_kvcache_free(kvh_kvcache *c);
+/* Empties sequence s (keeps nothing, frees its slots, next_pos = 0). */
+void kvh_kvcache_reset_seq(kvh_kvcache *c, int s);
+
+static inline size_t kvh_kvcache_head_index(const kvh_kvcache *c, int s, int l, int h) {
+    return ((size_t)s * (size_t)c->n_layer + (size_t)l) * (size_t)c->n_head + (size_t)h;
+}
+static inline kvh_head_cache *kvh_kvcache_head(kvh_kvcache *c, int s, int l, int h) {
+    return &c->heads[kvh_kvcache_head_index(c, s, l, h)];
+}
+
+/* Makes room for `extra` more slots in every head of (s, l). Fails when the byte limit would be
+ * exceeded ("KV cache needs N bytes, limit is M") or memory runs out. */
+int kvh_kvcache_reserve(kvh_kvcache *c, int s, int l, uint32_t extra, kvh_err *err);
+
+/* Appends T tokens to every head of (s, l). k_rows/v_rows point at row 0 of a [T, row_stride] matrix
+ * whose head h occupies columns h*HS..h*HS+HS-1. pos[T] are the tokens' positions. Scores start at 0.
+ * Call kvh_kvcache_reserve first. */
+void kvh_kvcache_append(kvh_kvcache *c, int s, int l, int T, const float *k_rows, const float *v_rows,
+                        size_t row_stride, const int32_t *pos);
+
+/* Checks a victim list for head (n_live slots, must reach `budget`): every index < n_live, no duplicates,
+ * count >= n_live - budget, count <= n_live. On failure names the problem (first bad index). */
+int kvh_kvcache_validate_victims(kvh_kvcache *c, uint32_t n_live, uint32_t budget, const uint32_t *victims,
+                                 uint32_t n_victims, kvh_err *err);
+/* Removes the (validated) victims from head (s, l, h), keeping K, V, pos and scores in step. */
+void kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *victims, uint32_t n_victims);
+/* Gives memory back when a head holds far fewer slots than its capacity (after eviction). */
+void kvh_kvcache_shrink(kvh_kvcache *c, int s, int l, int h);
+
+/* Live-token statistics for records and invariant checks. */
+size_t kvh_kvcache_live_tokens(const kvh_kvcache *c);          /* sum of n over all heads */
+uint32_t kvh_kvcache_max_live(const kvh_kvcache *c, int l);    /* max n over sequences and heads of l */
+/* Bytes of K and V data in live slots (what a perfectly tight store would hold). */
+size_t kvh_kvcache_live_kv_bytes(const kvh_kvcache *c);
+
+#endif

@@ -1,0 +1,42 @@
+/* main.c — the kvhost executable: dispatches the sub-command. Library code never prints or exits;
+ * commands print their own errors and return the exit status. */
+#include <stdio.h>
+#include <string.h>
+
+#include "commands.h"
+#include "plan.h"
+#include "plugin.h"
+
+static const char *const usage =
+    "kvhost " KVH_VERSION " — KV-cache techniques on GPT-2, as plugins\n"
+    "\n"
+    "usage: kvhost COMMAND [options]        (kvhost COMMAND --help for each)\n"
+    "\n"
+    "commands:\n"
+    "  generate   generate text from a prompt, with timings and a JSON Lines record\n"
+    "  plugins    list the plugins found, or show one plugin's parameters (plugins info sink.so)\n"
+    "  plan       size a deployment: parameters, KV bytes, max batch, arithmetic intensity\n"
+    "\n"
+    "examples:\n"
+    "  kvhost generate --model random:gpt2-medium --prompt \"Hello\" --max-new 32\n"
+    "  kvhost generate --model ../shared/models/gpt2-tiny-wt --prompt \"The history of the city\" \\\n"
+    "                  --plugins sink.so --set cache.budget=64\n"
+    "  kvhost plugins info window.so\n"
+    "  kvhost plan --model gpt2-medium --gpu-mem 80 --context 1024\n";
+
+int main(int argc, char **argv) {
+    if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
+        fputs(usage, argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (strcmp(argv[1], "--version") == 0) {
+        printf("kvhost %s (plugin ABI %u.%u)\n", KVH_VERSION, KVP_ABI_MAJOR, KVP_ABI_MINOR);
+        return 0;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "generate") == 0) return kvh_cmd_generate(argc - 1, argv + 1);
+    if (strcmp(cmd, "plugins") == 0) return kvh_cmd_plugins(argc - 1, argv + 1);
+    if (strcmp(cmd, "plan") == 0) return kvh_cmd_plan(argc - 1, argv + 1);
+    fprintf(stderr, "kvhost: unknown command '%s'\n\n%s", cmd, usage);
+    return 2;
+}

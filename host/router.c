@@ -1,0 +1,534 @@
+/* router.c — per-layer plugin instances, the host services table and hook calls. See router.h.
+ * Does not own cache storage (kvcache.c) or plugin loading details (plugin.c). */
+#define _POSIX_C_SOURCE 200809L
+#include "router.h"
+
+#include <cjson/cJSON.h>
+#include <stdalign.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "plugin.h"
+
+/* Every plugin allocation carries this header, so leftovers are freed when the instance goes. */
+typedef union alloc_hdr {
+    struct {
+        union alloc_hdr *prev, *next;
+        size_t size;
+    } h;
+    max_align_t align;
+} alloc_hdr;
+
+/* One configured section (plugin instance group). */
+typedef struct group {
+    char *section;
+    kvh_plugin *plugin;     /* owned by the registry */
+    double *values;         /* [n_params] parsed parameter values */
+    unsigned char *mask;    /* [L] layers claimed */
+    const kvh_config_section *cfg; /* for origins in messages (valid during create only) */
+} group;
+
+/* The per-instance host context: one per claimed layer. kvp_host.ctx points here. */
+typedef struct host_ctx {
+    kvp_host host;
+    kvh_router *r;
+    group *g;
+    int layer;
+    kvh_kvcache *cache;     /* the cache during a hook call, NULL otherwise */
+    char error[512];        /* last set_error message (raw bytes, NUL-terminated) */
+    int has_error;
+    alloc_hdr *allocs;      /* live allocations (doubly linked) */
+    kvp_instance inst;
+    int created;
+} host_ctx;
+
+struct kvh_router {
+    int n_layer, n_head, head_dim, n_ctx, n_seq;
+    uint32_t budget, slack;
+    kvh_plugin_registry reg;
+    group *groups;
+    int n_groups;
+    host_ctx **layer_ctx;   /* [L], NULL = keep-all */
+    uint32_t *head_budget;  /* [NH] scratch for head_budgets() */
+    uint64_t hook_ns;
+    uint64_t evict_calls;
+};
+
+/* ---- messages ---------------------------------------------------------------------------------- */
+
+/* Copies plugin-supplied text into buf with control and non-ASCII bytes escaped (\xNN), truncated
+ * with "..." when it does not fit. */
+static void escape_text(const char *s, char *buf, size_t cap) {
+    size_t o = 0;
+    if (cap == 0) return;
+    for (size_t i = 0; s[i]; i++) {
+        unsigned char c = (unsigned char)s[i];
+        size_t need = (c < 0x20 || c >= 0x7f || c == '\\') ? 4 : 1;
+        if (o + need + 4 >= cap) {
+            if (o + 4 <= cap) memcpy(buf + o, "...", 3), o += 3;
+            break;
+        }
+        if (c == '\\') buf[o++] = '\\', buf[o++] = '\\';
+        else if (need == 4) o += (size_t)snprintf(buf + o, cap - o, "\\x%02x", c);
+        else buf[o++] = (char)c;
+    }
+    buf[o] = '\0';
+}
+
+static int hook_fail(host_ctx *x, int seq, int head, const char *hook, kvh_err *err) {
+    char msg[700];
+    if (x->has_error) escape_text(x->error, msg, sizeof msg);
+    else snprintf(msg, sizeof msg, "(the plugin gave no message)");
+    char where[96] = "";
+    if (seq >= 0) snprintf(where, sizeof where, " seq %d", seq);
+    if (head >= 0) snprintf(where + strlen(where), sizeof where - strlen(where), " head %d", head);
+    return kvh_fail(err, "plugin '%s' (%s) layer %d%s: %s failed: %s", x->g->plugin->desc.name,
+                    x->g->plugin->file_name, x->layer, where, hook, msg);
+}
+
+/* ---- host services ------------------------------------------------------------------------------- */
+
+static void svc_log(void *ctx, int level, const char *msg) {
+    host_ctx *x = ctx;
+    static const char *names[] = {"error", "warning", "info", "debug"};
+    char text[600];
+    escape_text(msg ? msg : "(null)", text, sizeof text);
+    const char *lv = level >= 0 && level <= 3 ? names[level] : "log";
+    fprintf(stderr, "[plugin %s layer %d] %s: %s\n", x->g->plugin->desc.name, x->layer, lv, text);
+}
+
+static void svc_set_error(void *ctx, const char *msg) {
+    host_ctx *x = ctx;
+    if (!msg) msg = "(null message)";
+    size_t n = 0;
+    while (n < sizeof x->error - 1 && msg[n]) n++; /* bounded: never reads past what fits */
+    memcpy(x->error, msg, n);
+    x->error[n] = '\0';
+    x->has_error = 1;
+}
+
+static void *svc_alloc(void *ctx, size_t bytes) {
+    host_ctx *x = ctx;
+    if (bytes > SIZE_MAX - sizeof(alloc_hdr)) return NULL;
+    alloc_hdr *a = calloc(1, sizeof(alloc_hdr) + (bytes ? bytes : 1));
+    if (!a) return NULL;
+    a->h.size = bytes;
+    a->h.next = x->allocs;
+    if (x->allocs) x->allocs->h.prev = a;
+    x->allocs = a;
+    return a + 1;
+}
+
+static void svc_free(void *ctx, void *p) {
+    host_ctx *x = ctx;
+    if (!p) return;
+    alloc_hdr *a = (alloc_hdr *)p - 1;
+    if (a->h.prev) a->h.prev->h.next = a->h.next;
+    else x->allocs = a->h.next;
+    if (a->h.next) a->h.next->h.prev = a->h.prev;
+    free(a);
+}
+
+static double svc_param(void *ctx, const char *name) {
+    host_ctx *x = ctx;
+    if (!name) return 0;
+    int i = kvh_plugin_param_index(&x->g->plugin->desc, name);
+    return i < 0 ? 0 : x->g->values[i];
+}
+
+static kvh_head_cache *svc_head(host_ctx *x, uint32_t seq, uint32_t head) {
+    if (!x->cache || seq >= (uint32_t)x->r->n_seq || head >= (uint32_t)x->r->n_head) return NULL;
+    return kvh_kvcache_head(x->cache, (int)seq, x->layer, (int)head);
+}
+static uint32_t svc_live_count(void *ctx, uint32_t seq, uint32_t head) {
+    kvh_head_cache *hc = svc_head(ctx, seq, head);
+    return hc ? hc->n : 0;
+}
+static const int32_t *svc_positions(void *ctx, uint32_t seq, uint32_t head) {
+    kvh_head_cache *hc = svc_head(ctx, seq, head);
+    return hc ? hc->pos : NULL;
+}
+static const float *svc_scores(void *ctx, uint32_t seq, uint32_t head) {
+    kvh_head_cache *hc = svc_head(ctx, seq, head);
+    return hc ? hc->score : NULL;
+}
+static const float *svc_obs_scores(void *ctx, uint32_t seq, uint32_t head) {
+    kvh_head_cache *hc = svc_head(ctx, seq, head);
+    return hc ? hc->obs_score : NULL;
+}
+
+/* ---- creation ------------------------------------------------------------------------------------- */
+
+static int validate_params(group *g, const kvh_config_section *s, kvh_err *err) {
+    const kvp_descriptor *d = &g->plugin->desc;
+    g->values = calloc(d->n_params ? d->n_params : 1, sizeof *g->values);
+    if (!g->values) return kvh_fail(err, "[%s]: out of memory", s->name);
+    for (uint32_t i = 0; i < d->n_params; i++) g->values[i] = d->params[i].default_value;
+    for (int i = 0; i < s->n_params; i++) {
+        const kvh_config_kv *kv = &s->params[i];
+        char at[300];
+        kvh_origin_format(&kv->origin, at, sizeof at);
+        int pi = kvh_plugin_param_index(d, kv->key);
+        if (pi < 0) {
+            char list[512] = "";
+            size_t u = 0;
+            for (uint32_t j = 0; j < d->n_params && u < sizeof list; j++) {
+                int w = snprintf(list + u, sizeof list - u, "%s%s", j ? ", " : "", d->params[j].name);
+                if (w > 0) u += (size_t)w;
+            }
+            if (d->n_params)
+                return kvh_fail(err, "%s: [%s] unknown parameter '%s' for plugin '%s' (%s); its parameters are: %s", at,
+                                s->name, kv->key, d->name, g->plugin->file_name, list);
+            return kvh_fail(err, "%s: [%s] unknown parameter '%s': plugin '%s' (%s) has no parameters", at, s->name,
+                            kv->key, d->name, g->plugin->file_name);
+        }
+        if (kvh_plugin_param_parse(&d->params[pi], kv->value, &g->values[pi], err) != 0)
+            return kvh_fail_prefix(err, "%s: [%s] %s = %s", at, s->name, kv->key, kv->value);
+    }
+    return 0;
+}
+
+static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
+    host_ctx *x = calloc(1, sizeof *x);
+    if (!x) return kvh_fail(err, "[%s] layer %d: out of memory", g->section, layer);
+    r->layer_ctx[layer] = x;
+    x->r = r;
+    x->g = g;
+    x->layer = layer;
+    x->host = (kvp_host){
+        .struct_size = sizeof(kvp_host),
+        .abi_major = KVP_ABI_MAJOR,
+        .abi_minor = KVP_ABI_MINOR,
+        .ctx = x,
+        .log = svc_log,
+        .set_error = svc_set_error,
+        .alloc = svc_alloc,
+        .free = svc_free,
+        .param = svc_param,
+        .live_count = svc_live_count,
+        .positions = svc_positions,
+        .scores = svc_scores,
+        .obs_scores = svc_obs_scores,
+    };
+    kvp_layer_info info = {
+        .struct_size = sizeof info,
+        .layer = (uint32_t)layer,
+        .n_layer = (uint32_t)r->n_layer,
+        .n_q_head = (uint32_t)r->n_head,
+        .n_kv_head = (uint32_t)r->n_head,
+        .head_dim = (uint32_t)r->head_dim,
+        .n_ctx = (uint32_t)r->n_ctx,
+        .n_seq = (uint32_t)r->n_seq,
+        .cache_budget = r->budget,
+        .slack = r->slack,
+    };
+    x->inst.struct_size = sizeof x->inst;
+    const kvp_descriptor *d = &g->plugin->desc;
+    if (d->create(&x->host, &info, &x->inst) != KVP_OK) {
+        hook_fail(x, -1, -1, "create", err);
+        return kvh_fail_prefix(err, "[%s]", g->section);
+    }
+    x->created = 1;
+    if (x->inst.budget < 1)
+        return kvh_fail(err, "[%s] plugin '%s' (%s) layer %d: create set budget %u (must be >= 1)", g->section, d->name,
+                        g->plugin->file_name, layer, (unsigned)x->inst.budget);
+    if ((d->caps & KVP_CAP_OBS_SCORES) && x->inst.obs_window < 1)
+        return kvh_fail(err, "[%s] plugin '%s' (%s) layer %d: asks for observation-window scores but create set "
+                        "obs_window 0 (must be >= 1)", g->section, d->name, g->plugin->file_name, layer);
+    return 0;
+}
+
+int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char *plugin_path, int n_layer,
+                         int n_head, int head_dim, int n_ctx, int n_seq, kvh_err *err) {
+    *out = NULL;
+    if (n_layer < 1 || n_head < 1 || head_dim < 1 || n_ctx < 1 || n_seq < 1)
+        return kvh_fail(err, "router: invalid model shape (layers %d, heads %d, head_dim %d, ctx %d, seqs %d)", n_layer,
+                        n_head, head_dim, n_ctx, n_seq);
+    kvh_router *r = calloc(1, sizeof *r);
+    if (!r) return kvh_fail(err, "router: out of memory");
+    r->n_layer = n_layer;
+    r->n_head = n_head;
+    r->head_dim = head_dim;
+    r->n_ctx = n_ctx;
+    r->n_seq = n_seq;
+    r->budget = cfg->budget;
+    r->slack = cfg->slack;
+    kvh_plugin_registry_init(&r->reg);
+    r->layer_ctx = calloc((size_t)n_layer, sizeof *r->layer_ctx);
+    r->head_budget = calloc((size_t)n_head, sizeof *r->head_budget);
+    r->groups = calloc(cfg->n_sections ? (size_t)cfg->n_sections : 1, sizeof *r->groups);
+    if (!r->layer_ctx || !r->head_budget || !r->groups) {
+        kvh_router_free(r);
+        return kvh_fail(err, "router: out of memory");
+    }
+    int *owner = calloc((size_t)n_layer, sizeof *owner); /* group index + 1 claiming each layer */
+    if (!owner) {
+        kvh_router_free(r);
+        return kvh_fail(err, "router: out of memory");
+    }
+    int rc = 0;
+    for (int i = 0; i < cfg->n_sections && rc == 0; i++) {
+        const kvh_config_section *s = &cfg->sections[i];
+        group *g = &r->groups[r->n_groups++];
+        g->cfg = s;
+        g->section = strdup(s->name);
+        g->mask = calloc((size_t)n_layer, 1);
+        if (!g->section || !g->mask) {
+            rc = kvh_fail(err, "router: out of memory");
+            break;
+        }
+        char at[300];
+        kvh_origin_format(&s->plugin_origin, at, sizeof at);
+        if (kvh_plugin_registry_load(&r->reg, s->plugin, plugin_path, &g->plugin, err) != 0) {
+            rc = kvh_fail_prefix(err, "%s: [%s] plugin = %s", at, s->name, s->plugin);
+            break;
+        }
+        if ((rc = validate_params(g, s, err)) != 0) break;
+        kvh_origin_format(&s->layers_origin, at, sizeof at);
+        if (kvp_parse_layers(s->layers, (uint32_t)n_layer, g->mask) != 0) {
+            rc = kvh_fail(err, "%s: [%s] layers = %s: expected all, N, A-B or a comma list of those, with layers in "
+                          "0..%d (the model has %d layers)", at, s->name, s->layers, n_layer - 1, n_layer);
+            break;
+        }
+        for (int l = 0; l < n_layer; l++) {
+            if (!g->mask[l]) continue;
+            if (owner[l]) {
+                const kvh_config_section *o = r->groups[owner[l] - 1].cfg;
+                char at2[300];
+                kvh_origin_format(&o->layers_origin, at2, sizeof at2);
+                rc = kvh_fail(err, "%s: layer %d is claimed by two policies: [%s] (%s) and [%s] (%s); a layer takes at "
+                              "most one policy", at, l, o->name, at2, s->name, at);
+                break;
+            }
+            owner[l] = i + 1;
+        }
+    }
+    free(owner);
+    for (int gi = 0; gi < r->n_groups && rc == 0; gi++) {
+        group *g = &r->groups[gi];
+        for (int l = 0; l < n_layer && rc == 0; l++)
+            if (g->mask[l]) rc = create_instance(r, g, l, err);
+    }
+    for (int gi = 0; gi < r->n_groups; gi++) r->groups[gi].cfg = NULL;
+    if (rc != 0) {
+        kvh_router_free(r);
+        return -1;
+    }
+    *out = r;
+    return 0;
+}
+
+int kvh_router_create(kvh_router **out, const kvh_run_config *cfg, int n_layer, int n_head, int head_dim, int n_ctx,
+                      int n_seq, kvh_err *err) {
+    return kvh_router_create_ex(out, cfg, NULL, n_layer, n_head, head_dim, n_ctx, n_seq, err);
+}
+
+void kvh_router_free(kvh_router *r) {
+    if (!r) return;
+    if (r->layer_ctx) {
+        for (int l = 0; l < r->n_layer; l++) {
+            host_ctx *x = r->layer_ctx[l];
+            if (!x) continue;
+            if (x->created) x->g->plugin->desc.destroy(x->inst.state);
+            while (x->allocs) svc_free(x, x->allocs + 1);
+            free(x);
+        }
+    }
+    for (int i = 0; i < r->n_groups; i++) {
+        free(r->groups[i].section);
+        free(r->groups[i].values);
+        free(r->groups[i].mask);
+    }
+    free(r->groups);
+    free(r->layer_ctx);
+    free(r->head_budget);
+    kvh_plugin_registry_free(&r->reg);
+    free(r);
+}
+
+/* ---- queries ------------------------------------------------------------------------------------- */
+
+void kvh_router_layer_settings(const kvh_router *r, kvh_layer_policy_settings *settings) {
+    for (int l = 0; l < r->n_layer; l++) {
+        kvh_layer_policy_settings *s = &settings[l];
+        memset(s, 0, sizeof *s);
+        s->slack = r->slack;
+        const host_ctx *x = r->layer_ctx[l];
+        if (!x) {
+            s->budget = KVH_BUDGET_UNLIMITED;
+            continue;
+        }
+        uint32_t caps = x->g->plugin->desc.caps;
+        s->budget = x->inst.budget;
+        s->decode_scores = (caps & KVP_CAP_DECODE_SCORES) != 0;
+        s->prefill_scores = (caps & KVP_CAP_PREFILL_SCORES) != 0;
+        s->track_scores = s->decode_scores || s->prefill_scores;
+        s->obs_scores = (caps & KVP_CAP_OBS_SCORES) != 0;
+        s->obs_window = s->obs_scores ? x->inst.obs_window : 0;
+    }
+}
+
+const char *kvh_router_layer_policy_name(const kvh_router *r, int layer) {
+    if (!r || layer < 0 || layer >= r->n_layer || !r->layer_ctx[layer]) return NULL;
+    return r->layer_ctx[layer]->g->plugin->desc.name;
+}
+
+const char *kvh_router_layer_section(const kvh_router *r, int layer) {
+    if (!r || layer < 0 || layer >= r->n_layer || !r->layer_ctx[layer]) return NULL;
+    return r->layer_ctx[layer]->g->section;
+}
+
+double kvh_router_hook_ns(const kvh_router *r) { return r ? (double)r->hook_ns : 0.0; }
+uint64_t kvh_router_evict_calls(const kvh_router *r) { return r ? r->evict_calls : 0; }
+
+/* ---- hooks ---------------------------------------------------------------------------------------- */
+
+int kvh_router_enforce(kvh_router *r, kvh_kvcache *c, int seq, int layer, int in_prefill, kvh_err *err) {
+    if (layer < 0 || layer >= r->n_layer) return kvh_fail(err, "router: layer %d out of range", layer);
+    host_ctx *x = r->layer_ctx[layer];
+    if (!x) return 0;
+    if (seq < 0 || seq >= r->n_seq || seq >= c->n_seq)
+        return kvh_fail(err, "router: sequence %d out of range (%d sequences)", seq, r->n_seq);
+    if (c->n_layer != r->n_layer || c->n_head != r->n_head)
+        return kvh_fail(err, "router: cache shape (%d layers, %d heads) differs from the router's (%d, %d)", c->n_layer,
+                        c->n_head, r->n_layer, r->n_head);
+    const kvp_descriptor *d = &x->g->plugin->desc;
+    uint32_t slack = c->layer[layer].slack;
+    for (int h = 0; h < r->n_head; h++) {
+        kvh_head_cache *hc = kvh_kvcache_head(c, seq, layer, h);
+        uint32_t budget = hc->budget;
+        if (budget == KVH_BUDGET_UNLIMITED || (uint64_t)hc->n <= (uint64_t)budget + slack) continue;
+        uint32_t n_live = hc->n;
+        if (n_live > c->scratch_len)
+            return kvh_fail(err, "plugin '%s' (%s) layer %d seq %d head %d: %u live slots exceed the victim scratch (%u)",
+                            d->name, x->g->plugin->file_name, layer, seq, h, n_live, c->scratch_len);
+        int32_t newest = hc->pos[0];
+        for (uint32_t i = 1; i < n_live; i++)
+            if (hc->pos[i] > newest) newest = hc->pos[i];
+        kvp_evict_request req = {
+            .struct_size = sizeof req,
+            .seq = (uint32_t)seq,
+            .head = (uint32_t)h,
+            .n_live = n_live,
+            .budget = budget,
+            .min_victims = n_live - budget,
+            .newest_pos = newest,
+            .in_prefill = in_prefill ? 1u : 0u,
+            .pos = hc->pos,
+            .score = hc->score,
+            .obs_score = hc->obs_score,
+        };
+        uint32_t *victims = c->scratch_victims;
+        uint32_t n_victims = 0;
+        x->has_error = 0;
+        x->cache = c;
+        uint64_t t0 = kvh_now_ns();
+        int hrc = d->evict(x->inst.state, &req, victims, &n_victims);
+        r->hook_ns += kvh_now_ns() - t0;
+        r->evict_calls++;
+        x->cache = NULL;
+        if (hrc != KVP_OK) return hook_fail(x, seq, h, "evict", err);
+        if (hc->n != n_live)
+            return kvh_fail(err, "plugin '%s' (%s) layer %d seq %d head %d: the live count changed during evict",
+                            d->name, x->g->plugin->file_name, layer, seq, h);
+        if (kvh_kvcache_validate_victims(c, n_live, budget, victims, n_victims, err) != 0)
+            return kvh_fail_prefix(err, "plugin '%s' (%s) layer %d seq %d head %d: evict returned a bad victim list",
+                                   d->name, x->g->plugin->file_name, layer, seq, h);
+        kvh_kvcache_remove(c, seq, layer, h, victims, n_victims);
+        kvh_kvcache_shrink(c, seq, layer, h);
+    }
+    return 0;
+}
+
+int kvh_router_after_prefill(kvh_router *r, kvh_kvcache *c, int seq, kvh_err *err) {
+    if (seq < 0 || seq >= r->n_seq || seq >= c->n_seq)
+        return kvh_fail(err, "router: sequence %d out of range (%d sequences)", seq, r->n_seq);
+    for (int l = 0; l < r->n_layer; l++) {
+        host_ctx *x = r->layer_ctx[l];
+        if (!x) continue;
+        const kvp_descriptor *d = &x->g->plugin->desc;
+        if ((d->caps & KVP_CAP_HEAD_BUDGETS) && d->head_budgets) {
+            for (int h = 0; h < r->n_head; h++) r->head_budget[h] = x->inst.budget;
+            x->has_error = 0;
+            x->cache = c;
+            uint64_t t0 = kvh_now_ns();
+            int hrc = d->head_budgets(x->inst.state, (uint32_t)seq, r->head_budget);
+            r->hook_ns += kvh_now_ns() - t0;
+            x->cache = NULL;
+            if (hrc != KVP_OK) return hook_fail(x, seq, -1, "head_budgets", err);
+            for (int h = 0; h < r->n_head; h++)
+                if (r->head_budget[h] < 1)
+                    return kvh_fail(err, "plugin '%s' (%s) layer %d seq %d: head_budgets gave head %d budget %u (must be >= 1)",
+                                    d->name, x->g->plugin->file_name, l, seq, h, (unsigned)r->head_budget[h]);
+            for (int h = 0; h < r->n_head; h++) kvh_kvcache_head(c, seq, l, h)->budget = r->head_budget[h];
+        }
+        if (kvh_router_enforce(r, c, seq, l, 1, err) != 0) return -1;
+    }
+    return 0;
+}
+
+int kvh_router_reset_seq(kvh_router *r, int seq, kvh_err *err) {
+    if (seq < 0 || seq >= r->n_seq) return kvh_fail(err, "router: sequence %d out of range (%d sequences)", seq, r->n_seq);
+    for (int l = 0; l < r->n_layer; l++) {
+        host_ctx *x = r->layer_ctx[l];
+        if (!x || !x->g->plugin->desc.reset) continue;
+        x->has_error = 0;
+        uint64_t t0 = kvh_now_ns();
+        int hrc = x->g->plugin->desc.reset(x->inst.state, (uint32_t)seq);
+        r->hook_ns += kvh_now_ns() - t0;
+        if (hrc != KVP_OK) return hook_fail(x, seq, -1, "reset", err);
+    }
+    return 0;
+}
+
+/* ---- description ------------------------------------------------------------------------------- */
+
+int kvh_router_describe_json(const kvh_router *r, char *buf, size_t cap) {
+    cJSON *root = cJSON_CreateObject();
+    if (!root) return -1;
+    if (r->budget) cJSON_AddNumberToObject(root, "budget", r->budget);
+    else cJSON_AddNullToObject(root, "budget");
+    cJSON_AddNumberToObject(root, "slack", r->slack);
+    cJSON *insts = cJSON_AddArrayToObject(root, "instances");
+    for (int gi = 0; insts && gi < r->n_groups; gi++) {
+        const group *g = &r->groups[gi];
+        const kvp_descriptor *d = &g->plugin->desc;
+        cJSON *o = cJSON_CreateObject();
+        if (!o) break;
+        cJSON_AddItemToArray(insts, o);
+        cJSON_AddStringToObject(o, "section", g->section);
+        cJSON_AddStringToObject(o, "plugin", d->name);
+        cJSON_AddStringToObject(o, "file", g->plugin->file_name);
+        cJSON_AddStringToObject(o, "path", g->plugin->path);
+        cJSON_AddStringToObject(o, "version", d->version);
+        cJSON *layers = cJSON_AddArrayToObject(o, "layers");
+        cJSON *budgets = cJSON_AddArrayToObject(o, "budgets");
+        for (int l = 0; l < r->n_layer && layers && budgets; l++) {
+            if (!g->mask[l] || !r->layer_ctx[l]) continue;
+            cJSON_AddItemToArray(layers, cJSON_CreateNumber(l));
+            cJSON_AddItemToArray(budgets, cJSON_CreateNumber(r->layer_ctx[l]->inst.budget));
+        }
+        cJSON *params = cJSON_AddObjectToObject(o, "params");
+        for (uint32_t i = 0; i < d->n_params && params; i++) {
+            if (d->params[i].type == KVP_PARAM_BOOL) cJSON_AddBoolToObject(params, d->params[i].name, g->values[i] != 0);
+            else cJSON_AddNumberToObject(params, d->params[i].name, g->values[i]);
+        }
+    }
+    cJSON *per_layer = cJSON_AddArrayToObject(root, "layers");
+    for (int l = 0; l < r->n_layer && per_layer; l++) {
+        const char *s = kvh_router_layer_section(r, l);
+        cJSON_AddItemToArray(per_layer, s ? cJSON_CreateString(s) : cJSON_CreateNull());
+    }
+    char *text = cJSON_PrintUnformatted(root);
+    cJSON_Delete(root);
+    if (!text) return -1;
+    size_t len = strlen(text);
+    if (cap > 0) {
+        size_t n = len < cap - 1 ? len : cap - 1;
+        memcpy(buf, text, n);
+        buf[n] = '\0';
+    }
+    cJSON_free(text);
+    return len > (size_t)INT32_MAX ? -1 : (int)len;
+}

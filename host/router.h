@@ -1,0 +1,72 @@
+/* router.h — per-layer routing of policy plugins: which plugin instance serves which layer.
+ * Owns: loading each configured instance's plugin (plugin.h), checking its parameters against the
+ * descriptor (naming file:line:key), refusing two policies on one layer, one plugin instance per
+ * claimed layer with its host services table (kvp_host), calling the hooks (create, destroy, reset,
+ * head_budgets, evict), validating every answer, compacting the cache through kvcache.h, timing the
+ * hooks, and describing the exact plugin stack for records.
+ * Does not own: the cache storage and compaction (kvcache.h), attention/scores (backend), the run
+ * file (config.h), the decode loop (session.c).
+ *
+ * Eviction rule: a head of (seq, layer) is trimmed when its live count n exceeds budget + slack; the
+ * policy's evict() then brings it down to exactly `budget` (or below, if it chooses more victims).
+ * So after every kvh_router_enforce, n <= budget + slack for every head of that (seq, layer). */
+#ifndef KVH_ROUTER_H
+#define KVH_ROUTER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "kvcache.h"
+#include "util.h"
+
+typedef struct kvh_router kvh_router;
+
+/* Loads the plugins of cfg's sections, validates their parameters and layer claims against the model
+ * shape, and creates one instance per claimed layer. A config with no plugin sections gives a router
+ * that keeps every token on every layer. plugin_path for lookups is cfg-independent: see
+ * kvh_router_create_ex. On failure *out is NULL and nothing is left loaded. */
+int kvh_router_create(kvh_router **out, const kvh_run_config *cfg, int n_layer, int n_head, int head_dim, int n_ctx,
+                      int n_seq, kvh_err *err);
+/* Same, with a --plugin-path (colon-separated directories searched before the defaults; may be NULL). */
+int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char *plugin_path, int n_layer,
+                         int n_head, int head_dim, int n_ctx, int n_seq, kvh_err *err);
+
+/* Fills settings[n_layer]: budget (from the instance's create(); KVH_BUDGET_UNLIMITED on keep-all
+ * layers), slack ([cache] slack), score flags from the policy's caps, obs_window. */
+void kvh_router_layer_settings(const kvh_router *r, kvh_layer_policy_settings *settings);
+
+/* For every head of (seq, layer) with n > budget + slack: asks the policy for victims, validates them,
+ * removes them and shrinks the head. Keep-all layers return at once. On error (hook failure, invalid
+ * victim list) the head being processed is left intact and err names plugin, file, layer, seq, head
+ * and hook: "plugin 'h2o' (h2o.so) layer 3 seq 0 head 5: evict returned ...". */
+int kvh_router_enforce(kvh_router *r, kvh_kvcache *c, int seq, int layer, int in_prefill, kvh_err *err);
+
+/* After a prefill of `seq`: per-head budgets (KVP_CAP_HEAD_BUDGETS layers; each must be >= 1) written
+ * into the cache's heads, then kvh_router_enforce(in_prefill = 1) on every layer. */
+int kvh_router_after_prefill(kvh_router *r, kvh_kvcache *c, int seq, kvh_err *err);
+
+/* Sequence slot `seq` starts a new sequence: calls reset() of every instance that has one. */
+int kvh_router_reset_seq(kvh_router *r, int seq, kvh_err *err);
+
+/* Total nanoseconds spent inside plugin hooks (create excluded). */
+double kvh_router_hook_ns(const kvh_router *r);
+/* Number of evict() calls made so far. */
+uint64_t kvh_router_evict_calls(const kvh_router *r);
+
+/* JSON description of the plugin stack (cJSON-built):
+ *   {"budget":B|null,"slack":S,"instances":[{"section","plugin","file","path","version","layers":[..],
+ *    "params":{name:value,...},"budgets":[per layer]}],"layers":[section name or null per layer]}
+ * Writes at most cap bytes including the NUL. Returns the length of the full text (like snprintf: a
+ * value >= cap means it was truncated), or -1 when out of memory. */
+int kvh_router_describe_json(const kvh_router *r, char *buf, size_t cap);
+
+/* Name of the plugin serving `layer` ("window"), or NULL for keep-all / out of range. */
+const char *kvh_router_layer_policy_name(const kvh_router *r, int layer);
+/* Section name serving `layer`, or NULL. */
+const char *kvh_router_layer_section(const kvh_router *r, int layer);
+
+/* Destroys every instance (destroy hook), frees leftover plugin allocations, dlcloses the plugins. */
+void kvh_router_free(kvh_router *r);
+
+#endif

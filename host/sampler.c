@@ -1,0 +1,114 @@
+/* sampler.c — implementation of sampler.h. Top-k / top-p sort only the candidates they keep. */
+#include "sampler.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+kvh_sampler_params kvh_sampler_default_params(void) {
+    kvh_sampler_params p = {.temperature = 0.0f, .top_k = 0, .top_p = 1.0f, .seed = 1234};
+    return p;
+}
+
+static uint64_t splitmix64(uint64_t *x) {
+    uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static float rng_uniform(kvh_sampler *s) {
+    s->rng ^= s->rng >> 12;
+    s->rng ^= s->rng << 25;
+    s->rng ^= s->rng >> 27;
+    uint64_t r = s->rng * 0x2545F4914F6CDD1Dull;
+    return (float)((r >> 40) * (1.0 / 16777216.0)); /* [0, 1) with 24 bits */
+}
+
+int kvh_sampler_init(kvh_sampler *s, const kvh_sampler_params *p, int n_vocab, uint64_t stream, kvh_err *err) {
+    memset(s, 0, sizeof *s);
+    if (!(p->temperature >= 0.0f) || !isfinite(p->temperature))
+        return kvh_fail(err, "--temperature %g: must be a finite number >= 0 (0 = greedy)", (double)p->temperature);
+    if (p->top_k < 0) return kvh_fail(err, "--top-k %d: must be >= 0 (0 = off)", p->top_k);
+    if (!(p->top_p > 0.0f && p->top_p <= 1.0f)) return kvh_fail(err, "--top-p %g: must be in (0, 1]", (double)p->top_p);
+    s->p = *p;
+    s->n_vocab = n_vocab;
+    uint64_t x = p->seed ^ (stream * 0xD1B54A32D192ED03ull);
+    s->rng = splitmix64(&x) | 1u;
+    s->probs = malloc((size_t)n_vocab * sizeof(float));
+    s->order = malloc((size_t)n_vocab * sizeof(int32_t));
+    if (!s->probs || !s->order) {
+        kvh_sampler_free(s);
+        return kvh_fail(err, "sampler: out of memory");
+    }
+    return 0;
+}
+
+void kvh_sampler_free(kvh_sampler *s) {
+    free(s->probs);
+    free(s->order);
+    s->probs = NULL;
+    s->order = NULL;
+}
+
+int32_t kvh_argmax(const float *logits, int n) {
+    int32_t best = 0;
+    for (int i = 1; i < n; i++)
+        if (logits[i] > logits[best]) best = i;
+    return best;
+}
+
+static const float *g_sort_probs; /* qsort has no context argument; sampling is single-threaded */
+static int by_prob_desc(const void *a, const void *b) {
+    int32_t ia = *(const int32_t *)a, ib = *(const int32_t *)b;
+    float pa = g_sort_probs[ia], pb = g_sort_probs[ib];
+    if (pa > pb) return -1;
+    if (pa < pb) return 1;
+    return ia < ib ? -1 : ia > ib;
+}
+
+int32_t kvh_sampler_next(kvh_sampler *s, const float *logits) {
+    const int V = s->n_vocab;
+    if (s->p.temperature == 0.0f) return kvh_argmax(logits, V);
+    float mx = logits[kvh_argmax(logits, V)];
+    float inv_t = 1.0f / s->p.temperature;
+    double sum = 0.0;
+    for (int i = 0; i < V; i++) {
+        s->probs[i] = expf((logits[i] - mx) * inv_t);
+        sum += s->probs[i];
+    }
+    for (int i = 0; i < V; i++) s->probs[i] = (float)(s->probs[i] / sum);
+    int n_keep = V;
+    if (s->p.top_k > 0 || s->p.top_p < 1.0f) {
+        for (int i = 0; i < V; i++) s->order[i] = i;
+        g_sort_probs = s->probs;
+        qsort(s->order, (size_t)V, sizeof(int32_t), by_prob_desc);
+        if (s->p.top_k > 0 && s->p.top_k < n_keep) n_keep = s->p.top_k;
+        if (s->p.top_p < 1.0f) {
+            double cum = 0.0;
+            for (int i = 0; i < n_keep; i++) {
+                cum += s->probs[s->order[i]];
+                if (cum >= s->p.top_p) {
+                    n_keep = i + 1;
+                    break;
+                }
+            }
+        }
+        double kept = 0.0;
+        for (int i = 0; i < n_keep; i++) kept += s->probs[s->order[i]];
+        float u = rng_uniform(s) * (float)kept;
+        double acc = 0.0;
+        for (int i = 0; i < n_keep; i++) {
+            acc += s->probs[s->order[i]];
+            if (u < acc) return s->order[i];
+        }
+        return s->order[n_keep - 1];
+    }
+    float u = rng_uniform(s);
+    double acc = 0.0;
+    for (int i = 0; i < V; i++) {
+        acc += s->probs[i];
+        if (u < acc) return i;
+    }
+    return kvh_argmax(logits, V);
+}

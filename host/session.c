@@ -1,0 +1,157 @@
+/* session.c — implementation of session.h. */
+#include "session.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+kvh_session_options kvh_session_default_options(void) {
+    kvh_session_options o = {.backend = "cpu", .threads = 1, .n_seq = 1, .no_cache = false, .kv_mem_limit = 0};
+    return o;
+}
+
+void kvh_session_free(kvh_session *s) {
+    if (!s) return;
+    if (s->router) kvh_router_free(s->router);
+    kvh_kvcache_free(&s->cache);
+    kvh_backend_destroy(s->backend);
+    if (s->history) {
+        for (int i = 0; i < s->opt.n_seq; i++) free(s->history[i]);
+    }
+    free(s->history);
+    free(s->history_len);
+    free(s);
+}
+
+int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_config *cfg,
+                       const kvh_session_options *opt, kvh_err *err) {
+    *out = NULL;
+    const kvh_model_config *mc = &model->cfg;
+    if (opt->n_seq < 1) return kvh_fail(err, "session: batch must be >= 1 (got %d)", opt->n_seq);
+    kvh_session *s = calloc(1, sizeof *s);
+    if (!s) return kvh_fail(err, "session: out of memory");
+    s->model = model;
+    s->opt = *opt;
+    const int L = mc->n_layer, NH = mc->n_head, HS = mc->n_embd / mc->n_head;
+
+    kvh_layer_policy_settings *settings = NULL;
+    if (cfg) {
+        if (kvh_router_create_ex(&s->router, cfg, opt->plugin_path, L, NH, HS, mc->n_positions, opt->n_seq, err) != 0) goto fail;
+        bool any_policy = false;
+        for (int l = 0; l < L; l++) any_policy |= kvh_router_layer_policy_name(s->router, l) != NULL;
+        if (opt->no_cache && any_policy) {
+            kvh_fail(err, "--no-cache recomputes the whole prefix each step and keeps no cache, so it cannot be "
+                          "combined with cache plugins. HINT: drop --no-cache, or drop the plugins for the baseline");
+            goto fail;
+        }
+        settings = calloc((size_t)L, sizeof *settings);
+        if (!settings) {
+            kvh_fail(err, "session: out of memory");
+            goto fail;
+        }
+        kvh_router_layer_settings(s->router, settings);
+    }
+    int rc = kvh_kvcache_init(&s->cache, opt->n_seq, L, NH, HS, mc->n_positions, settings, opt->kv_mem_limit, err);
+    free(settings);
+    if (rc != 0) goto fail;
+    if (kvh_backend_create(&s->backend, opt->backend, model, opt->threads, err) != 0) goto fail;
+    if (opt->no_cache) {
+        s->history = calloc((size_t)opt->n_seq, sizeof *s->history);
+        s->history_len = calloc((size_t)opt->n_seq, sizeof *s->history_len);
+        if (!s->history || !s->history_len) {
+            kvh_fail(err, "session: out of memory");
+            goto fail;
+        }
+        for (int i = 0; i < opt->n_seq; i++) {
+            s->history[i] = malloc((size_t)mc->n_positions * sizeof(int32_t));
+            if (!s->history[i]) {
+                kvh_fail(err, "session: out of memory");
+                goto fail;
+            }
+        }
+    }
+    *out = s;
+    return 0;
+fail:
+    kvh_session_free(s);
+    return -1;
+}
+
+int kvh_session_next_pos(const kvh_session *s, int seq) {
+    if (s->opt.no_cache) return s->history_len[seq];
+    return s->cache.next_pos[seq];
+}
+
+int kvh_session_reset_seq(kvh_session *s, int seq, kvh_err *err) {
+    if (seq < 0 || seq >= s->opt.n_seq) return kvh_fail(err, "session: sequence %d out of range", seq);
+    kvh_kvcache_reset_seq(&s->cache, seq);
+    if (s->history_len) s->history_len[seq] = 0;
+    if (s->router && kvh_router_reset_seq(s->router, seq, err) != 0) return -1;
+    return 0;
+}
+
+/* --no-cache: every entry is run as a fresh prefill of its whole history plus its new tokens. */
+static int forward_no_cache(kvh_session *s, const kvh_batch *batch, float *logits, kvh_err *err) {
+    const int P = s->model->cfg.n_positions;
+    const int V = s->model->cfg.n_vocab;
+    for (int b = 0; b < batch->n; b++) {
+        int seq = batch->seq[b];
+        if (s->history_len[seq] + batch->n_tokens[b] > P)
+            return kvh_fail(err, "sequence %d would reach position %d, past n_positions %d", seq,
+                            s->history_len[seq] + batch->n_tokens[b], P);
+    }
+    /* One sequence at a time keeps the recompute honest (no batching gain the baseline would not have). */
+    size_t out_row = 0;
+    for (int b = 0; b < batch->n; b++) {
+        int seq = batch->seq[b];
+        int old = s->history_len[seq];
+        memcpy(s->history[seq] + old, batch->tokens[b], (size_t)batch->n_tokens[b] * sizeof(int32_t));
+        int total = old + batch->n_tokens[b];
+        kvh_kvcache_reset_seq(&s->cache, seq);
+        const int32_t *toks = s->history[seq];
+        kvh_batch one = {.n = 1, .seq = &seq, .tokens = &toks, .n_tokens = &total, .all_logits = batch->all_logits};
+        float *dst = logits + out_row * (size_t)V;
+        if (batch->all_logits) {
+            /* Only the new tokens' rows are wanted: run all rows, keep the tail. */
+            float *tmp = malloc((size_t)total * (size_t)V * sizeof(float));
+            if (!tmp) return kvh_fail(err, "--no-cache: out of memory for %d x %d logits", total, V);
+            int rc = s->backend->ops->forward(s->backend, &s->cache, &one, tmp, err);
+            if (rc == 0)
+                memcpy(dst, tmp + (size_t)old * V, (size_t)batch->n_tokens[b] * (size_t)V * sizeof(float));
+            free(tmp);
+            if (rc != 0) return -1;
+            out_row += (size_t)batch->n_tokens[b];
+        } else {
+            if (s->backend->ops->forward(s->backend, &s->cache, &one, dst, err) != 0) return -1;
+            out_row += 1;
+        }
+        s->history_len[seq] = total;
+        /* The recomputed cache is thrown away: the baseline holds none between steps. */
+        kvh_kvcache_reset_seq(&s->cache, seq);
+    }
+    return 0;
+}
+
+int kvh_session_forward(kvh_session *s, const kvh_batch *batch, float *logits, kvh_err *err) {
+    if (s->opt.no_cache) return forward_no_cache(s, batch, logits, err);
+    int prefill_flags[64];
+    int *in_prefill = batch->n <= 64 ? prefill_flags : malloc((size_t)batch->n * sizeof(int));
+    if (!in_prefill) return kvh_fail(err, "session: out of memory");
+    for (int b = 0; b < batch->n; b++)
+        in_prefill[b] = batch->n_tokens[b] > 1 || s->cache.next_pos[batch->seq[b]] == 0;
+    int rc = s->backend->ops->forward(s->backend, &s->cache, batch, logits, err);
+    if (rc == 0 && s->router) {
+        uint64_t t0 = kvh_now_ns();
+        for (int b = 0; b < batch->n && rc == 0; b++) {
+            int seq = batch->seq[b];
+            if (in_prefill[b]) {
+                rc = kvh_router_after_prefill(s->router, &s->cache, seq, err);
+            } else {
+                for (int l = 0; l < s->cache.n_layer && rc == 0; l++)
+                    rc = kvh_router_enforce(s->router, &s->cache, seq, l, 0, err);
+            }
+        }
+        s->hook_ns += kvh_now_ns() - t0;
+    }
+    if (in_prefill != prefill_flags) free(in_prefill);
+    return rc;
+}

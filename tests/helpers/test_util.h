@@ -1,0 +1,23 @@
+/* test_util.h — helpers shared by the Criterion suites: numeric comparison with a readable report,
+ * locating ../shared, and a scratch directory per test process. */
+#ifndef KVH_TEST_UTIL_H
+#define KVH_TEST_UTIL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/* Compares a and b element-wise. Returns the max |a-b|; when it exceeds tol, prints the first few
+ * mismatches (index, a, b, diff) with `what` to stderr so a failing assertion explains itself. */
+double kvh_test_compare(const char *what, const float *a, const float *b, size_t n, double tol);
+
+/* Path of the tiny model directory, or NULL (with the reason printed) when ../shared is absent. */
+const char *kvh_test_tiny_model_dir(void);
+/* Path of a file under ../shared (static buffer), or NULL when it does not exist. */
+const char *kvh_test_shared_path(const char *rel);
+
+/* A fresh scratch directory for this process (created on first use, under /tmp). */
+const char *kvh_test_tmpdir(void);
+/* Writes len bytes to tmpdir/name and returns the full path (static buffer per call site: copy it). */
+const char *kvh_test_write_file(const char *name, const void *data, size_t len);
+
+#endif
