@@ -270,7 +270,11 @@ static void print_table(const opts *o, const kvh_plan_result *r)
            (long long)m->n_layer, (long long)m->hidden, (long long)m->n_head, (long long)m->n_kv_head,
            (long long)m->head_dim, (long long)m->ffn, (long long)m->vocab);
     if (m->n_positions) printf(", positions %lld", (long long)m->n_positions);
-    printf(", %s head\n\n", m->tied_head ? "tied" : "untied");
+    printf(", %s head\n", m->tied_head ? "tied" : "untied");
+    if (m->n_positions && in->context > m->n_positions)
+        printf("  NOTE: context %lld is past the %lld learned positions: this model cannot run it (sizes shown "
+               "as if it could)\n", (long long)in->context, (long long)m->n_positions);
+    printf("\n");
 
     printf("%-28s %22s %22s\n", "parameters", "exact (checkpoint)", "simplified");
     const kvh_plan_params *e = &r->exact, *s = &r->simplified;

@@ -283,7 +283,11 @@ static char *line_reader(char *buf, int num, void *stream) {
     /* section headers: register them ourselves (empty sections never reach the handler) */
     if (buf[0] == '[') {
         char *close = strchr(buf, ']');
-        if (!close) return buf; /* inih reports the malformed line */
+        if (!close) {
+            st->failed = 1;
+            kvh_fail(st->err, "%s:%d: malformed line: section header without ']'", st->file, st->line);
+            return NULL;
+        }
         char rest[8];
         snprintf(rest, sizeof rest, "%s", close + 1);
         trim_right(rest);

@@ -20,10 +20,6 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "safetensors.h"
 
 #define CONFIG_MAX_BYTES (1u << 20) /* config.json files are ~1 KB; refuse anything above 1 MiB */
@@ -129,7 +125,9 @@ static void run_jobs(const work_job *jobs, int n_jobs, size_t *first_chunk /* [n
     for (int i = 0; i < n_jobs; i++)
         first_chunk[i + 1] = first_chunk[i] + (jobs[i].n + CHUNK_FLOATS - 1) / CHUNK_FLOATS;
     long total = (long)first_chunk[n_jobs];
+#ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 4)
+#endif
     for (long c = 0; c < total; c++) {
         int lo = 0, hi = n_jobs - 1; /* job with first_chunk[job] <= c < first_chunk[job + 1] */
         while (lo < hi) {

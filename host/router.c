@@ -38,6 +38,7 @@ typedef struct host_ctx {
     kvh_kvcache *cache;     /* the cache during a hook call, NULL otherwise */
     char error[512];        /* last set_error message (raw bytes, NUL-terminated) */
     int has_error;
+    int error_truncated;    /* the plugin's message was longer than error[] */
     alloc_hdr *allocs;      /* live allocations (doubly linked) */
     kvp_instance inst;
     int created;
@@ -59,14 +60,16 @@ struct kvh_router {
 
 /* Copies plugin-supplied text into buf with control and non-ASCII bytes escaped (\xNN), truncated
  * with "..." when it does not fit. */
-static void escape_text(const char *s, char *buf, size_t cap) {
+static int escape_text(const char *s, char *buf, size_t cap) {
     size_t o = 0;
-    if (cap == 0) return;
+    int cut = 0;
+    if (cap == 0) return 1;
     for (size_t i = 0; s[i]; i++) {
         unsigned char c = (unsigned char)s[i];
         size_t need = (c < 0x20 || c >= 0x7f || c == '\\') ? 4 : 1;
         if (o + need + 4 >= cap) {
             if (o + 4 <= cap) memcpy(buf + o, "...", 3), o += 3;
+            cut = 1;
             break;
         }
         if (c == '\\') buf[o++] = '\\', buf[o++] = '\\';
@@ -74,12 +77,15 @@ static void escape_text(const char *s, char *buf, size_t cap) {
         else buf[o++] = (char)c;
     }
     buf[o] = '\0';
+    return cut;
 }
 
 static int hook_fail(host_ctx *x, int seq, int head, const char *hook, kvh_err *err) {
     char msg[700];
-    if (x->has_error) escape_text(x->error, msg, sizeof msg);
-    else snprintf(msg, sizeof msg, "(the plugin gave no message)");
+    if (x->has_error) {
+        int cut = escape_text(x->error, msg, sizeof msg - 4);
+        if (x->error_truncated && !cut) strcat(msg, "...");
+    } else snprintf(msg, sizeof msg, "(the plugin gave no message)");
     char where[96] = "";
     if (seq >= 0) snprintf(where, sizeof where, " seq %d", seq);
     if (head >= 0) snprintf(where + strlen(where), sizeof where - strlen(where), " head %d", head);
@@ -105,6 +111,7 @@ static void svc_set_error(void *ctx, const char *msg) {
     while (n < sizeof x->error - 1 && msg[n]) n++; /* bounded: never reads past what fits */
     memcpy(x->error, msg, n);
     x->error[n] = '\0';
+    x->error_truncated = msg[n] != '\0';
     x->has_error = 1;
 }
 

@@ -8,7 +8,11 @@
  * Encoding of bytes that are not valid UTF-8 (GPT-2 itself only ever sees Python str): PCRE2 with
  * PCRE2_MATCH_INVALID_UTF never matches an invalid sequence, so each run of bytes the pattern skips
  * becomes one pre-token of its own and goes through the same byte-level BPE. Every byte has a token,
- * so decode(encode(x)) == x for any bytes x. Valid UTF-8 is always fully covered by the pattern. */
+ * so decode(encode(x)) == x for any bytes x. Valid UTF-8 is always fully covered by the pattern.
+ *
+ * Unicode tables: \p{L} / \p{N} come from the system PCRE2 (Debian 12: 10.42, Unicode 14). Checked on
+ * every code point against HF `tokenizers` (identical) and the newest Python `regex` module (differs
+ * only on code points first assigned in Unicode 15+, which a newer PCRE2 would pick up). */
 #include "tokenizer.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
@@ -521,7 +525,8 @@ static void push_pair(enc_state *st, const kvh_tokenizer *tok, int32_t left, int
 
 /* BPE of one pre-token: starts from single bytes and repeatedly applies the lowest-rank merge
  * present, leftmost first — the same result as encoder.py's "merge every occurrence of the best
- * bigram" loop, because a merge's result only takes part in merges of higher rank. */
+ * bigram" loop, because a merge's result only takes part in merges of higher rank (true of every one
+ * of GPT-2's 50000 merges; a merges file breaking that rule could tokenize differently). */
 static int bpe_word(const kvh_tokenizer *tok, enc_state *st, const unsigned char *w, size_t n) {
     if (n == 1) return emit(st, tok->byte_id[w[0]]);
     if (n > INT32_MAX / 2) return -1;

@@ -97,7 +97,7 @@ static int t_evict(void *state, const kvp_evict_request *req, uint32_t *victims,
         char msg[3000];
         memset(msg, 'x', sizeof msg - 1);
         msg[sizeof msg - 1] = '\0';
-        memcpy(msg, "evict broke\n\x1b[31mred\x07\r\t", 21);
+        memcpy(msg, "evict broke\n\x1b[31mred\x07\r\t", 23);
         s->host->set_error(s->host->ctx, msg);
         return KVP_ERROR;
     }

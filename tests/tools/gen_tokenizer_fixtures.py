@@ -135,6 +135,7 @@ HAND_CASES = [
     ("unicode_ws", "a\u00a0b\u2003c\u3000d\u2028e\u0085f\u202fg"),
     ("contractions", "it's don't they're we've I'm you'll he'd"),
     ("contractions_upper", "IT'S DON'T THEY'RE WE'VE I'M YOU'LL HE'D"),
+    ("contractions_glued", "'steve it'sgood don'tknow O'Steve PETER'Sdog I'Mgood WE'LLbe 'Dx 'REd"),
     ("contractions_edge", "'s 's''s 'S 't's 'll've rock'n'roll '"),
     ("quotes", "\"quoted\" 'single' `back` «guillemets» “curly” ‘curly’"),
     ("numbers", "0 1 12 123 1234 12345 3.14159 -42 1,000,000 2nd 10x 0xFF 1e-5"),

@@ -1,0 +1,171 @@
+/* cmd_plugins.c — the `kvhost plugins list|info` command: what plugins the search directories hold,
+ * and one plugin's parameters, ranges, help and capabilities. Owns only the printing; loading and
+ * validation are plugin.c's. Declared in plugin.h (kvh_cmd_plugins). */
+#define _GNU_SOURCE /* realpath */
+#include <dirent.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "plugin.h"
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: kvhost plugins list [--plugin-path DIR[:DIR...]]\n"
+               "       kvhost plugins info NAME|FILE.so [--plugin-path DIR[:DIR...]]\n"
+               "Plugins are looked up by path (anything containing '/') or by name in --plugin-path, the build's\n"
+               "plugin directory, <kvhost dir>/../lib/kvhost/plugins and the install directory.\n");
+}
+
+static void caps_text(uint32_t caps, char *buf, size_t cap) {
+    static const struct { uint32_t bit; const char *name; } names[] = {
+        {KVP_CAP_DECODE_SCORES, "decode-scores"},
+        {KVP_CAP_PREFILL_SCORES, "prefill-scores"},
+        {KVP_CAP_OBS_SCORES, "obs-scores"},
+        {KVP_CAP_HEAD_BUDGETS, "head-budgets"},
+    };
+    size_t u = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if ((caps & names[i].bit) && u < cap) {
+            int w = snprintf(buf + u, cap - u, "%s%s", u ? ", " : "", names[i].name);
+            if (w > 0) u += (size_t)w;
+        }
+    if (!buf[0]) snprintf(buf, cap, "none");
+}
+
+static const char *role_name(uint32_t role) { return role == KVP_ROLE_POLICY ? "policy" : "?"; }
+
+static int filter_so(const struct dirent *e) {
+    size_t n = strlen(e->d_name);
+    return n > 3 && strcmp(e->d_name + n - 3, ".so") == 0;
+}
+
+static int cmd_list(const char *plugin_path) {
+    char **dirs = kvh_plugin_dirs(plugin_path);
+    if (!dirs) {
+        fprintf(stderr, "kvhost: out of memory\n");
+        return 1;
+    }
+    char **seen = NULL;
+    size_t n_seen = 0;
+    int found = 0, failed = 0;
+    for (char **d = dirs; *d; d++) {
+        struct dirent **ents;
+        int n = scandir(*d, &ents, filter_so, alphasort);
+        if (n < 0) continue;
+        for (int i = 0; i < n; i++) {
+            char path[PATH_MAX + 256];
+            snprintf(path, sizeof path, "%s/%s", *d, ents[i]->d_name);
+            int dup = 0;
+            for (size_t j = 0; j < n_seen && !dup; j++) dup = strcmp(seen[j], ents[i]->d_name) == 0;
+            if (!dup) {
+                char **ns = realloc(seen, (n_seen + 1) * sizeof *ns);
+                if (ns) {
+                    seen = ns;
+                    seen[n_seen] = strdup(ents[i]->d_name);
+                    if (seen[n_seen]) n_seen++;
+                }
+                kvh_plugin *p;
+                kvh_err err = {{0}};
+                if (kvh_plugin_open(path, &p, &err) == 0) {
+                    printf("%-14s %-8s %-7s %s  [%s]\n", p->desc.name, p->desc.version, role_name(p->desc.role),
+                           p->desc.summary, path);
+                    kvh_plugin_close(p);
+                    found++;
+                } else {
+                    fprintf(stderr, "kvhost: skipping %s: %s\n", path, err.msg);
+                    failed++;
+                }
+            }
+            free(ents[i]);
+        }
+        free(ents);
+    }
+    for (size_t j = 0; j < n_seen; j++) free(seen[j]);
+    free(seen);
+    if (!found && !failed) {
+        fprintf(stderr, "kvhost: no plugins found; searched:");
+        for (char **d = dirs; *d; d++) fprintf(stderr, " %s", *d);
+        fprintf(stderr, "\n");
+    }
+    kvh_plugin_dirs_free(dirs);
+    return 0;
+}
+
+static int cmd_info(const char *ref, const char *plugin_path) {
+    kvh_plugin_registry reg;
+    kvh_plugin_registry_init(&reg);
+    kvh_plugin *p;
+    kvh_err err = {{0}};
+    if (kvh_plugin_registry_load(&reg, ref, plugin_path, &p, &err) != 0) {
+        fprintf(stderr, "kvhost: %s\n", err.msg);
+        kvh_plugin_registry_free(&reg);
+        return 1;
+    }
+    const kvp_descriptor *d = &p->desc;
+    char caps[200];
+    caps_text(d->caps, caps, sizeof caps);
+    printf("%s %s (%s): %s\n", d->name, d->version, role_name(d->role), d->summary);
+    printf("file:         %s\n", p->path);
+    printf("built for:    ABI %u.%u (host speaks %u.%u)\n", (unsigned)d->abi_major, (unsigned)d->abi_minor,
+           (unsigned)KVP_ABI_MAJOR, (unsigned)KVP_ABI_MINOR);
+    printf("capabilities: %s\n", caps);
+    printf("hooks:        create, destroy, evict%s%s\n", d->reset ? ", reset" : "", d->head_budgets ? ", head_budgets" : "");
+    if (d->n_params == 0) {
+        printf("parameters:   none\n");
+    } else {
+        printf("parameters (INI keys of a [%s] section, or --set %s.NAME=VALUE):\n", d->name, d->name);
+        printf("  %-16s %-6s %-10s %-26s %s\n", "NAME", "TYPE", "DEFAULT", "RANGE", "HELP");
+        for (uint32_t i = 0; i < d->n_params; i++) {
+            const kvp_param *q = &d->params[i];
+            char def[40], lo[40], hi[40], range[90];
+            kvh_plugin_param_format(q->type, q->default_value, def, sizeof def);
+            kvh_plugin_param_format(q->type, q->min_value, lo, sizeof lo);
+            kvh_plugin_param_format(q->type, q->max_value, hi, sizeof hi);
+            if (q->type == KVP_PARAM_BOOL) snprintf(range, sizeof range, "true|false");
+            else snprintf(range, sizeof range, "[%s, %s]", lo, hi);
+            printf("  %-16s %-6s %-10s %-26s %s\n", q->name, kvh_plugin_param_type_name(q->type), def, range, q->help);
+        }
+    }
+    kvh_plugin_registry_free(&reg);
+    return 0;
+}
+
+int kvh_cmd_plugins(int argc, char **argv) {
+    const char *plugin_path = NULL, *sub = NULL, *target = NULL;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--plugin-path") == 0) {
+            if (i + 1 >= argc) {
+                fprintf(stderr, "kvhost plugins: --plugin-path needs a value\n");
+                return 2;
+            }
+            plugin_path = argv[++i];
+        } else if (strncmp(a, "--plugin-path=", 14) == 0) {
+            plugin_path = a + 14;
+        } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
+            usage(stdout);
+            return 0;
+        } else if (a[0] == '-' && a[1]) {
+            fprintf(stderr, "kvhost plugins: unknown option %s\n", a);
+            usage(stderr);
+            return 2;
+        } else if (!sub) {
+            sub = a;
+        } else if (!target) {
+            target = a;
+        } else {
+            fprintf(stderr, "kvhost plugins: unexpected argument %s\n", a);
+            return 2;
+        }
+    }
+    if (!sub) {
+        usage(stderr);
+        return 2;
+    }
+    if (strcmp(sub, "list") == 0 && !target) return cmd_list(plugin_path);
+    if (strcmp(sub, "info") == 0 && target) return cmd_info(target, plugin_path);
+    usage(stderr);
+    return 2;
+}
