@@ -12,6 +12,7 @@
 #endif
 
 #include "backend.h"
+#include "kvp/kvp.h"
 
 typedef struct cpu_workspace {
     size_t rows;      /* Ttot capacity of the activation buffers */
@@ -115,6 +116,37 @@ static void gelu_inplace(float *x, size_t n) {
     }
 }
 
+/* Adds one query's attention probabilities to the head's accumulators as the layer asks. */
+static void accumulate_scores(kvh_head_cache *hc, const kvh_layer_policy_settings *ls, bool in_prefill, int t, int T,
+                              const float *probs) {
+    const uint32_t n = hc->n;
+    if (hc->score && ((in_prefill && ls->prefill_scores) || (!in_prefill && ls->decode_scores)))
+        for (uint32_t j = 0; j < n; j++) hc->score[j] += probs[j];
+    if (hc->obs_score && in_prefill && T - t <= (int)ls->obs_window)
+        for (uint32_t j = 0; j < n; j++) hc->obs_score[j] += probs[j];
+}
+
+/* Attention of T queries through a store plugin: it reads K/V in their stored form. */
+static void attend_head_store(const float *q, size_t q_stride, const int32_t *qpos, int T, kvh_head_cache *hc, int HS,
+                              const kvh_layer_policy_settings *ls, bool in_prefill, float *out, size_t out_stride,
+                              float *probs) {
+    kvp_attend_args a = {.struct_size = sizeof a,
+                         .head_dim = (uint32_t)HS,
+                         .n = hc->n,
+                         .scale = 1.0f / sqrtf((float)HS),
+                         .pos = hc->pos,
+                         .k_slots = hc->k,
+                         .v_slots = hc->v,
+                         .probs = probs};
+    for (int t = 0; t < T; t++) {
+        a.q = q + (size_t)t * q_stride;
+        a.q_pos = qpos[t];
+        a.out = out + (size_t)t * out_stride;
+        ls->store->attend(ls->store_state, &a);
+        accumulate_scores(hc, ls, in_prefill, t, T, probs);
+    }
+}
+
 /* Attention of T new queries (rows of q with stride q_stride, positions qpos[T]) over one head's cache.
  * Slots whose position is beyond a query's position are masked (causal). Writes out rows (stride
  * out_stride). scores: scratch of n floats. Adds probabilities to the head's accumulators as asked. */
@@ -123,6 +155,7 @@ static void attend_head(const float *q, size_t q_stride, const int32_t *qpos, in
                         float *scores) {
     const float scale = 1.0f / sqrtf((float)HS);
     const uint32_t n = hc->n;
+    const float *K = hc->k, *Vd = hc->v;
     for (int t = 0; t < T; t++) {
         const float *qt = q + (size_t)t * q_stride;
         const int32_t p = qpos[t];
@@ -132,7 +165,7 @@ static void attend_head(const float *q, size_t q_stride, const int32_t *qpos, in
                 scores[j] = -INFINITY;
                 continue;
             }
-            const float *kj = hc->k + (size_t)j * HS;
+            const float *kj = K + (size_t)j * HS;
             float s = 0.0f;
             for (int d = 0; d < HS; d++) s += qt[d] * kj[d];
             s *= scale;
@@ -152,13 +185,36 @@ static void attend_head(const float *q, size_t q_stride, const int32_t *qpos, in
             const float pj = scores[j] * inv;
             scores[j] = pj;
             if (pj == 0.0f) continue;
-            const float *vj = hc->v + (size_t)j * HS;
+            const float *vj = Vd + (size_t)j * HS;
             for (int d = 0; d < HS; d++) o[d] += pj * vj[d];
         }
-        if (hc->score && ((in_prefill && ls->prefill_scores) || (!in_prefill && ls->decode_scores)))
-            for (uint32_t j = 0; j < n; j++) hc->score[j] += scores[j];
-        if (hc->obs_score && in_prefill && T - t <= (int)ls->obs_window)
-            for (uint32_t j = 0; j < n; j++) hc->obs_score[j] += scores[j];
+        accumulate_scores(hc, ls, in_prefill, t, T, scores);
+    }
+}
+
+/* Writes T new tokens' K and V (rows of a [T, 3C] qkv matrix) into the slots just appended to every head
+ * of (s, l): a plain copy for the dense fp32 layout, the store's encoder otherwise. */
+static void write_new_slots(kvh_kvcache *cache, int s, int l, int T, const float *k_rows, const float *v_rows,
+                            size_t row_stride) {
+    const int HS = cache->head_dim;
+    const kvh_layer_policy_settings *ls = &cache->layer[l];
+    const size_t kb = kvh_kvcache_k_slot_bytes(cache, l), vb = kvh_kvcache_v_slot_bytes(cache, l);
+    for (int h = 0; h < cache->n_head; h++) {
+        kvh_head_cache *hc = kvh_kvcache_head(cache, s, l, h);
+        uint32_t first = hc->n - (uint32_t)T;
+        for (int t = 0; t < T; t++) {
+            const float *kr = k_rows + (size_t)t * row_stride + (size_t)h * HS;
+            const float *vr = v_rows + (size_t)t * row_stride + (size_t)h * HS;
+            char *kd = (char *)hc->k + (size_t)(first + (uint32_t)t) * kb;
+            char *vd = (char *)hc->v + (size_t)(first + (uint32_t)t) * vb;
+            if (ls->store) {
+                ls->store->encode(ls->store_state, KVP_WHICH_K, kr, kd);
+                ls->store->encode(ls->store_state, KVP_WHICH_V, vr, vd);
+            } else {
+                memcpy(kd, kr, (size_t)HS * sizeof(float));
+                memcpy(vd, vr, (size_t)HS * sizeof(float));
+            }
+        }
     }
 }
 
@@ -242,8 +298,8 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
             int s = batch->seq[b];
             int T = batch->n_tokens[b];
             if (kvh_kvcache_reserve(cache, s, l, (uint32_t)T, err) != 0) return -1;
-            kvh_kvcache_append(cache, s, l, T, ws->qkv + row0 * 3 * C + C, ws->qkv + row0 * 3 * C + 2 * C,
-                               (size_t)3 * C, ws->pos + row0);
+            kvh_kvcache_append_meta(cache, s, l, T, ws->pos + row0);
+            write_new_slots(cache, s, l, T, ws->qkv + row0 * 3 * C + C, ws->qkv + row0 * 3 * C + 2 * C, (size_t)3 * C);
             row0 += (size_t)T;
         }
         /* Work items: (entry, head). Entry row offsets computed up front so items are independent. */
@@ -263,8 +319,12 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
                 int s = batch->seq[b];
                 int T = batch->n_tokens[b];
                 kvh_head_cache *hc = kvh_kvcache_head(cache, s, l, h);
-                attend_head(ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls, T > 1,
-                            ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
+                if (ls->store)
+                    attend_head_store(ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls,
+                                      T > 1, ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
+                else
+                    attend_head(ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls, T > 1,
+                                ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
             }
         }
         uint64_t a2 = kvh_now_ns();

@@ -1,13 +1,41 @@
-/* kvcache.c — implementation of the dense fp32 KV cache declared in kvcache.h. */
+/* kvcache.c — implementation of the KV cache declared in kvcache.h. */
 #include "kvcache.h"
 
 #include <stdlib.h>
 #include <string.h>
 
-/* Bytes one slot of a head costs: K and V rows plus the metadata kept for its layer. */
+static void *host_alloc(void *ctx, size_t bytes) {
+    (void)ctx;
+    return malloc(bytes ? bytes : 1);
+}
+static void host_free(void *ctx, void *p) {
+    (void)ctx;
+    free(p);
+}
+static void host_copy(void *ctx, void *dst, const void *src, size_t bytes) {
+    (void)ctx;
+    memcpy(dst, src, bytes);
+}
+
+kvh_kv_memory kvh_kv_memory_host(void) {
+    kvh_kv_memory m = {.ctx = NULL, .alloc = host_alloc, .free = host_free, .copy = host_copy};
+    return m;
+}
+
+uint32_t kvh_kvcache_k_slot_bytes(const kvh_kvcache *c, int l) {
+    uint32_t b = c->layer[l].k_slot_bytes;
+    return b ? b : (uint32_t)c->head_dim * (uint32_t)sizeof(float);
+}
+
+uint32_t kvh_kvcache_v_slot_bytes(const kvh_kvcache *c, int l) {
+    uint32_t b = c->layer[l].v_slot_bytes;
+    return b ? b : (uint32_t)c->head_dim * (uint32_t)sizeof(float);
+}
+
+/* Bytes one slot of a head costs: K and V data plus the metadata kept for its layer. */
 static size_t slot_bytes(const kvh_kvcache *c, int l) {
     const kvh_layer_policy_settings *ls = &c->layer[l];
-    size_t b = 2u * (size_t)c->head_dim * sizeof(float) + sizeof(int32_t);
+    size_t b = (size_t)kvh_kvcache_k_slot_bytes(c, l) + kvh_kvcache_v_slot_bytes(c, l) + sizeof(int32_t);
     if (ls->track_scores) b += sizeof(float);
     if (ls->obs_scores) b += sizeof(float);
     return b;
@@ -15,7 +43,15 @@ static size_t slot_bytes(const kvh_kvcache *c, int l) {
 
 int kvh_kvcache_init(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int head_dim, int n_ctx,
                      const kvh_layer_policy_settings *settings, size_t bytes_limit, kvh_err *err) {
+    kvh_kv_memory host = kvh_kv_memory_host();
+    return kvh_kvcache_init_mem(c, n_seq, n_layer, n_head, head_dim, n_ctx, settings, bytes_limit, &host, err);
+}
+
+int kvh_kvcache_init_mem(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int head_dim, int n_ctx,
+                         const kvh_layer_policy_settings *settings, size_t bytes_limit, const kvh_kv_memory *mem,
+                         kvh_err *err) {
     memset(c, 0, sizeof *c);
+    c->mem = *mem;
     if (n_seq < 1 || n_layer < 1 || n_head < 1 || head_dim < 1 || n_ctx < 1)
         return kvh_fail(err, "kv cache: invalid shape (seq %d, layers %d, heads %d, head_dim %d, ctx %d)", n_seq,
                         n_layer, n_head, head_dim, n_ctx);
@@ -55,9 +91,9 @@ int kvh_kvcache_init(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int hea
     return 0;
 }
 
-static void head_release(kvh_head_cache *hc) {
-    free(hc->k);
-    free(hc->v);
+static void head_release(kvh_kvcache *c, kvh_head_cache *hc) {
+    if (hc->k) c->mem.free(c->mem.ctx, hc->k);
+    if (hc->v) c->mem.free(c->mem.ctx, hc->v);
     free(hc->pos);
     free(hc->score);
     free(hc->obs_score);
@@ -70,7 +106,7 @@ static void head_release(kvh_head_cache *hc) {
 void kvh_kvcache_free(kvh_kvcache *c) {
     if (c->heads) {
         size_t nh = (size_t)c->n_seq * (size_t)c->n_layer * (size_t)c->n_head;
-        for (size_t i = 0; i < nh; i++) head_release(&c->heads[i]);
+        for (size_t i = 0; i < nh; i++) head_release(c, &c->heads[i]);
     }
     free(c->heads);
     free(c->layer);
@@ -86,7 +122,7 @@ void kvh_kvcache_reset_seq(kvh_kvcache *c, int s) {
         for (int h = 0; h < c->n_head; h++) {
             kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
             c->bytes_held -= (size_t)hc->cap * per_slot;
-            head_release(hc);
+            head_release(c, hc);
             hc->budget = c->layer[l].budget;
         }
     }
@@ -96,12 +132,21 @@ void kvh_kvcache_reset_seq(kvh_kvcache *c, int s) {
 /* Reallocates one head to new_cap slots (>= n). Returns 0 or -1 (head unchanged) on allocation failure. */
 static int head_resize(kvh_kvcache *c, int l, kvh_head_cache *hc, uint32_t new_cap) {
     const kvh_layer_policy_settings *ls = &c->layer[l];
-    size_t row = (size_t)c->head_dim;
-    float *k = realloc(hc->k, (size_t)new_cap * row * sizeof(float));
-    if (!k && new_cap) return -1;
+    const size_t kb = kvh_kvcache_k_slot_bytes(c, l), vb = kvh_kvcache_v_slot_bytes(c, l);
+    /* slot data: allocate the new blocks, move the live slots, then free the old ones */
+    void *k = c->mem.alloc(c->mem.ctx, (size_t)new_cap * kb);
+    void *v = k ? c->mem.alloc(c->mem.ctx, (size_t)new_cap * vb) : NULL;
+    if (!k || !v) {
+        if (k) c->mem.free(c->mem.ctx, k);
+        return -1;
+    }
+    if (hc->n) {
+        c->mem.copy(c->mem.ctx, k, hc->k, (size_t)hc->n * kb);
+        c->mem.copy(c->mem.ctx, v, hc->v, (size_t)hc->n * vb);
+    }
+    if (hc->k) c->mem.free(c->mem.ctx, hc->k);
+    if (hc->v) c->mem.free(c->mem.ctx, hc->v);
     hc->k = k;
-    float *v = realloc(hc->v, (size_t)new_cap * row * sizeof(float));
-    if (!v && new_cap) return -1;
     hc->v = v;
     int32_t *pos = realloc(hc->pos, (size_t)new_cap * sizeof(int32_t));
     if (!pos && new_cap) return -1;
@@ -157,20 +202,32 @@ int kvh_kvcache_reserve(kvh_kvcache *c, int s, int l, uint32_t extra, kvh_err *e
     return 0;
 }
 
-void kvh_kvcache_append(kvh_kvcache *c, int s, int l, int T, const float *k_rows, const float *v_rows,
-                        size_t row_stride, const int32_t *pos) {
-    const int HS = c->head_dim;
+void kvh_kvcache_append_meta(kvh_kvcache *c, int s, int l, int T, const int32_t *pos) {
     for (int h = 0; h < c->n_head; h++) {
         kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
         for (int t = 0; t < T; t++) {
             uint32_t slot = hc->n + (uint32_t)t;
-            memcpy(hc->k + (size_t)slot * HS, k_rows + (size_t)t * row_stride + (size_t)h * HS, (size_t)HS * sizeof(float));
-            memcpy(hc->v + (size_t)slot * HS, v_rows + (size_t)t * row_stride + (size_t)h * HS, (size_t)HS * sizeof(float));
             hc->pos[slot] = pos[t];
             if (hc->score) hc->score[slot] = 0.0f;
             if (hc->obs_score) hc->obs_score[slot] = 0.0f;
         }
         hc->n += (uint32_t)T;
+    }
+}
+
+void kvh_kvcache_append(kvh_kvcache *c, int s, int l, int T, const float *k_rows, const float *v_rows,
+                        size_t row_stride, const int32_t *pos) {
+    const int HS = c->head_dim;
+    kvh_kvcache_append_meta(c, s, l, T, pos);
+    for (int h = 0; h < c->n_head; h++) {
+        kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+        float *k = hc->k, *v = hc->v;
+        uint32_t first = hc->n - (uint32_t)T;
+        for (int t = 0; t < T; t++) {
+            uint32_t slot = first + (uint32_t)t;
+            memcpy(k + (size_t)slot * HS, k_rows + (size_t)t * row_stride + (size_t)h * HS, (size_t)HS * sizeof(float));
+            memcpy(v + (size_t)slot * HS, v_rows + (size_t)t * row_stride + (size_t)h * HS, (size_t)HS * sizeof(float));
+        }
     }
 }
 
@@ -201,9 +258,9 @@ int kvh_kvcache_validate_victims(kvh_kvcache *c, uint32_t n_live, uint32_t budge
     return rc;
 }
 
-static void move_slot(kvh_head_cache *hc, int HS, uint32_t from, uint32_t to) {
-    memcpy(hc->k + (size_t)to * HS, hc->k + (size_t)from * HS, (size_t)HS * sizeof(float));
-    memcpy(hc->v + (size_t)to * HS, hc->v + (size_t)from * HS, (size_t)HS * sizeof(float));
+static void move_slot(kvh_kvcache *c, kvh_head_cache *hc, size_t kb, size_t vb, uint32_t from, uint32_t to) {
+    c->mem.copy(c->mem.ctx, (char *)hc->k + (size_t)to * kb, (char *)hc->k + (size_t)from * kb, kb);
+    c->mem.copy(c->mem.ctx, (char *)hc->v + (size_t)to * vb, (char *)hc->v + (size_t)from * vb, vb);
     hc->pos[to] = hc->pos[from];
     if (hc->score) hc->score[to] = hc->score[from];
     if (hc->obs_score) hc->obs_score[to] = hc->obs_score[from];
@@ -211,6 +268,7 @@ static void move_slot(kvh_head_cache *hc, int HS, uint32_t from, uint32_t to) {
 
 void kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *victims, uint32_t n_victims) {
     kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+    const size_t kb = kvh_kvcache_k_slot_bytes(c, l), vb = kvh_kvcache_v_slot_bytes(c, l);
     unsigned char *dead = c->scratch_mark;
     for (uint32_t i = 0; i < n_victims; i++) dead[victims[i]] = 1;
     /* Fill holes below the new live count with survivors from above it: each survivor moves once. */
@@ -221,7 +279,7 @@ void kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *vic
         do {
             src--;
         } while (dead[src]);
-        move_slot(hc, c->head_dim, src, hole);
+        move_slot(c, hc, kb, vb, src, hole);
     }
     for (uint32_t i = 0; i < n_victims; i++) dead[victims[i]] = 0;
     hc->n = new_n;
@@ -258,5 +316,11 @@ uint32_t kvh_kvcache_max_live(const kvh_kvcache *c, int l) {
 }
 
 size_t kvh_kvcache_live_kv_bytes(const kvh_kvcache *c) {
-    return kvh_kvcache_live_tokens(c) * 2u * (size_t)c->head_dim * sizeof(float);
+    size_t total = 0;
+    for (int s = 0; s < c->n_seq; s++)
+        for (int l = 0; l < c->n_layer; l++) {
+            size_t per = (size_t)kvh_kvcache_k_slot_bytes(c, l) + kvh_kvcache_v_slot_bytes(c, l);
+            for (int h = 0; h < c->n_head; h++) total += (size_t)c->heads[kvh_kvcache_head_index(c, s, l, h)].n * per;
+        }
+    return total;
 }

@@ -1,12 +1,15 @@
-/* kvcache.h — the per-sequence, per-layer, per-head KV cache held in host memory (dense fp32 store).
- * Owns: slot storage (K, V, position, score accumulators) ragged per head, growth on demand up to the
- * head's cap, dense compaction after eviction (metadata kept in step), validation of victim lists, and
- * the byte accounting (bytes actually held, peak).
- * Does not own: deciding who is evicted (the policy plugins via router.h), attention math (backend).
+/* kvcache.h — the per-sequence, per-layer, per-head KV cache: slot data and slot metadata.
+ * Owns: slot storage (K and V slots of a fixed byte size per layer, position, score accumulators)
+ * ragged per head, growth on demand up to the head's cap, dense compaction after eviction (data and
+ * metadata kept in step), validation of victim lists, and the byte accounting (bytes held, peak).
+ * Does not own: deciding who is evicted (policy plugins via router.h), how a token is encoded into a
+ * slot or attended (the backend, or a store plugin), where K/V memory lives: that is a kvh_kv_memory
+ * (host malloc by default; a GPU backend passes device memory, the metadata always stays on the host).
  *
- * Layout: for sequence s, layer l, head h: k[slot * HS + d], v[slot * HS + d], pos[slot], score[slot],
- * obs_score[slot]; live slots are 0..n-1. Eviction fills each hole with the last live slot, so slot
- * order is not chronological; positions are baked into K, so attention does not care. */
+ * Layout: for sequence s, layer l, head h: K slot i at k + i * k_slot_bytes (dense fp32 by default:
+ * head_dim floats), V likewise, pos[i], score[i], obs_score[i]; live slots are 0..n-1. Eviction fills
+ * each hole with the last live slot, so slot order is not chronological; GPT-2 bakes positions into K,
+ * so attention does not care. */
 #ifndef KVH_KVCACHE_H
 #define KVH_KVCACHE_H
 
@@ -18,9 +21,17 @@
 
 #define KVH_BUDGET_UNLIMITED UINT32_MAX
 
+/* Where K/V slot data lives. copy() moves bytes inside that memory (never across to the host). */
+typedef struct kvh_kv_memory {
+    void *ctx;
+    void *(*alloc)(void *ctx, size_t bytes); /* NULL on failure */
+    void (*free)(void *ctx, void *p);
+    void (*copy)(void *ctx, void *dst, const void *src, size_t bytes);
+} kvh_kv_memory;
+
 typedef struct kvh_head_cache {
-    float *k;          /* [cap, HS] */
-    float *v;          /* [cap, HS] */
+    void *k;           /* [cap] K slots of the layer's k_slot_bytes (dense: [cap, HS] floats) */
+    void *v;           /* [cap] V slots */
     int32_t *pos;      /* [cap] absolute positions */
     float *score;      /* [cap] accumulated attention, NULL unless the layer tracks scores */
     float *obs_score;  /* [cap] observation-window scores, NULL unless the layer tracks them */
@@ -38,6 +49,10 @@ typedef struct kvh_layer_policy_settings {
     bool prefill_scores;    /* add prefill column sums to score[] */
     bool obs_scores;        /* obs_score[] kept */
     uint32_t obs_window;    /* last queries of a prefill block summed into obs_score[] */
+    uint32_t k_slot_bytes;  /* bytes of one token's K in one head; 0 = dense fp32 (head_dim * 4) */
+    uint32_t v_slot_bytes;  /* same for V */
+    const struct kvp_descriptor *store; /* store plugin holding this layer (NULL: dense fp32) */
+    void *store_state;      /* its per-layer state */
 } kvh_layer_policy_settings;
 
 typedef struct kvh_kvcache {
@@ -51,11 +66,19 @@ typedef struct kvh_kvcache {
     uint32_t *scratch_victims;        /* [n_ctx + max slack] scratch for victim lists */
     unsigned char *scratch_mark;      /* [same] scratch for validation */
     uint32_t scratch_len;
+    kvh_kv_memory mem;                /* where slot data lives */
 } kvh_kvcache;
 
-/* Creates an empty cache. settings[L] may be NULL (keep all, no scores). */
+/* Host memory: malloc / free / memcpy. */
+kvh_kv_memory kvh_kv_memory_host(void);
+
+/* Creates an empty cache in host memory. settings[L] may be NULL (keep all, no scores, dense fp32). */
 int kvh_kvcache_init(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int head_dim, int n_ctx,
                      const kvh_layer_policy_settings *settings, size_t bytes_limit, kvh_err *err);
+/* Same with slot data in `mem` (e.g. device memory). */
+int kvh_kvcache_init_mem(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int head_dim, int n_ctx,
+                         const kvh_layer_policy_settings *settings, size_t bytes_limit, const kvh_kv_memory *mem,
+                         kvh_err *err);
 void kvh_kvcache_free(kvh_kvcache *c);
 /* Empties sequence s (keeps nothing, frees its slots, next_pos = 0). */
 void kvh_kvcache_reset_seq(kvh_kvcache *c, int s);
@@ -71,9 +94,14 @@ static inline kvh_head_cache *kvh_kvcache_head(kvh_kvcache *c, int s, int l, int
  * exceeded ("KV cache needs N bytes, limit is M") or memory runs out. */
 int kvh_kvcache_reserve(kvh_kvcache *c, int s, int l, uint32_t extra, kvh_err *err);
 
-/* Appends T tokens to every head of (s, l). k_rows/v_rows point at row 0 of a [T, row_stride] matrix
- * whose head h occupies columns h*HS..h*HS+HS-1. pos[T] are the tokens' positions. Scores start at 0.
- * Call kvh_kvcache_reserve first. */
+/* Appends T tokens' metadata to every head of (s, l) (positions, zero scores, n += T) and returns the
+ * first new slot index; the caller writes the slot data (backend or store encode). Call reserve first.
+ * All heads of a layer hold the same count after an append only when they did before: the returned
+ * slot is per head, so use kvh_kvcache_head(c, s, l, h)->n - T for each head. */
+void kvh_kvcache_append_meta(kvh_kvcache *c, int s, int l, int T, const int32_t *pos);
+
+/* Host-memory dense fp32 convenience: appends T tokens to every head of (s, l). k_rows/v_rows point at
+ * row 0 of a [T, row_stride] matrix whose head h occupies columns h*HS..h*HS+HS-1. */
 void kvh_kvcache_append(kvh_kvcache *c, int s, int l, int T, const float *k_rows, const float *v_rows,
                         size_t row_stride, const int32_t *pos);
 
@@ -91,5 +119,8 @@ size_t kvh_kvcache_live_tokens(const kvh_kvcache *c);          /* sum of n over 
 uint32_t kvh_kvcache_max_live(const kvh_kvcache *c, int l);    /* max n over sequences and heads of l */
 /* Bytes of K and V data in live slots (what a perfectly tight store would hold). */
 size_t kvh_kvcache_live_kv_bytes(const kvh_kvcache *c);
+/* Slot sizes of layer l (resolving the dense default). */
+uint32_t kvh_kvcache_k_slot_bytes(const kvh_kvcache *c, int l);
+uint32_t kvh_kvcache_v_slot_bytes(const kvh_kvcache *c, int l);
 
 #endif

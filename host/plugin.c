@@ -24,8 +24,9 @@
 /* Bytes a descriptor of ABI 1.minor must have: everything up to and including the last field of
  * that minor. Minor 0 ends with evict. New minors append fields and add a case here. */
 static size_t descriptor_min_size(uint32_t minor) {
-    (void)minor;
-    return offsetof(kvp_descriptor, evict) + sizeof(((kvp_descriptor *)0)->evict);
+    if (minor == 0) return offsetof(kvp_descriptor, evict) + sizeof(((kvp_descriptor *)0)->evict);
+    /* minor 1 added the store hooks (and any newer minor keeps them) */
+    return offsetof(kvp_descriptor, attend) + sizeof(((kvp_descriptor *)0)->attend);
 }
 
 static const char *base_name(const char *path) {
@@ -178,14 +179,23 @@ int kvh_plugin_validate(const kvp_descriptor *d, const char *file, kvh_err *err)
         return kvh_fail(err, "plugin %s: invalid name '%s' (expected [a-z0-9_]+)", file, shown);
     }
     const char *nm = d->name;
-    if (d->role != KVP_ROLE_POLICY)
-        return kvh_fail(err, "plugin '%s' (%s): unknown role %u (this host knows %u = policy)", nm, file,
-                        (unsigned)d->role, (unsigned)KVP_ROLE_POLICY);
+    if (d->role != KVP_ROLE_POLICY && d->role != KVP_ROLE_STORE)
+        return kvh_fail(err, "plugin '%s' (%s): unknown role %u (this host knows %u = policy, %u = store)", nm, file,
+                        (unsigned)d->role, (unsigned)KVP_ROLE_POLICY, (unsigned)KVP_ROLE_STORE);
+    if (d->role == KVP_ROLE_STORE && d->abi_minor < 1)
+        return kvh_fail(err, "plugin '%s' (%s): stores need ABI 1.1 or newer (built for 1.%u)", nm, file,
+                        (unsigned)d->abi_minor);
     if (!d->version) return kvh_fail(err, "plugin '%s' (%s): version string is NULL", nm, file);
     if (!d->summary) return kvh_fail(err, "plugin '%s' (%s): summary string is NULL", nm, file);
     if (!d->create) return kvh_fail(err, "plugin '%s' (%s): required hook create is NULL", nm, file);
     if (!d->destroy) return kvh_fail(err, "plugin '%s' (%s): required hook destroy is NULL", nm, file);
-    if (!d->evict) return kvh_fail(err, "plugin '%s' (%s): required hook evict is NULL (policies must evict)", nm, file);
+    if (d->role == KVP_ROLE_POLICY && !d->evict)
+        return kvh_fail(err, "plugin '%s' (%s): required hook evict is NULL (policies must evict)", nm, file);
+    if (d->role == KVP_ROLE_STORE) {
+        if (!d->encode) return kvh_fail(err, "plugin '%s' (%s): required store hook encode is NULL", nm, file);
+        if (!d->decode) return kvh_fail(err, "plugin '%s' (%s): required store hook decode is NULL", nm, file);
+        if (!d->attend) return kvh_fail(err, "plugin '%s' (%s): required store hook attend is NULL", nm, file);
+    }
     const uint32_t known_caps = KVP_CAP_DECODE_SCORES | KVP_CAP_PREFILL_SCORES | KVP_CAP_OBS_SCORES | KVP_CAP_HEAD_BUDGETS;
     if (d->caps & ~known_caps)
         return kvh_fail(err, "plugin '%s' (%s): unknown capability bits 0x%x", nm, file, (unsigned)(d->caps & ~known_caps));

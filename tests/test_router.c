@@ -92,8 +92,8 @@ static void check_aligned(rig *g, int s, int l, int h) {
     for (uint32_t i = 0; i < hc->n; i++) {
         int32_t p = hc->pos[i];
         for (int d = 0; d < HS; d++) {
-            cr_assert_eq(hc->k[(size_t)i * HS + d], kval(p, h, d), "seq %d layer %d head %d slot %u: K not aligned", s, l, h, i);
-            cr_assert_eq(hc->v[(size_t)i * HS + d], -kval(p, h, d), "V not aligned at slot %u", i);
+            cr_assert_eq(((const float *)hc->k)[(size_t)i * HS + d], kval(p, h, d), "seq %d layer %d head %d slot %u: K not aligned", s, l, h, i);
+            cr_assert_eq(((const float *)hc->v)[(size_t)i * HS + d], -kval(p, h, d), "V not aligned at slot %u", i);
         }
         if (hc->score) cr_assert_eq(hc->score[i], (float)p * 0.5f, "score not aligned at slot %u", i);
         if (hc->obs_score) cr_assert_eq(hc->obs_score[i], (float)p * 0.25f, "obs_score not aligned at slot %u", i);
@@ -188,7 +188,7 @@ static void take(rig *g, int s, int l, snap *out) {
         out->n[h] = hc->n;
         for (uint32_t i = 0; i < hc->n; i++) {
             out->pos[h][i] = hc->pos[i];
-            out->k0[h][i] = hc->k[(size_t)i * HS];
+            out->k0[h][i] = ((const float *)hc->k)[(size_t)i * HS];
         }
     }
 }

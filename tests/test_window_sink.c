@@ -60,7 +60,7 @@ static void expect_positions(rig *g, int l, int h, int upto, int sinks, int rece
         cr_assert(hc->pos[i] >= 0 && hc->pos[i] < upto);
         cr_assert(!have[hc->pos[i]], "%s: position %d twice", what, hc->pos[i]);
         have[hc->pos[i]] = 1;
-        cr_assert_eq(hc->k[(size_t)i * HS], (float)hc->pos[i], "%s: K moved without its position", what);
+        cr_assert_eq(((const float *)hc->k)[(size_t)i * HS], (float)hc->pos[i], "%s: K moved without its position", what);
     }
     for (int p = 0; p < upto; p++) {
         int want = p < sinks || p >= upto - recent;

@@ -39,7 +39,7 @@ extern "C" {
 #endif
 
 #define KVP_ABI_MAJOR 1u
-#define KVP_ABI_MINOR 0u
+#define KVP_ABI_MINOR 1u /* 1: store role (kvp_instance slot sizes, encode/decode/attend hooks) */
 #define KVP_ENTRY_SYMBOL "kvp_plugin_entry"
 
 /* ---- status codes returned by hooks ---------------------------------------------------------- */
@@ -48,6 +48,7 @@ extern "C" {
 
 /* ---- roles ------------------------------------------------------------------------------------ */
 #define KVP_ROLE_POLICY 1u
+#define KVP_ROLE_STORE 2u /* decides HOW tokens are held: encode on insert, attention over the stored form */
 
 /* ---- capability flags: what the policy needs the host to compute --------------------------------- */
 #define KVP_CAP_DECODE_SCORES (1u << 0)  /* add each decode step's attention probabilities to score[] */
@@ -91,6 +92,9 @@ typedef struct kvp_instance {
     void *state;          /* the plugin's per-layer state, passed to every hook */
     uint32_t budget;      /* REQUIRED: per-head token budget of this layer (>= 1) */
     uint32_t obs_window;  /* with KVP_CAP_OBS_SCORES: how many last prefill queries feed obs_score[] */
+    /* ---- ABI 1.1: stores ---- */
+    uint32_t k_slot_bytes; /* stores: REQUIRED, bytes one token's K occupies in one head (fixed) */
+    uint32_t v_slot_bytes; /* stores: REQUIRED, bytes one token's V occupies in one head (fixed) */
 } kvp_instance;
 
 /* ---- the host services table (grows only at the end) --------------------------------------------- */
@@ -139,6 +143,28 @@ typedef struct kvp_evict_request {
     const float *obs_score;/* [n_live] observation-window scores, NULL without KVP_CAP_OBS_SCORES */
 } kvp_evict_request;
 
+/* attend(): one query of one head over the head's n stored slots. The store computes
+ * out = sum_j p_j * V_j with p = softmax(scale * q . K_j) over the slots whose pos <= q_pos (later
+ * positions are masked out: causal attention inside a prefill block), reading K and V straight from
+ * their stored form (never decoding the whole head into a buffer). It writes every p_j (0 where masked)
+ * into probs[], which the host uses for score accumulation. */
+typedef struct kvp_attend_args {
+    uint32_t struct_size;
+    uint32_t head_dim;
+    uint32_t n;            /* live slots */
+    int32_t q_pos;         /* position of the query */
+    float scale;           /* 1/sqrt(head_dim) */
+    const float *q;        /* [head_dim] */
+    const int32_t *pos;    /* [n] positions of the slots */
+    const void *k_slots;   /* n consecutive K slots of k_slot_bytes */
+    const void *v_slots;   /* n consecutive V slots of v_slot_bytes */
+    float *out;            /* [head_dim] result */
+    float *probs;          /* [n] result: attention probabilities */
+} kvp_attend_args;
+
+#define KVP_WHICH_K 0u
+#define KVP_WHICH_V 1u
+
 /* ---- the descriptor ------------------------------------------------------------------------------ */
 typedef struct kvp_descriptor {
     uint32_t abi_major;   /* KVP_ABI_MAJOR the plugin was built with */
@@ -166,6 +192,16 @@ typedef struct kvp_descriptor {
      * min_victims, at most n_live) into victims[] (room for n_live entries) and their count into
      * *n_victims. The host compacts the slots afterwards. */
     int (*evict)(void *state, const kvp_evict_request *req, uint32_t *victims, uint32_t *n_victims);
+
+    /* ---- ABI 1.1: stores (role KVP_ROLE_STORE). Slots are fixed-size, so the host owns the memory,
+     * compacts by moving whole slots and counts the bytes exactly. All three are REQUIRED for stores,
+     * must not allocate, and may be called from several threads at once for different heads. ---- */
+    /* Encodes one token row (head_dim floats) of K (which = KVP_WHICH_K) or V into slot. */
+    void (*encode)(void *state, uint32_t which, const float *row, void *slot);
+    /* Decodes one slot back to head_dim floats (the reference the tests and other backends check against). */
+    void (*decode)(void *state, uint32_t which, const void *slot, float *row);
+    /* Attention of one query over the stored slots; see kvp_attend_args. */
+    void (*attend)(void *state, const kvp_attend_args *args);
 } kvp_descriptor;
 
 /* The one exported function. Use KVP_PLUGIN(descriptor) to define it. */
