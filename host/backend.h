@@ -44,6 +44,14 @@ typedef struct kvh_backend_ops {
      * slots itself and fails cleanly with the cache's message if the byte limit is hit). */
     int (*forward)(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *batch, float *logits, kvh_err *err);
     void (*destroy)(kvh_backend *be);
+    /* Optional: where this backend wants K/V slot data (NULL = host memory). The session creates the
+     * cache with it, so compaction moves slots inside that memory. */
+    const kvh_kv_memory *(*kv_memory)(kvh_backend *be);
+    /* Optional: called before a policy evicts from (seq, layer), so a backend that keeps positions or
+     * score accumulators elsewhere (device) brings the host copies in the cache up to date... */
+    int (*before_evict)(kvh_backend *be, kvh_kvcache *cache, int seq, int layer, kvh_err *err);
+    /* ...and after the host compacted the metadata, so it can refresh its own copies. */
+    int (*after_evict)(kvh_backend *be, kvh_kvcache *cache, int seq, int layer, kvh_err *err);
 } kvh_backend_ops;
 
 struct kvh_backend {

@@ -324,3 +324,12 @@ size_t kvh_kvcache_live_kv_bytes(const kvh_kvcache *c) {
         }
     return total;
 }
+
+bool kvh_kvcache_over_budget(const kvh_kvcache *c, int s, int l) {
+    const uint32_t slack = c->layer[l].slack;
+    for (int h = 0; h < c->n_head; h++) {
+        const kvh_head_cache *hc = &c->heads[kvh_kvcache_head_index(c, s, l, h)];
+        if (hc->budget != KVH_BUDGET_UNLIMITED && (uint64_t)hc->n > (uint64_t)hc->budget + slack) return true;
+    }
+    return false;
+}

@@ -114,6 +114,9 @@ void kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *vic
 /* Gives memory back when a head holds far fewer slots than its capacity (after eviction). */
 void kvh_kvcache_shrink(kvh_kvcache *c, int s, int l, int h);
 
+/* True when some head of (s, l) holds more than budget + slack slots (a policy must evict). */
+bool kvh_kvcache_over_budget(const kvh_kvcache *c, int s, int l);
+
 /* Live-token statistics for records and invariant checks. */
 size_t kvh_kvcache_live_tokens(const kvh_kvcache *c);          /* sum of n over all heads */
 uint32_t kvh_kvcache_max_live(const kvh_kvcache *c, int l);    /* max n over sequences and heads of l */

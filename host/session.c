@@ -50,10 +50,17 @@ int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_
         }
         kvh_router_layer_settings(s->router, settings);
     }
-    int rc = kvh_kvcache_init(&s->cache, opt->n_seq, L, NH, HS, mc->n_positions, settings, opt->kv_mem_limit, err);
+    /* The backend first: it decides where the K/V slot data lives. */
+    if (kvh_backend_create(&s->backend, opt->backend, model, opt->threads, err) != 0) {
+        free(settings);
+        goto fail;
+    }
+    kvh_kv_memory mem = kvh_kv_memory_host();
+    if (s->backend->ops->kv_memory) mem = *s->backend->ops->kv_memory(s->backend);
+    int rc = kvh_kvcache_init_mem(&s->cache, opt->n_seq, L, NH, HS, mc->n_positions, settings, opt->kv_mem_limit,
+                                  &mem, err);
     free(settings);
     if (rc != 0) goto fail;
-    if (kvh_backend_create(&s->backend, opt->backend, model, opt->threads, err) != 0) goto fail;
     if (opt->no_cache) {
         s->history = calloc((size_t)opt->n_seq, sizeof *s->history);
         s->history_len = calloc((size_t)opt->n_seq, sizeof *s->history_len);
@@ -131,6 +138,29 @@ static int forward_no_cache(kvh_session *s, const kvh_batch *batch, float *logit
     return 0;
 }
 
+/* Lets the router evict where a layer is over budget + slack, with the backend's metadata hooks around
+ * each eviction (a device backend keeps scores on the device and syncs them only then). */
+static int enforce_budgets(kvh_session *s, int seq, bool in_prefill, kvh_err *err) {
+    const kvh_backend_ops *ops = s->backend->ops;
+    if (in_prefill && !ops->before_evict) return kvh_router_after_prefill(s->router, &s->cache, seq, err);
+    if (in_prefill) {
+        /* per-head budgets are decided on the scores of the whole prompt: sync every layer first */
+        for (int l = 0; l < s->cache.n_layer; l++)
+            if (ops->before_evict(s->backend, &s->cache, seq, l, err) != 0) return -1;
+        if (kvh_router_after_prefill(s->router, &s->cache, seq, err) != 0) return -1;
+        for (int l = 0; l < s->cache.n_layer; l++)
+            if (ops->after_evict && ops->after_evict(s->backend, &s->cache, seq, l, err) != 0) return -1;
+        return 0;
+    }
+    for (int l = 0; l < s->cache.n_layer; l++) {
+        if (!kvh_kvcache_over_budget(&s->cache, seq, l)) continue;
+        if (ops->before_evict && ops->before_evict(s->backend, &s->cache, seq, l, err) != 0) return -1;
+        if (kvh_router_enforce(s->router, &s->cache, seq, l, 0, err) != 0) return -1;
+        if (ops->after_evict && ops->after_evict(s->backend, &s->cache, seq, l, err) != 0) return -1;
+    }
+    return 0;
+}
+
 int kvh_session_forward(kvh_session *s, const kvh_batch *batch, float *logits, kvh_err *err) {
     if (s->opt.no_cache) return forward_no_cache(s, batch, logits, err);
     int prefill_flags[64];
@@ -143,12 +173,7 @@ int kvh_session_forward(kvh_session *s, const kvh_batch *batch, float *logits, k
         uint64_t t0 = kvh_now_ns();
         for (int b = 0; b < batch->n && rc == 0; b++) {
             int seq = batch->seq[b];
-            if (in_prefill[b]) {
-                rc = kvh_router_after_prefill(s->router, &s->cache, seq, err);
-            } else {
-                for (int l = 0; l < s->cache.n_layer && rc == 0; l++)
-                    rc = kvh_router_enforce(s->router, &s->cache, seq, l, 0, err);
-            }
+            rc = enforce_budgets(s, seq, in_prefill[b], err);
         }
         s->hook_ns += kvh_now_ns() - t0;
     }
