@@ -400,6 +400,7 @@ int kvh_backend_cpu_create(kvh_backend **out, const kvh_model *model, int thread
     be->model = model;
     be->threads = threads;
     be->impl = cb;
+    be->kv_dense_elem_bytes = sizeof(float);
     snprintf(be->device, sizeof be->device, "cpu (%d threads, OpenBLAS %s)", threads, openblas_get_config());
     *out = be;
     return 0;

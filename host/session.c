@@ -55,6 +55,18 @@ int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_
         free(settings);
         goto fail;
     }
+    if (!settings) {
+        settings = calloc((size_t)L, sizeof *settings);
+        if (!settings) {
+            kvh_fail(err, "session: out of memory");
+            goto fail;
+        }
+        for (int l = 0; l < L; l++) settings[l].budget = KVH_BUDGET_UNLIMITED;
+    }
+    /* Layers without a store hold K/V densely in the backend's element type. */
+    uint32_t elem = s->backend->kv_dense_elem_bytes ? s->backend->kv_dense_elem_bytes : (uint32_t)sizeof(float);
+    for (int l = 0; l < L; l++)
+        if (!settings[l].store) settings[l].k_slot_bytes = settings[l].v_slot_bytes = (uint32_t)HS * elem;
     kvh_kv_memory mem = kvh_kv_memory_host();
     if (s->backend->ops->kv_memory) mem = *s->backend->ops->kv_memory(s->backend);
     int rc = kvh_kvcache_init_mem(&s->cache, opt->n_seq, L, NH, HS, mc->n_positions, settings, opt->kv_mem_limit,
