@@ -89,20 +89,58 @@ static void layernorm(float *out, const float *in, const float *w, const float *
     }
 }
 
+/* Splits [0, n) into equal chunks (multiples of 16 columns, for whole cache lines) and returns this
+ * thread's share. OpenBLAS runs single-threaded inside each chunk: one OpenMP pool does all the
+ * threading, so BLAS threads and OpenMP threads never spin against each other on the same cores. */
+static void thread_range(int n, int *lo, int *hi) {
+    int nt = 1, tid = 0;
+#ifdef _OPENMP
+    nt = omp_get_num_threads();
+    tid = omp_get_thread_num();
+#endif
+    int chunk = (n + nt - 1) / nt;
+    chunk = (chunk + 15) & ~15;
+    *lo = tid * chunk < n ? tid * chunk : n;
+    *hi = *lo + chunk < n ? *lo + chunk : n;
+}
+
 /* y[T, N] = x[T, K] · W[K, N] + bias[N] (+ y when accumulate: the residual add fused into the GEMM). */
 static void linear(float *y, const float *x, const float *W, const float *bias, int T, int K, int N, int accumulate) {
-    if (!accumulate) {
-        for (int t = 0; t < T; t++) memcpy(y + (size_t)t * N, bias, (size_t)N * sizeof(float));
-    } else {
-        for (int t = 0; t < T; t++) {
-            float *row = y + (size_t)t * N;
-            for (int n = 0; n < N; n++) row[n] += bias[n];
+#pragma omp parallel
+    {
+        int n0, n1;
+        thread_range(N, &n0, &n1);
+        if (n1 > n0) {
+            const int w = n1 - n0;
+            for (int t = 0; t < T; t++) {
+                float *row = y + (size_t)t * N + n0;
+                if (accumulate)
+                    for (int n = 0; n < w; n++) row[n] += bias[n0 + n];
+                else
+                    memcpy(row, bias + n0, (size_t)w * sizeof(float));
+            }
+            if (T == 1)
+                cblas_sgemv(CblasRowMajor, CblasTrans, K, w, 1.0f, W + n0, N, x, 1, 1.0f, y + n0, 1);
+            else
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, w, K, 1.0f, x, K, W + n0, N, 1.0f, y + n0, N);
         }
     }
-    if (T == 1) {
-        cblas_sgemv(CblasRowMajor, CblasTrans, K, N, 1.0f, W, N, x, 1, 1.0f, y, 1);
-    } else {
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, N, K, 1.0f, x, K, W, N, 1.0f, y, N);
+}
+
+/* logits[R, V] = xn[R, C] · wte[V, C]^T: the tied LM head, split over vocabulary rows. */
+static void lm_head(float *logits, const float *xn, const float *wte, int R, int C, int V) {
+#pragma omp parallel
+    {
+        int v0, v1;
+        thread_range(V, &v0, &v1);
+        if (v1 > v0) {
+            if (R == 1)
+                cblas_sgemv(CblasRowMajor, CblasNoTrans, v1 - v0, C, 1.0f, wte + (size_t)v0 * C, C, xn, 1, 0.0f,
+                            logits + v0, 1);
+            else
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, v1 - v0, C, 1.0f, xn, C, wte + (size_t)v0 * C, C,
+                            0.0f, logits + v0, V);
+        }
     }
 }
 
@@ -345,21 +383,14 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
     /* Final LayerNorm and tied LM head on the rows whose logits are wanted. */
     if (batch->all_logits) {
         layernorm(ws->xn, ws->x, m->lnf_w, m->lnf_b, T_all, C, cfg->ln_eps);
-        if (T_all == 1)
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, V, C, 1.0f, m->wte, C, ws->xn, 1, 0.0f, logits, 1);
-        else
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T_all, V, C, 1.0f, ws->xn, C, m->wte, C, 0.0f, logits, V);
+        lm_head(logits, ws->xn, m->wte, T_all, C, V);
     } else {
         size_t row = 0;
         for (int b = 0; b < batch->n; b++) {
             row += (size_t)batch->n_tokens[b];
             layernorm(ws->xn + (size_t)b * C, ws->x + (row - 1) * C, m->lnf_w, m->lnf_b, 1, C, cfg->ln_eps);
         }
-        if (batch->n == 1)
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, V, C, 1.0f, m->wte, C, ws->xn, 1, 0.0f, logits, 1);
-        else
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, batch->n, V, C, 1.0f, ws->xn, C, m->wte, C, 0.0f,
-                        logits, V);
+        lm_head(logits, ws->xn, m->wte, batch->n, C, V);
     }
     be->times.lm_head += kvh_now_ns() - h0;
 
@@ -391,7 +422,8 @@ int kvh_backend_cpu_create(kvh_backend **out, const kvh_model *model, int thread
 #ifdef _OPENMP
     omp_set_num_threads(threads);
 #endif
-    openblas_set_num_threads(threads);
+    /* BLAS calls run inside our OpenMP chunks, so OpenBLAS itself stays single-threaded. */
+    openblas_set_num_threads(1);
     cb->ws.n_threads = threads;
 #ifdef _OPENMP
     if (omp_get_max_threads() > cb->ws.n_threads) cb->ws.n_threads = omp_get_max_threads();
