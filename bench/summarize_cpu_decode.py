@@ -36,5 +36,10 @@ best_kv = max(kv.values(), key=lambda r: r["decode_tokens_per_s"])
 ratio = best_kv["decode_tokens_per_s"] / best_pt["decode_tokens_per_s"]
 print(f"\nBest kvhost / best PyTorch: **{ratio:.2f}x** (kvhost {best_kv['threads']} threads, "
       f"PyTorch {best_pt['threads']} threads).")
+kv_first = best_kv.get("first_tokens", [])
+pt_first = best_pt.get("first_tokens", [])
+same = sum(1 for a, b in zip(kv_first, pt_first) if a == b)
+print(f"\nCross-check on the same weights: the first {len(kv_first)} greedy tokens of kvhost and PyTorch agree on "
+      f"{same} of {min(len(kv_first), len(pt_first))} ({kv_first[:8]}... vs {pt_first[:8]}...).")
 print(f"\nWeight bytes read per token: {first['weight_bytes_per_token'] / 1e9:.3f} GB (all fp32 matrices, "
       "vectors and the tied LM head); the bandwidth column is that times tokens/s.")

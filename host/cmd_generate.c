@@ -35,6 +35,7 @@ static const char *const generate_usage =
     "  --prompt-tokens N     synthetic prompt of N ids ((i*7919+13) %% vocab), for benchmarks\n"
     "  --warmup N            untimed runs first (default 0)\n"
     "  --repeats N           timed runs in this process (default 1); the record pools their decode steps\n"
+    "  --tag KEY=VALUE       add KEY: VALUE to the record's \"tags\" object (repeatable; for sweeps)\n"
     "An empty prompt starts from <|endoftext|>, as GPT-2 was trained to start documents.\n"
     "\n";
 
@@ -52,6 +53,8 @@ typedef struct generate_args {
     int prompt_tokens;
     int warmup;
     int repeats;
+    const char *tags[64];
+    int n_tags;
 } generate_args;
 
 static int parse_args(int argc, char **argv, generate_args *a, kvh_err *err) {
@@ -78,6 +81,11 @@ static int parse_args(int argc, char **argv, generate_args *a, kvh_err *err) {
         } else if (strcmp(o, "--prompt-tokens") == 0) {
             if (kvh_cli_parse_int(v, 1, 1 << 20, &n)) return kvh_fail(err, "--prompt-tokens '%s': expected a whole number >= 1", v);
             a->prompt_tokens = (int)n;
+        } else if (strcmp(o, "--tag") == 0) {
+            const char *eq = strchr(v, '=');
+            if (!eq || eq == v) return kvh_fail(err, "--tag '%s': expected KEY=VALUE", v);
+            if (a->n_tags >= 64) return kvh_fail(err, "more than 64 --tag options");
+            a->tags[a->n_tags++] = v;
         } else if (strcmp(o, "--warmup") == 0) {
             if (kvh_cli_parse_int(v, 0, 1000, &n)) return kvh_fail(err, "--warmup '%s': expected 0..1000", v);
             a->warmup = (int)n;
@@ -381,10 +389,23 @@ int kvh_cmd_generate(int argc, char **argv) {
         cJSON *rec = kvh_record_new("generate");
         kvh_add_run_fields(rec, &model, sess, &cfg, backend, threads);
         cJSON_AddNumberToObject(rec, "batch", n_seq);
+        cJSON *tags = cJSON_AddObjectToObject(rec, "tags");
+        for (int t = 0; t < a.n_tags; t++) {
+            const char *eq = strchr(a.tags[t], '=');
+            char key[128];
+            size_t kl = (size_t)(eq - a.tags[t]) < sizeof key - 1 ? (size_t)(eq - a.tags[t]) : sizeof key - 1;
+            memcpy(key, a.tags[t], kl);
+            key[kl] = '\0';
+            cJSON_DeleteItemFromObject(tags, key);
+            cJSON_AddStringToObject(tags, key, eq + 1);
+        }
         cJSON *pl = cJSON_AddArrayToObject(rec, "prompt_tokens");
         for (int b = 0; b < n_seq; b++) cJSON_AddItemToArray(pl, cJSON_CreateNumber(lens[b]));
         cJSON *gl = cJSON_AddArrayToObject(rec, "generated_tokens");
         for (int b = 0; b < n_seq; b++) cJSON_AddItemToArray(gl, cJSON_CreateNumber(res.n_out[b]));
+        /* the first generated ids of sequence 0, so runs of different engines can be cross-checked */
+        cJSON *first = cJSON_AddArrayToObject(rec, "first_tokens");
+        for (int i = 0; i < res.n_out[0] && i < 16; i++) cJSON_AddItemToArray(first, cJSON_CreateNumber(res.out[0][i]));
         cJSON_AddNumberToObject(rec, "prefill_ms", res.prefill_ms);
         kvh_record_add_latency(rec, "decode_step", &res.decode);
         cJSON_AddNumberToObject(rec, "decode_tokens_per_s", res.decode_tokens_per_s);

@@ -92,6 +92,9 @@ static int add_section(kvh_run_config *cfg, const char *name, const kvh_origin *
     kvh_origin_format(where, at, sizeof at);
     if (!valid_section_name(name))
         return kvh_fail(err, "%s: invalid section name [%s] (letters, digits, '_' and '-' only)", at, name);
+    /* inih keeps 49 characters of a section name for the keys below it (found by tests/fuzz/fuzz_ini.c) */
+    if (strlen(name) > 49)
+        return kvh_fail(err, "%s: section name [%.60s...] is longer than 49 characters", at, name);
     kvh_config_section *old = kvh_config_find_section(cfg, name);
     if (old) {
         char prev[300];
@@ -432,16 +435,24 @@ int kvh_config_set(kvh_run_config *cfg, const char *assignment, kvh_err *err) {
 
 /* ---- writing back -------------------------------------------------------------------------------- */
 
+/* "key = value", or "key =value" when the value starts with ';': inih reads " ;" as an inline comment,
+ * so the space would turn the value into a comment (found by tests/fuzz/fuzz_ini.c). */
+static void put_kv(FILE *f, const char *key, const char *value) {
+    fprintf(f, value[0] == ';' ? "%s =%s\n" : "%s = %s\n", key, value);
+}
+
 int kvh_config_write_ini(const kvh_run_config *cfg, FILE *f) {
     fprintf(f, "; kvhost run configuration (normalized)\n[model]\n");
-    if (cfg->model) fprintf(f, "spec = %s\n", cfg->model);
+    if (cfg->model) put_kv(f, "spec", cfg->model);
     fprintf(f, "backend = %s\nthreads = %d\n\n[cache]\n", cfg->backend, cfg->threads);
     if (cfg->budget) fprintf(f, "budget = %u\n", (unsigned)cfg->budget);
     fprintf(f, "slack = %u\n", (unsigned)cfg->slack);
     for (int i = 0; i < cfg->n_sections; i++) {
         const kvh_config_section *s = &cfg->sections[i];
-        fprintf(f, "\n[%s]\nplugin = %s\nlayers = %s\n", s->name, s->plugin, s->layers);
-        for (int j = 0; j < s->n_params; j++) fprintf(f, "%s = %s\n", s->params[j].key, s->params[j].value);
+        fprintf(f, "\n[%s]\n", s->name);
+        put_kv(f, "plugin", s->plugin);
+        put_kv(f, "layers", s->layers);
+        for (int j = 0; j < s->n_params; j++) put_kv(f, s->params[j].key, s->params[j].value);
     }
     return ferror(f) ? -1 : 0;
 }

@@ -14,9 +14,7 @@
 #ifndef KVH_VERSION
 #define KVH_VERSION "dev"
 #endif
-#ifndef KVH_GIT_COMMIT
-#define KVH_GIT_COMMIT "unknown"
-#endif
+#include "kvh_commit.h" /* generated at build time: KVH_GIT_COMMIT */
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;

@@ -1,5 +1,7 @@
-/* router.c — per-layer plugin instances, the host services table and hook calls. See router.h.
- * Does not own cache storage (kvcache.c) or plugin loading details (plugin.c). */
+/* router.c — per-layer plugin instances (one policy and one store at most per layer), the host
+ * services table and hook calls. See router.h.
+ * Does not own cache storage (kvcache.c), plugin loading details (plugin.c) or calling store hooks
+ * per token (the backend does: it encodes and attends through kvh_layer_policy_settings.store). */
 #define _POSIX_C_SOURCE 200809L
 #include "router.h"
 
@@ -50,7 +52,8 @@ struct kvh_router {
     kvh_plugin_registry reg;
     group *groups;
     int n_groups;
-    host_ctx **layer_ctx;   /* [L], NULL = keep-all */
+    host_ctx **layer_ctx;   /* [L] policy instance, NULL = keep-all */
+    host_ctx **store_ctx;   /* [L] store instance, NULL = dense fp32 (the backend's own layout) */
     uint32_t *head_budget;  /* [NH] scratch for head_budgets() */
     uint64_t hook_ns;
     uint64_t evict_calls;
@@ -196,10 +199,17 @@ static int validate_params(group *g, const kvh_config_section *s, kvh_err *err) 
     return 0;
 }
 
+/* Largest slot a store may ask for, per token and head: 16x the dense fp32 row. Anything larger is
+ * certainly a bug (uninitialized field, bytes per layer instead of per head). */
+#define STORE_SLOT_MAX_FACTOR 16u
+
+static int is_store(const group *g) { return g->plugin->desc.role == KVP_ROLE_STORE; }
+
 static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
     host_ctx *x = calloc(1, sizeof *x);
     if (!x) return kvh_fail(err, "[%s] layer %d: out of memory", g->section, layer);
-    r->layer_ctx[layer] = x;
+    if (is_store(g)) r->store_ctx[layer] = x;
+    else r->layer_ctx[layer] = x;
     x->r = r;
     x->g = g;
     x->layer = layer;
@@ -237,6 +247,24 @@ static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
         return kvh_fail_prefix(err, "[%s]", g->section);
     }
     x->created = 1;
+    if (is_store(g)) {
+        /* A store's budget is meaningless (policies choose who stays); its slot sizes are what counts. */
+        const uint64_t max_bytes = (uint64_t)r->head_dim * sizeof(float) * STORE_SLOT_MAX_FACTOR;
+        const uint32_t sizes[2] = {x->inst.k_slot_bytes, x->inst.v_slot_bytes};
+        const char *names[2] = {"k_slot_bytes", "v_slot_bytes"};
+        for (int i = 0; i < 2; i++) {
+            if (sizes[i] < 1)
+                return kvh_fail(err, "[%s] store '%s' (%s) layer %d: create set %s 0 (a store must give the bytes one "
+                                "token's row occupies in one head, >= 1)", g->section, d->name, g->plugin->file_name,
+                                layer, names[i]);
+            if (sizes[i] > max_bytes)
+                return kvh_fail(err, "[%s] store '%s' (%s) layer %d: create set %s %u, more than %u x the fp32 row of "
+                                "head_dim %d (%llu bytes): not a per-token, per-head size", g->section, d->name,
+                                g->plugin->file_name, layer, names[i], (unsigned)sizes[i], STORE_SLOT_MAX_FACTOR,
+                                r->head_dim, (unsigned long long)max_bytes);
+        }
+        return 0;
+    }
     if (x->inst.budget < 1)
         return kvh_fail(err, "[%s] plugin '%s' (%s) layer %d: create set budget %u (must be >= 1)", g->section, d->name,
                         g->plugin->file_name, layer, (unsigned)x->inst.budget);
@@ -263,13 +291,15 @@ int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char
     r->slack = cfg->slack;
     kvh_plugin_registry_init(&r->reg);
     r->layer_ctx = calloc((size_t)n_layer, sizeof *r->layer_ctx);
+    r->store_ctx = calloc((size_t)n_layer, sizeof *r->store_ctx);
     r->head_budget = calloc((size_t)n_head, sizeof *r->head_budget);
     r->groups = calloc(cfg->n_sections ? (size_t)cfg->n_sections : 1, sizeof *r->groups);
-    if (!r->layer_ctx || !r->head_budget || !r->groups) {
+    if (!r->layer_ctx || !r->store_ctx || !r->head_budget || !r->groups) {
         kvh_router_free(r);
         return kvh_fail(err, "router: out of memory");
     }
-    int *owner = calloc((size_t)n_layer, sizeof *owner); /* group index + 1 claiming each layer */
+    /* group index + 1 claiming each layer: [0, L) policies, [L, 2L) stores */
+    int *owner = calloc((size_t)n_layer * 2, sizeof *owner);
     if (!owner) {
         kvh_router_free(r);
         return kvh_fail(err, "router: out of memory");
@@ -298,17 +328,20 @@ int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char
                           "0..%d (the model has %d layers)", at, s->name, s->layers, n_layer - 1, n_layer);
             break;
         }
+        const int store = is_store(g);
+        const char *role = store ? "store" : "policy", *roles = store ? "stores" : "policies";
         for (int l = 0; l < n_layer; l++) {
             if (!g->mask[l]) continue;
-            if (owner[l]) {
-                const kvh_config_section *o = r->groups[owner[l] - 1].cfg;
+            int *own = &owner[store ? n_layer + l : l];
+            if (*own) {
+                const kvh_config_section *o = r->groups[*own - 1].cfg;
                 char at2[300];
                 kvh_origin_format(&o->layers_origin, at2, sizeof at2);
-                rc = kvh_fail(err, "%s: layer %d is claimed by two policies: [%s] (%s) and [%s] (%s); a layer takes at "
-                              "most one policy", at, l, o->name, at2, s->name, at);
+                rc = kvh_fail(err, "%s: layer %d is claimed by two %s: [%s] (%s) and [%s] (%s); a layer takes at "
+                              "most one %s", at, l, roles, o->name, at2, s->name, at, role);
                 break;
             }
-            owner[l] = i + 1;
+            *own = i + 1;
         }
     }
     free(owner);
@@ -333,9 +366,11 @@ int kvh_router_create(kvh_router **out, const kvh_run_config *cfg, int n_layer, 
 
 void kvh_router_free(kvh_router *r) {
     if (!r) return;
-    if (r->layer_ctx) {
+    host_ctx **sets[2] = {r->layer_ctx, r->store_ctx};
+    for (int k = 0; k < 2; k++) {
+        if (!sets[k]) continue;
         for (int l = 0; l < r->n_layer; l++) {
-            host_ctx *x = r->layer_ctx[l];
+            host_ctx *x = sets[k][l];
             if (!x) continue;
             if (x->created) x->g->plugin->desc.destroy(x->inst.state);
             while (x->allocs) svc_free(x, x->allocs + 1);
@@ -349,6 +384,7 @@ void kvh_router_free(kvh_router *r) {
     }
     free(r->groups);
     free(r->layer_ctx);
+    free(r->store_ctx);
     free(r->head_budget);
     kvh_plugin_registry_free(&r->reg);
     free(r);
@@ -361,6 +397,13 @@ void kvh_router_layer_settings(const kvh_router *r, kvh_layer_policy_settings *s
         kvh_layer_policy_settings *s = &settings[l];
         memset(s, 0, sizeof *s);
         s->slack = r->slack;
+        const host_ctx *st = r->store_ctx[l];
+        if (st) {
+            s->store = &st->g->plugin->desc;
+            s->store_state = st->inst.state;
+            s->k_slot_bytes = st->inst.k_slot_bytes;
+            s->v_slot_bytes = st->inst.v_slot_bytes;
+        }
         const host_ctx *x = r->layer_ctx[l];
         if (!x) {
             s->budget = KVH_BUDGET_UNLIMITED;
@@ -384,6 +427,16 @@ const char *kvh_router_layer_policy_name(const kvh_router *r, int layer) {
 const char *kvh_router_layer_section(const kvh_router *r, int layer) {
     if (!r || layer < 0 || layer >= r->n_layer || !r->layer_ctx[layer]) return NULL;
     return r->layer_ctx[layer]->g->section;
+}
+
+const char *kvh_router_layer_store_name(const kvh_router *r, int layer) {
+    if (!r || layer < 0 || layer >= r->n_layer || !r->store_ctx[layer]) return NULL;
+    return r->store_ctx[layer]->g->plugin->desc.name;
+}
+
+const char *kvh_router_layer_store_section(const kvh_router *r, int layer) {
+    if (!r || layer < 0 || layer >= r->n_layer || !r->store_ctx[layer]) return NULL;
+    return r->store_ctx[layer]->g->section;
 }
 
 double kvh_router_hook_ns(const kvh_router *r) { return r ? (double)r->hook_ns : 0.0; }
@@ -477,15 +530,16 @@ int kvh_router_after_prefill(kvh_router *r, kvh_kvcache *c, int seq, kvh_err *er
 
 int kvh_router_reset_seq(kvh_router *r, int seq, kvh_err *err) {
     if (seq < 0 || seq >= r->n_seq) return kvh_fail(err, "router: sequence %d out of range (%d sequences)", seq, r->n_seq);
-    for (int l = 0; l < r->n_layer; l++) {
-        host_ctx *x = r->layer_ctx[l];
-        if (!x || !x->g->plugin->desc.reset) continue;
-        x->has_error = 0;
-        uint64_t t0 = kvh_now_ns();
-        int hrc = x->g->plugin->desc.reset(x->inst.state, (uint32_t)seq);
-        r->hook_ns += kvh_now_ns() - t0;
-        if (hrc != KVP_OK) return hook_fail(x, seq, -1, "reset", err);
-    }
+    for (int k = 0; k < 2; k++)
+        for (int l = 0; l < r->n_layer; l++) {
+            host_ctx *x = k ? r->store_ctx[l] : r->layer_ctx[l];
+            if (!x || !x->g->plugin->desc.reset) continue;
+            x->has_error = 0;
+            uint64_t t0 = kvh_now_ns();
+            int hrc = x->g->plugin->desc.reset(x->inst.state, (uint32_t)seq);
+            r->hook_ns += kvh_now_ns() - t0;
+            if (hrc != KVP_OK) return hook_fail(x, seq, -1, "reset", err);
+        }
     return 0;
 }
 
@@ -509,12 +563,24 @@ int kvh_router_describe_json(const kvh_router *r, char *buf, size_t cap) {
         cJSON_AddStringToObject(o, "file", g->plugin->file_name);
         cJSON_AddStringToObject(o, "path", g->plugin->path);
         cJSON_AddStringToObject(o, "version", d->version);
+        const int store = is_store(g);
+        cJSON_AddStringToObject(o, "role", store ? "store" : "policy");
+        host_ctx *const *ctx = store ? r->store_ctx : r->layer_ctx;
         cJSON *layers = cJSON_AddArrayToObject(o, "layers");
-        cJSON *budgets = cJSON_AddArrayToObject(o, "budgets");
-        for (int l = 0; l < r->n_layer && layers && budgets; l++) {
-            if (!g->mask[l] || !r->layer_ctx[l]) continue;
+        /* policies: per-layer budgets; stores: per-layer [k_slot_bytes, v_slot_bytes] */
+        cJSON *per = cJSON_AddArrayToObject(o, store ? "slot_bytes" : "budgets");
+        for (int l = 0; l < r->n_layer && layers && per; l++) {
+            if (!g->mask[l] || !ctx[l]) continue;
             cJSON_AddItemToArray(layers, cJSON_CreateNumber(l));
-            cJSON_AddItemToArray(budgets, cJSON_CreateNumber(r->layer_ctx[l]->inst.budget));
+            if (store) {
+                cJSON *kv = cJSON_CreateArray();
+                if (!kv) break;
+                cJSON_AddItemToArray(kv, cJSON_CreateNumber(ctx[l]->inst.k_slot_bytes));
+                cJSON_AddItemToArray(kv, cJSON_CreateNumber(ctx[l]->inst.v_slot_bytes));
+                cJSON_AddItemToArray(per, kv);
+            } else {
+                cJSON_AddItemToArray(per, cJSON_CreateNumber(ctx[l]->inst.budget));
+            }
         }
         cJSON *params = cJSON_AddObjectToObject(o, "params");
         for (uint32_t i = 0; i < d->n_params && params; i++) {
@@ -526,6 +592,11 @@ int kvh_router_describe_json(const kvh_router *r, char *buf, size_t cap) {
     for (int l = 0; l < r->n_layer && per_layer; l++) {
         const char *s = kvh_router_layer_section(r, l);
         cJSON_AddItemToArray(per_layer, s ? cJSON_CreateString(s) : cJSON_CreateNull());
+    }
+    cJSON *per_layer_store = cJSON_AddArrayToObject(root, "stores");
+    for (int l = 0; l < r->n_layer && per_layer_store; l++) {
+        const char *s = kvh_router_layer_store_section(r, l);
+        cJSON_AddItemToArray(per_layer_store, s ? cJSON_CreateString(s) : cJSON_CreateNull());
     }
     char *text = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);

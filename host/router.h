@@ -1,9 +1,11 @@
-/* router.h — per-layer routing of policy plugins: which plugin instance serves which layer.
+/* router.h — per-layer routing of plugins: which policy and which store instance serve which layer.
  * Owns: loading each configured instance's plugin (plugin.h), checking its parameters against the
- * descriptor (naming file:line:key), refusing two policies on one layer, one plugin instance per
- * claimed layer with its host services table (kvp_host), calling the hooks (create, destroy, reset,
- * head_budgets, evict), validating every answer, compacting the cache through kvcache.h, timing the
- * hooks, and describing the exact plugin stack for records.
+ * descriptor (naming file:line:key), refusing two policies or two stores on one layer (a layer takes
+ * at most one of each), one plugin instance per claimed layer with its host services table (kvp_host),
+ * calling the policy hooks (create, destroy, reset, head_budgets, evict), validating every answer
+ * (including a store's slot sizes), compacting the cache through kvcache.h, timing the hooks, and
+ * describing the exact plugin stack for records. A store's per-token hooks (encode, attend) are called
+ * by the backend through the settings this router fills; a store's create() budget is ignored.
  * Does not own: the cache storage and compaction (kvcache.h), attention/scores (backend), the run
  * file (config.h), the decode loop (session.c).
  *
@@ -32,8 +34,10 @@ int kvh_router_create(kvh_router **out, const kvh_run_config *cfg, int n_layer, 
 int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char *plugin_path, int n_layer,
                          int n_head, int head_dim, int n_ctx, int n_seq, kvh_err *err);
 
-/* Fills settings[n_layer]: budget (from the instance's create(); KVH_BUDGET_UNLIMITED on keep-all
- * layers), slack ([cache] slack), score flags from the policy's caps, obs_window. */
+/* Fills settings[n_layer]: budget (from the policy instance's create(); KVH_BUDGET_UNLIMITED on
+ * keep-all layers), slack ([cache] slack), score flags from the policy's caps, obs_window; on layers
+ * with a store: store (its descriptor), store_state, k_slot_bytes, v_slot_bytes (0 elsewhere: the
+ * caller picks the dense layout). */
 void kvh_router_layer_settings(const kvh_router *r, kvh_layer_policy_settings *settings);
 
 /* For every head of (seq, layer) with n > budget + slack: asks the policy for victims, validates them,
@@ -55,16 +59,21 @@ double kvh_router_hook_ns(const kvh_router *r);
 uint64_t kvh_router_evict_calls(const kvh_router *r);
 
 /* JSON description of the plugin stack (cJSON-built):
- *   {"budget":B|null,"slack":S,"instances":[{"section","plugin","file","path","version","layers":[..],
- *    "params":{name:value,...},"budgets":[per layer]}],"layers":[section name or null per layer]}
+ *   {"budget":B|null,"slack":S,"instances":[{"section","plugin","file","path","version","role":"policy"|"store",
+ *    "layers":[..],"params":{name:value,...},"budgets":[per layer] (policies) | "slot_bytes":[[K,V] per layer]
+ *    (stores)}],"layers":[policy section name or null per layer],"stores":[store section name or null per layer]}
  * Writes at most cap bytes including the NUL. Returns the length of the full text (like snprintf: a
  * value >= cap means it was truncated), or -1 when out of memory. */
 int kvh_router_describe_json(const kvh_router *r, char *buf, size_t cap);
 
-/* Name of the plugin serving `layer` ("window"), or NULL for keep-all / out of range. */
+/* Name of the POLICY plugin serving `layer` ("window"), or NULL for keep-all / out of range. */
 const char *kvh_router_layer_policy_name(const kvh_router *r, int layer);
-/* Section name serving `layer`, or NULL. */
+/* Policy section name serving `layer`, or NULL. */
 const char *kvh_router_layer_section(const kvh_router *r, int layer);
+/* Name of the STORE plugin holding `layer` ("int8"), or NULL for the dense default / out of range. */
+const char *kvh_router_layer_store_name(const kvh_router *r, int layer);
+/* Store section name holding `layer`, or NULL. */
+const char *kvh_router_layer_store_section(const kvh_router *r, int layer);
 
 /* Destroys every instance (destroy hook), frees leftover plugin allocations, dlcloses the plugins. */
 void kvh_router_free(kvh_router *r);

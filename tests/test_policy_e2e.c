@@ -141,3 +141,53 @@ ParameterizedTest(int *policy_index, policy_e2e, live_never_exceeds_budget_plus_
     kvh_session_free(s);
     kvh_model_free(&m);
 }
+
+/* ---- stores (plugins/quant) under every policy: index = policy * N_STORES + store ----------------
+ * A store changes how K/V are held, never which tokens stay: with budget >= length the policy is still
+ * a no-op (bit-identical to the store alone), and under a small budget the invariant still holds. The
+ * small model's head_dim is 8, so the stores run with group = 8. */
+static const char *const kStores[] = {"int8", "int4"};
+#define N_STORES (sizeof kStores / sizeof kStores[0])
+
+static kvh_session *session_with_store(const kvh_model *m, int combo, const char *budget, const char *slack, bool policy) {
+    char plugins[128], group[64], b[64], sl[64];
+    const char *store = kStores[combo % (int)N_STORES];
+    if (policy) snprintf(plugins, sizeof plugins, "%s,%s.so", kPolicies[combo / (int)N_STORES], store);
+    else snprintf(plugins, sizeof plugins, "%s.so", store);
+    snprintf(group, sizeof group, "%s.group=8", store);
+    snprintf(b, sizeof b, "cache.budget=%s", budget);
+    snprintf(sl, sizeof sl, "cache.slack=%s", slack);
+    const char *sets[] = {group, b, sl};
+    return session_with(m, plugins, sets, 3, 2);
+}
+
+ParameterizedTestParameters(policy_e2e, with_store_noop_and_invariant) {
+    static int params[N_POLICIES * N_STORES];
+    for (size_t i = 0; i < N_POLICIES * N_STORES; i++) params[i] = (int)i;
+    return cr_make_param_array(int, params, N_POLICIES * N_STORES);
+}
+
+ParameterizedTest(int *combo, policy_e2e, with_store_noop_and_invariant) {
+    kvh_model_config c = small_config();
+    kvh_model m;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_model_init_random(&m, &c, 5, "random:small", &err), 0, "%s", err.msg);
+    const int n_seq = 2, n_new = 40, V = c.n_vocab;
+    float *alone = malloc((size_t)n_new * n_seq * V * sizeof(float));
+    float *with = malloc((size_t)n_new * n_seq * V * sizeof(float));
+    kvh_session *s0 = session_with_store(&m, *combo, "64", "0", false);
+    run_generation(s0, n_seq, n_new, alone, 0, 0);
+    kvh_session_free(s0);
+    kvh_session *s1 = session_with_store(&m, *combo, "64", "0", true);
+    run_generation(s1, n_seq, n_new, with, 0, 0);
+    kvh_session_free(s1);
+    cr_assert(memcmp(alone, with, (size_t)n_new * n_seq * V * sizeof(float)) == 0,
+              "%s with budget >= length changed the logits of store %s", kPolicies[*combo / (int)N_STORES],
+              kStores[*combo % (int)N_STORES]);
+    kvh_session *s2 = session_with_store(&m, *combo, "24", "5", true);
+    run_generation(s2, n_seq, 300, NULL, 24, 5);
+    kvh_session_free(s2);
+    free(alone);
+    free(with);
+    kvh_model_free(&m);
+}

@@ -353,3 +353,33 @@ Test(router, describe_json) {
     cr_assert_eq(strlen(small), sizeof small - 1);
     rig_down(&g);
 }
+
+/* Stores (role STORE, here the real int8.so / int4.so from the build's plugin dir) route separately
+ * from policies: one of each per layer, two stores on a layer rejected naming both sections, settings
+ * carrying the store's descriptor and slot sizes, policy names staying policy-only. */
+Test(router, stores_route_beside_policies) {
+    expect_create_error("[a]\nplugin = " KVH_BUILD_DIR "/plugins/int8.so\ngroup = 5\nlayers = 1-2\n[b]\nplugin = "
+                        KVH_BUILD_DIR "/plugins/int4.so\ngroup = 5\nlayers = 0-1\n",
+                        "layer 1 is claimed by two stores: [a] (run.ini:4) and [b] (run.ini:8)", NULL);
+    rig g;
+    rig_up(&g, "[cache]\nbudget = 10\nslack = 2\n[tp_params]\nlayers = 1-2\n[q]\nplugin = " KVH_BUILD_DIR
+               "/plugins/int8.so\ngroup = 5\nlayers = 2-3\n");
+    kvh_layer_policy_settings st[L];
+    kvh_router_layer_settings(g.r, st);
+    cr_assert_null(st[1].store);
+    cr_assert_eq(st[1].k_slot_bytes, 0);
+    cr_assert_not_null(st[2].store);
+    cr_assert_eq(st[2].k_slot_bytes, HS + 2, "int8, one group of 5: 5 bytes + one fp16 scale");
+    cr_assert_eq(st[2].v_slot_bytes, HS + 2);
+    cr_assert_eq(st[2].budget, 10);
+    cr_assert_eq(st[3].budget, KVH_BUDGET_UNLIMITED);
+    cr_assert_str_eq(kvh_router_layer_policy_name(g.r, 2), "tp_params");
+    cr_assert_null(kvh_router_layer_policy_name(g.r, 3));
+    cr_assert_str_eq(kvh_router_layer_store_name(g.r, 3), "int8");
+    cr_assert_null(kvh_router_layer_store_name(g.r, 1));
+    /* a store-only layer is never asked to evict */
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_router_enforce(g.r, &g.c, 0, 3, 0, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvh_router_evict_calls(g.r), 0);
+    rig_down(&g);
+}

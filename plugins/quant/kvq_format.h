@@ -1,0 +1,387 @@
+/* kvq_format.h — THE definition of kvhost's quantized KV slot format (int8 / int4, symmetric or
+ * asymmetric, groups along head_dim) with its reference encode, decode and attend, as static inline
+ * C11 (libc + libm only). plugins/quant/quant.c wraps it as the int8.so / int4.so store plugins; the
+ * tests check it directly; the CUDA backend implements the same bytes and the same arithmetic.
+ * Owns: the byte layout of one slot, the fp16 conversion of scales, the quantization rule, the
+ * dequantization rule, attention over packed slots. Does not own: where slots live, eviction or
+ * compaction (the host moves whole slots; every slot is self-contained, so that is always safe).
+ *
+ * ---- One slot = one token's K (or V) row of one head, head_dim (HS) floats, G = group ----------------
+ *
+ *   NG = HS / G groups. Byte layout, little-endian:
+ *     [NG x header][packed values]
+ *     header (symmetric)  = scale:fp16                    2 bytes
+ *     header (asymmetric) = scale:fp16, min:fp16          4 bytes
+ *     packed values, bits = 8: HS bytes, byte d = value d
+ *                             symmetric:  int8  u in [-127, 127]
+ *                             asymmetric: uint8 u in [0, 255]
+ *     packed values, bits = 4: HS/2 bytes; group g occupies bytes g*G/2 .. g*G/2 + G/2 - 1 and, within
+ *                             it, byte i holds element i of the group in its LOW nibble and element
+ *                             i + G/2 in its HIGH nibble (llama.cpp q4_0 order: both halves of a group
+ *                             are contiguous runs, which vectorizes). Nibble u in [0, 15]:
+ *                             symmetric:  value u - 8 in [-7, 7] (u = 0 never written)
+ *                             asymmetric: value u in [0, 15]
+ *   slot bytes = NG * 2 * (asym ? 2 : 1) + HS * bits / 8.
+ *   Constraints: G divides HS; with bits = 4, G is even; HS <= KVQ_MAX_HEAD_DIM.
+ *
+ * ---- Dequantization (decode; the meaning of a slot) -----------------------------------------------
+ *   element d of group g, s = float(scale_g), m = float(min_g) (0 when symmetric), z = zero point
+ *   (8 for symmetric int4, 0 otherwise):   x^_d = s * (float)(u_d - z) + m
+ *
+ * ---- Quantization (encode) --------------------------------------------------------------------------
+ *   qmax = 127 (sym int8) | 7 (sym int4) | 255 (asym int8) | 15 (asym int4)
+ *   symmetric:  s = fp16_up(absmax_g / qmax)            u = clamp(round(x / s), -qmax, qmax)
+ *   asymmetric: m = fp16_down(min_g), s = fp16_up((max_g - m) / qmax), u = clamp(round((x - m) / s), 0, qmax)
+ *   fp16_up / fp16_down: the nearest fp16 (round to nearest even), then moved one fp16 step up / down
+ *   if it landed on the wrong side. Rounding the scale UP and the min DOWN means no value clips, so
+ *   every element obeys |x - x^| <= s / 2 (plus fp32 rounding of the order 2^-23 * (|x| + |m|)), with
+ *   s the STORED scale: s <= (range / qmax) * (1 + 2^-10) + 2^-24. An all-zero (or constant, when
+ *   asymmetric) group stores s = 0 and decodes exactly. round() is round-half-away-from-zero (roundf).
+ *   Limits: scales saturate at 65504 (the largest fp16), so symmetric int8 clips values beyond
+ *   |x| = 65504 * 127 (int4: * 7) and asymmetric mins below -65504 clip; GPT-2 K/V are far smaller.
+ *   NaN / Inf inputs are not supported (their group decodes to garbage, other groups are unaffected).
+ *
+ * ---- Attention over packed slots (attend) -----------------------------------------------------------
+ *   For one query q (HS floats) at position q_pos over n slots with positions pos[]:
+ *     score_j = scale * sum_g ( s_jg * sum_{d in g} q_d * u_jd  +  o_jg * Q_g ),
+ *         o_jg = m_jg - s_jg * z,  Q_g = sum_{d in g} q_d        (o = 0 for symmetric int8)
+ *     masked (p_j = 0) where pos[j] > q_pos; p = softmax(score) in two passes (max, then exp/sum),
+ *     written to probs[j];
+ *     out_d = sum_j (p_j * s_jg) * u_jd  +  sum_j p_j * o_jg        (g the group of d)
+ *   computed slot by slot, group by group: no head-sized fp32 copy of K or V is ever made. This equals
+ *   fp32 attention over the decoded rows up to fp32 summation order. Inner loops run over the G
+ *   elements of a group with KVQ_LANES independent partial sums, so compilers vectorize them without
+ *   -ffast-math. */
+#ifndef KVQ_FORMAT_H
+#define KVQ_FORMAT_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#define KVQ_MAX_HEAD_DIM 512u
+#define KVQ_LANES 8
+
+/* ---- fp16 (IEEE binary16) <-> fp32 ------------------------------------------------------------- */
+
+/* fp32 -> fp16, round to nearest, ties to even. Overflow -> +-Inf, NaN -> quiet NaN. */
+static inline uint16_t kvq_half_from_float(float f) {
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* >= 65520 rounds to Inf */
+    if (ax < 0x38800000u) {                                     /* below 2^-14: fp16 subnormal or zero */
+        if (ax <= 0x33000000u) return (uint16_t)sign;           /* <= 2^-25: zero (2^-25 ties to even 0) */
+        const uint32_t e = ax >> 23, mant = (ax & 0x7fffffu) | 0x800000u;
+        const uint32_t shift = 126u - e; /* value = mant * 2^(e-150) = (mant >> shift) * 2^-24 */
+        uint32_t q = mant >> shift;
+        const uint32_t rem = mant & ((1u << shift) - 1u), halfway = 1u << (shift - 1u);
+        if (rem > halfway || (rem == halfway && (q & 1u))) q++; /* q == 0x400 is the smallest normal: right */
+        return (uint16_t)(sign | q);
+    }
+    uint32_t h = (ax - 0x38000000u) >> 13; /* rebias the exponent 127 -> 15, keep 10 mantissa bits */
+    const uint32_t rem = ax & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++; /* a carry into the exponent is correct */
+    return (uint16_t)(sign | h);
+}
+
+/* fp16 -> fp32 (exact). */
+static inline float kvq_half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t x;
+    if (e == 0) {
+        float v = (float)m * 5.9604644775390625e-8f; /* m * 2^-24, exact */
+        return sign ? -v : v;
+    }
+    if (e == 31) x = sign | 0x7f800000u | (m << 13);
+    else x = sign | ((e + 112u) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &x, sizeof f);
+    return f;
+}
+
+/* The next fp16 toward +Inf / -Inf from a finite h (saturating at +-65504). */
+static inline uint16_t kvq__half_step_up(uint16_t h) {
+    if (h == 0x7bffu) return h;
+    if (h & 0x8000u) return h == 0x8000u ? (uint16_t)0x0001u : (uint16_t)(h - 1u);
+    return (uint16_t)(h + 1u);
+}
+static inline uint16_t kvq__half_step_down(uint16_t h) {
+    if (h == 0xfbffu) return h;
+    if (h & 0x8000u) return (uint16_t)(h + 1u);
+    return h == 0x0000u ? (uint16_t)0x8001u : (uint16_t)(h - 1u);
+}
+
+/* The smallest fp16 >= v (v finite; saturates at 65504). */
+static inline uint16_t kvq_half_up(float v) {
+    if (v >= 65504.0f) return 0x7bffu;
+    uint16_t h = kvq_half_from_float(v);
+    if (kvq_half_to_float(h) < v) h = kvq__half_step_up(h);
+    return h;
+}
+/* The largest fp16 <= v (v finite; saturates at -65504). */
+static inline uint16_t kvq_half_down(float v) {
+    if (v <= -65504.0f) return 0xfbffu;
+    uint16_t h = kvq_half_from_float(v);
+    if (kvq_half_to_float(h) > v) h = kvq__half_step_down(h);
+    return h;
+}
+
+/* ---- the format ---------------------------------------------------------------------------------- */
+
+typedef struct kvq_format {
+    uint32_t bits;        /* 8 or 4 */
+    uint32_t group;       /* G: elements per scale */
+    uint32_t asym;        /* 0 symmetric (scale), 1 asymmetric (scale + min) */
+    uint32_t head_dim;    /* HS */
+    uint32_t n_groups;    /* NG = HS / G */
+    uint32_t header_bytes;/* NG * 2 * (asym ? 2 : 1) */
+    uint32_t slot_bytes;  /* header_bytes + HS * bits / 8 */
+    uint32_t qmax;        /* largest |u| (symmetric) or largest u (asymmetric) */
+} kvq_format;
+
+/* Fills f, or returns -1 with a message in err[cap] naming the bad value. */
+static inline int kvq_format_init(kvq_format *f, int64_t bits, int64_t group, int asym, int64_t head_dim, char *err,
+                                  size_t cap) {
+    memset(f, 0, sizeof *f);
+    if (bits != 8 && bits != 4) {
+        snprintf(err, cap, "bits = %lld: must be 8 or 4", (long long)bits);
+        return -1;
+    }
+    if (head_dim < 1 || head_dim > (int64_t)KVQ_MAX_HEAD_DIM) {
+        snprintf(err, cap, "head_dim %lld is not supported (1..%u)", (long long)head_dim, KVQ_MAX_HEAD_DIM);
+        return -1;
+    }
+    if (group < 1) {
+        snprintf(err, cap, "group = %lld: must be >= 1", (long long)group);
+        return -1;
+    }
+    if (head_dim % group != 0) {
+        snprintf(err, cap, "group = %lld does not divide head_dim %lld (the model's head size); use a divisor of %lld "
+                 "such as 32", (long long)group, (long long)head_dim, (long long)head_dim);
+        return -1;
+    }
+    if (bits == 4 && group % 2 != 0) {
+        snprintf(err, cap, "group = %lld: with bits = 4 the group must be even (two values share a byte)", (long long)group);
+        return -1;
+    }
+    f->bits = (uint32_t)bits;
+    f->group = (uint32_t)group;
+    f->asym = asym ? 1u : 0u;
+    f->head_dim = (uint32_t)head_dim;
+    f->n_groups = (uint32_t)(head_dim / group);
+    f->header_bytes = f->n_groups * 2u * (f->asym ? 2u : 1u);
+    f->slot_bytes = f->header_bytes + f->head_dim * f->bits / 8u;
+    f->qmax = bits == 8 ? (f->asym ? 255u : 127u) : (f->asym ? 15u : 7u);
+    return 0;
+}
+
+/* Header fields of group g of a slot. */
+static inline float kvq_scale(const kvq_format *f, const void *slot, uint32_t g) {
+    uint16_t h;
+    memcpy(&h, (const unsigned char *)slot + (size_t)g * (f->asym ? 4u : 2u), 2);
+    return kvq_half_to_float(h);
+}
+static inline float kvq_min(const kvq_format *f, const void *slot, uint32_t g) {
+    if (!f->asym) return 0.0f;
+    uint16_t h;
+    memcpy(&h, (const unsigned char *)slot + (size_t)g * 4u + 2u, 2);
+    return kvq_half_to_float(h);
+}
+/* Zero point z of the stored integers (see the header comment). */
+static inline float kvq_zero_point(const kvq_format *f) { return (f->bits == 4 && !f->asym) ? 8.0f : 0.0f; }
+/* Packed values of group g. */
+static inline const unsigned char *kvq_values(const kvq_format *f, const void *slot, uint32_t g) {
+    return (const unsigned char *)slot + f->header_bytes + (size_t)g * f->group * f->bits / 8u;
+}
+
+/* Quantizes one row of head_dim floats into slot (slot_bytes bytes). */
+static inline void kvq_encode(const kvq_format *f, const float *row, void *slot) {
+    unsigned char *hdr = slot;
+    const uint32_t G = f->group;
+    const float qmax = (float)f->qmax;
+    for (uint32_t g = 0; g < f->n_groups; g++) {
+        const float *x = row + (size_t)g * G;
+        unsigned char *vals = (unsigned char *)slot + f->header_bytes + (size_t)g * G * f->bits / 8u;
+        uint16_t sh, mh = 0;
+        float m = 0.0f;
+        if (f->asym) {
+            float lo = x[0], hi = x[0];
+            for (uint32_t i = 1; i < G; i++) {
+                lo = x[i] < lo ? x[i] : lo;
+                hi = x[i] > hi ? x[i] : hi;
+            }
+            mh = kvq_half_down(lo);
+            m = kvq_half_to_float(mh);
+            sh = kvq_half_up((hi - m) / qmax);
+        } else {
+            float amax = 0.0f;
+            for (uint32_t i = 0; i < G; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+            sh = kvq_half_up(amax / qmax);
+        }
+        const float s = kvq_half_to_float(sh);
+        if (f->bits == 4) memset(vals, 0, G / 2);
+        const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+        if (f->asym) {
+            memcpy(hdr + (size_t)g * 4u, &sh, 2);
+            memcpy(hdr + (size_t)g * 4u + 2u, &mh, 2);
+        } else {
+            memcpy(hdr + (size_t)g * 2u, &sh, 2);
+        }
+        for (uint32_t i = 0; i < G; i++) {
+            float u = roundf((x[i] - m) * inv);
+            const float lo = f->asym ? 0.0f : -qmax;
+            u = u < lo ? lo : (u > qmax ? qmax : u);
+            const int iu = (int)u;
+            if (f->bits == 8) {
+                if (f->asym) vals[i] = (unsigned char)iu;
+                else {
+                    int8_t sv = (int8_t)iu;
+                    memcpy(&vals[i], &sv, 1);
+                }
+            } else {
+                const unsigned nib = (unsigned)(f->asym ? iu : iu + 8);
+                if (i < G / 2) vals[i] = (unsigned char)(vals[i] | nib);
+                else vals[i - G / 2] = (unsigned char)(vals[i - G / 2] | (nib << 4));
+            }
+        }
+    }
+}
+
+/* Dequantizes one slot into row[head_dim]: x^ = s * (u - z) + m. */
+static inline void kvq_decode(const kvq_format *f, const void *slot, float *row) {
+    const uint32_t G = f->group;
+    const float z = kvq_zero_point(f);
+    for (uint32_t g = 0; g < f->n_groups; g++) {
+        const float s = kvq_scale(f, slot, g), m = kvq_min(f, slot, g);
+        const unsigned char *v = kvq_values(f, slot, g);
+        float *x = row + (size_t)g * G;
+        for (uint32_t i = 0; i < G; i++) {
+            float u;
+            if (f->bits == 8) u = f->asym ? (float)v[i] : (float)(int8_t)v[i];
+            else u = (float)(i < G / 2 ? (v[i] & 0x0fu) : (v[i - G / 2] >> 4));
+            x[i] = s * (u - z) + m;
+        }
+    }
+}
+
+/* ---- inner kernels: one group ------------------------------------------------------------------- */
+
+/* sum_i q[i] * u[i] over one group's stored integers (before scale and zero point). */
+static inline float kvq__dot_group(const kvq_format *f, const float *q, const unsigned char *v) {
+    const uint32_t G = f->group;
+    float acc[KVQ_LANES] = {0};
+    float tail = 0.0f;
+    if (f->bits == 8) {
+        const uint32_t full = G - G % KVQ_LANES;
+        if (f->asym) {
+            for (uint32_t i = 0; i < full; i += KVQ_LANES)
+                for (int l = 0; l < KVQ_LANES; l++) acc[l] += q[i + l] * (float)v[i + l];
+            for (uint32_t i = full; i < G; i++) tail += q[i] * (float)v[i];
+        } else {
+            const int8_t *sv = (const int8_t *)v;
+            for (uint32_t i = 0; i < full; i += KVQ_LANES)
+                for (int l = 0; l < KVQ_LANES; l++) acc[l] += q[i + l] * (float)sv[i + l];
+            for (uint32_t i = full; i < G; i++) tail += q[i] * (float)sv[i];
+        }
+    } else {
+        const uint32_t H = G / 2, full = H - H % KVQ_LANES;
+        const float *qh = q + H;
+        for (uint32_t i = 0; i < full; i += KVQ_LANES)
+            for (int l = 0; l < KVQ_LANES; l++)
+                acc[l] += q[i + l] * (float)(v[i + l] & 0x0f) + qh[i + l] * (float)(v[i + l] >> 4);
+        for (uint32_t i = full; i < H; i++) tail += q[i] * (float)(v[i] & 0x0f) + qh[i] * (float)(v[i] >> 4);
+    }
+    float s = tail;
+    for (int l = 0; l < KVQ_LANES; l++) s += acc[l];
+    return s;
+}
+
+/* o[i] += c * u[i] over one group. */
+static inline void kvq__axpy_group(const kvq_format *f, float c, const unsigned char *v, float *o) {
+    const uint32_t G = f->group;
+    if (f->bits == 8) {
+        if (f->asym)
+            for (uint32_t i = 0; i < G; i++) o[i] += c * (float)v[i];
+        else {
+            const int8_t *sv = (const int8_t *)v;
+            for (uint32_t i = 0; i < G; i++) o[i] += c * (float)sv[i];
+        }
+    } else {
+        const uint32_t H = G / 2;
+        float *oh = o + H;
+        for (uint32_t i = 0; i < H; i++) {
+            o[i] += c * (float)(v[i] & 0x0f);
+            oh[i] += c * (float)(v[i] >> 4);
+        }
+    }
+}
+
+/* ---- attention ----------------------------------------------------------------------------------- */
+
+/* One query over n packed slots (k_slots / v_slots: n consecutive slots of f->slot_bytes). Writes
+ * out[head_dim] and probs[n] (0 where pos[j] > q_pos). With every slot masked (cannot happen in the
+ * host: a query always sees itself) out is 0 and probs are 0. */
+static inline void kvq_attend(const kvq_format *f, const float *q, int32_t q_pos, float scale, uint32_t n,
+                              const int32_t *pos, const void *k_slots, const void *v_slots, float *out, float *probs) {
+    const uint32_t G = f->group, NG = f->n_groups, HS = f->head_dim;
+    const size_t sb = f->slot_bytes;
+    const float z = kvq_zero_point(f);
+    const int has_offset = f->asym || z != 0.0f;
+    float qsum[KVQ_MAX_HEAD_DIM]; /* [NG] Q_g */
+    float off[KVQ_MAX_HEAD_DIM];  /* [NG] sum_j p_j * o_jg */
+    for (uint32_t g = 0; g < NG; g++) {
+        float s = 0.0f;
+        for (uint32_t i = 0; i < G; i++) s += q[(size_t)g * G + i];
+        qsum[g] = s;
+        off[g] = 0.0f;
+    }
+    /* pass 1: scores and their max */
+    float mx = -INFINITY;
+    for (uint32_t j = 0; j < n; j++) {
+        if (pos[j] > q_pos) {
+            probs[j] = -INFINITY;
+            continue;
+        }
+        const unsigned char *slot = (const unsigned char *)k_slots + (size_t)j * sb;
+        float dot = 0.0f;
+        for (uint32_t g = 0; g < NG; g++) {
+            const float s = kvq_scale(f, slot, g);
+            dot += s * kvq__dot_group(f, q + (size_t)g * G, kvq_values(f, slot, g));
+            if (has_offset) dot += (kvq_min(f, slot, g) - s * z) * qsum[g];
+        }
+        dot *= scale;
+        probs[j] = dot;
+        if (dot > mx) mx = dot;
+    }
+    /* pass 2: exp and sum */
+    float sum = 0.0f;
+    for (uint32_t j = 0; j < n; j++) {
+        const float e = probs[j] == -INFINITY ? 0.0f : expf(probs[j] - mx);
+        probs[j] = e;
+        sum += e;
+    }
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    /* pass 3: normalize and accumulate V block by block */
+    for (uint32_t d = 0; d < HS; d++) out[d] = 0.0f;
+    for (uint32_t j = 0; j < n; j++) {
+        const float p = probs[j] * inv;
+        probs[j] = p;
+        if (p == 0.0f) continue;
+        const unsigned char *slot = (const unsigned char *)v_slots + (size_t)j * sb;
+        for (uint32_t g = 0; g < NG; g++) {
+            const float s = kvq_scale(f, slot, g);
+            kvq__axpy_group(f, p * s, kvq_values(f, slot, g), out + (size_t)g * G);
+            if (has_offset) off[g] += p * (kvq_min(f, slot, g) - s * z);
+        }
+    }
+    if (has_offset)
+        for (uint32_t g = 0; g < NG; g++)
+            for (uint32_t i = 0; i < G; i++) out[(size_t)g * G + i] += off[g];
+}
+
+#endif /* KVQ_FORMAT_H */
