@@ -13,6 +13,7 @@
 
 #include "backend.h"
 #include "kvp/kvp.h"
+#include "plugin_guard.h"
 
 typedef struct cpu_workspace {
     size_t rows;      /* Ttot capacity of the activation buffers */
@@ -176,6 +177,7 @@ static void attend_head_store(const float *q, size_t q_stride, const int32_t *qp
                          .k_slots = hc->k,
                          .v_slots = hc->v,
                          .probs = probs};
+    kvh_plugin_guard_enter(ls->store->name, "store plugin", "attend", -1);
     for (int t = 0; t < T; t++) {
         a.q = q + (size_t)t * q_stride;
         a.q_pos = qpos[t];
@@ -183,6 +185,7 @@ static void attend_head_store(const float *q, size_t q_stride, const int32_t *qp
         ls->store->attend(ls->store_state, &a);
         accumulate_scores(hc, ls, in_prefill, t, T, probs);
     }
+    kvh_plugin_guard_leave();
 }
 
 /* Attention of T new queries (rows of q with stride q_stride, positions qpos[T]) over one head's cache.
@@ -246,8 +249,10 @@ static void write_new_slots(kvh_kvcache *cache, int s, int l, int T, const float
             char *kd = (char *)hc->k + (size_t)(first + (uint32_t)t) * kb;
             char *vd = (char *)hc->v + (size_t)(first + (uint32_t)t) * vb;
             if (ls->store) {
+                kvh_plugin_guard_enter(ls->store->name, "store plugin", "encode", l);
                 ls->store->encode(ls->store_state, KVP_WHICH_K, kr, kd);
                 ls->store->encode(ls->store_state, KVP_WHICH_V, vr, vd);
+                kvh_plugin_guard_leave();
             } else {
                 memcpy(kd, kr, (size_t)HS * sizeof(float));
                 memcpy(vd, vr, (size_t)HS * sizeof(float));

@@ -6,6 +6,7 @@
 #include "commands.h"
 #include "plan.h"
 #include "plugin.h"
+#include "plugin_guard.h"
 
 static const char *const usage =
     "kvhost " KVH_VERSION " — KV-cache techniques on GPT-2, as plugins\n"
@@ -33,6 +34,7 @@ int main(int argc, char **argv) {
         printf("kvhost %s (plugin ABI %u.%u)\n", KVH_VERSION, KVP_ABI_MAJOR, KVP_ABI_MINOR);
         return 0;
     }
+    kvh_plugin_guard_install();
     const char *cmd = argv[1];
     if (strcmp(cmd, "generate") == 0) return kvh_cmd_generate(argc - 1, argv + 1);
     if (strcmp(cmd, "plugins") == 0) return kvh_cmd_plugins(argc - 1, argv + 1);

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "plugin.h"
+#include "plugin_guard.h"
 
 /* Every plugin allocation carries this header, so leftovers are freed when the instance goes. */
 typedef union alloc_hdr {
@@ -242,7 +243,10 @@ static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
     };
     x->inst.struct_size = sizeof x->inst;
     const kvp_descriptor *d = &g->plugin->desc;
-    if (d->create(&x->host, &info, &x->inst) != KVP_OK) {
+    kvh_plugin_guard_enter(d->name, g->plugin->file_name, "create", layer);
+    int create_rc = d->create(&x->host, &info, &x->inst);
+    kvh_plugin_guard_leave();
+    if (create_rc != KVP_OK) {
         hook_fail(x, -1, -1, "create", err);
         return kvh_fail_prefix(err, "[%s]", g->section);
     }
@@ -372,7 +376,11 @@ void kvh_router_free(kvh_router *r) {
         for (int l = 0; l < r->n_layer; l++) {
             host_ctx *x = sets[k][l];
             if (!x) continue;
-            if (x->created) x->g->plugin->desc.destroy(x->inst.state);
+            if (x->created) {
+                kvh_plugin_guard_enter(x->g->plugin->desc.name, x->g->plugin->file_name, "destroy", l);
+                x->g->plugin->desc.destroy(x->inst.state);
+                kvh_plugin_guard_leave();
+            }
             while (x->allocs) svc_free(x, x->allocs + 1);
             free(x);
         }
@@ -484,7 +492,9 @@ int kvh_router_enforce(kvh_router *r, kvh_kvcache *c, int seq, int layer, int in
         x->has_error = 0;
         x->cache = c;
         uint64_t t0 = kvh_now_ns();
+        kvh_plugin_guard_enter(d->name, x->g->plugin->file_name, "evict", layer);
         int hrc = d->evict(x->inst.state, &req, victims, &n_victims);
+        kvh_plugin_guard_leave();
         r->hook_ns += kvh_now_ns() - t0;
         r->evict_calls++;
         x->cache = NULL;
@@ -513,7 +523,9 @@ int kvh_router_after_prefill(kvh_router *r, kvh_kvcache *c, int seq, kvh_err *er
             x->has_error = 0;
             x->cache = c;
             uint64_t t0 = kvh_now_ns();
+            kvh_plugin_guard_enter(d->name, x->g->plugin->file_name, "head_budgets", l);
             int hrc = d->head_budgets(x->inst.state, (uint32_t)seq, r->head_budget);
+            kvh_plugin_guard_leave();
             r->hook_ns += kvh_now_ns() - t0;
             x->cache = NULL;
             if (hrc != KVP_OK) return hook_fail(x, seq, -1, "head_budgets", err);
@@ -536,7 +548,9 @@ int kvh_router_reset_seq(kvh_router *r, int seq, kvh_err *err) {
             if (!x || !x->g->plugin->desc.reset) continue;
             x->has_error = 0;
             uint64_t t0 = kvh_now_ns();
+            kvh_plugin_guard_enter(x->g->plugin->desc.name, x->g->plugin->file_name, "reset", l);
             int hrc = x->g->plugin->desc.reset(x->inst.state, (uint32_t)seq);
+            kvh_plugin_guard_leave();
             r->hook_ns += kvh_now_ns() - t0;
             if (hrc != KVP_OK) return hook_fail(x, seq, -1, "reset", err);
         }

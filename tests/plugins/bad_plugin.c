@@ -91,6 +91,12 @@ static int t_evict(void *state, const kvp_evict_request *req, uint32_t *victims,
     else { victims[1] = victims[0]; *n_victims = 2; }
 #elif defined(KIND_FEW)
     *n_victims = req->min_victims - 1;
+#elif defined(KIND_SEGV)
+    {
+        /* a plugin bug: write through a null pointer */
+        volatile uint32_t *nowhere = NULL;
+        *nowhere = req->n_live;
+    }
 #elif defined(KIND_ERROR)
     {
         /* a very long message with control characters and an ANSI escape */
