@@ -58,13 +58,33 @@ int32_t kvh_argmax(const float *logits, int n) {
     return best;
 }
 
-static const float *g_sort_probs; /* qsort has no context argument; sampling is single-threaded */
-static int by_prob_desc(const void *a, const void *b) {
-    int32_t ia = *(const int32_t *)a, ib = *(const int32_t *)b;
-    float pa = g_sort_probs[ia], pb = g_sort_probs[ib];
-    if (pa > pb) return -1;
-    if (pa < pb) return 1;
-    return ia < ib ? -1 : ia > ib;
+/* Order of candidates: higher probability first, lower id first on ties. */
+static int before(const float *p, int32_t a, int32_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); }
+
+static void sift_down(int32_t *h, int n, int i, const float *p) {
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, m = i;
+        /* a min-heap in `before` order: the root is the candidate that sorts last */
+        if (l < n && before(p, h[m], h[l])) m = l;
+        if (r < n && before(p, h[m], h[r])) m = r;
+        if (m == i) return;
+        int32_t t = h[i];
+        h[i] = h[m];
+        h[m] = t;
+        i = m;
+    }
+}
+
+/* Heapsort of order[0..n-1] by probability, descending (qsort has no context argument, and a global
+ * would make samplers share state). */
+static void sort_by_prob(int32_t *order, int n, const float *p) {
+    for (int i = n / 2 - 1; i >= 0; i--) sift_down(order, n, i, p);
+    for (int end = n - 1; end > 0; end--) {
+        int32_t t = order[0];
+        order[0] = order[end];
+        order[end] = t;
+        sift_down(order, end, 0, p);
+    }
 }
 
 int32_t kvh_sampler_next(kvh_sampler *s, const float *logits) {
@@ -81,8 +101,7 @@ int32_t kvh_sampler_next(kvh_sampler *s, const float *logits) {
     int n_keep = V;
     if (s->p.top_k > 0 || s->p.top_p < 1.0f) {
         for (int i = 0; i < V; i++) s->order[i] = i;
-        g_sort_probs = s->probs;
-        qsort(s->order, (size_t)V, sizeof(int32_t), by_prob_desc);
+        sort_by_prob(s->order, V, s->probs);
         if (s->p.top_k > 0 && s->p.top_k < n_keep) n_keep = s->p.top_k;
         if (s->p.top_p < 1.0f) {
             double cum = 0.0;
