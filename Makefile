@@ -4,7 +4,7 @@ BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=Release
 
-.PHONY: all deps build demo test clean
+.PHONY: all deps build demo test test-asan test-valgrind clean
 
 all: build
 
@@ -24,9 +24,17 @@ demo: build
 	$(BUILD)/kvhost generate --model random:gpt2-medium --prompt "The history of the city" --max-new 32 \
 	  --plugins sink.so --set cache.budget=64 --set cache.slack=8
 
-# Builds everything and runs every test suite.
+# Builds everything and runs every test suite, then the same suite under ASan+UBSan (build-asan/) and
+# a valgrind memcheck of an end-to-end generate with plugins (docs/security.md).
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j 1
+	$(MAKE) test-asan test-valgrind
+
+test-asan: deps
+	./scripts/ci_sanitize.sh
+
+test-valgrind: build
+	BUILD=$(BUILD) ./scripts/ci_valgrind.sh
 
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) build-asan build-valgrind build-fuzz

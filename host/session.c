@@ -37,7 +37,8 @@ int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_
     if (cfg) {
         if (kvh_router_create_ex(&s->router, cfg, opt->plugin_path, L, NH, HS, mc->n_positions, opt->n_seq, err) != 0) goto fail;
         bool any_policy = false;
-        for (int l = 0; l < L; l++) any_policy |= kvh_router_layer_policy_name(s->router, l) != NULL;
+        for (int l = 0; l < L; l++)
+            any_policy |= kvh_router_layer_policy_name(s->router, l) != NULL || kvh_router_layer_store_name(s->router, l) != NULL;
         if (opt->no_cache && any_policy) {
             kvh_fail(err, "--no-cache recomputes the whole prefix each step and keeps no cache, so it cannot be "
                           "combined with cache plugins. HINT: drop --no-cache, or drop the plugins for the baseline");

@@ -272,3 +272,69 @@ Test(config, load_string_names_source) {
     cr_assert(strstr(err.msg, "inline.ini:2:"), "%s", err.msg);
     kvh_config_free(&cfg);
 }
+
+/* ---- regressions found by tests/fuzz/fuzz_ini.c (inputs also in tests/fuzz/corpus/ini/regress-*) -- */
+
+/* Loads text, writes it back normalized into a memory buffer and loads that again into *b. */
+static void round_trip(const char *text, kvh_run_config *a, kvh_run_config *b) {
+    kvh_config_defaults(a);
+    kvh_config_defaults(b);
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_config_load_string(a, text, "in.ini", &err), 0, "%s", err.msg);
+    char *buf = NULL;
+    size_t n = 0;
+    FILE *f = open_memstream(&buf, &n);
+    cr_assert_not_null(f);
+    cr_assert_eq(kvh_config_write_ini(a, f), 0);
+    fclose(f);
+    cr_assert_eq(kvh_config_load_string(b, buf, "out.ini", &err), 0, "%s\n--- normalized ---\n%s", err.msg, buf);
+    free(buf);
+}
+
+Test(config, write_back_value_starting_with_semicolon) {
+    /* "k =;v" is the value ";v" (no space before ';'), "k = ;v" would be a comment */
+    kvh_run_config a, b;
+    round_trip("[model]\nspec =;m\n[x]\nk =;v\n", &a, &b);
+    cr_assert_str_eq(a.model, ";m");
+    cr_assert_str_eq(b.model, ";m");
+    cr_assert_str_eq(b.sections[0].params[0].value, ";v");
+    kvh_config_free(&a);
+    kvh_config_free(&b);
+}
+
+Test(config, write_back_value_filling_the_line) {
+    /* a 198-character line "k=vvvv...": "k = vvvv..." would exceed the line limit */
+    char text[300] = "[x]\nk=";
+    size_t at = strlen(text);
+    memset(text + at, 'v', 196);
+    text[at + 196] = '\n';
+    text[at + 197] = '\0';
+    kvh_run_config a, b;
+    round_trip(text, &a, &b);
+    cr_assert_eq(strlen(b.sections[0].params[0].value), 196);
+    kvh_config_free(&a);
+    kvh_config_free(&b);
+}
+
+Test(config, last_line_limit_same_as_other_lines) {
+    char text[300] = "[x]\nk=";
+    size_t at = strlen(text);
+    memset(text + at, 'v', 197); /* 199 characters, no newline at the end of the file */
+    text[at + 197] = '\0';
+    expect_error(text, ":2: line longer than 198 characters", NULL);
+}
+
+Test(config, section_name_longer_than_inih_keeps) {
+    char text[300] = "[";
+    memset(text + 1, 's', 50);
+    strcpy(text + 51, "]\nk = 1\n");
+    expect_error(text, "longer than 49 characters", NULL);
+    text[50] = ']'; /* 49 characters: accepted, and its keys land in it */
+    strcpy(text + 51, "\nk = 1\n");
+    kvh_run_config a, b;
+    round_trip(text, &a, &b);
+    cr_assert_eq(b.n_sections, 1);
+    cr_assert_eq(b.sections[0].n_params, 1);
+    kvh_config_free(&a);
+    kvh_config_free(&b);
+}

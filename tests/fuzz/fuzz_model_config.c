@@ -1,13 +1,16 @@
-/* fuzz_model_config.c — fuzz target for Hugging Face config.json parsing (host/model_config.c).
- * Owns: feeding arbitrary text to kvh_model_config_parse and checking that an accepted config passes
- * kvh_model_config_check and that its parameter count is computed without overflow. Does not own the
- * parser. Built with libFuzzer or with replay_main.c (see tests/fuzz/CMakeLists.txt). */
+/* fuzz_model_config.c — fuzz target for the two config.json parsers: the loader's
+ * kvh_model_config_parse (host/model_config.c) and `kvhost plan`'s kvh_plan_model_from_json
+ * (host/plan.c). Owns: feeding arbitrary text to both and checking that an accepted config passes its
+ * check function and that its parameter count is computed without overflow (UBSan catches signed
+ * overflow in the plan's int64 arithmetic). Does not own the parsers. Built with libFuzzer or with
+ * replay_main.c (see tests/fuzz/CMakeLists.txt). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "model.h"
+#include "plan.h"
 
 #define CHECK(cond)                                                                                \
     do {                                                                                           \
@@ -42,6 +45,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         CHECK(kvh_size_mul(L, t + F, &t) == 0);
         CHECK(kvh_size_add(acc, t, &acc) == 0);
         CHECK(kvh_model_config_param_count(&cfg) == acc + 2 * C);
+    }
+    /* kvhost plan reads the same files as a C string */
+    char *cstr = malloc(size + 1);
+    if (cstr) {
+        if (size) memcpy(cstr, data, size);
+        cstr[size] = '\0';
+        kvh_plan_model pm;
+        kvh_err perr;
+        perr.msg[0] = '\0';
+        if (kvh_plan_model_from_json(cstr, "fuzz/config.json", &pm, &perr) != 0) {
+            CHECK(perr.msg[0] != '\0');
+        } else if (kvh_plan_model_check(&pm, &perr) == 0) {
+            kvh_plan_params p;
+            kvh_plan_params_exact(&pm, &p);
+            kvh_plan_params_simplified(&pm, &p);
+        }
+        free(cstr);
     }
     free(text);
     return 0;

@@ -34,7 +34,7 @@ build() { # target -> $out/bin/fuzz_<target>
   local t="$1" srcs=() libs=()
   case "$t" in
     safetensors)  srcs=(host/safetensors.c); libs=(-lcjson -lm) ;;
-    model_config) srcs=(host/model_config.c); libs=(-lcjson -lm) ;;
+    model_config) srcs=(host/model_config.c host/plan.c); libs=(-lcjson -lm) ;;
     ini)          srcs=(host/config.c); libs=(-linih) ;;
     tokenizer)    srcs=(host/tokenizer.c); libs=(-lpcre2-8 -lcjson)
                   "$cc" -c -o "$out/bin/embedded_assets.o" "$root/host/embedded_assets.S" \

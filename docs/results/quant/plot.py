@@ -15,39 +15,34 @@ out_dir = os.path.dirname(os.path.abspath(path))
 rows = [json.loads(line) for line in open(path) if line.strip()]
 
 
-def model_name(r):
-    m = r["model"]
-    return m.get("name") or m.get("spec") if isinstance(m, dict) else str(m)
-
-
 table = []
 for r in rows:
-    tokens = r["kv_live_tokens"] / max(1, r["model"]["n_layer"] * r["model"]["n_head"]) if isinstance(r["model"], dict) and "n_layer" in r["model"] else None
+    m = r["model"]
+    heads = m["n_layer"] * m["n_head"]
+    tokens = r["kv_live_tokens"] / heads  # tokens cached per head (every head holds the same count here)
     table.append({
-        "model": model_name(r),
+        "model": m.get("name") or str(m.get("source")),
         "store": r["tags"].get("store", "?"),
         "held": r["kv_bytes_held"],
         "live": r["kv_live_bytes"],
-        "live_tokens": r["kv_live_tokens"],
+        "per_token": r["kv_live_bytes"] / tokens,  # K+V bytes of one token over all layers and heads
+        "tokens": tokens,
         "rss": r["peak_rss_bytes"],
         "tps": r["decode_tokens_per_s"],
-        "reps": r.get("repeat_tokens_per_s"),
-        "median_ms": r["decode_step"].get("median_ms") if isinstance(r["decode_step"], dict) else None,
-        "attn_ms": (r.get("phase_ms") or {}).get("attention"),
+        "reps": r.get("repeat_tokens_per_s") or [],
+        "median_ms": r["decode_step"]["median_ms"],
+        "attn_core_ms": r["phase_ms"]["attn_core"],
     })
 base = {t["model"]: t for t in table if t["store"] == "fp32"}
-lines = ["| model | store | KV held (MiB) | vs fp32 | live K/V bytes per cached token (all layers) | peak RSS (MiB) | decode tok/s (median step) | vs fp32 | per-repeat tok/s |",
-         "|---|---|---|---|---|---|---|---|---|"]
+lines = ["| model | store | cached tokens | K+V bytes per token | KV held (MiB) | held vs fp32 | peak RSS (MiB) | "
+         "median decode step (ms) | decode tok/s | tok/s vs fp32 | attention core, all runs (ms) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
 for t in table:
     b = base.get(t["model"])
-    # live_tokens counts (layer, head, token) slots; bytes per cached token = live bytes / tokens of one head
-    per_tok = t["live"] / (t["live_tokens"] / (t["live_tokens"] / max(1, 1)))  # placeholder, replaced below
-    lines.append("| {} | {} | {:.2f} | {} | {} | {:.0f} | {:.2f} | {} | {} |".format(
-        os.path.basename(t["model"].rstrip("/")), t["store"], t["held"] / 2**20,
-        "{:.1%}".format(t["held"] / b["held"]) if b else "-",
-        "{:.0f}".format(t["per_token"]) if "per_token" in t else "-",
-        t["rss"] / 2**20, t["tps"], "{:.2f}x".format(t["tps"] / b["tps"]) if b else "-",
-        ", ".join("{:.2f}".format(x) for x in (t["reps"] or []))))
+    lines.append("| {} | {} | {:.0f} | {:.0f} | {:.2f} | {} | {:.0f} | {:.2f} | {:.2f} | {} | {:.0f} |".format(
+        t["model"], t["store"], t["tokens"], t["per_token"], t["held"] / 2**20,
+        "{:.1%}".format(t["held"] / b["held"]) if b else "-", t["rss"] / 2**20, t["median_ms"], t["tps"],
+        "{:.2f}x".format(t["tps"] / b["tps"]) if b else "-", t["attn_core_ms"]))
 open(os.path.join(out_dir, "summary.md"), "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 
@@ -63,7 +58,7 @@ for ax, key, label in ((axes[0], "held", "KV bytes held at ~1024 tokens (% of fp
             vals.append(100.0 * t[key] / base[m][key] if t and m in base else 0)
         ax.bar([j + i * width for j in range(len(models))], vals, width, label=store)
     ax.set_xticks([j + width for j in range(len(models))])
-    ax.set_xticklabels([os.path.basename(m.rstrip("/")) for m in models])
+    ax.set_xticklabels(models)
     ax.set_ylabel("% of fp32")
     ax.set_title(label, fontsize=9)
     ax.legend(fontsize=8)
