@@ -5,12 +5,24 @@
 #define KVH_COMMANDS_H
 
 #include <cjson/cJSON.h>
+#include <stdint.h>
 
 #include "config.h"
 #include "model.h"
 #include "session.h"
 
 int kvh_cmd_generate(int argc, char **argv);
+int kvh_cmd_eval(int argc, char **argv);
+/* The quick comparison (cmd_compare.c): `kvhost --plugins ...` with no command, or `kvhost compare`. */
+int kvh_cmd_compare(int argc, char **argv);
+
+/* Agreement of a run's greedy tokens with the baseline's: identical ids position by position over the
+ * longer of the two outputs; first_divergence is the first differing index (or where the shorter one
+ * ends), -1 when the outputs are identical. */
+typedef struct kvh_agreement {
+    int n_compared, n_identical, first_divergence;
+} kvh_agreement;
+void kvh_compare_agreement(const int32_t *base, int n_base, const int32_t *other, int n_other, kvh_agreement *out);
 
 /* Record fields every run command shares: model, backend, device, threads, cache, exact plugin stack. */
 int kvh_add_run_fields(cJSON *rec, const kvh_model *model, const kvh_session *s, const kvh_run_config *cfg,

@@ -15,13 +15,16 @@ static const char *const usage =
     "\n"
     "commands:\n"
     "  generate   generate text from a prompt, with timings and a JSON Lines record\n"
+    "  eval       perplexity of a text file (teacher-forced or streaming through the cache), KL vs full cache\n"
     "  plugins    list the plugins found, or show one plugin's parameters (plugins info sink.so)\n"
     "  plan       size a deployment: parameters, KV bytes, max batch, arithmetic intensity\n"
+    "  compare    quick side-by-side of the baseline and a plugin stack (also: kvhost --plugins A.so,B.so)\n"
     "\n"
     "examples:\n"
     "  kvhost generate --model random:gpt2-medium --prompt \"Hello\" --max-new 32\n"
     "  kvhost generate --model ../shared/models/gpt2-tiny-wt --prompt \"The history of the city\" \\\n"
     "                  --plugins sink.so --set cache.budget=64\n"
+    "  kvhost --plugins h2o.so,int8.so              (quick comparison with the baseline)\n"
     "  kvhost plugins info window.so\n"
     "  kvhost plan --model gpt2-medium --gpu-mem 80 --context 1024\n";
 
@@ -37,8 +40,12 @@ int main(int argc, char **argv) {
     kvh_plugin_guard_install();
     const char *cmd = argv[1];
     if (strcmp(cmd, "generate") == 0) return kvh_cmd_generate(argc - 1, argv + 1);
+    if (strcmp(cmd, "eval") == 0) return kvh_cmd_eval(argc - 1, argv + 1);
     if (strcmp(cmd, "plugins") == 0) return kvh_cmd_plugins(argc - 1, argv + 1);
     if (strcmp(cmd, "plan") == 0) return kvh_cmd_plan(argc - 1, argv + 1);
+    if (strcmp(cmd, "compare") == 0) return kvh_cmd_compare(argc - 1, argv + 1);
+    /* `kvhost --plugins h2o.so,int8.so` (options, no command): the quick comparison against the baseline */
+    if (strncmp(cmd, "--", 2) == 0) return kvh_cmd_compare(argc, argv);
     fprintf(stderr, "kvhost: unknown command '%s'\n\n%s", cmd, usage);
     return 2;
 }

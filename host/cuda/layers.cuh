@@ -107,7 +107,8 @@ __global__ void f32_to_f16_kernel(__half *dst, const float *src, size_t n) {
 }
 
 /* Up to COPY_BATCH device-to-device slot moves in one launch (cache compaction). The moves of one
- * compaction never overlap (holes below the new live count, sources above it), so they run in parallel.
+ * compaction never overlap (holes below the new live count, sources above it), so they run in parallel;
+ * the host (backend_cuda.cu mem_copy) starts a new launch before queueing a move that overlaps a queued one.
  * Passed by value as a kernel parameter, so the host may reuse its list as soon as the launch returns. */
 #define COPY_BATCH 128
 typedef struct copy_list {

@@ -1,0 +1,68 @@
+#!/bin/sh
+# eval_policies.sh — regenerates docs/results/eval: streaming (autoregressive) perplexity, KL from the
+# full cache and top-1 agreement of each KV policy on the tiny model, then the tables and the plot.
+# Owns: the sweep (texts x policies x budgets) and its JSON Lines file. Does not own: the evaluation
+# (kvhost eval) or the report (bench/report_eval.py).
+#
+# usage: sh bench/eval_policies.sh [BUILD_DIR]      (default: build)
+# env:   TOKENS (2048), CTX (1024), BUDGETS ("64 128 256"), THREADS (1), JOBS (1: runs in parallel),
+#        POLICIES (default: window sink h2o pyramid, each only if BUILD_DIR/plugins/NAME.so exists),
+#        OUT (docs/results/eval), FRESH=1 to delete OUT/eval.jsonl first (default: append),
+#        FULL=0 to skip the full-cache rows (when appending policies to a file that has them)
+# Needs ../shared (the model and the texts). Every run also runs the full-cache reference itself, so a
+# run costs two streaming passes: about 2 x TOKENS decode steps of the tiny model.
+set -eu
+BUILD=${1:-build}
+KVHOST="$BUILD/kvhost"
+PLUGDIR="$BUILD/plugins"
+MODEL=${MODEL:-../shared/models/gpt2-tiny-wt}
+TOKENS=${TOKENS:-2048}
+CTX=${CTX:-1024}
+BUDGETS=${BUDGETS:-"64 128 256"}
+THREADS=${THREADS:-1}
+JOBS=${JOBS:-1}
+OUT=${OUT:-docs/results/eval}
+TEXTS=${TEXTS:-"../shared/data/books/war-of-the-worlds.txt ../shared/data/wikitext-2-raw/wiki.test.raw"}
+[ -x "$KVHOST" ] || { echo "eval_policies.sh: $KVHOST not found (build first: cmake -B $BUILD && make -C $BUILD)" >&2; exit 2; }
+[ -d "$MODEL" ] || { echo "eval_policies.sh: $MODEL absent (needs ../shared)" >&2; exit 2; }
+mkdir -p "$OUT"
+JSONL="$OUT/eval.jsonl"
+[ "${FRESH:-0}" = 1 ] && rm -f "$JSONL"
+
+POL=""
+for p in ${POLICIES:-window sink h2o pyramid}; do
+  if [ -f "$PLUGDIR/$p.so" ]; then POL="$POL $p"; else echo "eval_policies.sh: $PLUGDIR/$p.so not built, skipping $p" >&2; fi
+done
+
+# One line per run: the kvhost eval arguments after the common ones.
+LIST=$(mktemp)
+trap 'rm -f "$LIST"' EXIT
+for t in $TEXTS; do
+  [ "${FULL:-1}" = 0 ] || echo "$t full 0" >> "$LIST"
+  for p in $POL; do
+    for b in $BUDGETS; do echo "$t $p $b" >> "$LIST"; done
+  done
+done
+echo "eval_policies.sh: $(wc -l < "$LIST") runs of $TOKENS tokens, ctx $CTX, $JOBS at a time -> $JSONL" >&2
+
+run_one() {
+  t=$1; p=$2; b=$3
+  if [ "$p" = full ]; then
+    set -- --tag policy=full --tag budget=0
+  else
+    set -- --plugins "$PLUGDIR/$p.so" --set cache.budget="$b" --tag policy="$p" --tag budget="$b"
+  fi
+  "$KVHOST" eval --model "$MODEL" --text-file "$t" --max-tokens "$TOKENS" --ctx "$CTX" --mode stream \
+    --threads "$THREADS" --json "$JSONL" "$@" > /dev/null
+  echo "done: $(basename "$t") $p $b" >&2
+}
+
+# JOBS lanes, each taking every JOBS-th run; records are single O_APPEND writes, so lanes never
+# interleave inside a line.
+lane=0
+while [ "$lane" -lt "$JOBS" ]; do
+  awk -v n="$JOBS" -v k="$lane" 'NR % n == k' "$LIST" | while read -r t p b; do run_one "$t" "$p" "$b"; done &
+  lane=$((lane + 1))
+done
+wait
+/usr/bin/python3 bench/report_eval.py "$JSONL" "$OUT"

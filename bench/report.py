@@ -1,0 +1,403 @@
+#!/usr/bin/env python3
+"""report.py — plots and a markdown report from kvbench / kvhost JSON Lines.
+
+Owns: reading records (generate, capacity, eval), the schema check of the fields the report needs, the
+markdown tables, the PNG plots (matplotlib, optional) and docs/results/bench/README.md.
+Does not own: running anything (bench/kvbench.py, kvhost).
+
+  python3 bench/report.py RESULTS.jsonl [MORE.jsonl ...] --out docs/results/bench [--no-plots]
+  python3 bench/report.py --check RESULTS.jsonl      (schema check only)
+
+Where one (model, config, T, batch, backend) was measured more than once, the last record in file order
+is reported (results are appended, so that is the newest).
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+# Fields every generate record must carry for the report (dotted = nested).
+GENERATE_FIELDS = [
+    "record", "commit", "machine.host", "machine.cpu", "machine.cores", "model.name", "backend", "threads",
+    "no_cache", "plugins", "batch", "tags", "prompt_tokens", "generated_tokens", "prefill_ms",
+    "decode_step.median_ms", "decode_step.p10_ms", "decode_step.p90_ms", "decode_tokens_per_s",
+    "warmup_runs", "repeats", "kv_bytes_held", "kv_bytes_peak", "peak_rss_bytes", "total_ms",
+    "phase_ms.embed", "phase_ms.attn_proj", "phase_ms.attn_core", "phase_ms.mlp", "phase_ms.lm_head",
+    "phase_ms.plugin_hooks", "phase_ms.other",
+]
+CAPACITY_FIELDS = ["record", "commit", "machine.host", "model.name", "prompt_tokens", "mem_limit", "max_batch",
+                   "tags.config"]
+EVAL_FIELDS = ["record", "commit", "model.name", "mode", "ppl"]
+PHASES = ["embed", "attn_proj", "attn_core", "mlp", "lm_head", "plugin_hooks", "other"]
+MIB = 1048576.0
+
+
+def get(rec, dotted):
+    cur = rec
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            raise KeyError(dotted)
+        cur = cur[part]
+    return cur
+
+
+def has(rec, dotted):
+    try:
+        get(rec, dotted)
+        return True
+    except KeyError:
+        return False
+
+
+def check_schema(records):
+    """Returns a list of problems: 'line N (generate): missing field X'."""
+    problems = []
+    need = {"generate": GENERATE_FIELDS, "capacity": CAPACITY_FIELDS, "eval": EVAL_FIELDS}
+    for i, (src, rec) in enumerate(records):
+        kind = rec.get("record")
+        if kind not in need:
+            problems.append(f"{src}: unknown record kind {kind!r}")
+            continue
+        for f in need[kind]:
+            if not has(rec, f):
+                problems.append(f"{src} ({kind}): missing field {f}")
+    return problems
+
+
+def read_records(paths):
+    out = []
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    out.append((f"{p}:{n}", json.loads(line)))
+    return out
+
+
+def config_name(rec):
+    tags = rec.get("tags") or {}
+    if "config" in tags:
+        return tags["config"]
+    if rec.get("no_cache"):
+        return "no_cache"
+    pl = rec.get("plugins")
+    if isinstance(pl, dict) and pl.get("instances"):
+        return "+".join(i.get("plugin", "?") for i in pl["instances"])
+    return "full"
+
+
+def model_name(rec):
+    return get(rec, "model.name")
+
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+class Data:
+    """Records grouped for the report, in first-appearance order."""
+
+    def __init__(self, records):
+        self.gen = {}       # (model, backend, batch, config, T) -> record (last wins)
+        self.cap = {}       # (model, config, T, mem_limit) -> record
+        self.evals = {}     # (model, config, mode, ctx) -> record
+        self.models, self.configs = [], []
+        for _, r in records:
+            kind = r.get("record")
+            if kind not in ("generate", "capacity", "eval"):
+                continue
+            m, c = model_name(r), config_name(r)
+            if m not in self.models:
+                self.models.append(m)
+            if c not in self.configs:
+                self.configs.append(c)
+            if kind == "generate":
+                t = r["prompt_tokens"][0]
+                self.gen[(m, r["backend"], r["batch"], c, t)] = r
+            elif kind == "capacity":
+                self.cap[(m, c, r["prompt_tokens"], r["mem_limit"])] = r
+            else:
+                self.evals[(m, c, r.get("mode", "?"), r.get("ctx", 0))] = r
+
+    def series(self, model, backend, batch, config):
+        pts = [(k[4], r) for k, r in self.gen.items() if k[:4] == (model, backend, batch, config)]
+        return sorted(pts, key=lambda x: x[0])
+
+    def groups(self):
+        """(model, backend, batch) combinations with generate records, in order."""
+        seen = []
+        for k in self.gen:
+            g = k[:3]
+            if g not in seen:
+                seen.append(g)
+        return seen
+
+
+def fmt(x, digits=1):
+    return f"{x:.{digits}f}"
+
+
+def table_generate(d, model, backend, batch):
+    rows = ["| config | T | prefill ms | decode ms/token p50 [p10, p90] | tokens/s | KV peak MiB | peak RSS MiB | runs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in d.configs:
+        for t, r in d.series(model, backend, batch, c):
+            ds = r["decode_step"]
+            rows.append(f"| {c} | {t} | {fmt(r['prefill_ms'])} | {fmt(ds['median_ms'], 2)} "
+                        f"[{fmt(ds['p10_ms'], 2)}, {fmt(ds['p90_ms'], 2)}] | {fmt(r['decode_tokens_per_s'])} | "
+                        f"{fmt(r['kv_bytes_peak'] / MIB, 3)} | {fmt(r['peak_rss_bytes'] / MIB, 0)} | "
+                        f"{r['warmup_runs']}+{r['repeats']} |")
+    return "\n".join(rows)
+
+
+def table_phases(d, model, backend, batch):
+    """Per-phase share of the run time at the largest T measured for each config."""
+    rows = ["| config | T | " + " | ".join(PHASES) + " | total ms |",
+            "|---|---:|" + "---:|" * len(PHASES) + "---:|"]
+    for c in d.configs:
+        s = d.series(model, backend, batch, c)
+        if not s:
+            continue
+        t, r = s[-1]
+        ph = r["phase_ms"]
+        rows.append(f"| {c} | {t} | " + " | ".join(fmt(ph[p]) for p in PHASES) + f" | {fmt(r['total_ms'])} |")
+    return "\n".join(rows)
+
+
+def table_capacity(d):
+    if not d.cap:
+        return ""
+    rows = ["| model | config | T | KV cap | max batch | probes (batch:fits) |", "|---|---|---:|---|---:|---|"]
+    for (m, c, t, lim), r in d.cap.items():
+        probes = ", ".join(f"{b}:{'y' if ok else 'n'}" for b, ok in r.get("probes", []))
+        rows.append(f"| {m} | {c} | {t} | {lim} | {r['max_batch']} | {probes} |")
+    return "\n".join(rows)
+
+
+def table_eval(d):
+    if not d.evals:
+        return ""
+    rows = ["| model | config | mode | ctx | ppl | full-cache ppl | KL mean | top-1 agreement |",
+            "|---|---|---|---:|---:|---:|---:|---:|"]
+    for (m, c, mode, ctx), r in d.evals.items():
+        def opt(k, digits=3):
+            return fmt(r[k], digits) if isinstance(r.get(k), (int, float)) else "-"
+        rows.append(f"| {m} | {c} | {mode} | {ctx} | {fmt(r['ppl'], 3)} | {opt('full_ppl')} | {opt('kl_mean', 4)} | "
+                    f"{opt('top1_agreement', 3)} |")
+    return "\n".join(rows)
+
+
+def provenance(records):
+    commits = sorted({r.get("commit", "?") for _, r in records})
+    machines = sorted({f"{get(r, 'machine.host')} ({get(r, 'machine.cpu')}, {get(r, 'machine.cores')} cores)"
+                       for _, r in records if has(r, "machine.cpu")})
+    threads = sorted({str(r["threads"]) for _, r in records if "threads" in r})
+    times = sorted(r["time_utc"] for _, r in records if "time_utc" in r)
+    lines = [f"- commit: {', '.join(commits)}", f"- machine: {'; '.join(machines)}",
+             f"- threads: {', '.join(threads)}"]
+    if times:
+        lines.append(f"- records: {len(records)}, from {times[0]} to {times[-1]}")
+    return "\n".join(lines)
+
+
+# ---- plots ------------------------------------------------------------------------------------------
+
+def make_plots(d, out):
+    """Writes the PNGs; returns [(file, one-line description)]."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+
+    def save(fig, name, what):
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, name), dpi=110)
+        plt.close(fig)
+        made.append((name, what))
+
+    markers = "os^vD<>phx*"
+    for (m, be, b) in d.groups():
+        tag = f"{slug(m)}-{be}-b{b}"
+        title = f"{m} ({be}, batch {b})"
+        # latency vs T, per-token latency vs T
+        for key, fname, ylabel, what in (
+                ("total_ms", "latency", "run time, ms (prefill + all decode steps)",
+                 "total time of one run (prefill + decode) against prompt length T, per configuration"),
+                ("decode", "per-token", "decode ms per token (median; bars p10-p90)",
+                 "median decode latency per generated token against T, bars from p10 to p90")):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for i, c in enumerate(d.configs):
+                s = d.series(m, be, b, c)
+                if not s:
+                    continue
+                ts = [t for t, _ in s]
+                if key == "decode":
+                    med = [r["decode_step"]["median_ms"] for _, r in s]
+                    lo = [r["decode_step"]["median_ms"] - r["decode_step"]["p10_ms"] for _, r in s]
+                    hi = [r["decode_step"]["p90_ms"] - r["decode_step"]["median_ms"] for _, r in s]
+                    ax.errorbar(ts, med, yerr=[lo, hi], marker=markers[i % len(markers)], capsize=3, label=c)
+                else:
+                    ax.plot(ts, [r[key] for _, r in s], marker=markers[i % len(markers)], label=c)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("prompt length T (tokens)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(title)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8, ncol=2)
+            save(fig, f"{fname}-vs-T-{tag}.png", what + f" — {title}")
+        # memory vs T
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+        for i, c in enumerate(d.configs):
+            s = d.series(m, be, b, c)
+            if not s:
+                continue
+            ts = [t for t, _ in s]
+            a1.plot(ts, [r["kv_bytes_peak"] / MIB for _, r in s], marker=markers[i % len(markers)], label=c)
+            a2.plot(ts, [r["peak_rss_bytes"] / MIB for _, r in s], marker=markers[i % len(markers)], label=c)
+        for ax, yl in ((a1, "KV bytes held at peak, MiB (exact)"), (a2, "peak RSS of the process, MiB")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("prompt length T (tokens)")
+            ax.set_ylabel(yl)
+            ax.grid(True, alpha=0.3)
+        a1.set_yscale("log")
+        a1.legend(fontsize=8, ncol=2)
+        fig.suptitle(title)
+        save(fig, f"memory-vs-T-{tag}.png",
+             f"peak KV-cache bytes (exact) and process peak RSS against T — {title}")
+        # per-phase stacked bars at the largest T
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        names, bottoms, tmax = [], [], None
+        rows = []
+        for c in d.configs:
+            s = d.series(m, be, b, c)
+            if s:
+                names.append(c)
+                rows.append(s[-1][1]["phase_ms"])
+                tmax = s[-1][0] if tmax is None else max(tmax, s[-1][0])
+        bottoms = [0.0] * len(names)
+        for p in PHASES:
+            vals = [r[p] for r in rows]
+            ax.bar(names, vals, bottom=bottoms, label=p)
+            bottoms = [x + y for x, y in zip(bottoms, vals)]
+        ax.set_ylabel("ms per run (largest T of each config)")
+        ax.set_title(f"time per phase — {title}")
+        ax.tick_params(axis="x", rotation=30)
+        ax.legend(fontsize=8)
+        save(fig, f"phases-{tag}.png",
+             f"time per phase (embed, attention projections, attention core, MLP, LM head, plugin hooks, other) "
+             f"of one run at each configuration's largest T — {title}")
+        # Pareto: KV memory vs per-token latency at the largest common T
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i, c in enumerate(d.configs):
+            s = d.series(m, be, b, c)
+            if not s:
+                continue
+            t, r = s[-1]
+            x, y = r["kv_bytes_peak"] / MIB, r["decode_step"]["median_ms"]
+            ax.scatter([x], [y], marker=markers[i % len(markers)], s=50)
+            label = f"{c} (T={t})"
+            ppl = [e["ppl"] for (em, ec, _, _), e in d.evals.items() if em == m and ec == c]
+            if ppl:
+                label += f"\nppl {ppl[-1]:.2f}"
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4 - 10 * (i % 4)), fontsize=7)  # staggered
+        ax.set_xscale("log")
+        ax.set_xlabel("KV bytes held at peak, MiB (log)")
+        ax.set_ylabel("decode ms per token (median)")
+        ax.set_title(f"memory vs latency — {title}")
+        ax.grid(True, which="both", alpha=0.3)
+        save(fig, f"pareto-{tag}.png",
+             f"each configuration at its largest T: peak KV bytes against decode latency (lower-left is better), "
+             f"labelled with perplexity where an eval record exists — {title}")
+    if d.cap:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        labels = [f"{c}\n{slug(m)[:14]} T={t}" for (m, c, t, _) in d.cap]
+        ax.bar(labels, [r["max_batch"] for r in d.cap.values()], color="tab:green")
+        lims = sorted({k[3] for k in d.cap})
+        ax.set_ylabel("largest batch that fits")
+        ax.set_title(f"max batch under a KV cap of {', '.join(lims)}")
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+        save(fig, "max-batch.png", "largest batch whose run fits under the --mem-limit KV cap, per configuration")
+    if d.evals:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        labels = [f"{c}\n{mode} ctx {ctx}" for (_, c, mode, ctx) in d.evals]
+        ax.bar(labels, [r["ppl"] for r in d.evals.values()], color="tab:purple")
+        ax.set_ylabel("perplexity")
+        ax.set_title("perplexity per configuration")
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+        save(fig, "perplexity.png", "perplexity of each configuration (eval records)")
+    return made
+
+
+def build_report(records, plots=None, command=None, notes=None):
+    """The markdown text. plots: [(file, description)] to list, or None."""
+    d = Data(records)
+    parts = ["# Benchmark results", "",
+             "Generated by `bench/report.py` from the JSON Lines records of `bench/kvbench.py`; do not edit by hand.",
+             ""]
+    if command:
+        parts += ["Regenerate:", "", "```sh", command, "```", ""]
+    parts += ["## Provenance", "", provenance(records), ""]
+    if notes:
+        parts += ["## Notes", "", notes, ""]
+    for (m, be, b) in d.groups():
+        parts += [f"## {m} — {be}, batch {b}", ""]
+        rnd = [r for k, r in d.gen.items() if k[0] == m and r.get("model", {}).get("random_weights")]
+        if rnd:
+            parts += ["Seeded random weights: speed and memory are real, the text and quality are not.", ""]
+        parts += [table_generate(d, m, be, b), "", "Time per phase (ms, one run, largest T):", "",
+                  table_phases(d, m, be, b), ""]
+    cap = table_capacity(d)
+    if cap:
+        parts += ["## Max batch under a KV memory cap", "", cap, ""]
+    ev = table_eval(d)
+    if ev:
+        parts += ["## Perplexity", "", ev, ""]
+    if plots:
+        parts += ["## Plots", ""]
+        for name, what in plots:
+            parts += [f"- [{name}]({name}): {what}."]
+        parts += [""] + [f"![{name}]({name})" for name, _ in plots] + [""]
+    return "\n".join(parts)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("inputs", nargs="+")
+    ap.add_argument("--out", default="docs/results/bench")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--check", action="store_true", help="schema check only")
+    ap.add_argument("--notes", help="a file whose text goes into the report under 'Notes'")
+    ap.add_argument("--command", help="the command line that regenerates these results (shown in the report)")
+    a = ap.parse_args(argv)
+    records = read_records(a.inputs)
+    problems = check_schema(records)
+    if problems:
+        for p in problems[:50]:
+            print(f"report: {p}", file=sys.stderr)
+        return 1
+    if a.check:
+        print(f"report: {len(records)} records, schema ok")
+        return 0
+    os.makedirs(a.out, exist_ok=True)
+    plots = None
+    if not a.no_plots:
+        try:
+            plots = make_plots(Data(records), a.out)
+        except ImportError:
+            print("report: matplotlib not installed (apt-get install python3-matplotlib): tables only",
+                  file=sys.stderr)
+    with open(os.path.join(a.out, "README.md"), "w", encoding="utf-8") as f:
+        notes = None
+        if a.notes:
+            with open(a.notes, encoding="utf-8") as nf:
+                notes = nf.read().strip()
+        f.write(build_report(records, plots, a.command, notes))
+    print(f"report: {len(records)} records -> {a.out}/README.md" + (f" + {len(plots)} plots" if plots else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,440 @@
+/* test_cuda.c — the CUDA backend against the CPU backend (the reference): logits of kvh_sessions with
+ * backend "cuda" and "cpu" on the same inputs (prefill + decode, ragged batches, all-logits prefill), on
+ * small random configs (both attention code paths: head size a multiple of 8 and not), on
+ * random:gpt2-medium and on the tiny trained model when ../shared has it; eviction (window, sink) keeps
+ * exactly the same positions per head on both backends; attention-score accumulators (h2o: decode +
+ * prefill sums, pyramid: observation window) agree. Without a usable device (or without CUDA in the build)
+ * every GPU test skips with the reason, and the no-device error message is checked instead.
+ *
+ * Tolerance (fp16 weights and activations, fp32 accumulation, vs fp32 on the CPU): per step the normalized
+ * error ||cuda - cpu||_2 / ||cpu||_2 must stay below 3e-2 (NMSE < 1e-3), and the argmax must agree on at
+ * least 90% of the steps (random models produce near-ties, so exact agreement is not promised). Inputs
+ * never diverge: both backends are fed the CPU's greedy tokens. */
+#define _POSIX_C_SOURCE 200809L
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backend.h"
+#include "config.h"
+#include "helpers/test_util.h"
+#include "kvcache.h"
+#include "model.h"
+#include "session.h"
+#include "util.h"
+
+#ifdef KVH_HAVE_CUDA
+int kvh_backend_cuda_available(char *why, size_t cap);
+#endif
+
+#define NRMSE_TOL 3e-2
+#define ARGMAX_AGREE 0.9
+
+/* True when CUDA tests can run; otherwise why[] says why not. */
+static bool cuda_usable(char *why, size_t cap) {
+#ifdef KVH_HAVE_CUDA
+    return kvh_backend_cuda_available(why, cap) != 0;
+#else
+    snprintf(why, cap, "this build has no CUDA backend (KVH_CUDA off or no nvcc)");
+    return false;
+#endif
+}
+
+#define REQUIRE_CUDA()                                                     \
+    do {                                                                   \
+        char why_[256] = "";                                               \
+        if (!cuda_usable(why_, sizeof why_)) cr_skip_test("no usable CUDA device: %s", why_); \
+    } while (0)
+
+static kvh_model_config small_config(int C, int NH, int L) {
+    kvh_model_config c = {.n_vocab = 211, .n_positions = 320, .n_embd = C, .n_head = NH, .n_layer = L,
+                          .n_inner = 4 * C, .ln_eps = 1e-5f, .bos_id = 0};
+    return c;
+}
+
+static kvh_session *open_session(const kvh_model *m, const char *backend, int n_seq, const char *ini,
+                                 kvh_run_config *cfg) {
+    kvh_session_options o = kvh_session_default_options();
+    o.backend = backend;
+    o.n_seq = n_seq;
+    o.threads = 4;
+    kvh_err err = {{0}};
+    if (ini) {
+        kvh_config_defaults(cfg);
+        cr_assert_eq(kvh_config_load_string(cfg, ini, "test.ini", &err), 0, "%s", err.msg);
+    }
+    kvh_session *s = NULL;
+    cr_assert_eq(kvh_session_create(&s, m, ini ? cfg : NULL, &o, &err), 0, "session (%s): %s", backend, err.msg);
+    cr_assert_str_eq(s->backend->ops->name, backend);
+    return s;
+}
+
+static void forward(kvh_session *s, int B, const int *seq, const int32_t *const *toks, const int *n, bool all,
+                    float *out) {
+    kvh_err err = {{0}};
+    kvh_batch b = {.n = B, .seq = seq, .tokens = toks, .n_tokens = n, .all_logits = all};
+    cr_assert_eq(kvh_session_forward(s, &b, out, &err), 0, "forward (%s): %s", s->backend->ops->name, err.msg);
+}
+
+static double nrmse(const float *a, const float *ref, size_t n) {
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - (double)ref[i];
+        num += d * d;
+        den += (double)ref[i] * (double)ref[i];
+    }
+    return den > 0 ? sqrt(num / den) : sqrt(num);
+}
+
+static int argmax(const float *x, int n) {
+    int best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+/* Compares one logits block; returns 1 when the argmax of every row agrees. */
+static int check_logits(const char *what, int step, const float *gpu, const float *cpu, int rows, int V) {
+    double e = nrmse(gpu, cpu, (size_t)rows * V);
+    if (e >= NRMSE_TOL) {
+        double mx = 0;
+        int at = 0;
+        for (int i = 0; i < rows * V; i++)
+            if (fabs(gpu[i] - cpu[i]) > mx) {
+                mx = fabs(gpu[i] - cpu[i]);
+                at = i;
+            }
+        cr_assert_fail("%s step %d: normalized error %.3g >= %.3g (max |diff| %.4g at row %d col %d: cuda %.5g cpu %.5g)",
+                       what, step, e, NRMSE_TOL, mx, at / V, at % V, gpu[at], cpu[at]);
+    }
+    int agree = 1;
+    for (int r = 0; r < rows; r++) agree &= argmax(gpu + (size_t)r * V, V) == argmax(cpu + (size_t)r * V, V);
+    return agree;
+}
+
+static void fill_tokens(int32_t *t, int n, int V, unsigned seed) {
+    for (int i = 0; i < n; i++) {
+        seed = seed * 1103515245u + 12345u;
+        t[i] = (int32_t)((seed >> 8) % (unsigned)V);
+    }
+}
+
+/* Prefill `prompt` tokens, then `steps` greedy decode steps (CPU's choice fed to both), comparing logits. */
+static void compare_decode(const kvh_model *m, const char *what, int prompt, int steps, const char *ini) {
+    const int V = m->cfg.n_vocab;
+    kvh_run_config c1, c2;
+    kvh_session *cpu = open_session(m, "cpu", 1, ini, &c1);
+    kvh_session *gpu = open_session(m, "cuda", 1, ini, &c2);
+    float *lc = malloc((size_t)V * sizeof(float)), *lg = malloc((size_t)V * sizeof(float));
+    int32_t *toks = malloc((size_t)prompt * sizeof(int32_t));
+    fill_tokens(toks, prompt, V, 7u);
+    int seq = 0, n = prompt, agree = 0;
+    const int32_t *tp = toks;
+    forward(cpu, 1, &seq, &tp, &n, false, lc);
+    forward(gpu, 1, &seq, &tp, &n, false, lg);
+    agree += check_logits(what, 0, lg, lc, 1, V);
+    for (int st = 1; st <= steps; st++) {
+        int32_t next = argmax(lc, V);
+        const int32_t *np = &next;
+        int one = 1;
+        forward(cpu, 1, &seq, &np, &one, false, lc);
+        forward(gpu, 1, &seq, &np, &one, false, lg);
+        agree += check_logits(what, st, lg, lc, 1, V);
+    }
+    cr_assert_geq(agree, (int)ceil(ARGMAX_AGREE * (steps + 1)), "%s: argmax agreed on %d of %d steps", what, agree,
+                  steps + 1);
+    printf("%s: argmax agreed on %d of %d steps\n", what, agree, steps + 1);
+    free(lc);
+    free(lg);
+    free(toks);
+    kvh_session_free(cpu);
+    kvh_session_free(gpu);
+    if (ini) {
+        kvh_config_free(&c1);
+        kvh_config_free(&c2);
+    }
+}
+
+static void random_model(kvh_model *m, kvh_model_config cfg, const char *name) {
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_model_init_random(m, &cfg, 99, name, &err), 0, "%s", err.msg);
+}
+
+/* ---- without a device ---------------------------------------------------------------------------- */
+
+Test(cuda, no_device_message) {
+    char why[256] = "";
+    if (cuda_usable(why, sizeof why)) cr_skip_test("a CUDA device is present: the no-device message is checked elsewhere");
+    kvh_model m;
+    random_model(&m, small_config(32, 2, 1), "small");
+    kvh_backend *be = NULL;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_backend_create(&be, "cuda", &m, 1, &err), -1);
+    cr_assert_null(be);
+    cr_assert(strstr(err.msg, "backend 'cuda'") && strstr(err.msg, "HINT"), "unclear message: %s", err.msg);
+    printf("no device: %s\n", err.msg);
+    /* auto falls back to the CPU */
+    cr_assert_eq(kvh_backend_create(&be, "auto", &m, 1, &err), 0, "%s", err.msg);
+    cr_assert_str_eq(be->ops->name, "cpu");
+    kvh_backend_destroy(be);
+    kvh_model_free(&m);
+}
+
+/* ---- logits against the CPU --------------------------------------------------------------------- */
+
+Test(cuda, small_model_decode) {
+    REQUIRE_CUDA();
+    kvh_model m;
+    random_model(&m, small_config(96, 6, 3), "small-hs16");
+    compare_decode(&m, "small (HS 16)", 40, 32, NULL);
+    kvh_model_free(&m);
+}
+
+Test(cuda, odd_head_size_long_prompt) {
+    REQUIRE_CUDA();
+    kvh_model m;
+    random_model(&m, small_config(60, 5, 2), "small-hs12");
+    /* 260 > two tiles of 128 keys, so prefill and decode run several tiles and several splits */
+    compare_decode(&m, "small (HS 12)", 260, 16, NULL);
+    kvh_model_free(&m);
+}
+
+Test(cuda, gpt2_medium_decode) {
+    REQUIRE_CUDA();
+    kvh_model m;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_model_load(&m, "random:gpt2-medium", &err), 0, "%s", err.msg);
+    compare_decode(&m, "random:gpt2-medium", 64, 32, NULL);
+    kvh_model_free(&m);
+}
+
+Test(cuda, tiny_model_decode) {
+    REQUIRE_CUDA();
+    const char *dir = kvh_test_tiny_model_dir();
+    if (!dir) cr_skip_test("../shared/models/gpt2-tiny-wt absent");
+    kvh_model m;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_model_load(&m, dir, &err), 0, "%s", err.msg);
+    compare_decode(&m, "gpt2-tiny-wt", 48, 32, NULL);
+    kvh_model_free(&m);
+}
+
+/* Three sequences of different lengths in one prefill call, then batched decode; and all-logits rows. */
+Test(cuda, ragged_batch_and_all_logits) {
+    REQUIRE_CUDA();
+    kvh_model m;
+    random_model(&m, small_config(64, 4, 2), "small-batch");
+    const int V = m.cfg.n_vocab, B = 3;
+    kvh_session *cpu = open_session(&m, "cpu", B, NULL, NULL);
+    kvh_session *gpu = open_session(&m, "cuda", B, NULL, NULL);
+    int seq[3] = {0, 1, 2}, n[3] = {5, 17, 1};
+    int32_t t0[5], t1[17], t2[1];
+    fill_tokens(t0, 5, V, 1u);
+    fill_tokens(t1, 17, V, 2u);
+    fill_tokens(t2, 1, V, 3u);
+    const int32_t *tp[3] = {t0, t1, t2};
+    const int R = 5 + 17 + 1;
+    float *lc = malloc((size_t)R * V * sizeof(float)), *lg = malloc((size_t)R * V * sizeof(float));
+    forward(cpu, B, seq, tp, n, true, lc);
+    forward(gpu, B, seq, tp, n, true, lg);
+    (void)check_logits("ragged all-logits prefill", 0, lg, lc, R, V);
+    int agree = 0, total = 0;
+    for (int st = 1; st <= 16; st++) {
+        int32_t next[3];
+        for (int b = 0; b < B; b++) next[b] = (int32_t)((st * 31 + b * 7) % V);
+        const int32_t *np[3] = {&next[0], &next[1], &next[2]};
+        int one[3] = {1, 1, 1};
+        forward(cpu, B, seq, np, one, false, lc);
+        forward(gpu, B, seq, np, one, false, lg);
+        agree += check_logits("ragged decode", st, lg, lc, B, V);
+        total++;
+    }
+    cr_assert_geq(agree, (int)ceil(ARGMAX_AGREE * total));
+    /* a sequence restarts while the others continue */
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_session_reset_seq(cpu, 1, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvh_session_reset_seq(gpu, 1, &err), 0, "%s", err.msg);
+    int one = 9;
+    int s1 = 1;
+    const int32_t *p1 = t1;
+    forward(cpu, 1, &s1, &p1, &one, false, lc);
+    forward(gpu, 1, &s1, &p1, &one, false, lg);
+    (void)check_logits("after reset", 0, lg, lc, 1, V);
+    free(lc);
+    free(lg);
+    kvh_session_free(cpu);
+    kvh_session_free(gpu);
+    kvh_model_free(&m);
+}
+
+/* ---- eviction and scores -------------------------------------------------------------------------- */
+
+static bool plugin_built(const char *file, char *why, size_t cap) {
+    char p[1024];
+    snprintf(p, sizeof p, "%s/plugins/%s", KVH_BUILD_DIR, file);
+    if (access(p, R_OK) == 0) return true;
+    snprintf(why, cap, "%.900s not built", p);
+    return false;
+}
+
+static int cmp_i32(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Every head of every layer holds the same set of positions on both backends. */
+static void expect_same_positions(kvh_session *cpu, kvh_session *gpu, int step) {
+    const kvh_kvcache *a = &cpu->cache, *b = &gpu->cache;
+    int32_t *pa = malloc((size_t)a->n_ctx * sizeof(int32_t)), *pb = malloc((size_t)a->n_ctx * sizeof(int32_t));
+    for (int s = 0; s < a->n_seq; s++)
+        for (int l = 0; l < a->n_layer; l++)
+            for (int h = 0; h < a->n_head; h++) {
+                const kvh_head_cache *x = &a->heads[kvh_kvcache_head_index(a, s, l, h)];
+                const kvh_head_cache *y = &b->heads[kvh_kvcache_head_index(b, s, l, h)];
+                cr_assert_eq(x->n, y->n, "step %d seq %d layer %d head %d: %u live on cpu, %u on cuda", step, s, l, h,
+                             x->n, y->n);
+                memcpy(pa, x->pos, x->n * sizeof(int32_t));
+                memcpy(pb, y->pos, y->n * sizeof(int32_t));
+                qsort(pa, x->n, sizeof(int32_t), cmp_i32);
+                qsort(pb, y->n, sizeof(int32_t), cmp_i32);
+                for (uint32_t i = 0; i < x->n; i++)
+                    cr_assert_eq(pa[i], pb[i], "step %d seq %d layer %d head %d: kept position #%u differs (%d vs %d)",
+                                 step, s, l, h, i, pa[i], pb[i]);
+            }
+    free(pa);
+    free(pb);
+}
+
+static void eviction_run(const char *plugin_file, const char *ini) {
+    REQUIRE_CUDA();
+    char why[1024];
+    if (!plugin_built(plugin_file, why, sizeof why)) cr_skip_test("%s", why);
+    kvh_model m;
+    random_model(&m, small_config(64, 4, 2), "small-evict");
+    const int V = m.cfg.n_vocab, B = 2;
+    kvh_run_config c1, c2;
+    kvh_session *cpu = open_session(&m, "cpu", B, ini, &c1);
+    kvh_session *gpu = open_session(&m, "cuda", B, ini, &c2);
+    float *lc = malloc((size_t)B * V * sizeof(float)), *lg = malloc((size_t)B * V * sizeof(float));
+    int seq[2] = {0, 1}, n[2] = {40, 23};
+    int32_t t0[40], t1[23];
+    fill_tokens(t0, 40, V, 11u);
+    fill_tokens(t1, 23, V, 12u);
+    const int32_t *tp[2] = {t0, t1};
+    forward(cpu, B, seq, tp, n, false, lc);
+    forward(gpu, B, seq, tp, n, false, lg);
+    expect_same_positions(cpu, gpu, 0);
+    (void)check_logits(plugin_file, 0, lg, lc, B, V);
+    for (int st = 1; st <= 60; st++) {
+        int32_t next[2] = {argmax(lc, V), argmax(lc + V, V)};
+        const int32_t *np[2] = {&next[0], &next[1]};
+        int one[2] = {1, 1};
+        forward(cpu, B, seq, np, one, false, lc);
+        forward(gpu, B, seq, np, one, false, lg);
+        expect_same_positions(cpu, gpu, st);
+        (void)check_logits(plugin_file, st, lg, lc, B, V);
+    }
+    free(lc);
+    free(lg);
+    kvh_session_free(cpu);
+    kvh_session_free(gpu);
+    kvh_config_free(&c1);
+    kvh_config_free(&c2);
+    kvh_model_free(&m);
+}
+
+Test(cuda, eviction_window_same_positions) { eviction_run("window.so", "[cache]\nbudget = 16\nslack = 4\n[window]\n"); }
+Test(cuda, eviction_sink_same_positions) { eviction_run("sink.so", "[cache]\nbudget = 20\nslack = 3\n[sink]\n"); }
+
+/* Score accumulators after prefill + decode with no eviction (budget above the length): the device sums,
+ * brought to the host by before_evict, match the CPU's within fp16 tolerance. */
+static void scores_run(const char *plugin_file, const char *ini) {
+    REQUIRE_CUDA();
+    char why[1024];
+    if (!plugin_built(plugin_file, why, sizeof why)) cr_skip_test("%s", why);
+    kvh_model m;
+    random_model(&m, small_config(64, 4, 2), "small-scores");
+    const int V = m.cfg.n_vocab;
+    kvh_run_config c1, c2;
+    kvh_session *cpu = open_session(&m, "cpu", 1, ini, &c1);
+    kvh_session *gpu = open_session(&m, "cuda", 1, ini, &c2);
+    float *lc = malloc((size_t)V * sizeof(float)), *lg = malloc((size_t)V * sizeof(float));
+    int32_t toks[30];
+    fill_tokens(toks, 30, V, 5u);
+    int seq = 0, n = 30;
+    const int32_t *tp = toks;
+    forward(cpu, 1, &seq, &tp, &n, false, lc);
+    forward(gpu, 1, &seq, &tp, &n, false, lg);
+    for (int st = 0; st < 10; st++) {
+        int32_t next = argmax(lc, V);
+        const int32_t *np = &next;
+        int one = 1;
+        forward(cpu, 1, &seq, &np, &one, false, lc);
+        forward(gpu, 1, &seq, &np, &one, false, lg);
+    }
+    int checked = 0;
+    kvh_err err = {{0}};
+    for (int l = 0; l < m.cfg.n_layer; l++) {
+        cr_assert_eq(gpu->backend->ops->before_evict(gpu->backend, &gpu->cache, 0, l, &err), 0, "%s", err.msg);
+        for (int h = 0; h < m.cfg.n_head; h++) {
+            kvh_head_cache *x = kvh_kvcache_head(&cpu->cache, 0, l, h), *y = kvh_kvcache_head(&gpu->cache, 0, l, h);
+            cr_assert_eq(x->n, y->n);
+            for (uint32_t j = 0; j < x->n; j++) {
+                cr_assert_eq(x->pos[j], y->pos[j], "slot order differs without eviction");
+                if (x->score) {
+                    cr_assert(fabsf(x->score[j] - y->score[j]) <= 2e-2f * (1.0f + fabsf(x->score[j])),
+                              "layer %d head %d slot %u: score cpu %.5g cuda %.5g", l, h, j, x->score[j], y->score[j]);
+                    checked++;
+                }
+                if (x->obs_score) {
+                    cr_assert(fabsf(x->obs_score[j] - y->obs_score[j]) <= 2e-2f * (1.0f + fabsf(x->obs_score[j])),
+                              "layer %d head %d slot %u: obs score cpu %.5g cuda %.5g", l, h, j, x->obs_score[j],
+                              y->obs_score[j]);
+                    checked++;
+                }
+            }
+        }
+    }
+    cr_assert_gt(checked, 0, "the plugin asked for no scores");
+    free(lc);
+    free(lg);
+    kvh_session_free(cpu);
+    kvh_session_free(gpu);
+    kvh_config_free(&c1);
+    kvh_config_free(&c2);
+    kvh_model_free(&m);
+}
+
+Test(cuda, scores_h2o) { scores_run("h2o.so", "[cache]\nbudget = 256\n[h2o]\n"); }
+Test(cuda, scores_pyramid) { scores_run("pyramid.so", "[cache]\nbudget = 256\n[pyramid]\nbeta = 1\n"); /* beta 1: flat schedule, no eviction */ }
+
+/* A store plugin on the CUDA backend fails cleanly, naming the store. */
+Test(cuda, store_plugin_refused) {
+    REQUIRE_CUDA();
+    char why[1024];
+    if (!plugin_built("int8.so", why, sizeof why)) cr_skip_test("%s", why);
+    kvh_model m;
+    random_model(&m, small_config(64, 4, 1), "small-store");
+    kvh_run_config cfg;
+    kvh_config_defaults(&cfg);
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_config_add_plugins_list(&cfg, "int8.so", &err), 0, "%s", err.msg);
+    kvh_session_options o = kvh_session_default_options();
+    o.backend = "cuda";
+    kvh_session *s = NULL;
+    cr_assert_eq(kvh_session_create(&s, &m, &cfg, &o, &err), 0, "%s", err.msg);
+    int32_t t[3] = {1, 2, 3};
+    const int32_t *tp = t;
+    int seq = 0, n = 3;
+    float *lg = malloc((size_t)m.cfg.n_vocab * sizeof(float));
+    kvh_batch b = {.n = 1, .seq = &seq, .tokens = &tp, .n_tokens = &n, .all_logits = false};
+    cr_assert_eq(kvh_session_forward(s, &b, lg, &err), -1);
+    cr_assert(strstr(err.msg, "no kernel for store 'int8'"), "message: %s", err.msg);
+    free(lg);
+    kvh_session_free(s);
+    kvh_config_free(&cfg);
+    kvh_model_free(&m);
+}
