@@ -302,7 +302,7 @@ def make_plots(d, out):
             ppl = [e["ppl"] for (em, ec, _, _), e in d.evals.items() if em == m and ec == c]
             if ppl:
                 label += f"\nppl {ppl[-1]:.2f}"
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4 - 10 * (i % 4)), fontsize=7)  # staggered
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 14 - 20 * (i % 4)), fontsize=7)  # staggered
         ax.set_xscale("log")
         ax.set_xlabel("KV bytes held at peak, MiB (log)")
         ax.set_ylabel("decode ms per token (median)")

@@ -3,7 +3,7 @@
 # Needs root (or sudo). Safe to run again: it does nothing when everything is present.
 set -euo pipefail
 packages=(build-essential cmake pkg-config libopenblas-dev libinih-dev libcjson-dev libcriterion-dev
-          libpcre2-dev valgrind)
+          libpcre2-dev valgrind parallel)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
