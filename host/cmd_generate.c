@@ -383,6 +383,7 @@ int kvh_cmd_generate(int argc, char **argv) {
             }
         }
     }
+    fflush(stdout); /* the text ends before the summary starts, also when both go to a terminal */
     print_summary(stderr, "kvhost", &res, n_seq);
 
     if (a.common.json_path) {
