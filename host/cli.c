@@ -136,6 +136,10 @@ int kvh_cli_threads(const kvh_cli_common *c, const kvh_run_config *cfg) {
     return n > 0 ? (int)n : 1;
 }
 
+void kvh_cli_synthetic_prompt(int32_t *ids, int n, int vocab) {
+    for (int i = 0; i < n; i++) ids[i] = (int32_t)(((int64_t)i * 7919 + 13) % vocab);
+}
+
 static bool file_exists(const char *path) {
     struct stat st;
     return stat(path, &st) == 0 && S_ISREG(st.st_mode);

@@ -7,6 +7,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "config.h"
 #include "model.h"
@@ -50,6 +51,10 @@ int kvh_cli_build_config(const kvh_cli_common *c, kvh_run_config *cfg, kvh_err *
 const char *kvh_cli_model_spec(const kvh_cli_common *c, const kvh_run_config *cfg);
 const char *kvh_cli_backend(const kvh_cli_common *c, const kvh_run_config *cfg);
 int kvh_cli_threads(const kvh_cli_common *c, const kvh_run_config *cfg);
+
+/* Fills ids[0..n-1] with the synthetic benchmark prompt: id i = (i * 7919 + 13) % vocab. One definition,
+ * because peers (bench/torch_gpt2.py) reproduce the same ids to run the same prompt. */
+void kvh_cli_synthetic_prompt(int32_t *ids, int n, int vocab);
 
 /* Loads the model and its tokenizer (vocab.json/merges.txt beside a checkpoint, else the embedded GPT-2
  * files). */

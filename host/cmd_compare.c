@@ -299,7 +299,7 @@ int kvh_cmd_compare(int argc, char **argv) {
             goto fail;
         }
         /* the same synthetic prompt as `kvhost generate --prompt-tokens` */
-        for (int i = 0; i < n_ids; i++) ids[i] = (int32_t)(((int64_t)i * 7919 + 13) % model.cfg.n_vocab);
+        kvh_cli_synthetic_prompt(ids, n_ids, model.cfg.n_vocab);
     }
     if (n_ids + a.max_new > model.cfg.n_positions) {
         kvh_fail(&err, "prompt %d tokens + --max-new %d exceeds n_positions %d of %s", n_ids, a.max_new,

@@ -259,7 +259,7 @@ int kvh_cmd_generate(int argc, char **argv) {
             kvh_fail(&err, "out of memory");
             goto fail;
         }
-        for (int i = 0; i < a.prompt_tokens; i++) ids[0][i] = (int32_t)(((int64_t)i * 7919 + 13) % model.cfg.n_vocab);
+        kvh_cli_synthetic_prompt(ids[0], a.prompt_tokens, model.cfg.n_vocab);
         lens[0] = a.prompt_tokens;
     }
     for (int p = 0; p < n_texts && !a.prompt_tokens; p++) {
