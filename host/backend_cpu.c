@@ -234,15 +234,38 @@ static void attend_head(const float *q, size_t q_stride, const int32_t *qpos, in
 }
 
 /* Writes T new tokens' K and V (rows of a [T, 3C] qkv matrix) into the slots just appended to every head
- * of (s, l): a plain copy for the dense fp32 layout, the store's encoder otherwise. */
-static void write_new_slots(kvh_kvcache *cache, int s, int l, int T, const float *k_rows, const float *v_rows,
-                            size_t row_stride) {
+ * of (s, l): a plain copy for the dense fp32 layout, the store's append hook (ABI 1.2) or its per-row
+ * encoder otherwise. */
+static int write_new_slots(kvh_kvcache *cache, int s, int l, int T, const float *k_rows, const float *v_rows,
+                           size_t row_stride, kvh_err *err) {
     const int HS = cache->head_dim;
     const kvh_layer_policy_settings *ls = &cache->layer[l];
     const size_t kb = kvh_kvcache_k_slot_bytes(cache, l), vb = kvh_kvcache_v_slot_bytes(cache, l);
     for (int h = 0; h < cache->n_head; h++) {
         kvh_head_cache *hc = kvh_kvcache_head(cache, s, l, h);
         uint32_t first = hc->n - (uint32_t)T;
+        if (ls->store && ls->store->append) {
+            kvp_append_args a = {.struct_size = sizeof a,
+                                 .seq = (uint32_t)s,
+                                 .head = (uint32_t)h,
+                                 .head_dim = (uint32_t)HS,
+                                 .n_new = (uint32_t)T,
+                                 .first_slot = first,
+                                 .pos = hc->pos,
+                                 .k_rows = k_rows + (size_t)h * HS,
+                                 .v_rows = v_rows + (size_t)h * HS,
+                                 .row_stride = row_stride,
+                                 .k_slots = hc->k,
+                                 .v_slots = hc->v};
+            kvh_plugin_guard_enter(ls->store->name, "store plugin", "append", l);
+            int rc = ls->store->append(ls->store_state, &a);
+            kvh_plugin_guard_leave();
+            if (rc != KVP_OK) {
+                if (ls->store_fail) return ls->store_fail(ls->store_fail_ctx, s, h, "append", err);
+                return kvh_fail(err, "store '%s' layer %d seq %d head %d: append failed", ls->store->name, l, s, h);
+            }
+            continue;
+        }
         for (int t = 0; t < T; t++) {
             const float *kr = k_rows + (size_t)t * row_stride + (size_t)h * HS;
             const float *vr = v_rows + (size_t)t * row_stride + (size_t)h * HS;
@@ -259,6 +282,7 @@ static void write_new_slots(kvh_kvcache *cache, int s, int l, int T, const float
             }
         }
     }
+    return 0;
 }
 
 /* ---- the forward pass --------------------------------------------------------------------------- */
@@ -342,7 +366,9 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
             int T = batch->n_tokens[b];
             if (kvh_kvcache_reserve(cache, s, l, (uint32_t)T, err) != 0) return -1;
             kvh_kvcache_append_meta(cache, s, l, T, ws->pos + row0);
-            write_new_slots(cache, s, l, T, ws->qkv + row0 * 3 * C + C, ws->qkv + row0 * 3 * C + 2 * C, (size_t)3 * C);
+            if (write_new_slots(cache, s, l, T, ws->qkv + row0 * 3 * C + C, ws->qkv + row0 * 3 * C + 2 * C,
+                                (size_t)3 * C, err) != 0)
+                return -1;
             row0 += (size_t)T;
         }
         /* Work items: (entry, head). Entry row offsets computed up front so items are independent. */

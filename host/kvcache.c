@@ -4,6 +4,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kvp/kvp.h"
+
+#include "plugin_guard.h"
+
 static void *host_alloc(void *ctx, size_t bytes) {
     (void)ctx;
     return malloc(bytes ? bytes : 1);
@@ -116,11 +120,48 @@ void kvh_kvcache_free(kvh_kvcache *c) {
     memset(c, 0, sizeof *c);
 }
 
+/* Tells the layer's store (ABI 1.2 release hook) that slots of head (s, l, h) are about to go. */
+static void store_release(kvh_kvcache *c, int s, int l, int h, const uint32_t *slots, uint32_t n_slots) {
+    const kvh_layer_policy_settings *ls = &c->layer[l];
+    if (!ls->store || !ls->store->release || n_slots == 0) return;
+    kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+    kvp_release_args a = {.struct_size = sizeof a,
+                          .seq = (uint32_t)s,
+                          .head = (uint32_t)h,
+                          .n_live = hc->n,
+                          .pos = hc->pos,
+                          .k_slots = hc->k,
+                          .v_slots = hc->v,
+                          .slots = slots,
+                          .n_slots = n_slots};
+    kvh_plugin_guard_enter(ls->store->name, "store plugin", "release", l);
+    ls->store->release(ls->store_state, &a);
+    kvh_plugin_guard_leave();
+}
+
+int kvh_kvcache_store_grow(kvh_kvcache *c, size_t bytes) {
+    if (c->bytes_limit && (c->bytes_held > c->bytes_limit || bytes > c->bytes_limit - c->bytes_held)) return -1;
+    c->bytes_held += bytes;
+    c->store_bytes += bytes;
+    if (c->bytes_held > c->bytes_peak) c->bytes_peak = c->bytes_held;
+    return 0;
+}
+
+void kvh_kvcache_store_shrink(kvh_kvcache *c, size_t bytes) {
+    if (bytes > c->store_bytes) bytes = c->store_bytes;
+    c->store_bytes -= bytes;
+    c->bytes_held -= bytes;
+}
+
 void kvh_kvcache_reset_seq(kvh_kvcache *c, int s) {
     for (int l = 0; l < c->n_layer; l++) {
         size_t per_slot = slot_bytes(c, l);
         for (int h = 0; h < c->n_head; h++) {
             kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+            if (c->layer[l].store && c->layer[l].store->release && hc->n > 0 && hc->n <= c->scratch_len) {
+                for (uint32_t i = 0; i < hc->n; i++) c->scratch_victims[i] = i;
+                store_release(c, s, l, h, c->scratch_victims, hc->n);
+            }
             c->bytes_held -= (size_t)hc->cap * per_slot;
             head_release(c, hc);
             hc->budget = c->layer[l].budget;
@@ -267,6 +308,7 @@ static void move_slot(kvh_kvcache *c, kvh_head_cache *hc, size_t kb, size_t vb, 
 }
 
 void kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *victims, uint32_t n_victims) {
+    store_release(c, s, l, h, victims, n_victims);
     kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
     const size_t kb = kvh_kvcache_k_slot_bytes(c, l), vb = kvh_kvcache_v_slot_bytes(c, l);
     unsigned char *dead = c->scratch_mark;

@@ -53,6 +53,10 @@ typedef struct kvh_layer_policy_settings {
     uint32_t v_slot_bytes;  /* same for V */
     const struct kvp_descriptor *store; /* store plugin holding this layer (NULL: dense fp32) */
     void *store_state;      /* its per-layer state */
+    /* Formats a failed store hook (append) as "plugin 'x' (x.so) layer L seq S head H: append failed: <its
+     * message>" into err and returns -1. Filled by the router next to `store`. */
+    int (*store_fail)(void *ctx, int seq, int head, const char *hook, kvh_err *err);
+    void *store_fail_ctx;
 } kvh_layer_policy_settings;
 
 typedef struct kvh_kvcache {
@@ -63,6 +67,7 @@ typedef struct kvh_kvcache {
     size_t bytes_held;                /* bytes allocated for slots right now (data + metadata) */
     size_t bytes_peak;                /* largest bytes_held seen */
     size_t bytes_limit;               /* 0 = none; growth beyond it fails (emulates a smaller memory) */
+    size_t store_bytes;               /* part of bytes_held: memory store plugins hold outside the slots */
     uint32_t *scratch_victims;        /* [n_ctx + max slack] scratch for victim lists */
     unsigned char *scratch_mark;      /* [same] scratch for validation */
     uint32_t scratch_len;
@@ -80,7 +85,8 @@ int kvh_kvcache_init_mem(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int
                          const kvh_layer_policy_settings *settings, size_t bytes_limit, const kvh_kv_memory *mem,
                          kvh_err *err);
 void kvh_kvcache_free(kvh_kvcache *c);
-/* Empties sequence s (keeps nothing, frees its slots, next_pos = 0). */
+/* Empties sequence s (keeps nothing, frees its slots, next_pos = 0). Stores with a release hook are
+ * told every live slot goes. */
 void kvh_kvcache_reset_seq(kvh_kvcache *c, int s);
 
 static inline size_t kvh_kvcache_head_index(const kvh_kvcache *c, int s, int l, int h) {
@@ -109,10 +115,16 @@ void kvh_kvcache_append(kvh_kvcache *c, int s, int l, int T, const float *k_rows
  * count >= n_live - budget, count <= n_live. On failure names the problem (first bad index). */
 int kvh_kvcache_validate_victims(kvh_kvcache *c, uint32_t n_live, uint32_t budget, const uint32_t *victims,
                                  uint32_t n_victims, kvh_err *err);
-/* Removes the (validated) victims from head (s, l, h), keeping K, V, pos and scores in step. */
+/* Removes the (validated) victims from head (s, l, h), keeping K, V, pos and scores in step. A store
+ * with a release hook (ABI 1.2) is told which slots go first. */
 void kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *victims, uint32_t n_victims);
 /* Gives memory back when a head holds far fewer slots than its capacity (after eviction). */
 void kvh_kvcache_shrink(kvh_kvcache *c, int s, int l, int h);
+
+/* Memory a store plugin holds outside the slots (its host->alloc calls), counted in bytes_held and
+ * bytes_peak. grow fails (-1, nothing counted) when bytes_limit would be passed. */
+int kvh_kvcache_store_grow(kvh_kvcache *c, size_t bytes);
+void kvh_kvcache_store_shrink(kvh_kvcache *c, size_t bytes);
 
 /* True when some head of (s, l) holds more than budget + slack slots (a policy must evict). */
 bool kvh_kvcache_over_budget(const kvh_kvcache *c, int s, int l);

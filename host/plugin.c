@@ -25,8 +25,9 @@
  * that minor. Minor 0 ends with evict. New minors append fields and add a case here. */
 static size_t descriptor_min_size(uint32_t minor) {
     if (minor == 0) return offsetof(kvp_descriptor, evict) + sizeof(((kvp_descriptor *)0)->evict);
-    /* minor 1 added the store hooks (and any newer minor keeps them) */
-    return offsetof(kvp_descriptor, attend) + sizeof(((kvp_descriptor *)0)->attend);
+    /* minor 1 added the store hooks, minor 2 append/release (newer minors keep them) */
+    if (minor == 1) return offsetof(kvp_descriptor, attend) + sizeof(((kvp_descriptor *)0)->attend);
+    return offsetof(kvp_descriptor, release) + sizeof(((kvp_descriptor *)0)->release);
 }
 
 static const char *base_name(const char *path) {
@@ -192,7 +193,9 @@ int kvh_plugin_validate(const kvp_descriptor *d, const char *file, kvh_err *err)
     if (d->role == KVP_ROLE_POLICY && !d->evict)
         return kvh_fail(err, "plugin '%s' (%s): required hook evict is NULL (policies must evict)", nm, file);
     if (d->role == KVP_ROLE_STORE) {
-        if (!d->encode) return kvh_fail(err, "plugin '%s' (%s): required store hook encode is NULL", nm, file);
+        if (!d->encode && !(d->abi_minor >= 2 && d->append))
+            return kvh_fail(err, "plugin '%s' (%s): required store hook encode is NULL (and no append hook, ABI 1.2)",
+                            nm, file);
         if (!d->decode) return kvh_fail(err, "plugin '%s' (%s): required store hook decode is NULL", nm, file);
         if (!d->attend) return kvh_fail(err, "plugin '%s' (%s): required store hook attend is NULL", nm, file);
     }

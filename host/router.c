@@ -30,6 +30,10 @@ typedef struct group {
     double *values;         /* [n_params] parsed parameter values */
     unsigned char *mask;    /* [L] layers claimed */
     const kvh_config_section *cfg; /* for origins in messages (valid during create only) */
+    alloc_hdr *allocs;      /* live allocations of the section's instances (doubly linked): any instance
+                             * of a section may free what another allocated (ABI 1.2 shared state) */
+    void *shared;           /* host->shared() block, NULL until asked for */
+    size_t shared_bytes;
 } group;
 
 /* The per-instance host context: one per claimed layer. kvp_host.ctx points here. */
@@ -42,7 +46,6 @@ typedef struct host_ctx {
     char error[512];        /* last set_error message (raw bytes, NUL-terminated) */
     int has_error;
     int error_truncated;    /* the plugin's message was longer than error[] */
-    alloc_hdr *allocs;      /* live allocations (doubly linked) */
     kvp_instance inst;
     int created;
 } host_ctx;
@@ -58,6 +61,8 @@ struct kvh_router {
     uint32_t *head_budget;  /* [NH] scratch for head_budgets() */
     uint64_t hook_ns;
     uint64_t evict_calls;
+    kvh_kvcache *cache;     /* bound cache: store memory is counted in its bytes_held (NULL: not yet) */
+    size_t store_bytes;     /* bytes store instances hold through alloc/shared */
 };
 
 /* ---- messages ---------------------------------------------------------------------------------- */
@@ -119,26 +124,59 @@ static void svc_set_error(void *ctx, const char *msg) {
     x->has_error = 1;
 }
 
-static void *svc_alloc(void *ctx, size_t bytes) {
-    host_ctx *x = ctx;
+static int is_store(const group *g) { return g->plugin->desc.role == KVP_ROLE_STORE; }
+
+/* Store memory is KV memory: counted in the bound cache's bytes_held, refused past its limit. */
+static int account_grow(host_ctx *x, size_t bytes) {
+    if (!is_store(x->g)) return 0;
+    if (x->r->cache && kvh_kvcache_store_grow(x->r->cache, bytes) != 0) return -1;
+    x->r->store_bytes += bytes;
+    return 0;
+}
+
+static void account_shrink(host_ctx *x, size_t bytes) {
+    if (!is_store(x->g)) return;
+    if (x->r->cache) kvh_kvcache_store_shrink(x->r->cache, bytes);
+    x->r->store_bytes -= bytes < x->r->store_bytes ? bytes : x->r->store_bytes;
+}
+
+static void *group_alloc(host_ctx *x, size_t bytes) {
     if (bytes > SIZE_MAX - sizeof(alloc_hdr)) return NULL;
+    if (account_grow(x, bytes) != 0) return NULL;
     alloc_hdr *a = calloc(1, sizeof(alloc_hdr) + (bytes ? bytes : 1));
-    if (!a) return NULL;
+    if (!a) {
+        account_shrink(x, bytes);
+        return NULL;
+    }
+    group *g = x->g;
     a->h.size = bytes;
-    a->h.next = x->allocs;
-    if (x->allocs) x->allocs->h.prev = a;
-    x->allocs = a;
+    a->h.next = g->allocs;
+    if (g->allocs) g->allocs->h.prev = a;
+    g->allocs = a;
     return a + 1;
 }
 
-static void svc_free(void *ctx, void *p) {
-    host_ctx *x = ctx;
+static void group_free(host_ctx *x, void *p) {
     if (!p) return;
+    group *g = x->g;
     alloc_hdr *a = (alloc_hdr *)p - 1;
     if (a->h.prev) a->h.prev->h.next = a->h.next;
-    else x->allocs = a->h.next;
+    else g->allocs = a->h.next;
     if (a->h.next) a->h.next->h.prev = a->h.prev;
+    account_shrink(x, a->h.size);
     free(a);
+}
+
+static void *svc_alloc(void *ctx, size_t bytes) { return group_alloc(ctx, bytes); }
+static void svc_free(void *ctx, void *p) { group_free(ctx, p); }
+
+static void *svc_shared(void *ctx, size_t bytes) {
+    host_ctx *x = ctx;
+    group *g = x->g;
+    if (g->shared) return bytes == g->shared_bytes ? g->shared : NULL;
+    g->shared = group_alloc(x, bytes);
+    if (g->shared) g->shared_bytes = bytes;
+    return g->shared;
 }
 
 static double svc_param(void *ctx, const char *name) {
@@ -204,8 +242,6 @@ static int validate_params(group *g, const kvh_config_section *s, kvh_err *err) 
  * certainly a bug (uninitialized field, bytes per layer instead of per head). */
 #define STORE_SLOT_MAX_FACTOR 16u
 
-static int is_store(const group *g) { return g->plugin->desc.role == KVP_ROLE_STORE; }
-
 static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
     host_ctx *x = calloc(1, sizeof *x);
     if (!x) return kvh_fail(err, "[%s] layer %d: out of memory", g->section, layer);
@@ -228,6 +264,7 @@ static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
         .positions = svc_positions,
         .scores = svc_scores,
         .obs_scores = svc_obs_scores,
+        .shared = svc_shared,
     };
     kvp_layer_info info = {
         .struct_size = sizeof info,
@@ -370,6 +407,7 @@ int kvh_router_create(kvh_router **out, const kvh_run_config *cfg, int n_layer, 
 
 void kvh_router_free(kvh_router *r) {
     if (!r) return;
+    r->cache = NULL; /* the cache may already be gone; nothing is accounted at teardown */
     host_ctx **sets[2] = {r->layer_ctx, r->store_ctx};
     for (int k = 0; k < 2; k++) {
         if (!sets[k]) continue;
@@ -381,9 +419,21 @@ void kvh_router_free(kvh_router *r) {
                 x->g->plugin->desc.destroy(x->inst.state);
                 kvh_plugin_guard_leave();
             }
-            while (x->allocs) svc_free(x, x->allocs + 1);
-            free(x);
         }
+    }
+    /* Leftover plugin memory goes with its section, after every instance of it is destroyed. */
+    for (int i = 0; i < r->n_groups; i++) {
+        group *g = &r->groups[i];
+        while (g->allocs) {
+            alloc_hdr *a = g->allocs;
+            g->allocs = a->h.next;
+            account_shrink(&(host_ctx){.r = r, .g = g}, a->h.size);
+            free(a);
+        }
+    }
+    for (int k = 0; k < 2; k++) {
+        if (!sets[k]) continue;
+        for (int l = 0; l < r->n_layer; l++) free(sets[k][l]);
     }
     for (int i = 0; i < r->n_groups; i++) {
         free(r->groups[i].section);
@@ -400,6 +450,24 @@ void kvh_router_free(kvh_router *r) {
 
 /* ---- queries ------------------------------------------------------------------------------------- */
 
+/* kvh_layer_policy_settings.store_fail: the backend reports a failed store hook through the router's
+ * message format. */
+static int store_fail(void *ctx, int seq, int head, const char *hook, kvh_err *err) {
+    host_ctx *x = ctx;
+    int rc = hook_fail(x, seq, head, hook, err);
+    x->has_error = 0; /* reported: a later failure without a message must not repeat this one */
+    return rc;
+}
+
+int kvh_router_bind_cache(kvh_router *r, kvh_kvcache *c, kvh_err *err) {
+    if (r->store_bytes && kvh_kvcache_store_grow(c, r->store_bytes) != 0)
+        return kvh_fail(err, "KV memory limit %zu bytes is smaller than the %zu bytes the store plugins hold before "
+                        "the first token", c->bytes_limit, r->store_bytes);
+    r->cache = c;
+    return 0;
+}
+
+
 void kvh_router_layer_settings(const kvh_router *r, kvh_layer_policy_settings *settings) {
     for (int l = 0; l < r->n_layer; l++) {
         kvh_layer_policy_settings *s = &settings[l];
@@ -411,6 +479,8 @@ void kvh_router_layer_settings(const kvh_router *r, kvh_layer_policy_settings *s
             s->store_state = st->inst.state;
             s->k_slot_bytes = st->inst.k_slot_bytes;
             s->v_slot_bytes = st->inst.v_slot_bytes;
+            s->store_fail = store_fail;
+            s->store_fail_ctx = (void *)st;
         }
         const host_ctx *x = r->layer_ctx[l];
         if (!x) {

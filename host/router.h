@@ -36,9 +36,14 @@ int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char
 
 /* Fills settings[n_layer]: budget (from the policy instance's create(); KVH_BUDGET_UNLIMITED on
  * keep-all layers), slack ([cache] slack), score flags from the policy's caps, obs_window; on layers
- * with a store: store (its descriptor), store_state, k_slot_bytes, v_slot_bytes (0 elsewhere: the
- * caller picks the dense layout). */
+ * with a store: store (its descriptor), store_state, k_slot_bytes, v_slot_bytes, store_fail (0 elsewhere:
+ * the caller picks the dense layout). */
 void kvh_router_layer_settings(const kvh_router *r, kvh_layer_policy_settings *settings);
+
+/* Counts the store plugins' memory (host->alloc / host->shared, ABI 1.2) in c's bytes_held from now
+ * on, and what they already hold. Call once, after creating the cache from kvh_router_layer_settings.
+ * Fails when that memory alone passes c's byte limit. */
+int kvh_router_bind_cache(kvh_router *r, kvh_kvcache *c, kvh_err *err);
 
 /* For every head of (seq, layer) with n > budget + slack: asks the policy for victims, validates them,
  * removes them and shrinks the head. Keep-all layers return at once. On error (hook failure, invalid

@@ -74,6 +74,7 @@ int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_
                                   &mem, err);
     free(settings);
     if (rc != 0) goto fail;
+    if (s->router && kvh_router_bind_cache(s->router, &s->cache, err) != 0) goto fail;
     if (opt->no_cache) {
         s->history = calloc((size_t)opt->n_seq, sizeof *s->history);
         s->history_len = calloc((size_t)opt->n_seq, sizeof *s->history_len);

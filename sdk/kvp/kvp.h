@@ -39,7 +39,8 @@ extern "C" {
 #endif
 
 #define KVP_ABI_MAJOR 1u
-#define KVP_ABI_MINOR 1u /* 1: store role (kvp_instance slot sizes, encode/decode/attend hooks) */
+#define KVP_ABI_MINOR 2u /* 1: store role (kvp_instance slot sizes, encode/decode/attend hooks)
+                          * 2: handle stores (append/release hooks, host->shared, counted store memory) */
 #define KVP_ENTRY_SYMBOL "kvp_plugin_entry"
 
 /* ---- status codes returned by hooks ---------------------------------------------------------- */
@@ -120,6 +121,14 @@ typedef struct kvp_host {
     const int32_t *(*positions)(void *ctx, uint32_t seq, uint32_t head);
     const float *(*scores)(void *ctx, uint32_t seq, uint32_t head);     /* NULL without score caps */
     const float *(*obs_scores)(void *ctx, uint32_t seq, uint32_t head); /* NULL without KVP_CAP_OBS_SCORES */
+    /* ---- ABI 1.2 ---- */
+    /* One zeroed block of `bytes` shared by every instance of this plugin SECTION in this run (all the
+     * layers one INI section claims), e.g. state two layers must both see. The first call allocates it;
+     * later calls from any instance of the section return the same pointer. NULL when out of memory or
+     * when `bytes` differs from the first call's. The host frees it after every instance is destroyed.
+     * Memory from alloc() (and this block) belongs to the section, not the instance: any instance of the
+     * section may free what another allocated. */
+    void *(*shared)(void *ctx, size_t bytes);
 } kvp_host;
 
 /* True when the host's table has the named field (for plugins running on an older host). */
@@ -162,6 +171,44 @@ typedef struct kvp_attend_args {
     float *probs;          /* [n] result: attention probabilities */
 } kvp_attend_args;
 
+/* ABI 1.2. append(): T new tokens of one (seq, head) were just appended to the layer's cache, in slots
+ * first_slot .. first_slot + n_new - 1; the store writes them from the fp32 rows. Called once per
+ * (seq, head) and forward step, in layer order within a step, from one thread at a time, before any
+ * attention of that layer in that step. Unlike encode() it knows where it writes (sequence, head,
+ * positions, slot index) and sees the head's older slots, so a store may keep per-token state outside
+ * the slots (a slot then holds a handle into store-owned memory) or finish work on older slots (e.g.
+ * quantize a group of tokens that just filled up). The slot arrays are writable. */
+typedef struct kvp_append_args {
+    uint32_t struct_size;
+    uint32_t seq;
+    uint32_t head;
+    uint32_t head_dim;
+    uint32_t n_new;        /* T tokens appended (>= 1) */
+    uint32_t first_slot;   /* slot index of the first new token (== live count before the append) */
+    const int32_t *pos;    /* [n_live] positions of every live slot (new ones at first_slot..) */
+    const float *k_rows;   /* row t (t < n_new) at k_rows + t * row_stride: head_dim floats */
+    const float *v_rows;
+    size_t row_stride;     /* floats between consecutive rows */
+    void *k_slots;         /* the head's slot array: slot i at k_slots + i * k_slot_bytes */
+    void *v_slots;
+} kvp_append_args;
+
+/* ABI 1.2. release(): slots of one (seq, head) are about to disappear (evicted by a policy, or the
+ * sequence is reset), so a store holding per-token memory outside the slots can free it. Called before
+ * the host compacts the slots; the slot contents are still valid during the call. Must not fail. Not
+ * called when the whole run ends: destroy() frees everything then. */
+typedef struct kvp_release_args {
+    uint32_t struct_size;
+    uint32_t seq;
+    uint32_t head;
+    uint32_t n_live;        /* live slots now, before removal */
+    const int32_t *pos;     /* [n_live] */
+    const void *k_slots;    /* the head's slot arrays, as in kvp_append_args */
+    const void *v_slots;
+    const uint32_t *slots;  /* [n_slots] indices (< n_live, distinct) of the slots going away */
+    uint32_t n_slots;
+} kvp_release_args;
+
 #define KVP_WHICH_K 0u
 #define KVP_WHICH_V 1u
 
@@ -194,14 +241,26 @@ typedef struct kvp_descriptor {
     int (*evict)(void *state, const kvp_evict_request *req, uint32_t *victims, uint32_t *n_victims);
 
     /* ---- ABI 1.1: stores (role KVP_ROLE_STORE). Slots are fixed-size, so the host owns the memory,
-     * compacts by moving whole slots and counts the bytes exactly. All three are REQUIRED for stores,
-     * must not allocate, and may be called from several threads at once for different heads. ---- */
+     * compacts by moving whole slots and counts the bytes exactly. decode and attend are REQUIRED for
+     * stores, encode too unless the store has append() (ABI 1.2). They must not allocate; encode and
+     * attend may be called from several threads at once for different heads. ---- */
     /* Encodes one token row (head_dim floats) of K (which = KVP_WHICH_K) or V into slot. */
     void (*encode)(void *state, uint32_t which, const float *row, void *slot);
     /* Decodes one slot back to head_dim floats (the reference the tests and other backends check against). */
     void (*decode)(void *state, uint32_t which, const void *slot, float *row);
     /* Attention of one query over the stored slots; see kvp_attend_args. */
     void (*attend)(void *state, const kvp_attend_args *args);
+
+    /* ---- ABI 1.2: stores that keep memory outside the fixed-size slots ("handle stores"), or that
+     * need the token's coordinates when writing it. Both optional. A store with append() may leave
+     * encode() NULL: the host then never calls encode(). Memory a store instance obtains from
+     * host->alloc() / host->shared() counts as KV bytes held (kv_bytes_held, peak, --mem-limit): an
+     * alloc that would pass the run's KV memory limit returns NULL. alloc/free may be called from
+     * create, append, release, reset and destroy, never from attend (which runs on several threads). */
+    /* Writes the new tokens' slots (see kvp_append_args). KVP_OK or KVP_ERROR after host->set_error. */
+    int (*append)(void *state, const kvp_append_args *args);
+    /* Slots are about to be removed (see kvp_release_args). */
+    void (*release)(void *state, const kvp_release_args *args);
 } kvp_descriptor;
 
 /* The one exported function. Use KVP_PLUGIN(descriptor) to define it. */
