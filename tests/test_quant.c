@@ -272,12 +272,15 @@ static void check_attend(int bits, int asym, int group, int hs, uint32_t n) {
     for (int qi = 0; qi < 3; qi++) {
         for (int d = 0; d < hs; d++) q[d] = 2.0f * rnd_unit();
         const float scale = 1.0f / sqrtf((float)hs);
-        kvq_attend(&f, q, qposes[qi], scale, n, pos, ks, vs, out, probs);
         ref_attend(&f, q, qposes[qi], scale, n, pos, ks, vs, rout, rprobs, rmag);
+        /* both kernels: kvq_attend (the AVX2 one where the build has it) and the portable C one */
+        for (int kernel = 0; kernel < 2; kernel++) {
+        if (kernel == 0) kvq_attend(&f, q, qposes[qi], scale, n, pos, ks, vs, out, probs);
+        else kvq_attend_portable(&f, q, qposes[qi], scale, n, pos, ks, vs, out, probs);
         double pmax = 0, psum = 0;
         for (uint32_t j = 0; j < n; j++) pmax = fmax(pmax, rprobs[j]);
         for (int d = 0; d < hs; d++)
-            cr_assert(fabs(out[d] - rout[d]) <= 1e-5 * rmag[d] + 1e-12, "bits %d asym %d n %u q_pos %d: out[%d] %.9g vs %.9g",
+            cr_assert(fabs(out[d] - rout[d]) <= 1e-5 * rmag[d] + 1e-12, "kernel %d bits %d asym %d n %u q_pos %d: out[%d] %.9g vs %.9g", kernel,
                       bits, asym, n, qposes[qi], d, (double)out[d], rout[d]);
         for (uint32_t j = 0; j < n; j++) {
             cr_assert(fabs(probs[j] - rprobs[j]) <= 1e-5 * pmax, "probs[%u] %.9g vs %.9g", j, (double)probs[j], rprobs[j]);
@@ -285,7 +288,8 @@ static void check_attend(int bits, int asym, int group, int hs, uint32_t n) {
                                                   qposes[qi]);
             psum += probs[j];
         }
-        cr_assert(fabs(psum - 1) < 1e-5, "probabilities sum to %.9g", psum);
+        cr_assert(fabs(psum - 1) < 1e-5, "kernel %d: probabilities sum to %.9g", kernel, psum);
+        }
     }
     free(ks);
     free(vs);
@@ -303,6 +307,12 @@ Test(quant, attend_matches_fp32_attention_over_decoded_values) {
     check_attend(4, 1, 2, 64, 50);
     check_attend(8, 1, 3, 48, 50);
     check_attend(4, 0, 8, 32, 50);
+    /* group 32 at other head sizes: the tiny model's 32, GPT-2's 64, larger models' 128 */
+    for (int bits = 4; bits <= 8; bits += 4)
+        for (int asym = 0; asym < 2; asym++) {
+            check_attend(bits, asym, 32, 32, 300);
+            check_attend(bits, asym, 32, 128, 300);
+        }
 }
 
 Test(quant, masked_slots_do_not_influence_the_output) {

@@ -269,43 +269,63 @@ static inline void kvq_decode(const kvq_format *f, const void *slot, float *row)
     }
 }
 
-/* ---- inner kernels: one group ------------------------------------------------------------------- */
+/* ---- inner kernels ---------------------------------------------------------------------------------
+ * Written once, for any format, with the format's constants (BITS, ASYM, G) as arguments. kvq_attend
+ * calls the kernel with literal constants for the default group size, so after inlining the compiler
+ * removes every format branch, unrolls the group loops and vectorizes them (KVQ_LANES independent
+ * partial sums: no -ffast-math needed); other group sizes run the same code with runtime values. */
 
-/* sum_i q[i] * u[i] over one group's stored integers (before scale and zero point). */
-static inline float kvq__dot_group(const kvq_format *f, const float *q, const unsigned char *v) {
-    const uint32_t G = f->group;
-    float acc[KVQ_LANES] = {0};
-    float tail = 0.0f;
-    if (f->bits == 8) {
+#if defined(__GNUC__)
+#define KVQ_ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define KVQ_ALWAYS_INLINE static inline
+#endif
+
+#if defined(__F16C__)
+#include <immintrin.h>
+/* The hardware conversion: exact like kvq_half_to_float, without its branches. */
+static inline float kvq__scale_value(uint16_t h) { return _cvtsh_ss(h); }
+#else
+static inline float kvq__scale_value(uint16_t h) { return kvq_half_to_float(h); }
+#endif
+
+/* Header of group g: scale and (asymmetric) min, as floats. */
+KVQ_ALWAYS_INLINE void kvq__header(uint32_t ASYM, const unsigned char *slot, uint32_t g, float *s, float *m) {
+    uint16_t h[2] = {0, 0};
+    memcpy(h, slot + (size_t)g * (ASYM ? 4u : 2u), ASYM ? 4u : 2u);
+    *s = kvq__scale_value(h[0]);
+    *m = ASYM ? kvq__scale_value(h[1]) : 0.0f;
+}
+
+/* part[l] += q[i] * u[i] over the group's stored integers (i = l mod KVQ_LANES), tail for the rest. */
+KVQ_ALWAYS_INLINE void kvq__dot_lanes(uint32_t BITS, uint32_t ASYM, uint32_t G, const float *q, const unsigned char *v,
+                                      float *part, float *tail) {
+    if (BITS == 8) {
         const uint32_t full = G - G % KVQ_LANES;
-        if (f->asym) {
+        if (ASYM) {
             for (uint32_t i = 0; i < full; i += KVQ_LANES)
-                for (int l = 0; l < KVQ_LANES; l++) acc[l] += q[i + l] * (float)v[i + l];
-            for (uint32_t i = full; i < G; i++) tail += q[i] * (float)v[i];
+                for (int l = 0; l < KVQ_LANES; l++) part[l] += q[i + l] * (float)v[i + l];
+            for (uint32_t i = full; i < G; i++) *tail += q[i] * (float)v[i];
         } else {
             const int8_t *sv = (const int8_t *)v;
             for (uint32_t i = 0; i < full; i += KVQ_LANES)
-                for (int l = 0; l < KVQ_LANES; l++) acc[l] += q[i + l] * (float)sv[i + l];
-            for (uint32_t i = full; i < G; i++) tail += q[i] * (float)sv[i];
+                for (int l = 0; l < KVQ_LANES; l++) part[l] += q[i + l] * (float)sv[i + l];
+            for (uint32_t i = full; i < G; i++) *tail += q[i] * (float)sv[i];
         }
     } else {
         const uint32_t H = G / 2, full = H - H % KVQ_LANES;
         const float *qh = q + H;
         for (uint32_t i = 0; i < full; i += KVQ_LANES)
             for (int l = 0; l < KVQ_LANES; l++)
-                acc[l] += q[i + l] * (float)(v[i + l] & 0x0f) + qh[i + l] * (float)(v[i + l] >> 4);
-        for (uint32_t i = full; i < H; i++) tail += q[i] * (float)(v[i] & 0x0f) + qh[i] * (float)(v[i] >> 4);
+                part[l] += q[i + l] * (float)(v[i + l] & 0x0f) + qh[i + l] * (float)(v[i + l] >> 4);
+        for (uint32_t i = full; i < H; i++) *tail += q[i] * (float)(v[i] & 0x0f) + qh[i] * (float)(v[i] >> 4);
     }
-    float s = tail;
-    for (int l = 0; l < KVQ_LANES; l++) s += acc[l];
-    return s;
 }
 
 /* o[i] += c * u[i] over one group. */
-static inline void kvq__axpy_group(const kvq_format *f, float c, const unsigned char *v, float *o) {
-    const uint32_t G = f->group;
-    if (f->bits == 8) {
-        if (f->asym)
+KVQ_ALWAYS_INLINE void kvq__axpy(uint32_t BITS, uint32_t ASYM, uint32_t G, float c, const unsigned char *v, float *o) {
+    if (BITS == 8) {
+        if (ASYM)
             for (uint32_t i = 0; i < G; i++) o[i] += c * (float)v[i];
         else {
             const int8_t *sv = (const int8_t *)v;
@@ -323,15 +343,14 @@ static inline void kvq__axpy_group(const kvq_format *f, float c, const unsigned 
 
 /* ---- attention ----------------------------------------------------------------------------------- */
 
-/* One query over n packed slots (k_slots / v_slots: n consecutive slots of f->slot_bytes). Writes
- * out[head_dim] and probs[n] (0 where pos[j] > q_pos). With every slot masked (cannot happen in the
- * host: a query always sees itself) out is 0 and probs are 0. */
-static inline void kvq_attend(const kvq_format *f, const float *q, int32_t q_pos, float scale, uint32_t n,
-                              const int32_t *pos, const void *k_slots, const void *v_slots, float *out, float *probs) {
-    const uint32_t G = f->group, NG = f->n_groups, HS = f->head_dim;
-    const size_t sb = f->slot_bytes;
-    const float z = kvq_zero_point(f);
-    const int has_offset = f->asym || z != 0.0f;
+KVQ_ALWAYS_INLINE void kvq__attend(uint32_t BITS, uint32_t ASYM, uint32_t G, uint32_t HS, const float *q, int32_t q_pos,
+                                   float scale, uint32_t n, const int32_t *pos, const void *k_slots,
+                                   const void *v_slots, float *out, float *probs) {
+    const uint32_t NG = HS / G;
+    const uint32_t header = NG * 2u * (ASYM ? 2u : 1u);
+    const size_t sb = header + (size_t)HS * BITS / 8u;
+    const float z = (BITS == 4 && !ASYM) ? 8.0f : 0.0f;
+    const int has_offset = ASYM || BITS == 4;
     float qsum[KVQ_MAX_HEAD_DIM]; /* [NG] Q_g */
     float off[KVQ_MAX_HEAD_DIM];  /* [NG] sum_j p_j * o_jg */
     for (uint32_t g = 0; g < NG; g++) {
@@ -340,7 +359,8 @@ static inline void kvq_attend(const kvq_format *f, const float *q, int32_t q_pos
         qsum[g] = s;
         off[g] = 0.0f;
     }
-    /* pass 1: scores and their max */
+    /* pass 1: scores and their max. Per slot: the groups' lane sums, each scaled by its s_g, are
+     * added lane-wise; one horizontal sum per slot. */
     float mx = -INFINITY;
     for (uint32_t j = 0; j < n; j++) {
         if (pos[j] > q_pos) {
@@ -348,12 +368,19 @@ static inline void kvq_attend(const kvq_format *f, const float *q, int32_t q_pos
             continue;
         }
         const unsigned char *slot = (const unsigned char *)k_slots + (size_t)j * sb;
-        float dot = 0.0f;
+        float acc[KVQ_LANES] = {0};
+        float extra = 0.0f;
         for (uint32_t g = 0; g < NG; g++) {
-            const float s = kvq_scale(f, slot, g);
-            dot += s * kvq__dot_group(f, q + (size_t)g * G, kvq_values(f, slot, g));
-            if (has_offset) dot += (kvq_min(f, slot, g) - s * z) * qsum[g];
+            float s, m;
+            kvq__header(ASYM, slot, g, &s, &m);
+            float part[KVQ_LANES] = {0}, tail = 0.0f;
+            kvq__dot_lanes(BITS, ASYM, G, q + (size_t)g * G, slot + header + (size_t)g * G * BITS / 8u, part, &tail);
+            for (int l = 0; l < KVQ_LANES; l++) acc[l] += s * part[l];
+            extra += s * tail;
+            if (has_offset) extra += (m - s * z) * qsum[g];
         }
+        float dot = extra;
+        for (int l = 0; l < KVQ_LANES; l++) dot += acc[l];
         dot *= scale;
         probs[j] = dot;
         if (dot > mx) mx = dot;
@@ -374,14 +401,166 @@ static inline void kvq_attend(const kvq_format *f, const float *q, int32_t q_pos
         if (p == 0.0f) continue;
         const unsigned char *slot = (const unsigned char *)v_slots + (size_t)j * sb;
         for (uint32_t g = 0; g < NG; g++) {
-            const float s = kvq_scale(f, slot, g);
-            kvq__axpy_group(f, p * s, kvq_values(f, slot, g), out + (size_t)g * G);
-            if (has_offset) off[g] += p * (kvq_min(f, slot, g) - s * z);
+            float s, m;
+            kvq__header(ASYM, slot, g, &s, &m);
+            kvq__axpy(BITS, ASYM, G, p * s, slot + header + (size_t)g * G * BITS / 8u, out + (size_t)g * G);
+            if (has_offset) off[g] += p * (m - s * z);
         }
     }
     if (has_offset)
         for (uint32_t g = 0; g < NG; g++)
             for (uint32_t i = 0; i < G; i++) out[(size_t)g * G + i] += off[g];
+}
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define KVQ_HAVE_AVX2 1
+/* ---- the same attention with AVX2 + FMA intrinsics, for groups of 32 (the default) -----------------
+ * Chosen at compile time (the build targets the host CPU, -march=native); kvq_attend_portable is the
+ * fallback everywhere else and the tests check both against a double-precision reference. */
+
+/* The 32 stored integers of one group as four vectors of 8 floats (elements 0-7, 8-15, 16-23, 24-31). */
+KVQ_ALWAYS_INLINE void kvq__unpack32(uint32_t BITS, uint32_t ASYM, const unsigned char *v, __m256 *u) {
+    if (BITS == 8) {
+        const __m128i a = _mm_loadu_si128((const __m128i *)(const void *)v);
+        const __m128i b = _mm_loadu_si128((const __m128i *)(const void *)(v + 16));
+        if (ASYM) {
+            u[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a));
+            u[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(a, 8)));
+            u[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
+            u[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)));
+        } else {
+            u[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(a));
+            u[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(a, 8)));
+            u[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+            u[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+        }
+    } else {
+        /* byte i: element i in the low nibble, element i + 16 in the high nibble */
+        const __m128i b = _mm_loadu_si128((const __m128i *)(const void *)v), nib = _mm_set1_epi8(0x0f);
+        const __m128i lo = _mm_and_si128(b, nib), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+        u[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+        u[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+        u[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+        u[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    }
+}
+
+static inline float kvq__hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+KVQ_ALWAYS_INLINE void kvq__attend_avx2(uint32_t BITS, uint32_t ASYM, uint32_t HS, const float *q, int32_t q_pos,
+                                        float scale, uint32_t n, const int32_t *pos, const void *k_slots,
+                                        const void *v_slots, float *out, float *probs) {
+    enum { G = 32 };
+    const uint32_t NG = HS / G, NV = HS / 8;
+    const uint32_t header = NG * 2u * (ASYM ? 2u : 1u);
+    const size_t sb = header + (size_t)HS * BITS / 8u;
+    const float z = (BITS == 4 && !ASYM) ? 8.0f : 0.0f;
+    const int has_offset = ASYM || BITS == 4;
+    __m256 qv[KVQ_MAX_HEAD_DIM / 8], ov[KVQ_MAX_HEAD_DIM / 8];
+    float qsum[KVQ_MAX_HEAD_DIM / G], off[KVQ_MAX_HEAD_DIM / G];
+    for (uint32_t i = 0; i < NV; i++) {
+        qv[i] = _mm256_loadu_ps(q + 8 * i);
+        ov[i] = _mm256_setzero_ps();
+    }
+    for (uint32_t g = 0; g < NG; g++) {
+        qsum[g] = kvq__hsum(_mm256_add_ps(_mm256_add_ps(qv[4 * g], qv[4 * g + 1]),
+                                          _mm256_add_ps(qv[4 * g + 2], qv[4 * g + 3])));
+        off[g] = 0.0f;
+    }
+    float mx = -INFINITY;
+    for (uint32_t j = 0; j < n; j++) {
+        if (pos[j] > q_pos) {
+            probs[j] = -INFINITY;
+            continue;
+        }
+        const unsigned char *slot = (const unsigned char *)k_slots + (size_t)j * sb;
+        __m256 acc = _mm256_setzero_ps();
+        float extra = 0.0f;
+        for (uint32_t g = 0; g < NG; g++) {
+            float s, m;
+            kvq__header(ASYM, slot, g, &s, &m);
+            __m256 u[4];
+            kvq__unpack32(BITS, ASYM, slot + header + (size_t)g * G * BITS / 8u, u);
+            __m256 part = _mm256_mul_ps(qv[4 * g], u[0]);
+            part = _mm256_fmadd_ps(qv[4 * g + 1], u[1], part);
+            part = _mm256_fmadd_ps(qv[4 * g + 2], u[2], part);
+            part = _mm256_fmadd_ps(qv[4 * g + 3], u[3], part);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(s), part, acc);
+            if (has_offset) extra += (m - s * z) * qsum[g];
+        }
+        const float dot = (kvq__hsum(acc) + extra) * scale;
+        probs[j] = dot;
+        if (dot > mx) mx = dot;
+    }
+    float sum = 0.0f;
+    for (uint32_t j = 0; j < n; j++) {
+        const float e = probs[j] == -INFINITY ? 0.0f : expf(probs[j] - mx);
+        probs[j] = e;
+        sum += e;
+    }
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    for (uint32_t j = 0; j < n; j++) {
+        const float p = probs[j] * inv;
+        probs[j] = p;
+        if (p == 0.0f) continue;
+        const unsigned char *slot = (const unsigned char *)v_slots + (size_t)j * sb;
+        for (uint32_t g = 0; g < NG; g++) {
+            float s, m;
+            kvq__header(ASYM, slot, g, &s, &m);
+            __m256 u[4];
+            kvq__unpack32(BITS, ASYM, slot + header + (size_t)g * G * BITS / 8u, u);
+            const __m256 c = _mm256_set1_ps(p * s);
+            for (int k = 0; k < 4; k++) ov[4 * g + k] = _mm256_fmadd_ps(c, u[k], ov[4 * g + k]);
+            if (has_offset) off[g] += p * (m - s * z);
+        }
+    }
+    for (uint32_t g = 0; g < NG; g++) {
+        const __m256 o = _mm256_set1_ps(has_offset ? off[g] : 0.0f);
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps(out + 8 * (4 * g + k), _mm256_add_ps(ov[4 * g + k], o));
+    }
+}
+#endif /* AVX2 */
+
+/* One query over n packed slots (k_slots / v_slots: n consecutive slots of f->slot_bytes). Writes
+ * out[head_dim] and probs[n] (0 where pos[j] > q_pos). With every slot masked (cannot happen in the
+ * host: a query always sees itself) out is 0 and probs are 0. The portable C kernel. */
+static inline void kvq_attend_portable(const kvq_format *f, const float *q, int32_t q_pos, float scale, uint32_t n,
+                                       const int32_t *pos, const void *k_slots, const void *v_slots, float *out,
+                                       float *probs) {
+    const uint32_t HS = f->head_dim;
+    if (f->group == 32) {
+        switch (f->bits * 2u + f->asym) {
+        case 16: kvq__attend(8, 0, 32, HS, q, q_pos, scale, n, pos, k_slots, v_slots, out, probs); return;
+        case 17: kvq__attend(8, 1, 32, HS, q, q_pos, scale, n, pos, k_slots, v_slots, out, probs); return;
+        case 8: kvq__attend(4, 0, 32, HS, q, q_pos, scale, n, pos, k_slots, v_slots, out, probs); return;
+        case 9: kvq__attend(4, 1, 32, HS, q, q_pos, scale, n, pos, k_slots, v_slots, out, probs); return;
+        default: break;
+        }
+    }
+    kvq__attend(f->bits, f->asym, f->group, HS, q, q_pos, scale, n, pos, k_slots, v_slots, out, probs);
+}
+
+/* kvq_attend_portable's contract, with the AVX2 kernel where the build has it and the group is 32. */
+static inline void kvq_attend(const kvq_format *f, const float *q, int32_t q_pos, float scale, uint32_t n,
+                              const int32_t *pos, const void *k_slots, const void *v_slots, float *out, float *probs) {
+#ifdef KVQ_HAVE_AVX2
+    if (f->group == 32) {
+        const uint32_t HS = f->head_dim;
+        switch (f->bits * 2u + f->asym) {
+        case 16: kvq__attend_avx2(8, 0, HS, q, q_pos, scale, n, pos, k_slots, v_slots, out, probs); return;
+        case 17: kvq__attend_avx2(8, 1, HS, q, q_pos, scale, n, pos, k_slots, v_slots, out, probs); return;
+        case 8: kvq__attend_avx2(4, 0, HS, q, q_pos, scale, n, pos, k_slots, v_slots, out, probs); return;
+        case 9: kvq__attend_avx2(4, 1, HS, q, q_pos, scale, n, pos, k_slots, v_slots, out, probs); return;
+        default: break;
+        }
+    }
+#endif
+    kvq_attend_portable(f, q, q_pos, scale, n, pos, k_slots, v_slots, out, probs);
 }
 
 #endif /* KVQ_FORMAT_H */
