@@ -239,6 +239,45 @@ static void attend_head(const float *q, size_t q_stride, const int32_t *qpos, in
     }
 }
 
+/* Queries per block of the GEMM prefill path: its score scratch is PREFILL_BLOCK x n floats per thread. */
+#define PREFILL_BLOCK 64
+
+/* attend_head for a prefill block on the dense fp32 layout, with two GEMMs per block of queries:
+ * S = scale * Q K^T (rows: queries, columns: slots), causal mask by position, row softmax (probabilities
+ * go to the score accumulators as in attend_head), then O = P V. Same result as attend_head up to fp32
+ * summation order; it never holds more than PREFILL_BLOCK x n scores. */
+static void attend_head_gemm(const float *q, size_t q_stride, const int32_t *qpos, int T, kvh_head_cache *hc, int HS,
+                             const kvh_layer_policy_settings *ls, float *out, size_t out_stride, float *scratch) {
+    const float scale = 1.0f / sqrtf((float)HS);
+    const int n = (int)hc->n;
+    const float *K = hc->k, *Vd = hc->v;
+    for (int t0 = 0; t0 < T; t0 += PREFILL_BLOCK) {
+        const int tb = T - t0 < PREFILL_BLOCK ? T - t0 : PREFILL_BLOCK;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tb, n, HS, scale, q + (size_t)t0 * q_stride,
+                    (int)q_stride, K, HS, 0.0f, scratch, n);
+        for (int i = 0; i < tb; i++) {
+            float *row = scratch + (size_t)i * n;
+            const int32_t p = qpos[t0 + i];
+            float mx = -INFINITY;
+            for (int j = 0; j < n; j++) {
+                if (hc->pos[j] > p) row[j] = -INFINITY;
+                else if (row[j] > mx) mx = row[j];
+            }
+            float sum = 0.0f;
+            for (int j = 0; j < n; j++) {
+                const float e = row[j] == -INFINITY ? 0.0f : expf(row[j] - mx);
+                row[j] = e;
+                sum += e;
+            }
+            const float inv = 1.0f / sum;
+            for (int j = 0; j < n; j++) row[j] *= inv;
+            accumulate_scores(hc, ls, true, t0 + i, T, row);
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tb, HS, n, 1.0f, scratch, n, Vd, HS, 0.0f,
+                    out + (size_t)t0 * out_stride, (int)out_stride);
+    }
+}
+
 /* Writes T new tokens' K and V (rows of a [T, 3C] qkv matrix) into the slots just appended to every head
  * of (s, l): a plain copy for the dense fp32 layout, the store's append hook (ABI 1.2) or its per-row
  * encoder otherwise. */
@@ -334,7 +373,12 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
         }
         if (ctx + (size_t)T > max_ctx) max_ctx = ctx + (size_t)T;
     }
-    if (workspace_reserve(ws, cfg, Ttot, max_ctx, err) != 0) return -1;
+    /* score scratch per thread: one query's n scores, or a GEMM block's PREFILL_BLOCK x n */
+    size_t max_T = 0;
+    for (int b = 0; b < batch->n; b++)
+        if ((size_t)batch->n_tokens[b] > max_T) max_T = (size_t)batch->n_tokens[b];
+    size_t block = max_T > 1 ? (max_T < PREFILL_BLOCK ? max_T : PREFILL_BLOCK) : 1;
+    if (workspace_reserve(ws, cfg, Ttot, max_ctx * block, err) != 0) return -1;
 
     uint64_t t0 = kvh_now_ns();
     /* Embedding: x[t] = wte[token] + wpe[position]. */
@@ -397,6 +441,9 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
                 if (ls->store)
                     attend_head_store(ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls,
                                       T > 1, ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
+                else if (T > 1)
+                    attend_head_gemm(ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls,
+                                     ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
                 else
                     attend_head(ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls, T > 1,
                                 ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
