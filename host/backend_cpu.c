@@ -165,6 +165,18 @@ static void accumulate_scores(kvh_head_cache *hc, const kvh_layer_policy_setting
         for (uint32_t j = 0; j < n; j++) hc->obs_score[j] += probs[j];
 }
 
+/* Softmax numerators in place: x[j] = exp(x[j] - mx), 0 for masked (-inf) entries; returns 1 / their sum
+ * (a query always sees at least itself, so the sum is positive). */
+static float exp_and_sum(float *x, uint32_t n, float mx) {
+    float sum = 0.0f;
+    for (uint32_t j = 0; j < n; j++) {
+        const float e = x[j] == -INFINITY ? 0.0f : expf(x[j] - mx);
+        x[j] = e;
+        sum += e;
+    }
+    return 1.0f / sum;
+}
+
 /* Attention of T queries through a store plugin: it reads K/V in their stored form. */
 static void attend_head_store(const float *q, size_t q_stride, const int32_t *qpos, int T, kvh_head_cache *hc, int HS,
                               const kvh_layer_policy_settings *ls, bool in_prefill, float *out, size_t out_stride,
@@ -219,13 +231,7 @@ static void attend_head(const float *q, size_t q_stride, const int32_t *qpos, in
             scores[j] = s;
             if (s > mx) mx = s;
         }
-        float sum = 0.0f;
-        for (uint32_t j = 0; j < n; j++) {
-            float e = scores[j] == -INFINITY ? 0.0f : expf(scores[j] - mx);
-            scores[j] = e;
-            sum += e;
-        }
-        const float inv = 1.0f / sum;
+        const float inv = exp_and_sum(scores, n, mx);
         float *o = out + (size_t)t * out_stride;
         for (int d = 0; d < HS; d++) o[d] = 0.0f;
         for (uint32_t j = 0; j < n; j++) {
@@ -263,13 +269,7 @@ static void attend_head_gemm(const float *q, size_t q_stride, const int32_t *qpo
                 if (hc->pos[j] > p) row[j] = -INFINITY;
                 else if (row[j] > mx) mx = row[j];
             }
-            float sum = 0.0f;
-            for (int j = 0; j < n; j++) {
-                const float e = row[j] == -INFINITY ? 0.0f : expf(row[j] - mx);
-                row[j] = e;
-                sum += e;
-            }
-            const float inv = 1.0f / sum;
+            const float inv = exp_and_sum(row, (uint32_t)n, mx);
             for (int j = 0; j < n; j++) row[j] *= inv;
             accumulate_scores(hc, ls, true, t0 + i, T, row);
         }

@@ -68,6 +68,19 @@ static int need_value(int argc, char **argv, int *i, const char **value, kvh_err
     return 0;
 }
 
+int kvh_cli_parse_outcome(int parse_rc, const char *command, const char *usage, const kvh_err *err) {
+    if (parse_rc == 1) {
+        fputs(usage, stdout);
+        fputs(kvh_cli_common_help, stdout);
+        return 0;
+    }
+    if (parse_rc != 0) {
+        fprintf(stderr, "kvhost %s: %s\n", command, err->msg);
+        return 2;
+    }
+    return -1;
+}
+
 int kvh_cli_common_parse(kvh_cli_common *c, int argc, char **argv, int *i, kvh_err *err) {
     const char *a = argv[*i];
     const char *v = NULL;

@@ -34,6 +34,11 @@ typedef struct kvh_cli_common {
 /* The help text of the common options (for the commands' --help). */
 extern const char *const kvh_cli_common_help;
 
+/* What a command does with its argument parser's result (0 ok, 1 --help, -1 error in err): returns -1
+ * when the command goes on, else the exit status to return at once: 0 after printing usage and the
+ * common options' help for --help, 2 after printing "kvhost <command>: <error>". */
+int kvh_cli_parse_outcome(int parse_rc, const char *command, const char *usage, const kvh_err *err);
+
 /* Tries to consume argv[*i] (and its value) as a common option. Returns 1 if consumed (*i advanced past
  * the value), 0 if not a common option, -1 on a bad value (err says which option and why). */
 int kvh_cli_common_parse(kvh_cli_common *c, int argc, char **argv, int *i, kvh_err *err);

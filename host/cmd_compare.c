@@ -249,16 +249,8 @@ static int write_record(const char *path, const char *role, const side *sd, cons
 int kvh_cmd_compare(int argc, char **argv) {
     kvh_err err = {{0}};
     compare_args a;
-    int pr = parse_args(argc, argv, &a, &err);
-    if (pr == 1) {
-        fputs(compare_usage, stdout);
-        fputs(kvh_cli_common_help, stdout);
-        return 0;
-    }
-    if (pr != 0) {
-        fprintf(stderr, "kvhost compare: %s\n", err.msg);
-        return 2;
-    }
+    int outcome = kvh_cli_parse_outcome(parse_args(argc, argv, &a, &err), "compare", compare_usage, &err);
+    if (outcome >= 0) return outcome;
     int status = 1;
     kvh_run_config cfg;
     kvh_model model;

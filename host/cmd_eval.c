@@ -166,16 +166,8 @@ static int write_record(const eval_args *a, const char *mode, const kvh_eval_res
 int kvh_cmd_eval(int argc, char **argv) {
     kvh_err err = {{0}};
     eval_args a;
-    int pr = parse_args(argc, argv, &a, &err);
-    if (pr == 1) {
-        fputs(eval_usage, stdout);
-        fputs(kvh_cli_common_help, stdout);
-        return 0;
-    }
-    if (pr != 0) {
-        fprintf(stderr, "kvhost eval: %s\n", err.msg);
-        return 2;
-    }
+    int outcome = kvh_cli_parse_outcome(parse_args(argc, argv, &a, &err), "eval", eval_usage, &err);
+    if (outcome >= 0) return outcome;
     int status = 1;
     kvh_run_config cfg;
     kvh_model model;

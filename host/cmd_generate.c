@@ -204,16 +204,8 @@ int kvh_add_run_fields(cJSON *rec, const kvh_model *model, const kvh_session *s,
 int kvh_cmd_generate(int argc, char **argv) {
     kvh_err err = {{0}};
     generate_args a;
-    int pr = parse_args(argc, argv, &a, &err);
-    if (pr == 1) {
-        fputs(generate_usage, stdout);
-        fputs(kvh_cli_common_help, stdout);
-        return 0;
-    }
-    if (pr != 0) {
-        fprintf(stderr, "kvhost generate: %s\n", err.msg);
-        return 2;
-    }
+    int outcome = kvh_cli_parse_outcome(parse_args(argc, argv, &a, &err), "generate", generate_usage, &err);
+    if (outcome >= 0) return outcome;
     int status = 1;
     kvh_run_config cfg;
     kvh_model model;

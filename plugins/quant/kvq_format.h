@@ -343,6 +343,18 @@ KVQ_ALWAYS_INLINE void kvq__axpy(uint32_t BITS, uint32_t ASYM, uint32_t G, float
 
 /* ---- attention ----------------------------------------------------------------------------------- */
 
+/* Pass 2 of both kernels: probs[j] = exp(probs[j] - mx) (0 for masked -inf slots); returns 1 / sum. */
+static inline float kvq__exp_and_sum(float *probs, uint32_t n, float mx) {
+    float sum = 0.0f;
+    for (uint32_t j = 0; j < n; j++) {
+        const float e = probs[j] == -INFINITY ? 0.0f : expf(probs[j] - mx);
+        probs[j] = e;
+        sum += e;
+    }
+    return sum > 0.0f ? 1.0f / sum : 0.0f;
+}
+
+
 KVQ_ALWAYS_INLINE void kvq__attend(uint32_t BITS, uint32_t ASYM, uint32_t G, uint32_t HS, const float *q, int32_t q_pos,
                                    float scale, uint32_t n, const int32_t *pos, const void *k_slots,
                                    const void *v_slots, float *out, float *probs) {
@@ -386,13 +398,7 @@ KVQ_ALWAYS_INLINE void kvq__attend(uint32_t BITS, uint32_t ASYM, uint32_t G, uin
         if (dot > mx) mx = dot;
     }
     /* pass 2: exp and sum */
-    float sum = 0.0f;
-    for (uint32_t j = 0; j < n; j++) {
-        const float e = probs[j] == -INFINITY ? 0.0f : expf(probs[j] - mx);
-        probs[j] = e;
-        sum += e;
-    }
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    const float inv = kvq__exp_and_sum(probs, n, mx);
     /* pass 3: normalize and accumulate V block by block */
     for (uint32_t d = 0; d < HS; d++) out[d] = 0.0f;
     for (uint32_t j = 0; j < n; j++) {
@@ -497,13 +503,7 @@ KVQ_ALWAYS_INLINE void kvq__attend_avx2(uint32_t BITS, uint32_t ASYM, uint32_t H
         probs[j] = dot;
         if (dot > mx) mx = dot;
     }
-    float sum = 0.0f;
-    for (uint32_t j = 0; j < n; j++) {
-        const float e = probs[j] == -INFINITY ? 0.0f : expf(probs[j] - mx);
-        probs[j] = e;
-        sum += e;
-    }
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    const float inv = kvq__exp_and_sum(probs, n, mx);
     for (uint32_t j = 0; j < n; j++) {
         const float p = probs[j] * inv;
         probs[j] = p;
