@@ -56,7 +56,10 @@ typedef struct kvh_layer_policy_settings {
     /* Formats a failed store hook (append) as "plugin 'x' (x.so) layer L seq S head H: append failed: <its
      * message>" into err and returns -1. Filled by the router next to `store`. */
     int (*store_fail)(void *ctx, int seq, int head, const char *hook, kvh_err *err);
-    void *store_fail_ctx;
+    void *store_fail_ctx;   /* also the ctx of store_param */
+    /* The store's parameter values as parsed by the host (e.g. "bits"), for backends that implement a
+     * known store format natively (the CUDA backend's int8/int4 kernels). Unknown names give 0. */
+    double (*store_param)(void *ctx, const char *name);
 } kvh_layer_policy_settings;
 
 typedef struct kvh_kvcache {

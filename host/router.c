@@ -481,6 +481,7 @@ void kvh_router_layer_settings(const kvh_router *r, kvh_layer_policy_settings *s
             s->v_slot_bytes = st->inst.v_slot_bytes;
             s->store_fail = store_fail;
             s->store_fail_ctx = (void *)st;
+            s->store_param = svc_param;
         }
         const host_ctx *x = r->layer_ctx[l];
         if (!x) {
