@@ -6,6 +6,13 @@
       attention, use_cache=True, greedy decoding written out step by step (prefill, then one token per
       step with past_key_values), and prints one JSON line: prefill ms, decode step latency median /
       p10 / p90, decode tokens/s (B tokens per step), peak device memory.
+  peer --model-dir DIR | --preset P [--seed S]  --batch B --prompt-tokens N --max-new M --warmup W --repeats R
+      the sweep driver's peer interface (bench/kvbench.py, peer = transformers): the same decode as above
+      on a checkpoint directory (from_pretrained) or a preset with random init, printing one `peer_run`
+      JSON line with every timed run's prefill and total ms, every decode step's ms, peak device memory.
+  check
+      exit status 0 and one JSON line with the versions when torch and transformers import and a CUDA
+      device is visible; 1 with the reason otherwise.
   membw
       measures device memory bandwidth with a large device-to-device copy (bytes read + written per
       second, the usual convention) and prints one JSON line.
@@ -96,6 +103,104 @@ def decode(args):
     print(json.dumps(rec), flush=True)
 
 
+def n_params(c):
+    """Parameters of a GPT-2 with tied head (what kvhost reports): wte + wpe + L blocks + ln_f."""
+    V, P, C, L = c.vocab_size, c.n_positions, c.n_embd, c.n_layer
+    F = c.n_inner or 4 * C
+    return V * C + P * C + L * (4 * C * C + 2 * C * F + 9 * C + F) + 2 * C
+
+
+def peer(args):
+    import resource
+    import torch
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    if args.model_dir:
+        model = GPT2LMHeadModel.from_pretrained(args.model_dir, torch_dtype=torch.float16, attn_implementation="eager")
+        model = model.to("cuda")
+    else:
+        p = PRESETS[args.preset]
+        cfg = GPT2Config(vocab_size=VOCAB, n_positions=NPOS, n_embd=p["n_embd"], n_layer=p["n_layer"],
+                         n_head=p["n_head"], activation_function="gelu_new", attn_implementation="eager")
+        cfg._attn_implementation = "eager"
+        with torch.device("cuda"):
+            model = GPT2LMHeadModel(cfg)
+        model = model.half()
+    model = model.eval()
+    c = model.config
+    B, N, M = args.batch, args.prompt_tokens, args.max_new
+    if N + M > c.n_positions:
+        print(f"hf_gpu_bench.py: --prompt-tokens {N} + --max-new {M} exceeds n_positions {c.n_positions}",
+              file=sys.stderr)
+        return 1
+    ids = torch.tensor([[(i * 7919 + 13) % c.vocab_size for i in range(N)]] * B, device="cuda")  # [B, N]
+
+    def one_run():
+        steps, toks = [], []
+        with torch.inference_mode():
+            torch.cuda.synchronize()
+            t_start = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+            toks.append(int(nxt[0, 0]))
+            torch.cuda.synchronize()
+            prefill = (time.perf_counter() - t_start) * 1e3
+            for _ in range(M - 1):
+                t = time.perf_counter()
+                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+                torch.cuda.synchronize()
+                steps.append((time.perf_counter() - t) * 1e3)
+                toks.append(int(nxt[0, 0]))
+            total = (time.perf_counter() - t_start) * 1e3
+        return prefill, steps, total, toks
+
+    for _ in range(args.warmup):
+        one_run()
+    torch.cuda.reset_peak_memory_stats()
+    prefills, totals, all_steps, tps, toks = [], [], [], [], []
+    for _ in range(args.repeats):
+        pf, st, tot, toks = one_run()
+        prefills.append(pf)
+        totals.append(tot)
+        all_steps += st
+        tps.append(B * len(st) / (sum(st) / 1e3) if st else 0.0)
+    rec = {
+        "record": "peer_run", "peer": "transformers", "peer_version": "transformers " + transformers.__version__,
+        "peer_impl": f"GPT2LMHeadModel eager attention fp16, past_key_values, greedy (torch {torch.__version__})",
+        "device": torch.cuda.get_device_name(0), "threads": torch.get_num_threads(), "batch": B,
+        "prompt_tokens": N, "max_new": M, "warmup_runs": args.warmup, "repeats": args.repeats,
+        "prefill_ms": prefills, "total_ms": totals, "step_ms": all_steps, "repeat_tokens_per_s": tps,
+        "generated_tokens": [M] * B, "first_tokens": toks[:16],
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_device_bytes": torch.cuda.max_memory_allocated(),
+        "model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_params": n_params(c)},
+    }
+    print(json.dumps(rec), flush=True)
+    return 0
+
+
+def check(args):
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        print(f"hf_gpu_bench.py: {e} (python {sys.executable})", file=sys.stderr)
+        return 1
+    if not torch.cuda.is_available():
+        print(f"hf_gpu_bench.py: no CUDA device visible to torch {torch.__version__}", file=sys.stderr)
+        return 1
+    print(json.dumps({"peer": "transformers", "peer_version": "transformers " + transformers.__version__,
+                      "device": torch.cuda.get_device_name(0), "python": sys.executable}))
+    return 0
+
+
 def membw(args):
     import torch
     n = args.bytes // 2
@@ -163,13 +268,25 @@ def main():
     d.add_argument("--max-new", type=int, default=512)
     d.add_argument("--warmup", type=int, default=1)
     d.add_argument("--repeats", type=int, default=3)
+    p = sub.add_parser("peer")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model-dir")
+    g.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-new", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    sub.add_parser("check")
     b = sub.add_parser("membw")
     b.add_argument("--bytes", type=int, default=2 << 30)
     b.add_argument("--iters", type=int, default=20)
     s = sub.add_parser("summarize")
     s.add_argument("run")
     a = ap.parse_args()
-    {"decode": decode, "membw": membw, "summarize": summarize}[a.cmd](a)
+    return {"decode": decode, "membw": membw, "summarize": summarize, "peer": peer, "check": check}[a.cmd](a)
 
 
 if __name__ == "__main__":

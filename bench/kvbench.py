@@ -4,13 +4,14 @@ backends and appends one JSON Lines record per run.
 
 Owns: the sweep file format and its validation, grid expansion, the run order (every configuration of one
 grid point runs back to back in the same script run), the tags each record gets, skipping configurations
-whose plugins are not built, emitting the sweep as independent jobs (GNU parallel, Slurm job array),
+whose plugins are not built, the peers (PyTorch eager, HF transformers) run beside kvhost at each point and
+their records in kvhost's schema, emitting the sweep as independent jobs (GNU parallel, Slurm job array),
 merging result files, and the max-batch search (`capacity`). Does not own: measuring (kvhost generate
 writes the records) or plotting (bench/report.py).
 
 Standard library only (CI may have python3 without numpy).
 
-  kvbench.py run SWEEP.ini --kvhost build/kvhost --out results.jsonl [--append]
+  kvbench.py run SWEEP.ini --kvhost build/kvhost --out results.jsonl [--append] [--work DIR]
   kvbench.py job SWEEP.ini INDEX --kvhost build/kvhost --out job.jsonl     (one grid point)
   kvbench.py emit SWEEP.ini --parallel|--slurm --kvhost K --out-dir DIR
   kvbench.py merge a.jsonl b.jsonl -o all.jsonl
@@ -23,9 +24,12 @@ import json
 import os
 import re
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 SWEEP_KEYS = {
     "models": "comma list of model specs (checkpoint directories or random:gpt2-medium)",
@@ -56,7 +60,18 @@ CONFIG_KEYS = {
     "no_cache": "true: the recompute baseline (kvhost --no-cache)",
     "max_length": "skip this configuration at lengths above this",
     "models": "comma list: run this configuration only on these models",
+    "peer": "run a peer instead of kvhost: torch-eager (CPU, bench/torch_gpt2.py) or transformers (GPU, "
+            "bench/hf_gpu_bench.py)",
 }
+PEER_KEYS = ("peer", "max_length", "models")
+# peer kind -> the backend it runs on, its script, the env variable / option overriding its command
+PEERS = {
+    "torch-eager": {"backend": "cpu", "script": "torch_gpt2.py", "env": "KVBENCH_TORCH_PEER",
+                    "needs": "torch and numpy (Debian: python3-torch)"},
+    "transformers": {"backend": "cuda", "script": "hf_gpu_bench.py", "env": "KVBENCH_TRANSFORMERS_PEER",
+                     "needs": "torch with CUDA and transformers"},
+}
+PHASES = ["embed", "attn_proj", "attn_core", "mlp", "lm_head", "plugin_hooks", "other"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -186,7 +201,20 @@ def parse_sweep_text(text, path="<sweep>"):
             if k not in CONFIG_KEYS:
                 raise SweepError(f"{path}: [{name}] unknown key '{k}' (known keys: {', '.join(CONFIG_KEYS)})")
         c = {"name": name, "config": None, "plugins": None, "sets": [], "budget_ratio": None,
-             "no_cache": False, "max_length": None, "models": None}
+             "no_cache": False, "max_length": None, "models": None, "peer": None}
+        if "peer" in sec:
+            kind = sec["peer"].strip()
+            if kind not in PEERS:
+                raise SweepError(f"{path}: [{name}] peer = {kind}: unknown peer (known: {', '.join(PEERS)})")
+            extra = [k for k in sec if k not in PEER_KEYS]
+            if extra:
+                raise SweepError(f"{path}: [{name}] peer = {kind} takes only {', '.join(PEER_KEYS)}: '{extra[0]}' "
+                                 f"is a kvhost configuration key (a peer runs plain GPT-2 with its own full KV cache)")
+            want = PEERS[kind]["backend"]
+            if want not in s["backends"]:
+                raise SweepError(f"{path}: [{name}] peer = {kind} runs on backend {want}, but [sweep] backends = "
+                                 f"{', '.join(s['backends'])} has no {want}")
+            c["peer"] = kind
         if "config" in sec:
             resolved = _resolve(path, sec["config"])
             if not resolved or not os.path.isfile(resolved):
@@ -245,6 +273,8 @@ def grid_points(sweep):
 
 
 def config_applies(c, point):
+    if c.get("peer") and point["backend"] != PEERS[c["peer"]]["backend"]:
+        return False
     if c["max_length"] is not None and point["length"] > c["max_length"]:
         return False
     if c["models"] is not None and point["model"] not in c["models"]:
@@ -322,11 +352,18 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_point(kvhost, sweep, point, out, job_id, available, dry=False):
-    """Runs every applicable configuration at one grid point, back to back. Returns (ok, failed, skipped)."""
+def run_point(kvhost, sweep, point, out, job_id, available, dry=False, peers=None):
+    """Runs every applicable configuration (kvhost or peer) at one grid point, back to back, in sweep-file
+    order. Returns (ok, failed, skipped)."""
     ok = failed = skipped = 0
     for c in sweep["configs"]:
         if not config_applies(c, point):
+            continue
+        if c["peer"]:
+            if peers is None:
+                peers = PeerRunner()
+            r = peers.run(sweep, c, point, out, job_id, dry)
+            ok, failed, skipped = ok + (r == "ok"), failed + (r == "failed"), skipped + (r == "skipped")
             continue
         miss = missing_plugins(c, available)
         if miss:
@@ -352,6 +389,249 @@ def run_point(kvhost, sweep, point, out, job_id, available, dry=False):
         else:
             ok += 1
     return ok, failed, skipped
+
+
+# ---- peers -----------------------------------------------------------------------------------------
+
+def latency_stats(ms):
+    """The decode_step object of a kvhost record, computed the way kvhost does (host/metrics.c: percentiles
+    by linear interpolation between the two nearest ranks)."""
+    s = sorted(ms)
+    n = len(s)
+    if n == 0:
+        return {"n": 0, "median_ms": 0.0, "p10_ms": 0.0, "p90_ms": 0.0, "mean_ms": 0.0, "min_ms": 0.0, "max_ms": 0.0}
+
+    def pct(q):
+        rank = q * (n - 1)
+        lo = int(rank)
+        if lo >= n - 1:
+            return s[-1]
+        return s[lo] + (s[lo + 1] - s[lo]) * (rank - lo)
+    return {"n": n, "median_ms": pct(0.5), "p10_ms": pct(0.1), "p90_ms": pct(0.9), "mean_ms": sum(s) / n,
+            "min_ms": s[0], "max_ms": s[-1]}
+
+
+def machine_info():
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        cores = os.sysconf("SC_NPROCESSORS_ONLN")
+    except (ValueError, OSError, AttributeError):
+        cores = os.cpu_count() or 0
+    return {"host": socket.gethostname(), "cpu": cpu, "cores": cores}
+
+
+def repo_commit():
+    """The commit of the scripts that ran the peer, as kvhost writes its own (12 hex digits, -dirty)."""
+    try:
+        h = subprocess.run(["git", "-C", REPO, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                           timeout=30)
+        if h.returncode != 0:
+            return "unknown"
+        d = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=30)
+        return h.stdout.strip() + ("-dirty" if d.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def kvhost_model_name(spec):
+    """The model.name kvhost records for a spec: random:NAME (seed dropped) or the directory's basename."""
+    if spec.startswith("random:"):
+        return "random:" + spec[len("random:"):].split(":")[0]
+    return os.path.basename(os.path.realpath(spec).rstrip("/"))
+
+
+def random_spec(spec):
+    """(preset, seed) of a random:NAME[:SEED] spec (seed 1234 = kvhost's default), or None."""
+    if not spec.startswith("random:"):
+        return None
+    parts = spec[len("random:"):].split(":")
+    seed = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 1234
+    return parts[0], seed
+
+
+def peer_record(raw, sweep, c, point, job_id, commit, machine, model_dir=None):
+    """A generate record in kvhost's schema from a peer's `peer_run` line. Fields a peer does not measure
+    (KV bytes, phases, plugin stack, kvhost version) are null; `peer` and `peer_version` say who ran it."""
+    B, T = point["batch"], point["length"]
+    steps = raw["step_ms"]
+    R = max(1, len(raw["prefill_ms"]))
+    spec = point["model"]
+    model = {"name": kvhost_model_name(spec), "source": spec, "random_weights": spec.startswith("random:")}
+    model.update(raw.get("model", {}))
+    if model_dir:
+        model["peer_checkpoint"] = model_dir
+    return {
+        "record": "generate", "peer": c["peer"], "peer_version": raw["peer_version"],
+        "peer_impl": raw.get("peer_impl"), "kvhost_version": None, "commit": commit,
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine, "model": model,
+        "backend": point["backend"], "device": raw.get("device"), "threads": raw.get("threads"),
+        "no_cache": False, "cache_budget": None, "cache_slack": None, "plugins": None, "batch": B,
+        "tags": {"config": c["name"], "sweep": os.path.basename(sweep["path"]), "job": str(job_id)},
+        "prompt_tokens": [T] * B, "generated_tokens": raw.get("generated_tokens", [sweep["max_new"]] * B),
+        "first_tokens": raw.get("first_tokens", []),
+        "prefill_ms": sum(raw["prefill_ms"]) / R, "decode_step": latency_stats(steps),
+        "decode_tokens_per_s": len(steps) * B / (sum(steps) / 1e3) if sum(steps) > 0 else 0.0,
+        "warmup_runs": raw.get("warmup_runs", sweep["warmup"]), "repeats": raw.get("repeats", sweep["repeats"]),
+        "repeat_tokens_per_s": raw.get("repeat_tokens_per_s", []), "weight_bytes_per_token": None,
+        "kv_bytes_held": None, "kv_bytes_peak": None, "kv_live_bytes": None, "kv_live_tokens": None,
+        "max_live_per_head": None, "peak_rss_bytes": raw.get("peak_rss_bytes"),
+        "peak_device_bytes": raw.get("peak_device_bytes"),
+        "phase_ms": {p: None for p in PHASES}, "total_ms": sum(raw["total_ms"]) / R,
+        "sampling": {"temperature": 0, "top_k": 0, "top_p": 1, "seed": None},
+    }
+
+
+def default_work_dir():
+    return os.environ.get("KVH_BENCH_DIR") or os.path.join(tempfile.gettempdir(), "kvh-bench")
+
+
+class PeerRunner:
+    """Runs peers for run_point: finds a command that can run each peer kind (once per kind; a kind that
+    cannot run is skipped with one note), writes the Hugging Face checkpoint of each random: model once
+    (torch-eager), runs the peer and appends its record. commands: {kind: argv prefix} overrides."""
+
+    def __init__(self, work=None, commands=None):
+        self.work = work or default_work_dir()
+        self.commands = dict(commands or {})
+        self.ready = {}        # kind -> (argv prefix, version) or None (cannot run)
+        self.checkpoints = {}  # (preset, seed) -> dir
+        self.commit = None
+        self.machine = None
+
+    def candidates(self, kind):
+        if kind in self.commands and self.commands[kind]:
+            return [self.commands[kind]]
+        env = os.environ.get(PEERS[kind]["env"])
+        if env:
+            return [shlex.split(env)]
+        script = os.path.join(REPO, "bench", PEERS[kind]["script"])
+        pythons = [sys.executable]
+        if os.path.exists("/usr/bin/python3") and os.path.realpath("/usr/bin/python3") != os.path.realpath(
+                sys.executable):
+            pythons.append("/usr/bin/python3")  # Debian's python3-torch lives there, not in a venv or pyenv
+        return [[py, script] for py in pythons]
+
+    def resolve(self, kind, name):
+        if kind in self.ready:
+            return self.ready[kind]
+        why = []
+        for cmd in self.candidates(kind):
+            try:
+                p = subprocess.run(cmd + ["check"], capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                why.append(f"{shlex.join(cmd)}: {e}")
+                continue
+            if p.returncode == 0:
+                try:
+                    info = json.loads(p.stdout.strip().splitlines()[-1])
+                    self.ready[kind] = (cmd, info.get("peer_version", "?"))
+                    log(f"kvbench: peer {kind}: {info.get('peer_version', '?')} via {shlex.join(cmd)}")
+                    return self.ready[kind]
+                except (json.JSONDecodeError, IndexError):
+                    why.append(f"{shlex.join(cmd)} check: no JSON line on stdout")
+                    continue
+            last = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
+            why.append(last)
+        self.ready[kind] = None
+        log(f"kvbench: note: skipping peer [{name}] ({kind}) everywhere in this run: it cannot run here: "
+            f"{'; '.join(why)} (needs {PEERS[kind]['needs']}); no records written for it")
+        return None
+
+    def checkpoint(self, cmd, spec):
+        """The HF directory torch loads for a model spec: the spec itself for a directory; for random:NAME[:SEED]
+        a checkpoint of NAME's shapes written once into the work dir (seeded random weights, not kvhost's own)."""
+        rs = random_spec(spec)
+        if rs is None:
+            return spec
+        if rs in self.checkpoints:
+            return self.checkpoints[rs]
+        d = os.path.join(self.work, f"{rs[0]}-seed{rs[1]}")
+        if not (os.path.isfile(os.path.join(d, "config.json")) and os.path.isfile(os.path.join(d, "model.safetensors"))):
+            os.makedirs(self.work, exist_ok=True)
+            tmp = f"{d}.tmp-{os.getpid()}"
+            log(f"kvbench: writing the {rs[0]} checkpoint (seed {rs[1]}) for the torch peer: {d} (once)")
+            p = subprocess.run(cmd + ["make-checkpoint", tmp, "--preset", rs[0], "--seed", str(rs[1])],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if p.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RuntimeError(f"make-checkpoint {rs[0]} failed: "
+                                   f"{(p.stderr.strip().splitlines() or ['?'])[-1]}")
+            try:
+                os.rename(tmp, d)  # atomic: parallel jobs racing on the same checkpoint keep one
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.checkpoints[rs] = d
+        return d
+
+    def argv(self, cmd, sweep, c, point, model_dir):
+        a = list(cmd) + ["peer"]
+        rs = random_spec(point["model"])
+        if model_dir:
+            a += ["--model-dir", model_dir]
+        else:
+            a += ["--preset", rs[0], "--seed", str(rs[1])]
+        a += ["--batch", str(point["batch"]), "--prompt-tokens", str(point["length"]),
+              "--max-new", str(sweep["max_new"]), "--warmup", str(sweep["warmup"]), "--repeats", str(sweep["repeats"])]
+        if sweep["threads"]:
+            a += ["--threads", str(sweep["threads"])]
+        return a
+
+    def run(self, sweep, c, point, out, job_id, dry=False):
+        """Returns 'ok', 'failed' or 'skipped'."""
+        kind = c["peer"]
+        desc = f"[{c['name']}] peer {kind} {point['model']} T={point['length']} B={point['batch']} {point['backend']}"
+        if dry:
+            cmd = self.candidates(kind)[0]
+            print(shlex.join(self.argv(cmd, sweep, c, point, point["model"])))
+            return "ok"
+        got = self.resolve(kind, c["name"])
+        if got is None:
+            return "skipped"
+        cmd = got[0]
+        try:
+            # torch-eager loads a checkpoint directory; transformers builds random: presets itself
+            model_dir = self.checkpoint(cmd, point["model"]) if kind == "torch-eager" or not \
+                point["model"].startswith("random:") else None
+        except RuntimeError as e:
+            log(f"kvbench: FAILED {desc}: {e}")
+            return "failed"
+        argv = self.argv(cmd, sweep, c, point, model_dir)
+        log(f"kvbench: {desc}")
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if p.returncode != 0:
+            msg = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
+            if "n_positions" in msg:
+                log(f"kvbench: note: skipping {desc}: {msg}")
+                return "skipped"
+            log(f"kvbench: FAILED {desc}: {msg}")
+            return "failed"
+        raw = None
+        for line in reversed(p.stdout.splitlines()):
+            if line.strip().startswith("{"):
+                try:
+                    cand = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if cand.get("record") == "peer_run":
+                    raw = cand
+                    break
+        need = ("peer_version", "prefill_ms", "total_ms", "step_ms")
+        if raw is None or any(k not in raw for k in need):
+            log(f"kvbench: FAILED {desc}: no complete peer_run JSON line on its stdout (needs {', '.join(need)})")
+            return "failed"
+        if self.commit is None:
+            self.commit, self.machine = repo_commit(), machine_info()
+        append_record(out, peer_record(raw, sweep, c, point, job_id, self.commit, self.machine, model_dir))
+        return "ok"
 
 
 # ---- max batch search ------------------------------------------------------------------------------
@@ -435,7 +715,8 @@ def run_eval(kvhost, sweep, out, available):
     failed = 0
     for model in ev["models"]:
         for c in sweep["configs"]:
-            if c["no_cache"] or (c["models"] is not None and model not in c["models"]) or missing_plugins(c, available):
+            if c["no_cache"] or c["peer"] or (c["models"] is not None and model not in c["models"]) or \
+                    missing_plugins(c, available):
                 continue
             argv = [kvhost, "eval", "--model", model, "--text-file", ev["file"], "--max-tokens", str(ev["tokens"]),
                     "--ctx", str(ev["ctx"]), "--mode", ev["mode"], "--json", out,
@@ -465,7 +746,7 @@ def run_capacity(kvhost, sweep, out, available):
     cap = sweep["capacity"]
     for model in cap["models"]:
         for c in sweep["configs"]:
-            if c["no_cache"] or (c["models"] is not None and model not in c["models"]):
+            if c["no_cache"] or c["peer"] or (c["models"] is not None and model not in c["models"]):
                 continue
             if missing_plugins(c, available):
                 continue
@@ -491,10 +772,20 @@ def check_out(path, append):
                          f"or choose a new file")
 
 
+def peer_runner(a):
+    commands = {}
+    if getattr(a, "torch_peer", None):
+        commands["torch-eager"] = shlex.split(a.torch_peer)
+    if getattr(a, "transformers_peer", None):
+        commands["transformers"] = shlex.split(a.transformers_peer)
+    return PeerRunner(getattr(a, "work", None), commands)
+
+
 def cmd_run(a):
     sweep = load_sweep(a.sweep)
     check_out(a.out, a.append)
     kvhost = os.path.abspath(a.kvhost)
+    peers = peer_runner(a)
     available = available_plugins(kvhost)
     if available is None:
         log(f"kvbench: note: '{kvhost} plugins list' failed; not checking plugins before running")
@@ -502,7 +793,7 @@ def cmd_run(a):
     if a.only:
         a.no_capacity, a.no_eval = a.only != "capacity", a.only != "eval"
     for i, point in enumerate(grid_points(sweep) if not a.only else []):
-        r = run_point(kvhost, sweep, point, a.out, i, available)
+        r = run_point(kvhost, sweep, point, a.out, i, available, peers=peers)
         totals = [x + y for x, y in zip(totals, r)]
     if sweep["capacity"] and not a.no_capacity:
         run_capacity(kvhost, sweep, a.out, available)
@@ -518,7 +809,8 @@ def cmd_job(a):
     if not (0 <= a.index < len(points)):
         raise SweepError(f"job index {a.index}: the sweep has jobs 0..{len(points) - 1}")
     kvhost = os.path.abspath(a.kvhost)
-    ok, failed, skipped = run_point(kvhost, sweep, points[a.index], a.out, a.index, available_plugins(kvhost))
+    ok, failed, skipped = run_point(kvhost, sweep, points[a.index], a.out, a.index, available_plugins(kvhost),
+                                    peers=peer_runner(a))
     return 1 if failed else 0
 
 
@@ -529,10 +821,17 @@ def cmd_emit(a):
     sw = os.path.abspath(a.sweep)
     kvhost = os.path.abspath(a.kvhost)
     outdir = os.path.abspath(a.out_dir)
+    extra = []  # peer options travel with every job
+    if a.work:
+        extra += ["--work", os.path.abspath(a.work)]
+    if a.torch_peer:
+        extra += ["--torch-peer", a.torch_peer]
+    if a.transformers_peer:
+        extra += ["--transformers-peer", a.transformers_peer]
     if a.parallel:
         for i in range(n):
             print(shlex.join(["python3", me, "job", sw, str(i), "--kvhost", kvhost,
-                              "--out", os.path.join(outdir, f"job-{i:04d}.jsonl")]))
+                              "--out", os.path.join(outdir, f"job-{i:04d}.jsonl")] + extra))
         return 0
     script = f"""#!/bin/bash
 # Slurm job array for {os.path.basename(sw)}: one grid point (all its configurations) per task.
@@ -545,7 +844,7 @@ set -euo pipefail
 mkdir -p {shlex.quote(outdir)}
 i=$SLURM_ARRAY_TASK_ID
 exec python3 {shlex.quote(me)} job {shlex.quote(sw)} "$i" --kvhost {shlex.quote(kvhost)} \\
-    --out "{outdir}/job-$(printf %04d "$i").jsonl"
+    --out "{outdir}/job-$(printf %04d "$i").jsonl" {shlex.join(extra)}
 """
     with open(a.slurm, "w", encoding="utf-8") as f:
         f.write(script)
@@ -608,9 +907,22 @@ def cmd_capacity(a):
 def cmd_validate(a):
     sweep = load_sweep(a.sweep)
     pts = grid_points(sweep)
-    runs = sum(1 for p in pts for c in sweep["configs"] if config_applies(c, p))
-    print(f"{a.sweep}: ok: {len(sweep['configs'])} configurations, {len(pts)} grid points, {runs} runs")
+    runs = sum(1 for p in pts for c in sweep["configs"] if config_applies(c, p) and not c["peer"])
+    peer_runs = sum(1 for p in pts for c in sweep["configs"] if config_applies(c, p) and c["peer"])
+    npeers = sum(1 for c in sweep["configs"] if c["peer"])
+    print(f"{a.sweep}: ok: {len(sweep['configs']) - npeers} configurations, {npeers} peers, {len(pts)} grid points, "
+          f"{runs} kvhost runs, {peer_runs} peer runs")
     return 0
+
+
+def peer_options(p):
+    p.add_argument("--work", help="where the peers' checkpoints of random: models are written once "
+                   "(default: $KVH_BENCH_DIR or /tmp/kvh-bench)")
+    p.add_argument("--torch-peer", metavar="CMD", help="command prefix of the torch-eager peer (default: "
+                   "$KVBENCH_TORCH_PEER, else this python then /usr/bin/python3 with bench/torch_gpt2.py)")
+    p.add_argument("--transformers-peer", metavar="CMD", help="command prefix of the transformers peer "
+                   "(default: $KVBENCH_TRANSFORMERS_PEER, else this python then /usr/bin/python3 with "
+                   "bench/hf_gpu_bench.py)")
 
 
 def main(argv=None):
@@ -624,11 +936,13 @@ def main(argv=None):
     r.add_argument("--no-capacity", action="store_true", help="skip the max-batch search")
     r.add_argument("--no-eval", action="store_true", help="skip the perplexity runs")
     r.add_argument("--only", choices=["capacity", "eval"], help="run only the max-batch search or only eval")
+    peer_options(r)
     j = sub.add_parser("job", help="run one grid point (all configurations) of a sweep")
     j.add_argument("sweep")
     j.add_argument("index", type=int)
     j.add_argument("--kvhost", default="build/kvhost")
     j.add_argument("--out", required=True)
+    peer_options(j)
     e = sub.add_parser("emit", help="emit the sweep as independent jobs")
     e.add_argument("sweep")
     g = e.add_mutually_exclusive_group(required=True)
@@ -636,6 +950,7 @@ def main(argv=None):
     g.add_argument("--slurm", metavar="SCRIPT", help="write an sbatch job-array script")
     e.add_argument("--kvhost", default="build/kvhost")
     e.add_argument("--out-dir", default="kvbench-jobs")
+    peer_options(e)
     m = sub.add_parser("merge", help="merge JSON Lines files")
     m.add_argument("inputs", nargs="+")
     m.add_argument("-o", required=True)

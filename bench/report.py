@@ -10,6 +10,10 @@ Does not own: running anything (bench/kvbench.py, kvhost).
 
 Where one (model, config, T, batch, backend) was measured more than once, the last record in file order
 is reported (results are appended, so that is the newest).
+
+Peer records (PyTorch eager, HF transformers; written by kvbench.py in the generate schema with a `peer`
+field) are one more series in the latency and per-token plots and rows in the generate table; they have no
+KV bytes or phases (null), so they are left out of the KV-bytes, phase and Pareto plots and shown as '-'.
 """
 import argparse
 import json
@@ -51,7 +55,8 @@ def has(rec, dotted):
 
 
 def check_schema(records):
-    """Returns a list of problems: 'line N (generate): missing field X'."""
+    """Returns a list of problems: 'line N (generate): missing field X'. A peer record (generate with a
+    `peer` field) must also name the peer's version; its null fields count as present."""
     problems = []
     need = {"generate": GENERATE_FIELDS, "capacity": CAPACITY_FIELDS, "eval": EVAL_FIELDS}
     for i, (src, rec) in enumerate(records):
@@ -62,6 +67,8 @@ def check_schema(records):
         for f in need[kind]:
             if not has(rec, f):
                 problems.append(f"{src} ({kind}): missing field {f}")
+        if kind == "generate" and rec.get("peer") is not None and not rec.get("peer_version"):
+            problems.append(f"{src} (generate, peer {rec['peer']}): missing field peer_version")
     return problems
 
 
@@ -91,6 +98,15 @@ def model_name(rec):
     return get(rec, "model.name")
 
 
+def is_peer(rec):
+    return rec.get("peer") is not None
+
+
+def num(x, digits=1, scale=1.0):
+    """A number for a table cell, '-' for a field the record's engine does not measure (null)."""
+    return "-" if x is None else fmt(x / scale, digits)
+
+
 def slug(text):
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
@@ -103,6 +119,7 @@ class Data:
         self.cap = {}       # (model, config, T, mem_limit) -> record
         self.evals = {}     # (model, config, mode, ctx) -> record
         self.models, self.configs = [], []
+        self.peers = {}     # config name -> "kind (version)" for peer series
         for _, r in records:
             kind = r.get("record")
             if kind not in ("generate", "capacity", "eval"):
@@ -113,6 +130,8 @@ class Data:
             if c not in self.configs:
                 self.configs.append(c)
             if kind == "generate":
+                if is_peer(r):
+                    self.peers[c] = f"{r['peer']} ({r.get('peer_version') or '?'})"
                 t = r["prompt_tokens"][0]
                 self.gen[(m, r["backend"], r["batch"], c, t)] = r
             elif kind == "capacity":
@@ -123,6 +142,10 @@ class Data:
     def series(self, model, backend, batch, config):
         pts = [(k[4], r) for k, r in self.gen.items() if k[:4] == (model, backend, batch, config)]
         return sorted(pts, key=lambda x: x[0])
+
+    def label(self, config):
+        """Legend label: the config name, plus the peer kind for a peer series."""
+        return f"{config} [{self.peers[config].split(' ')[0]} peer]" if config in self.peers else config
 
     def groups(self):
         """(model, backend, batch) combinations with generate records, in order."""
@@ -146,9 +169,23 @@ def table_generate(d, model, backend, batch):
             ds = r["decode_step"]
             rows.append(f"| {c} | {t} | {fmt(r['prefill_ms'])} | {fmt(ds['median_ms'], 2)} "
                         f"[{fmt(ds['p10_ms'], 2)}, {fmt(ds['p90_ms'], 2)}] | {fmt(r['decode_tokens_per_s'])} | "
-                        f"{fmt(r['kv_bytes_peak'] / MIB, 3)} | {fmt(r['peak_rss_bytes'] / MIB, 0)} | "
+                        f"{num(r['kv_bytes_peak'], 3, MIB)} | {num(r['peak_rss_bytes'], 0, MIB)} | "
                         f"{r['warmup_runs']}+{r['repeats']} |")
     return "\n".join(rows)
+
+
+def peer_note(d, model, backend, batch):
+    """One line naming the peer series of this table, or ''."""
+    names = [c for c in d.configs if c in d.peers and d.series(model, backend, batch, c)]
+    if not names:
+        return ""
+    what = "; ".join(f"`{c}` = {d.peers[c]}" for c in names)
+    rnd = any(r.get("model", {}).get("random_weights") for c in names for _, r in d.series(model, backend, batch, c))
+    what += (" — on random: models a peer runs its own seeded random weights of the same shapes (speed only)"
+             if rnd else "")
+    return (f"Peers (not kvhost; same prompt formula, lengths, max_new, threads, warm-up and repeats, run beside "
+            f"the kvhost configurations at each point): {what}. KV bytes and phases are not measured for peers (-); "
+            f"their peak RSS is the peer process's.")
 
 
 def table_phases(d, model, backend, batch):
@@ -157,7 +194,7 @@ def table_phases(d, model, backend, batch):
             "|---|---:|" + "---:|" * len(PHASES) + "---:|"]
     for c in d.configs:
         s = d.series(model, backend, batch, c)
-        if not s:
+        if not s or c in d.peers:
             continue
         t, r = s[-1]
         ph = r["phase_ms"]
@@ -196,6 +233,14 @@ def provenance(records):
     times = sorted(r["time_utc"] for _, r in records if "time_utc" in r)
     lines = [f"- commit: {', '.join(commits)}", f"- machine: {'; '.join(machines)}",
              f"- threads: {', '.join(threads)}"]
+    peers = []
+    for _, r in records:
+        if r.get("record") == "generate" and is_peer(r):
+            p = f"{r['peer']} ({r.get('peer_version') or '?'}; {r.get('peer_impl') or '-'})"
+            if p not in peers:
+                peers.append(p)
+    if peers:
+        lines.append(f"- peers: {'; '.join(peers)}")
     if times:
         lines.append(f"- records: {len(records)}, from {times[0]} to {times[-1]}")
     return "\n".join(lines)
@@ -233,13 +278,16 @@ def make_plots(d, out):
                 if not s:
                     continue
                 ts = [t for t, _ in s]
+                style = dict(marker=markers[i % len(markers)], label=d.label(c))
+                if c in d.peers:  # peers: black dashed, so they stand apart from kvhost's configurations
+                    style.update(linestyle="--", color="black")
                 if key == "decode":
                     med = [r["decode_step"]["median_ms"] for _, r in s]
                     lo = [r["decode_step"]["median_ms"] - r["decode_step"]["p10_ms"] for _, r in s]
                     hi = [r["decode_step"]["p90_ms"] - r["decode_step"]["median_ms"] for _, r in s]
-                    ax.errorbar(ts, med, yerr=[lo, hi], marker=markers[i % len(markers)], capsize=3, label=c)
+                    ax.errorbar(ts, med, yerr=[lo, hi], capsize=3, **style)
                 else:
-                    ax.plot(ts, [r[key] for _, r in s], marker=markers[i % len(markers)], label=c)
+                    ax.plot(ts, [r[key] for _, r in s], **style)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("prompt length T (tokens)")
@@ -255,6 +303,10 @@ def make_plots(d, out):
             if not s:
                 continue
             ts = [t for t, _ in s]
+            if c in d.peers:  # no KV accounting; RSS of the peer's own process
+                a2.plot(ts, [r["peak_rss_bytes"] / MIB for _, r in s], marker=markers[i % len(markers)],
+                        label=d.label(c), linestyle="--", color="black")
+                continue
             a1.plot(ts, [r["kv_bytes_peak"] / MIB for _, r in s], marker=markers[i % len(markers)], label=c)
             a2.plot(ts, [r["peak_rss_bytes"] / MIB for _, r in s], marker=markers[i % len(markers)], label=c)
         for ax, yl in ((a1, "KV bytes held at peak, MiB (exact)"), (a2, "peak RSS of the process, MiB")):
@@ -264,6 +316,8 @@ def make_plots(d, out):
             ax.grid(True, alpha=0.3)
         a1.set_yscale("log")
         a1.legend(fontsize=8, ncol=2)
+        if d.peers:
+            a2.legend(fontsize=7, ncol=2)
         fig.suptitle(title)
         save(fig, f"memory-vs-T-{tag}.png",
              f"peak KV-cache bytes (exact) and process peak RSS against T — {title}")
@@ -273,7 +327,7 @@ def make_plots(d, out):
         rows = []
         for c in d.configs:
             s = d.series(m, be, b, c)
-            if s:
+            if s and c not in d.peers:
                 names.append(c)
                 rows.append(s[-1][1]["phase_ms"])
                 tmax = s[-1][0] if tmax is None else max(tmax, s[-1][0])
@@ -293,7 +347,7 @@ def make_plots(d, out):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for i, c in enumerate(d.configs):
             s = d.series(m, be, b, c)
-            if not s:
+            if not s or c in d.peers:
                 continue
             t, r = s[-1]
             x, y = r["kv_bytes_peak"] / MIB, r["decode_step"]["median_ms"]
@@ -347,7 +401,11 @@ def build_report(records, plots=None, command=None, notes=None):
         rnd = [r for k, r in d.gen.items() if k[0] == m and r.get("model", {}).get("random_weights")]
         if rnd:
             parts += ["Seeded random weights: speed and memory are real, the text and quality are not.", ""]
-        parts += [table_generate(d, m, be, b), "", "Time per phase (ms, one run, largest T):", "",
+        parts += [table_generate(d, m, be, b), ""]
+        note = peer_note(d, m, be, b)
+        if note:
+            parts += [note, ""]
+        parts += ["Time per phase (ms, one run, largest T):", "",
                   table_phases(d, m, be, b), ""]
     cap = table_capacity(d)
     if cap:

@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
 """torch_gpt2.py — the PyTorch peer for kvhost's CPU benchmarks: GPT-2 in eager PyTorch with a KV cache.
 
-Two jobs:
+Jobs:
   make-checkpoint DIR --preset gpt2-medium --seed S
       writes a Hugging Face-format GPT-2 directory (config.json + model.safetensors, F32, Conv1D layout,
       tied head) with seeded random weights, so kvhost and PyTorch run the very same weights.
   decode DIR --prompt-tokens N --max-new M --threads T --repeats R
       loads DIR, prefills a synthetic prompt of N ids, decodes M tokens greedily with a KV cache, and
-      prints one JSON line: tokens/s, per-step latency median/p10/p90.
+      prints one JSON line: tokens/s, per-step latency median/p10/p90 (bench/cpu_decode.sh).
+  peer --model-dir DIR --batch B --prompt-tokens N --max-new M --warmup W --repeats R [--threads T]
+      the sweep driver's peer interface (bench/kvbench.py, peer = torch-eager): the same greedy decode at
+      batch B (B copies of the prompt, like kvhost generate --batch), printing one `peer_run` JSON line with
+      every timed run's prefill and total ms, every decode step's ms, tokens/s per run, peak RSS.
+  check
+      exit status 0 and one JSON line with the peer's version when torch and numpy import; 1 otherwise.
 
 The synthetic prompt ids are (i * 7919 + 13) % vocab, the same formula as `kvhost generate --prompt-tokens`.
 Written independently of kvhost (only torch + numpy), so it is also a reference for its numerics.
@@ -16,12 +22,18 @@ import argparse
 import json
 import math
 import os
+import resource
 import struct
 import sys
 import time
 
-import numpy as np
-import torch
+try:
+    import numpy as np
+    import torch
+    IMPORT_ERROR = None
+except ImportError as e:  # reported by `check` and by every job that needs them
+    np = torch = None
+    IMPORT_ERROR = e
 
 PRESETS = {
     "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
@@ -113,8 +125,11 @@ class GPT2:
     def ln(self, x, name):
         return torch.nn.functional.layer_norm(x, (self.C,), self.w[name + ".weight"], self.w[name + ".bias"], self.eps)
 
-    @torch.no_grad()
     def forward(self, ids, past):
+        with torch.no_grad():
+            return self._forward(ids, past)
+
+    def _forward(self, ids, past):
         w, C, NH = self.w, self.C, self.NH
         HS = C // NH
         B, T = ids.shape
@@ -185,6 +200,73 @@ def decode(args):
     print(json.dumps(rec))
 
 
+def n_params(cfg):
+    """Parameters of a GPT-2 with tied head: wte + wpe + L blocks + ln_f (what kvhost reports)."""
+    V, P, C, L = cfg["vocab_size"], cfg["n_positions"], cfg["n_embd"], cfg["n_layer"]
+    F = cfg.get("n_inner") or 4 * C
+    return V * C + P * C + L * (4 * C * C + 4 * C + 2 * C * F + F + C + 4 * C) + 2 * C
+
+
+def peer(args):
+    with open(os.path.join(args.model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    P = cfg.get("n_positions", 1024)
+    if args.prompt_tokens + args.max_new > P:
+        print(f"torch_gpt2.py: --prompt-tokens {args.prompt_tokens} + --max-new {args.max_new} exceeds "
+              f"n_positions {P}", file=sys.stderr)
+        return 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = GPT2(read_safetensors(os.path.join(args.model_dir, "model.safetensors")), cfg)
+    B, M = args.batch, args.max_new
+    ids = torch.tensor([synthetic_prompt(args.prompt_tokens, cfg["vocab_size"])] * B)  # [B, N]
+    prefills, totals, steps_all, tps, out = [], [], [], [], []
+    for rep in range(args.warmup + args.repeats):
+        past = [None] * model.L
+        t_start = time.perf_counter()
+        logits, past = model.forward(ids, past)  # [B, V]
+        nxt = logits.argmax(-1, keepdim=True)    # [B, 1]
+        prefill_ms = (time.perf_counter() - t_start) * 1e3
+        toks, steps = [nxt[0, 0].item()], []
+        for _ in range(M - 1):
+            t0 = time.perf_counter()
+            logits, past = model.forward(nxt, past)
+            nxt = logits.argmax(-1, keepdim=True)
+            steps.append((time.perf_counter() - t0) * 1e3)
+            toks.append(nxt[0, 0].item())
+        total_ms = (time.perf_counter() - t_start) * 1e3
+        if rep < args.warmup:
+            continue
+        prefills.append(prefill_ms)
+        totals.append(total_ms)
+        steps_all += steps
+        tps.append(B * len(steps) / (sum(steps) / 1e3) if steps else 0.0)
+        out = toks
+    rec = {
+        "record": "peer_run", "peer": "torch-eager", "peer_version": "torch " + torch.__version__,
+        "peer_impl": "bench/torch_gpt2.py: eager PyTorch, fp32, KV cache grown with torch.cat, greedy",
+        "device": f"cpu ({torch.get_num_threads()} threads, torch {torch.__version__})",
+        "threads": torch.get_num_threads(), "batch": B, "prompt_tokens": args.prompt_tokens, "max_new": M,
+        "warmup_runs": args.warmup, "repeats": args.repeats, "prefill_ms": prefills, "total_ms": totals,
+        "step_ms": steps_all, "repeat_tokens_per_s": tps, "generated_tokens": [M] * B, "first_tokens": out[:16],
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "model": {"n_layer": cfg["n_layer"], "n_head": cfg["n_head"], "n_embd": cfg["n_embd"],
+                  "n_params": n_params(cfg)},
+    }
+    print(json.dumps(rec), flush=True)
+    return 0
+
+
+def check(args):
+    if IMPORT_ERROR is not None:
+        print(f"torch_gpt2.py: {IMPORT_ERROR} (Debian: apt-get install python3-torch; python {sys.executable})",
+              file=sys.stderr)
+        return 1
+    print(json.dumps({"peer": "torch-eager", "peer_version": "torch " + torch.__version__,
+                      "python": sys.executable}))
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -199,9 +281,23 @@ def main():
     d.add_argument("--threads", type=int, default=1)
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--warmup", type=int, default=1)
+    p = sub.add_parser("peer")
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-new", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    sub.add_parser("check")
     a = ap.parse_args()
-    make_checkpoint(a) if a.cmd == "make-checkpoint" else decode(a)
+    if a.cmd == "check":
+        return check(a)
+    if IMPORT_ERROR is not None:
+        print(f"torch_gpt2.py: {IMPORT_ERROR} (Debian: apt-get install python3-torch)", file=sys.stderr)
+        return 1
+    return {"make-checkpoint": make_checkpoint, "decode": decode, "peer": peer}[a.cmd](a) or 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,5 +1,6 @@
 """Tests of bench/report.py: the markdown tables from a fixed small JSON Lines fixture (expected text
-written by hand from the fixture's numbers), the schema check, and plotting when matplotlib is present."""
+written by hand from the fixture's numbers), peer series (fixtures/peer.jsonl: a torch-eager peer beside
+the kvhost configurations), the schema check, and plotting when matplotlib is present."""
 import copy
 import json
 import os
@@ -14,6 +15,7 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 import report  # noqa: E402
 
 FIXTURE = os.path.join(HERE, "fixtures", "small.jsonl")
+PEER_FIXTURE = os.path.join(HERE, "fixtures", "peer.jsonl")
 
 GEN_TABLE = """\
 | config | T | prefill ms | decode ms/token p50 [p10, p90] | tokens/s | KV peak MiB | peak RSS MiB | runs |
@@ -69,6 +71,54 @@ class Tables(unittest.TestCase):
         self.assertIn("- commit: abc123", text)
         self.assertIn("- machine: box (Test CPU, 2 cores)", text)
         self.assertIn("python3 bench/kvbench.py run s.ini --out r.jsonl", text)
+
+
+PEER_ROWS = """\
+| torch | 32 | 15.0 | 3.00 [2.50, 3.50] | 333.3 | - | 300 | 1+3 |
+| torch | 64 | 25.0 | 4.00 [3.00, 5.00] | 250.0 | - | 310 | 1+3 |"""
+
+
+class Peers(unittest.TestCase):
+    def setUp(self):
+        self.records = report.read_records([FIXTURE, PEER_FIXTURE])
+        self.d = report.Data(self.records)
+
+    def test_peer_rows_follow_the_kvhost_rows(self):
+        self.assertEqual(report.table_generate(self.d, "tiny", "cpu", 1), GEN_TABLE + "\n" + PEER_ROWS)
+
+    def test_peer_left_out_of_phases_and_named(self):
+        self.assertEqual(report.table_phases(self.d, "tiny", "cpu", 1), PHASE_TABLE)
+        self.assertEqual(self.d.peers, {"torch": "torch-eager (torch 1.13.1)"})
+        self.assertEqual(self.d.label("torch"), "torch [torch-eager peer]")
+        self.assertEqual(self.d.label("h2o"), "h2o")
+        text = report.build_report(self.records)
+        self.assertIn(GEN_TABLE + "\n" + PEER_ROWS + "\n\nPeers (not kvhost;", text)
+        self.assertIn("`torch` = torch-eager (torch 1.13.1)", text)
+        self.assertIn("- peers: torch-eager (torch 1.13.1; bench/torch_gpt2.py: eager PyTorch, fp32)", text)
+        self.assertNotIn("Peers (not kvhost", report.build_report(report.read_records([FIXTURE])))
+
+    def test_peer_schema(self):
+        self.assertEqual(report.check_schema(self.records), [])
+        recs = report.read_records([PEER_FIXTURE])
+        del recs[0][1]["peer_version"]
+        del recs[1][1]["phase_ms"]
+        probs = report.check_schema(recs)
+        self.assertIn(f"{PEER_FIXTURE}:1 (generate, peer torch-eager): missing field peer_version", probs)
+        self.assertIn(f"{PEER_FIXTURE}:2 (generate): missing field phase_ms.embed", probs)
+
+    def test_plots_with_peers(self):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.skipTest("matplotlib not installed (python3-matplotlib): plots not tested")
+        out = tempfile.mkdtemp(prefix="report-peer-test-")
+        try:
+            self.assertEqual(report.main([FIXTURE, PEER_FIXTURE, "--out", out]), 0)
+            for f in ("latency-vs-T-tiny-cpu-b1.png", "per-token-vs-T-tiny-cpu-b1.png", "memory-vs-T-tiny-cpu-b1.png",
+                      "phases-tiny-cpu-b1.png", "pareto-tiny-cpu-b1.png"):
+                self.assertIn(f, os.listdir(out))
+        finally:
+            shutil.rmtree(out)
 
 
 class Schema(unittest.TestCase):
