@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """report_eval.py — turns the `kvhost eval --mode stream` records of bench/eval_policies.sh into
 docs/results/eval/README.md (tables) and eval_kl.png (KL vs budget per policy, one panel per text).
+MiniCache (a store: it evicts nothing, so it has no budget) gets its own table per text, one row per
+retention threshold gamma, joined with minicache_sweep.jsonl (retained fraction, KV bytes held) when
+that file sits next to eval.jsonl.
 
 Owns: the report's layout and its ranking notes, which are computed from the numbers (never written
 by hand). Does not own: the runs (eval_policies.sh) or the evaluation (kvhost eval).
@@ -15,7 +18,8 @@ ORDER = ["full", "window", "sink", "h2o", "pyramid", "minicache"]
 
 
 def load(path):
-    runs = {}
+    """(policy runs keyed (text, policy, budget), minicache runs keyed (text, gamma))"""
+    runs, mc = {}, {}
     with open(path) as f:
         for line in f:
             line = line.strip()
@@ -28,8 +32,74 @@ def load(path):
             pol = tags.get("policy", "full" if not r.get("plugins", {}).get("instances") else "?")
             budget = int(tags.get("budget", r.get("cache_budget", 0)))
             text = os.path.basename(r["text_file"])
+            if pol == "minicache":
+                mc[(text, float(tags.get("gamma", "0.05")))] = r  # latest wins
+                continue
             runs[(text, pol, budget)] = r  # latest wins
-    return runs
+    return runs, mc
+
+
+def load_sweep(path):
+    """minicache_sweep.jsonl: retained fractions per (text, gamma), KV bytes per gamma (None: plain)."""
+    ret, mem = {}, {}
+    if not os.path.exists(path):
+        return ret, mem
+    with open(path) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if r.get("record") == "minicache_eval":
+                ret[(r["text"], r["gamma"])] = r
+            elif r.get("record") == "minicache_mem":
+                mem[r["gamma"] if r["policy"] == "minicache" else None] = r
+    return ret, mem
+
+
+def minicache_section(mc, texts, ret, mem):
+    if not mc:
+        return []
+    lines = ["## MiniCache: cross-layer merging (a store, no eviction)", "",
+             "minicache.so merges layer pairs (3,4) of the 6 (start_layer = n_layer / 2; layer 5, left over, "
+             "and layers 0-2 stay fp32), t = 0.6. A token is kept unmerged when its angular distance d is at "
+             "least d_min + gamma (d_max - d_min), with d_min / d_max running over the tokens of that (pair, "
+             "sequence, head) seen so far: gamma 0 merges nothing, larger gamma merges more. Retained = "
+             "fraction of paired (token, head, K|V) kept unmerged over the whole run (from the plugin's "
+             "summary line). Every token stays in the cache (max live = the chunk).", ""]
+    for text in texts:
+        rows = sorted((g, r) for (t, g), r in mc.items() if t == text)
+        if not rows:
+            continue
+        lines += [f"### {text}", "",
+                  "| gamma | retained | ppl | full ppl | Δppl | KL | top-1 | tok/s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for g, r in rows:
+            rf = ret.get((text, g))
+            lines.append(f"| {g:g} | {100.0 * rf['retained_fraction']:.1f} % | {r['ppl']:.2f} | {r['full_ppl']:.2f} | "
+                         f"{100.0 * (r['ppl'] / r['full_ppl'] - 1.0):+.2f} % | {r['kl_mean']:.4f} | "
+                         f"{100.0 * r['top1_agreement']:.2f} % | {r['policy_tokens_per_s']:.1f} |"
+                         if rf else
+                         f"| {g:g} | ? | {r['ppl']:.2f} | {r['full_ppl']:.2f} | "
+                         f"{100.0 * (r['ppl'] / r['full_ppl'] - 1.0):+.2f} % | {r['kl_mean']:.4f} | "
+                         f"{100.0 * r['top1_agreement']:.2f} % | {r['policy_tokens_per_s']:.1f} |")
+        lines.append("")
+    if mem and None in mem:
+        full = mem[None]
+        lines += [f"KV bytes held after {full['tokens']} tokens (`kvhost generate --prompt-tokens 1000 --max-new 24`, "
+                  "kv_bytes_held of its --json record: slots, plus minicache's direction arenas, pending table and "
+                  "statistics; both sides include the host's slot-array capacity):", "",
+                  "| cache | KV bytes held | vs plain fp32 |", "|---|---|---|",
+                  f"| plain fp32 | {full['kv_bytes_held']:,} | 100.0 % |"]
+        for g in sorted(k for k in mem if k is not None):
+            b = mem[g]["kv_bytes_held"]
+            lines.append(f"| minicache gamma {g:g} | {b:,} | {100.0 * b / full['kv_bytes_held']:.1f} % |")
+        lines += ["", "Per token and head of a pair, fp32 holds 2 layers x (K+V) x head_dim x 4 bytes; minicache "
+                  "holds 2 x 2 x 8 bytes of handle slots plus (head_dim x 4 + 4) bytes per direction entry: 2 "
+                  "entries when K and V both merge, 4 when both are retained. With head_dim 32 that is 32 + 264 "
+                  "= 296 bytes merged and 32 + 528 = 560 bytes retained against 512 for fp32: retained tokens "
+                  "cost more than fp32, so only a low retained fraction saves memory, and at most half of the "
+                  "pair's bytes (the unpaired layers are unchanged).", ""]
+    return lines
 
 
 def fmt_row(pol, b, r):
@@ -88,7 +158,8 @@ def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     path, out = sys.argv[1], sys.argv[2]
-    runs = load(path)
+    runs, mc = load(path)
+    ret, mem = load_sweep(os.path.join(os.path.dirname(path) or ".", "minicache_sweep.jsonl"))
     if not runs:
         sys.exit(f"report_eval.py: no streaming eval records in {path}")
     texts = sorted({t for t, _, _ in runs}, key=lambda t: (not t.startswith("war"), t))
@@ -130,6 +201,7 @@ def main():
                 if (text, p, b) in runs:
                     lines.append(fmt_row(p, b, runs[(text, p, b)]))
         lines.append("")
+    lines += minicache_section(mc, texts, ret, mem)
     lines += ["## Ranking (by mean KL, computed from the table)", ""]
     lines += ranking_notes(runs, texts, budgets) or ["- fewer than two policies ran; nothing to rank."]
     lines.append("")
@@ -149,7 +221,7 @@ def main():
     lines += [f"Records from kvhost commit(s): {', '.join(commits)} (a `-dirty` suffix: uncommitted changes at run "
               "time). tok/s were measured on a 2-core machine shared with other jobs (the same configuration "
               "varied 3x between runs); use `bench/` timing scripts, not this column, for speed.", ""]
-    missing = [p for p in ["h2o", "pyramid", "minicache"] if p not in policies]
+    missing = [p for p in ["h2o", "pyramid"] if p not in policies] + ([] if mc else ["minicache"])
     lines += ["",
               "Papers expect sink < window (StreamingLLM: the first tokens absorb attention mass that a plain "
               "window throws away) and h2o <= sink at equal budget (H2O keeps the heavy hitters, which include "
@@ -164,7 +236,7 @@ def main():
     with open(os.path.join(out, "README.md"), "w") as f:
         f.write("\n".join(lines))
     plot(runs, texts, policies, os.path.join(out, "eval_kl.png"))
-    print(f"report_eval.py: {len(runs)} runs -> {out}/README.md, {out}/eval_kl.png")
+    print(f"report_eval.py: {len(runs) + len(mc)} runs -> {out}/README.md, {out}/eval_kl.png")
 
 
 if __name__ == "__main__":
