@@ -18,7 +18,8 @@
       second, the usual convention) and prints one JSON line.
   summarize RUN.jsonl
       reads kvhost generate records and the lines above from one script run and prints a Markdown
-      report: tokens/s per (model, batch), speed-up over transformers, achieved roofline.
+      report: tokens/s per (model, batch), speed-up over transformers, achieved roofline (KV bytes from the
+      record's live bytes for quantized stores), and the max-batch table of `kvbench.py capacity` records.
 
 The synthetic prompt ids are (i * 7919 + 13) % vocab, the same formula as `kvhost generate --prompt-tokens`.
 Random weights make the text meaningless; speed and memory are what is measured.
@@ -243,6 +244,10 @@ def summarize(args):
         ctx = r["prompt_tokens"][0] + r["generated_tokens"][0] / 2
         w = r["weight_bytes_per_token"] / 2
         kvb = B * L * 2 * C * 2 * ctx
+        NH = r["model"].get("n_head")
+        if r.get("tags", {}).get("store") not in (None, "fp16") and NH and r.get("kv_live_tokens"):
+            # packed store: the bytes the cache really holds per token (all layers and heads, K + V)
+            kvb = B * r["kv_live_bytes"] / r["kv_live_tokens"] * L * NH * ctx
         roof = ""
         if bw_Bps:
             roof = "%.0f%%" % (100 * (w + kvb) / (st["median_ms"] / 1e3) / bw_Bps)
@@ -256,6 +261,16 @@ def summarize(args):
         print("measured bandwidth: %.0f GB/s (%s)" % (bw["read_write_GBps"], bw["method"]))
     print()
     print("\n".join(out))
+    cap = [r for r in recs if r.get("record") == "capacity"]
+    if cap:
+        print()
+        print("| model | config | KV cap | context (prompt + new) | max batch | probes |")
+        print("|---|---|---|---|---|---|")
+        for r in cap:
+            probes = ", ".join("%d:%s" % (b, "ok" if ok else "no") for b, ok in r.get("probes", []))
+            print("| %s | %s | %s | %d + %d | %d | %s |" % (
+                (r.get("model") or {}).get("name", "?"), r.get("tags", {}).get("config", "-"), r["mem_limit"],
+                r["prompt_tokens"], r["max_new"], r["max_batch"], probes))
 
 
 def main():

@@ -1,9 +1,13 @@
-/* attention.cuh — attention over the device KV cache (dense fp16 slots), for decode and prefill alike.
+/* attention.cuh — attention over the device KV cache (dense fp16 slots, or the packed int8 / int4 slots
+ * of kvq_format.h dequantized on the fly: quant.cuh), for decode and prefill alike.
  * Owns: the split-context partial kernel with online softmax (each (row, head, split) block reads each
  * live slot of its split once; no T x T matrix is ever stored), the combine kernel that merges the splits
  * and writes the fp16 output and the per-row softmax statistics, and the score kernel that adds the final
  * probabilities to the device accumulators for layers whose policy asks (same rules as backend_cpu.c
  * accumulate_scores). Causal masking by position: slot j is visible to a query iff pos[j] <= query pos.
+ * The partial and score kernels are templates on the layer's slot format <BITS, ASYM> (BITS 16: dense
+ * fp16; 8 / 4: packed, ASYM its asymmetric flag), chosen per layer by the launchers; the format's
+ * runtime fields (group, header, slot_bytes) come by value in a kvh_cuda_kvfmt.
  * Layout: kernels, then launchers. Shapes: R rows, NH heads, HS <= 128 head size, S splits, C = NH*HS. */
 #ifndef KVH_CUDA_ATTENTION_CUH
 #define KVH_CUDA_ATTENTION_CUH
@@ -12,6 +16,7 @@
 
 #include "common.cuh"
 #include "layers.cuh"
+#include "quant.cuh"
 #include "tables.cuh"
 
 #define ATTN_THREADS 128 /* threads per block = keys per tile */
@@ -40,6 +45,31 @@ __device__ __forceinline__ float slot_dot(const float *qs, const __half *k, int 
         for (int d = 0; d < HS; d++) s += qs[d] * __half2float(k[d]);
     }
     return s;
+}
+
+/* q·k of slot j of a head in the layer's format (qg: group sums of q, packed formats only). */
+template <int BITS, int ASYM>
+__device__ __forceinline__ float kv_dot(const float *qs, const float *qg, const void *k, uint32_t j, int HS,
+                                        const kvh_cuda_kvfmt &f) {
+    if constexpr (BITS == KVH_CUDA_DENSE_BITS) return slot_dot(qs, (const __half *)k + (size_t)j * HS, HS);
+    else return q_slot_dot<BITS, ASYM>(qs, qg, (const unsigned char *)k + (size_t)j * (size_t)f.slot_bytes, f);
+}
+
+/* Loads row r's query of head h into qs[HS] (fp32) and, for packed formats, its group sums into qg[NG]
+ * (summed in index order, identically in every kernel). Ends with a barrier. */
+template <int BITS>
+__device__ __forceinline__ void load_query(float *qs, float *qg, const __half *q, int r, int h, int C, int HS,
+                                           const kvh_cuda_kvfmt &f) {
+    for (int d = threadIdx.x; d < HS; d += blockDim.x) qs[d] = __half2float(q[(size_t)r * C + (size_t)h * HS + d]);
+    __syncthreads();
+    if constexpr (BITS != KVH_CUDA_DENSE_BITS) {
+        for (int g = threadIdx.x; g < f.n_groups; g += blockDim.x) {
+            float sum = 0.0f;
+            for (int i = 0; i < f.group; i++) sum += qs[g * f.group + i];
+            qg[g] = sum;
+        }
+        __syncthreads();
+    }
 }
 
 /* Block-wide max / sum over ATTN_THREADS threads (4 warps); red: 32 floats of shared scratch. */
@@ -77,11 +107,13 @@ __device__ __forceinline__ void split_range(uint32_t n, int S, int s, uint32_t *
 
 /* grid (R, NH, S), block ATTN_THREADS. Writes the split's running max m, sum l and unnormalized
  * output acc[HS] to part_ml[(r*NH + h)*S + s][2] and part_acc[((r*NH + h)*S + s)*HS ..]. */
+template <int BITS, int ASYM>
 __global__ void __launch_bounds__(ATTN_THREADS) attn_partial_kernel(
     float *part_acc, float *part_ml, const __half *q /* [R, C] */, const cuda_row *rows, const cuda_entry *entries,
     const cuda_head *heads /* this layer [B, NH] */, const int32_t *dpos, int C, int HS, int NH, int L, int l, int n_ctx,
-    int S, float scale) {
+    int S, float scale, const kvh_cuda_kvfmt f) {
     __shared__ float qs[ATTN_MAX_HS];
+    __shared__ float qg[ATTN_MAX_HS];
     __shared__ float ps[ATTN_THREADS];
     __shared__ float vred[ATTN_THREADS];
     __shared__ float red[32];
@@ -91,17 +123,19 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_partial_kernel(
     const int32_t *pos = dpos + cuda_meta_index(entries[row.entry].seq, l, h, 0, L, NH, n_ctx);
     uint32_t j0, j1;
     split_range(hd.n, S, s, &j0, &j1);
-    for (int d = tid; d < HS; d += ATTN_THREADS) qs[d] = __half2float(q[(size_t)r * C + (size_t)h * HS + d]);
-    __syncthreads();
+    load_query<BITS>(qs, qg, q, r, h, C, HS, f);
 
     const int ngroups = ATTN_THREADS / HS; /* V accumulation: thread (g, d) sums keys g, g+ngroups, ... */
     const int g = tid / HS, d = tid % HS;
     const bool v_active = g < ngroups;
+    q_elem ve = {0, 0, 0}; /* packed formats: where element d of a V slot lives */
+    if constexpr (BITS != KVH_CUDA_DENSE_BITS) ve = q_elem_of<BITS>(d, f);
+    const size_t vstride = BITS == KVH_CUDA_DENSE_BITS ? (size_t)HS * sizeof(__half) : (size_t)f.slot_bytes;
     float m = -INFINITY, lsum = 0.0f, acc = 0.0f;
     for (uint32_t tile = j0; tile < j1; tile += ATTN_THREADS) {
         const uint32_t j = tile + (uint32_t)tid;
         float sc = -INFINITY;
-        if (j < j1 && pos[j] <= row.pos) sc = slot_dot(qs, hd.k + (size_t)j * HS, HS) * scale;
+        if (j < j1 && pos[j] <= row.pos) sc = kv_dot<BITS, ASYM>(qs, qg, hd.k, j, HS, f) * scale;
         const float tmax = block_max(sc, red);
         const float m_new = fmaxf(m, tmax);
         if (m_new == -INFINITY) continue; /* block-uniform: nothing visible yet */
@@ -113,10 +147,13 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_partial_kernel(
         if (v_active) {
             acc *= corr;
             const uint32_t cnt = j1 - tile < ATTN_THREADS ? j1 - tile : ATTN_THREADS;
-            const __half *vt = hd.v + (size_t)tile * HS + d;
+            const unsigned char *vt = (const unsigned char *)hd.v + (size_t)tile * vstride;
             for (uint32_t jj = (uint32_t)g; jj < cnt; jj += (uint32_t)ngroups) {
                 const float pj = ps[jj];
-                if (pj != 0.0f) acc += pj * __half2float(vt[(size_t)jj * HS]);
+                if (pj == 0.0f) continue;
+                const unsigned char *vs = vt + (size_t)jj * vstride;
+                if constexpr (BITS == KVH_CUDA_DENSE_BITS) acc += pj * __half2float(((const __half *)vs)[d]);
+                else acc += pj * q_dequant<BITS, ASYM>(vs, ve);
             }
         }
         m = m_new;
@@ -162,11 +199,13 @@ __global__ void attn_combine_kernel(__half *att, float *stat, const float *part_
 /* grid (R, NH, S), block ATTN_THREADS. Adds p_j = e^(s_j - M) / L to the head's accumulators:
  * score[] when (prefill block and prefill_scores) or (decode and decode_scores); obs[] for the last
  * obs_window queries of a prefill block. A prefill block is an entry with T > 1 (as on the CPU). */
+template <int BITS, int ASYM>
 __global__ void __launch_bounds__(ATTN_THREADS) attn_scores_kernel(
     float *dscore, float *dobs, const float *stat, const __half *q, const cuda_row *rows, const cuda_entry *entries,
     const cuda_head *heads, const int32_t *dpos, int C, int HS, int NH, int L, int l, int n_ctx, int S, float scale,
-    int decode_scores, int prefill_scores, int obs_window) {
+    int decode_scores, int prefill_scores, int obs_window, const kvh_cuda_kvfmt f) {
     __shared__ float qs[ATTN_MAX_HS];
+    __shared__ float qg[ATTN_MAX_HS];
     const int r = blockIdx.x, h = blockIdx.y, s = blockIdx.z, tid = threadIdx.x;
     const cuda_row row = rows[r];
     const cuda_entry ent = entries[row.entry];
@@ -179,13 +218,12 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_scores_kernel(
     const int32_t *pos = dpos + mi0;
     uint32_t j0, j1;
     split_range(hd.n, S, s, &j0, &j1);
-    for (int d = tid; d < HS; d += ATTN_THREADS) qs[d] = __half2float(q[(size_t)r * C + (size_t)h * HS + d]);
-    __syncthreads();
+    load_query<BITS>(qs, qg, q, r, h, C, HS, f);
     const float M = stat[((size_t)r * NH + h) * 2];
     const float inv = 1.0f / stat[((size_t)r * NH + h) * 2 + 1];
     for (uint32_t j = j0 + (uint32_t)tid; j < j1; j += ATTN_THREADS) {
         if (pos[j] > row.pos) continue;
-        const float p = expf(slot_dot(qs, hd.k + (size_t)j * HS, HS) * scale - M) * inv;
+        const float p = expf(kv_dot<BITS, ASYM>(qs, qg, hd.k, j, HS, f) * scale - M) * inv;
         if (want_score) atomicAdd(&dscore[mi0 + j], p);
         if (want_obs) atomicAdd(&dobs[mi0 + j], p);
     }
@@ -206,13 +244,30 @@ static int attn_choose_splits(int R, int NH, uint32_t n_max, int n_sm) {
     return (int)want;
 }
 
+/* Calls FN(BITS, ASYM) with the template arguments of format f (dense fp16, int8 / int4, sym / asym). */
+#define KV_FORMAT_DISPATCH(f, FN)                                                               \
+    do {                                                                                        \
+        switch ((f).bits * 2 + ((f).asym ? 1 : 0)) {                                            \
+        case KVH_CUDA_DENSE_BITS * 2: FN(KVH_CUDA_DENSE_BITS, 0); break;                        \
+        case 16: FN(8, 0); break;                                                               \
+        case 17: FN(8, 1); break;                                                               \
+        case 8: FN(4, 0); break;                                                                \
+        case 9: FN(4, 1); break;                                                                \
+        default: return kvh_fail(err, "cuda backend: no attention kernel for a %d-bit%s slot format", (f).bits, \
+                                 (f).asym ? " asymmetric" : "");                                \
+        }                                                                                       \
+    } while (0)
+
 static int launch_attention(cudaStream_t st, __half *att, float *stat, float *part_acc, float *part_ml,
                             const __half *q, const cuda_row *rows, const cuda_entry *entries, const cuda_head *heads,
                             const int32_t *dpos, int R, int C, int HS, int NH, int L, int l, int n_ctx, int S,
-                            kvh_err *err) {
+                            const kvh_cuda_kvfmt &f, kvh_err *err) {
     const float scale = 1.0f / sqrtf((float)HS);
-    attn_partial_kernel<<<dim3(R, NH, S), ATTN_THREADS, 0, st>>>(part_acc, part_ml, q, rows, entries, heads, dpos, C,
-                                                                 HS, NH, L, l, n_ctx, S, scale);
+#define ATTN_PARTIAL(B_, A_)                                                                                     \
+    attn_partial_kernel<B_, A_><<<dim3(R, NH, S), ATTN_THREADS, 0, st>>>(part_acc, part_ml, q, rows, entries, heads, \
+                                                                       dpos, C, HS, NH, L, l, n_ctx, S, scale, f)
+    KV_FORMAT_DISPATCH(f, ATTN_PARTIAL);
+#undef ATTN_PARTIAL
     KVH_CUDA_LAUNCHED(err, "attn_partial_kernel");
     attn_combine_kernel<<<dim3(R, NH), HS, 0, st>>>(att, stat, part_acc, part_ml, C, HS, NH, S);
     KVH_CUDA_LAUNCHED(err, "attn_combine_kernel");
@@ -222,11 +277,15 @@ static int launch_attention(cudaStream_t st, __half *att, float *stat, float *pa
 static int launch_attn_scores(cudaStream_t st, float *dscore, float *dobs, const float *stat, const __half *q,
                               const cuda_row *rows, const cuda_entry *entries, const cuda_head *heads,
                               const int32_t *dpos, int R, int C, int HS, int NH, int L, int l, int n_ctx, int S,
-                              int decode_scores, int prefill_scores, int obs_window, kvh_err *err) {
+                              int decode_scores, int prefill_scores, int obs_window, const kvh_cuda_kvfmt &f,
+                              kvh_err *err) {
     const float scale = 1.0f / sqrtf((float)HS);
-    attn_scores_kernel<<<dim3(R, NH, S), ATTN_THREADS, 0, st>>>(dscore, dobs, stat, q, rows, entries, heads, dpos, C,
-                                                                HS, NH, L, l, n_ctx, S, scale, decode_scores,
-                                                                prefill_scores, obs_window);
+#define ATTN_SCORES(B_, A_)                                                                                       \
+    attn_scores_kernel<B_, A_><<<dim3(R, NH, S), ATTN_THREADS, 0, st>>>(dscore, dobs, stat, q, rows, entries, heads, \
+                                                                      dpos, C, HS, NH, L, l, n_ctx, S, scale,       \
+                                                                      decode_scores, prefill_scores, obs_window, f)
+    KV_FORMAT_DISPATCH(f, ATTN_SCORES);
+#undef ATTN_SCORES
     KVH_CUDA_LAUNCHED(err, "attn_scores_kernel");
     return 0;
 }

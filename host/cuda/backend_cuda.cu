@@ -17,6 +17,7 @@
 #include "attention.cuh"
 #include "common.cuh"
 #include "layers.cuh"
+#include "quant.cuh"
 #include "tables.cuh"
 
 extern "C" {
@@ -213,6 +214,7 @@ typedef struct cuda_backend {
     const __half *wte, *wpe;
     const float *lnf_w, *lnf_b;
     cuda_layer *layers; /* [L] */
+    kvh_cuda_kvfmt *lfmt; /* [L] slot format of each layer of the current cache (dense fp16 or int8/int4) */
 
     /* activations, sized for rows_cap rows / out_cap logit rows / splits_cap splits */
     size_t rows_cap, out_cap;
@@ -490,6 +492,8 @@ static int launch_step(kvh_backend *be, const kvh_kvcache *cache, const tab_layo
         const cuda_layer *w = &cb->layers[l];
         const kvh_layer_policy_settings *ls = &cache->layer[l];
         const cuda_head *hl = heads + (size_t)l * B * NH;
+        const kvh_cuda_kvfmt &fmt = cb->lfmt[l];
+        const bool packed = fmt.bits != KVH_CUDA_DENSE_BITS;
         float *dscore = ls->track_scores ? cb->dscore : NULL;
         float *dobs = ls->obs_scores ? cb->dobs : NULL;
         if (launch_layernorm(cb->st, cb->xn, cb->x, l > 0 ? cb->layers[l - 1].fcproj_b : NULL, w->ln1_w, w->ln1_b,
@@ -497,18 +501,21 @@ static int launch_step(kvh_backend *be, const kvh_kvcache *cache, const tab_layo
             return -1;
         if (gemm(cb, cb->y, cb->xn, w->attn_w, R, C, 3 * C, 0.0f, err) != 0) return -1;
         if (launch_qkv_epilogue(cb->st, cb->q, cb->y, w->attn_b, rows, entries, hl, cb->dpos, dscore, dobs, R, C, HS,
-                                NH, L, l, cache->n_ctx, err) != 0)
+                                NH, L, l, cache->n_ctx, packed ? 0 : 1, err) != 0)
+            return -1;
+        /* quantized layer: K/V rows (fp32, bias added) encoded into their packed slots */
+        if (packed && launch_kv_quant_encode(cb->st, cb->y, w->attn_b, rows, hl, fmt, R, C, HS, NH, err) != 0)
             return -1;
         if (phase_end(cb, &be->times.attn_proj, &t, err) != 0) return -1;
         if (launch_attention(cb->st, cb->att, cb->stat, cb->part_acc, cb->part_ml, cb->q, rows, entries, hl, cb->dpos,
-                             R, C, HS, NH, L, l, cache->n_ctx, S, err) != 0)
+                             R, C, HS, NH, L, l, cache->n_ctx, S, fmt, err) != 0)
             return -1;
         const bool scores = (dscore && ((any_prefill && ls->prefill_scores) || (any_decode && ls->decode_scores))) ||
                             (dobs && any_prefill && ls->obs_window > 0);
         if (scores && launch_attn_scores(cb->st, dscore, dobs, cb->stat, cb->q, rows, entries, hl, cb->dpos, R, C, HS,
                                          NH, L, l, cache->n_ctx, S, ls->decode_scores, ls->prefill_scores,
                                          (int)(ls->obs_window > (uint32_t)INT32_MAX ? INT32_MAX : ls->obs_window),
-                                         err) != 0)
+                                         fmt, err) != 0)
             return -1;
         if (phase_end(cb, &be->times.attn_core, &t, err) != 0) return -1;
         if (gemm(cb, cb->x, cb->att, w->proj_w, R, C, C, 1.0f, err) != 0) return -1; /* residual: beta = 1 */
@@ -602,17 +609,29 @@ static int cuda_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *ba
     if (cache->n_layer != L || cache->n_head != NH || cache->head_dim != HS)
         return kvh_fail(err, "cuda backend: cache shape (L %d, NH %d, HS %d) does not match the model (%d, %d, %d)",
                         cache->n_layer, cache->n_head, cache->head_dim, L, NH, HS);
+    /* Each layer's slot format: dense fp16, or an int8 / int4 store of plugins/quant (kvq_format.h) whose
+     * kernels are in quant.cuh. A change of format (another cache) forces a new graph capture. */
+    bool fmt_changed = false;
     for (int l = 0; l < L; l++) {
         const kvh_layer_policy_settings *ls = &cache->layer[l];
-        if (ls->store)
-            return kvh_fail(err,
-                            "the CUDA backend has no kernel for store '%s' yet (layer %d). HINT: drop the store "
-                            "plugin or use --backend cpu",
-                            ls->store->name ? ls->store->name : "?", l);
-        if (kvh_kvcache_k_slot_bytes(cache, l) != (uint32_t)HS * 2 || kvh_kvcache_v_slot_bytes(cache, l) != (uint32_t)HS * 2)
-            return kvh_fail(err, "cuda backend: layer %d has %u/%u-byte K/V slots; dense fp16 needs %d", l,
-                            kvh_kvcache_k_slot_bytes(cache, l), kvh_kvcache_v_slot_bytes(cache, l), HS * 2);
+        kvh_cuda_kvfmt f;
+        if (ls->store) {
+            if (kvh_cuda_store_format(ls, l, HS, &f, err) != 0) return -1;
+        } else {
+            if (kvh_kvcache_k_slot_bytes(cache, l) != (uint32_t)HS * 2 ||
+                kvh_kvcache_v_slot_bytes(cache, l) != (uint32_t)HS * 2)
+                return kvh_fail(err, "cuda backend: layer %d has %u/%u-byte K/V slots; dense fp16 needs %d", l,
+                                kvh_kvcache_k_slot_bytes(cache, l), kvh_kvcache_v_slot_bytes(cache, l), HS * 2);
+            memset(&f, 0, sizeof f);
+            f.bits = KVH_CUDA_DENSE_BITS;
+            f.slot_bytes = HS * 2;
+        }
+        if (memcmp(&f, &cb->lfmt[l], sizeof f) != 0) {
+            cb->lfmt[l] = f;
+            fmt_changed = true;
+        }
     }
+    if (fmt_changed) cb->ws_gen++;
 
     /* Validate the batch and count rows (same rules as the CPU backend). */
     size_t R = 0;
@@ -672,8 +691,8 @@ static int cuda_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *ba
             for (int h = 0; h < NH; h++) {
                 kvh_head_cache *hc = kvh_kvcache_head(cache, batch->seq[b], l, h);
                 cuda_head *d = &hh[((size_t)l * B + b) * NH + h];
-                d->k = (__half *)hc->k;
-                d->v = (__half *)hc->v;
+                d->k = hc->k;
+                d->v = hc->v;
                 d->n = hc->n;
                 d->first = hc->n - (uint32_t)batch->n_tokens[b];
                 if (hc->n > n_max) n_max = hc->n;
@@ -793,6 +812,7 @@ static void cuda_destroy(kvh_backend *be) {
         dfree(&cb->w32);
         dfree(&cb->blas_ws);
         free(cb->layers);
+        free(cb->lfmt);
         free(cb->pos_scratch);
         if (cb->blas) cublasDestroy(cb->blas);
         if (cb->st) cudaStreamDestroy(cb->st);
@@ -855,7 +875,8 @@ static int upload_weights(cuda_backend *cb, const kvh_model *m, kvh_err *err) {
     DALLOC(err, cb->w16, n16 * sizeof(__half));
     DALLOC(err, cb->w32, n32 * sizeof(float));
     cb->layers = (cuda_layer *)calloc(L, sizeof(cuda_layer));
-    if (!cb->layers) return kvh_fail(err, "cuda backend: out of memory");
+    cb->lfmt = (kvh_cuda_kvfmt *)calloc(L, sizeof(kvh_cuda_kvfmt));
+    if (!cb->layers || !cb->lfmt) return kvh_fail(err, "cuda backend: out of memory");
     const size_t stage_n = (size_t)16 << 20;
     float *stage = NULL;
     DALLOC(err, stage, stage_n * sizeof(float));
@@ -965,4 +986,37 @@ extern "C" int kvh_backend_cuda_create(kvh_backend **out, const kvh_model *model
     }
     *out = be;
     return 0;
+}
+
+/* ---- test entry point of the quantized encoder (quant_format.h) ------------------------------------ */
+
+extern "C" int kvh_cuda_quant_encode_rows(const float *rows, int n_rows, int head_dim, int bits, int group, int asym,
+                                          void *slots, kvh_err *err) {
+    kvh_cuda_kvfmt f;
+    char msg[300];
+    if (kvh_cuda_kvfmt_init(&f, bits, group, asym, head_dim, msg, sizeof msg) != 0)
+        return kvh_fail(err, "kvh_cuda_quant_encode_rows: %s", msg);
+    if (head_dim > QENC_MAX_HS)
+        return kvh_fail(err, "kvh_cuda_quant_encode_rows: head_dim %d is above the encoder's limit of %d", head_dim,
+                        QENC_MAX_HS);
+    if (n_rows < 1) return 0;
+    const size_t in_bytes = (size_t)n_rows * (size_t)head_dim * sizeof(float);
+    const size_t out_bytes = (size_t)n_rows * (size_t)f.slot_bytes;
+    float *din = NULL;
+    unsigned char *dout = NULL;
+    int rc = -1;
+    cudaError_t e = cudaMalloc((void **)&din, in_bytes);
+    if (e == cudaSuccess) e = cudaMalloc((void **)&dout, out_bytes);
+    if (e == cudaSuccess) e = cudaMemcpy(din, rows, in_bytes, cudaMemcpyHostToDevice);
+    if (e == cudaSuccess) e = cudaMemset(dout, 0xa5, out_bytes); /* every byte must be written */
+    if (e == cudaSuccess) {
+        kv_quant_encode_rows_kernel<<<n_rows, 32>>>(din, dout, f, head_dim);
+        e = cudaGetLastError();
+    }
+    if (e == cudaSuccess) e = cudaMemcpy(slots, dout, out_bytes, cudaMemcpyDeviceToHost);
+    if (e == cudaSuccess) rc = 0;
+    else kvh_fail(err, "kvh_cuda_quant_encode_rows: %s (%s)", cudaGetErrorString(e), cudaGetErrorName(e));
+    if (din) cudaFree(din);
+    if (dout) cudaFree(dout);
+    return rc;
 }

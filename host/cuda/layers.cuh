@@ -1,5 +1,6 @@
 /* layers.cuh — the CUDA backend's non-attention kernels: embedding, LayerNorm (with the previous
- * projection's bias folded in), the QKV epilogue that also appends K/V to the device cache, bias +
+ * projection's bias folded in), the QKV epilogue that also appends K/V to the device cache (dense fp16
+ * layers; quantized layers are encoded by quant.cuh), bias +
  * GELU, fp32 -> fp16 conversion of weights, and a batched slot copy for cache compaction.
  * Layout: "kernels" first, then "launchers" (host functions that pick the grid and check the launch).
  * Shapes: R rows (new tokens), C n_embd, F MLP inner, HS head size, NH heads, L layers.
@@ -61,19 +62,19 @@ __global__ void layernorm_kernel(__half *out, float *x, const float *pending_bia
     for (int c = lane; c < C; c += 32) o[c] = __float2half((xr[c] - mean) * rstd * w[c] + b[c]);
 }
 
-/* The QKV epilogue of layer l: y[R, 3C] (fp32 GEMM output) + bias. Q columns go to q[R, C] (fp16); K and V
- * columns go straight into the cache slots of their (entry, head) (dense fp16), and the slot's device
- * metadata is set: position, zeroed score accumulators. grid (R, ceil(3C / 256)), block 256. */
+/* The QKV epilogue of layer l: y[R, 3C] (fp32 GEMM output) + bias. Q columns go to q[R, C] (fp16); with
+ * write_kv, K and V columns go straight into the cache slots of their (entry, head) (dense fp16); a
+ * quantized layer (write_kv = 0) leaves them to kv_quant_encode_kernel (quant.cuh). Either way the slot's
+ * device metadata is set: position, zeroed score accumulators. grid (R, ceil(3C / 256)), block 256. */
 __global__ void qkv_epilogue_kernel(__half *q, const float *y, const float *bias, const cuda_row *rows,
                                     const cuda_entry *entries, const cuda_head *heads /* this layer, [B, NH] */,
                                     int32_t *dpos, float *dscore, float *dobs, int C, int HS, int NH, int L, int l,
-                                    int n_ctx) {
+                                    int n_ctx, int write_kv) {
     const int r = blockIdx.x;
     const int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (c >= 3 * C) return;
-    const float val = y[(size_t)r * 3 * C + c] + bias[c];
     if (c < C) {
-        q[(size_t)r * C + c] = __float2half(val);
+        q[(size_t)r * C + c] = __float2half(y[(size_t)r * 3 * C + c] + bias[c]);
         return;
     }
     const cuda_row row = rows[r];
@@ -82,8 +83,10 @@ __global__ void qkv_epilogue_kernel(__half *q, const float *y, const float *bias
     const int h = cc / HS, d = cc % HS;
     const cuda_head hd = heads[row.entry * NH + h];
     const uint32_t slot = hd.first + (uint32_t)row.t;
-    __half *dst = which == 0 ? hd.k : hd.v;
-    dst[(size_t)slot * HS + d] = __float2half(val);
+    if (write_kv) {
+        __half *dst = (__half *)(which == 0 ? hd.k : hd.v);
+        dst[(size_t)slot * HS + d] = __float2half(y[(size_t)r * 3 * C + c] + bias[c]);
+    }
     if (which == 0 && d == 0) {
         const size_t mi = cuda_meta_index(entries[row.entry].seq, l, h, (int)slot, L, NH, n_ctx);
         dpos[mi] = row.pos;
@@ -156,10 +159,11 @@ static int launch_layernorm(cudaStream_t st, __half *out, float *x, const float 
 
 static int launch_qkv_epilogue(cudaStream_t st, __half *q, const float *y, const float *bias, const cuda_row *rows,
                                const cuda_entry *entries, const cuda_head *heads, int32_t *dpos, float *dscore,
-                               float *dobs, int R, int C, int HS, int NH, int L, int l, int n_ctx, kvh_err *err) {
+                               float *dobs, int R, int C, int HS, int NH, int L, int l, int n_ctx, int write_kv,
+                               kvh_err *err) {
     dim3 grid(R, (3 * C + 255) / 256);
     qkv_epilogue_kernel<<<grid, 256, 0, st>>>(q, y, bias, rows, entries, heads, dpos, dscore, dobs, C, HS, NH, L, l,
-                                              n_ctx);
+                                              n_ctx, write_kv);
     KVH_CUDA_LAUNCHED(err, "qkv_epilogue_kernel");
     return 0;
 }

@@ -1,6 +1,6 @@
 /* tables.cuh — the small per-forward tables the host uploads once per forward call and every kernel
  * reads: which token / position / batch entry each activation row is, and where each (entry, head)'s
- * K/V slots live with its live count. Owns only these layouts (host and device agree on them). */
+ * K/V slots live (dense fp16 or packed int8/int4, per layer) with its live count. Owns only these layouts (host and device agree on them). */
 #ifndef KVH_CUDA_TABLES_CUH
 #define KVH_CUDA_TABLES_CUH
 
@@ -25,8 +25,9 @@ typedef struct cuda_entry {
 
 /* One (layer, entry, head): the slot data and live count after this forward's append. */
 typedef struct cuda_head {
-    __half *k;      /* [cap, HS] dense fp16 K slots */
-    __half *v;      /* [cap, HS] dense fp16 V slots */
+    void *k;        /* [cap] K slots of the layer's format: dense fp16 [cap, HS] __half, or packed
+                       kvq_format.h slots of its slot_bytes (quant.cuh) */
+    void *v;        /* [cap] V slots, same format */
     uint32_t n;     /* live slots (including this forward's new tokens) */
     uint32_t first; /* slot of the entry's first new token */
 } cuda_head;
