@@ -92,9 +92,20 @@ class SweepParsing(unittest.TestCase):
 
     def test_shipped_sweeps_and_configs_parse(self):
         d = os.path.join(REPO, "bench", "sweeps")
+        shared = os.path.isdir(os.path.join(REPO, "..", "shared"))
+        parsed = 0
         for f in sorted(os.listdir(d)):
-            s = kvbench.load_sweep(os.path.join(d, f))
+            try:
+                s = kvbench.load_sweep(os.path.join(d, f))
+            except kvbench.SweepError as e:
+                # a sweep naming data under ../shared cannot be checked on a machine without it
+                if not shared and "file not found" in str(e) and "shared" in str(e):
+                    print(f"note: {f} skipped: ../shared is absent ({e})")
+                    continue
+                raise
             self.assertTrue(s["configs"], f)
+            parsed += 1
+        self.assertGreater(parsed, 0)
         names = set(os.listdir(os.path.join(REPO, "bench", "configs")))
         for need in ("full", "window", "sink", "h2o", "pyramid", "minicache", "int8", "int4", "h2o_int8",
                      "sink_int4"):
