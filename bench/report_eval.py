@@ -62,8 +62,9 @@ def minicache_section(mc, texts, ret, mem):
     lines = ["## MiniCache: cross-layer merging (a store, no eviction)", "",
              "minicache.so merges layer pairs (3,4) of the 6 (start_layer = n_layer / 2; layer 5, left over, "
              "and layers 0-2 stay fp32), t = 0.6. A token is kept unmerged when its angular distance d is at "
-             "least d_min + gamma (d_max - d_min), with d_min / d_max running over the tokens of that (pair, "
-             "sequence, head) seen so far: gamma 0 merges nothing, larger gamma merges more. Retained = "
+             "least d_max - gamma (d_max - d_min) (the top share gamma of the distance range), with d_min / d_max "
+             "running over the tokens of that (pair, sequence, head) seen so far: gamma 1 merges nothing, "
+             "gamma 0 all but the farthest; 0.05 is the default. Retained = "
              "fraction of paired (token, head, K|V) kept unmerged over the whole run (from the plugin's "
              "summary line). Every token stays in the cache (max live = the chunk).", ""]
     for text in texts:
