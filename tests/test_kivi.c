@@ -33,12 +33,7 @@
 #define PDIR KVH_BUILD_DIR "/plugins"
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
-static uint32_t rnd_u32(void) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (uint32_t)(rng_state >> 16);
-}
+static uint32_t rnd_u32(void) { return (uint32_t)(kvh_test_xorshift(&rng_state) >> 16); }
 static float rnd_unit(void) { return (float)rnd_u32() / 4294967296.0f * 2.0f - 1.0f; } /* [-1, 1) */
 
 /* |x - x^| within the bound for one group sharing (s, m) whose true values span [lo, hi]. */

@@ -31,12 +31,7 @@
 #define PDIR KVH_BUILD_DIR "/plugins"
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-static float rnd_unit(void) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (float)(rng_state >> 40) / 16777216.0f * 2.0f - 1.0f;
-}
+static float rnd_unit(void) { return (float)(kvh_test_xorshift(&rng_state) >> 40) / 16777216.0f * 2.0f - 1.0f; }
 
 /* ---- 1. the math --------------------------------------------------------------------------------- */
 

@@ -5,10 +5,20 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /* Compares a and b element-wise. Returns the max |a-b|; when it exceeds tol, prints the first few
  * mismatches (index, a, b, diff) with `what` to stderr so a failing assertion explains itself. */
 double kvh_test_compare(const char *what, const float *a, const float *b, size_t n, double tol);
+
+/* One xorshift64 step (shifts 13, 7, 17) of *state, returning the new state: the suites' deterministic
+ * random numbers (each suite keeps its own state and seed, so its sequence is fixed). */
+static inline uint64_t kvh_test_xorshift(uint64_t *state) {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    return *state;
+}
 
 /* Path of the tiny model directory, or NULL (with the reason printed) when ../shared is absent. */
 const char *kvh_test_tiny_model_dir(void);
