@@ -11,6 +11,10 @@ Does not own: running anything (bench/kvbench.py, kvhost).
 Where one (model, config, T, batch, backend) was measured more than once, the last record in file order
 is reported (results are appended, so that is the newest).
 
+Per (model, backend, batch): a generate table, a phase table and the plots against T. Per (model, backend)
+with more than one batch size: throughput (decode tokens/s over the whole batch) against batch size, each
+configuration at the largest T it was run at under every batch size, as a table and a plot.
+
 Peer records (PyTorch eager, HF transformers; written by kvbench.py in the generate schema with a `peer`
 field) are one more series in the latency and per-token plots and rows in the generate table; they have no
 KV bytes or phases (null), so they are left out of the KV-bytes, phase and Pareto plots and shown as '-'.
@@ -147,6 +151,31 @@ class Data:
         """Legend label: the config name, plus the peer kind for a peer series."""
         return f"{config} [{self.peers[config].split(' ')[0]} peer]" if config in self.peers else config
 
+    def batch_sizes(self, model, backend):
+        """The batch sizes measured for (model, backend), ascending."""
+        return sorted({k[2] for k in self.gen if k[:2] == (model, backend)})
+
+    def throughput_points(self, model, backend, config):
+        """(T, {batch: record}) at the largest T that config was measured at under every batch size of
+        (model, backend), or None when it has no such T (or only one batch size exists)."""
+        bs = self.batch_sizes(model, backend)
+        if len(bs) < 2:
+            return None
+        by_t = {}
+        for k, r in self.gen.items():
+            if k[:2] == (model, backend) and k[3] == config:
+                by_t.setdefault(k[4], {})[k[2]] = r
+        common = [t for t, rs in by_t.items() if all(b in rs for b in bs)]
+        return (max(common), by_t[max(common)]) if common else None
+
+    def backends(self, model):
+        """Backends with generate records for model, in first-appearance order."""
+        seen = []
+        for k in self.gen:
+            if k[0] == model and k[1] not in seen:
+                seen.append(k[1])
+        return seen
+
     def groups(self):
         """(model, backend, batch) combinations with generate records, in order."""
         seen = []
@@ -200,6 +229,24 @@ def table_phases(d, model, backend, batch):
         ph = r["phase_ms"]
         rows.append(f"| {c} | {t} | " + " | ".join(fmt(ph[p]) for p in PHASES) + f" | {fmt(r['total_ms'])} |")
     return "\n".join(rows)
+
+
+def table_throughput(d, model, backend):
+    """Decode throughput (all sequences' tokens per second) against batch size, one row per configuration,
+    at the largest T it was measured at under every batch size; '' when only one batch size was run."""
+    bs = d.batch_sizes(model, backend)
+    if len(bs) < 2:
+        return ""
+    rows = ["| config | T | " + " | ".join(f"B={b} tokens/s" for b in bs) + f" | B={bs[-1]} / B={bs[0]} |",
+            "|---|---:|" + "---:|" * len(bs) + "---:|"]
+    for c in d.configs:
+        pts = d.throughput_points(model, backend, c)
+        if not pts:
+            continue
+        t, rs = pts
+        tps = [rs[b]["decode_tokens_per_s"] for b in bs]
+        rows.append(f"| {c} | {t} | " + " | ".join(fmt(x) for x in tps) + f" | {fmt(tps[-1] / tps[0], 2)}x |")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def table_capacity(d):
@@ -353,9 +400,11 @@ def make_plots(d, out):
             x, y = r["kv_bytes_peak"] / MIB, r["decode_step"]["median_ms"]
             ax.scatter([x], [y], marker=markers[i % len(markers)], s=50)
             label = f"{c} (T={t})"
-            ppl = [e["ppl"] for (em, ec, _, _), e in d.evals.items() if em == m and ec == c]
+            # streaming perplexity shows eviction; teacher-forced only where nothing else was evaluated
+            ppl = sorted(((mode != "stream", e["ppl"], mode) for (em, ec, mode, _), e in d.evals.items()
+                          if em == m and ec == c))
             if ppl:
-                label += f"\nppl {ppl[-1]:.2f}"
+                label += f"\nppl {ppl[0][1]:.2f} ({ppl[0][2]})"
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 14 - 20 * (i % 4)), fontsize=7)  # staggered
         ax.set_xscale("log")
         ax.set_xlabel("KV bytes held at peak, MiB (log)")
@@ -365,6 +414,38 @@ def make_plots(d, out):
         save(fig, f"pareto-{tag}.png",
              f"each configuration at its largest T: peak KV bytes against decode latency (lower-left is better), "
              f"labelled with perplexity where an eval record exists — {title}")
+    for m in d.models:
+        for be in d.backends(m):
+            bs = d.batch_sizes(m, be)
+            if len(bs) < 2:
+                continue
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            drawn = 0
+            for i, c in enumerate(d.configs):
+                pts = d.throughput_points(m, be, c)
+                if not pts:
+                    continue
+                t, rs = pts
+                style = dict(marker=markers[i % len(markers)], label=f"{d.label(c)} (T={t})")
+                if c in d.peers:
+                    style.update(linestyle="--", color="black")
+                ax.plot(bs, [rs[b]["decode_tokens_per_s"] for b in bs], **style)
+                drawn += 1
+            if not drawn:
+                plt.close(fig)
+                continue
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(bs)
+            ax.set_xticklabels([str(b) for b in bs])
+            ax.set_xlabel("batch size B (sequences decoded together)")
+            ax.set_ylabel("decode tokens/s, all sequences together")
+            ax.set_title(f"throughput vs batch — {m} ({be})")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7, ncol=2)
+            save(fig, f"throughput-vs-batch-{slug(m)}-{be}.png",
+                 f"decode throughput (tokens/s summed over the batch) against batch size, each configuration at the "
+                 f"largest T it ran at every batch size — {m} ({be})")
     if d.cap:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         labels = [f"{c}\n{slug(m)[:14]} T={t}" for (m, c, t, _) in d.cap]
@@ -407,6 +488,13 @@ def build_report(records, plots=None, command=None, notes=None):
             parts += [note, ""]
         parts += ["Time per phase (ms, one run, largest T):", "",
                   table_phases(d, m, be, b), ""]
+    for m in d.models:
+        for be in d.backends(m):
+            tp = table_throughput(d, m, be)
+            if tp:
+                parts += [f"## {m} — {be}, throughput against batch size", "",
+                          "Decode tokens/s summed over the batch, each configuration at the largest T it was "
+                          "run at under every batch size:", "", tp, ""]
     cap = table_capacity(d)
     if cap:
         parts += ["## Max batch under a KV memory cap", "", cap, ""]

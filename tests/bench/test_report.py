@@ -16,6 +16,7 @@ import report  # noqa: E402
 
 FIXTURE = os.path.join(HERE, "fixtures", "small.jsonl")
 PEER_FIXTURE = os.path.join(HERE, "fixtures", "peer.jsonl")
+BATCH_FIXTURE = os.path.join(HERE, "fixtures", "batch.jsonl")  # small.jsonl's full/h2o again at batch 4
 
 GEN_TABLE = """\
 | config | T | prefill ms | decode ms/token p50 [p10, p90] | tokens/s | KV peak MiB | peak RSS MiB | runs |
@@ -117,6 +118,50 @@ class Peers(unittest.TestCase):
             for f in ("latency-vs-T-tiny-cpu-b1.png", "per-token-vs-T-tiny-cpu-b1.png", "memory-vs-T-tiny-cpu-b1.png",
                       "phases-tiny-cpu-b1.png", "pareto-tiny-cpu-b1.png"):
                 self.assertIn(f, os.listdir(out))
+        finally:
+            shutil.rmtree(out)
+
+
+THROUGHPUT_TABLE = """\
+| config | T | B=1 tokens/s | B=4 tokens/s | B=4 / B=1 |
+|---|---:|---:|---:|---:|
+| full | 64 | 333.3 | 900.0 | 2.70x |
+| h2o | 64 | 307.7 | 800.0 | 2.60x |"""
+
+
+class Throughput(unittest.TestCase):
+    """Throughput against batch size: h2o ran T=32 only at batch 1, so its row (like full's) is at T=64,
+    the largest T measured under both batch sizes."""
+
+    def setUp(self):
+        self.records = report.read_records([FIXTURE, BATCH_FIXTURE])
+        self.d = report.Data(self.records)
+
+    def test_table_at_the_largest_common_length(self):
+        self.assertEqual(self.d.batch_sizes("tiny", "cpu"), [1, 4])
+        self.assertEqual(report.table_throughput(self.d, "tiny", "cpu"), THROUGHPUT_TABLE)
+        text = report.build_report(self.records)
+        self.assertIn("## tiny — cpu, throughput against batch size", text)
+        self.assertIn(THROUGHPUT_TABLE, text)
+        self.assertIn("## tiny — cpu, batch 4", text)
+
+    def test_no_table_with_one_batch_size(self):
+        d = report.Data(report.read_records([FIXTURE]))
+        self.assertIsNone(d.throughput_points("tiny", "cpu", "full"))
+        self.assertEqual(report.table_throughput(d, "tiny", "cpu"), "")
+        self.assertNotIn("throughput against batch size", report.build_report(report.read_records([FIXTURE])))
+
+    def test_plot_written(self):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.skipTest("matplotlib not installed (python3-matplotlib): plots not tested")
+        out = tempfile.mkdtemp(prefix="report-batch-test-")
+        try:
+            self.assertEqual(report.main([FIXTURE, BATCH_FIXTURE, "--out", out]), 0)
+            files = set(os.listdir(out))
+            self.assertIn("throughput-vs-batch-tiny-cpu.png", files)
+            self.assertIn("latency-vs-T-tiny-cpu-b4.png", files)
         finally:
             shutil.rmtree(out)
 
