@@ -1,5 +1,6 @@
 /* backend_cpu.c — the CPU backend: GPT-2 forward pass in fp32 with OpenBLAS for the projections and
- * MLP, and hand-written cache-friendly loops for LayerNorm, GELU and decode attention.
+ * MLP (sgemv for one row, host/matmul_small.c for 2..KVH_MATMUL_SMALL_MAX rows — decode batches —,
+ * sgemm above), and hand-written cache-friendly loops for LayerNorm, GELU and decode attention.
  * Owns: the activation workspace, the attention over the dense fp32 cache (with causal masking by
  * position and score accumulation), per-phase timing. Does not own: eviction or sampling. */
 #include <cblas.h>
@@ -13,6 +14,7 @@
 
 #include "backend.h"
 #include "kvp/kvp.h"
+#include "matmul_small.h"
 #include "plugin_guard.h"
 
 typedef struct cpu_workspace {
@@ -122,6 +124,8 @@ static void linear(float *y, const float *x, const float *W, const float *bias, 
             }
             if (T == 1)
                 cblas_sgemv(CblasRowMajor, CblasTrans, K, w, 1.0f, W + n0, N, x, 1, 1.0f, y + n0, 1);
+            else if (T <= KVH_MATMUL_SMALL_MAX) /* sgemm would repack the whole weight: see matmul_small.h */
+                kvh_matmul_small(y, (size_t)N, x, W, T, K, N, n0, n1);
             else
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, w, K, 1.0f, x, K, W + n0, N, 1.0f, y + n0, N);
         }
@@ -138,6 +142,8 @@ static void lm_head(float *logits, const float *xn, const float *wte, int R, int
             if (R == 1)
                 cblas_sgemv(CblasRowMajor, CblasNoTrans, v1 - v0, C, 1.0f, wte + (size_t)v0 * C, C, xn, 1, 0.0f,
                             logits + v0, 1);
+            else if (R <= KVH_MATMUL_SMALL_MAX)
+                kvh_matmul_small_t(logits, (size_t)V, xn, wte, R, C, v0, v1);
             else
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, v1 - v0, C, 1.0f, xn, C, wte + (size_t)v0 * C, C,
                             0.0f, logits + v0, V);

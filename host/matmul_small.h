@@ -1,0 +1,34 @@
+/* matmul_small.h — matrix products for a few rows at a time (decode batches, short prefills), reading
+ * every weight exactly once per call.
+ * Owns: y += x·W over a column range of an input-major weight, and y = x·Wtᵀ over a row range of a
+ * row-major weight (the tied LM head). Does not own: threading (the caller splits the columns), bias
+ * or residual (the caller puts them in y first), or large T (OpenBLAS sgemm is faster there).
+ *
+ * Why not sgemm: OpenBLAS packs the whole weight on every call. At T = 1 sgemv streams the weight at
+ * memory speed, but sgemm at T = 2..8 streams it at a third of that speed on the machine we measured,
+ * so decoding a batch of 4 cost almost what 4 single decodes cost (docs/results/matmul.md).
+ *
+ * Shapes: T rows (any T works; the backend uses these for 2..KVH_MATMUL_SMALL_MAX), K inputs,
+ * N outputs; x [T, K] row stride K; W [K, N] row stride N; Wt [N, K] row stride K; y row stride ldy.
+ * Each output element sums its K products in increasing k, whatever T is, so a row's result does not
+ * depend on which other rows share the call. */
+#ifndef KVH_MATMUL_SMALL_H
+#define KVH_MATMUL_SMALL_H
+
+#include <stddef.h>
+
+/* Largest T for which the backend calls these instead of sgemm (measured: docs/results/matmul.md). */
+#define KVH_MATMUL_SMALL_MAX 8
+
+/* y[t, n] += sum_k x[t, k] * W[k, n] for t < T, n0 <= n < n1. */
+void kvh_matmul_small(float *y, size_t ldy, const float *x, const float *W, int T, int K, int N, int n0, int n1);
+
+/* y[t, v] = sum_k x[t, k] * Wt[v, k] for t < T, v0 <= v < v1 (y is overwritten, not accumulated). */
+void kvh_matmul_small_t(float *y, size_t ldy, const float *x, const float *Wt, int T, int K, int v0, int v1);
+
+/* The portable C versions (no SIMD intrinsics), same contracts; exposed so tests cover both paths. */
+void kvh_matmul_small_portable(float *y, size_t ldy, const float *x, const float *W, int T, int K, int N, int n0,
+                               int n1);
+void kvh_matmul_small_t_portable(float *y, size_t ldy, const float *x, const float *Wt, int T, int K, int v0, int v1);
+
+#endif
