@@ -191,14 +191,16 @@ def fmt(x, digits=1):
 
 
 def table_generate(d, model, backend, batch):
-    rows = ["| config | T | prefill ms | decode ms/token p50 [p10, p90] | tokens/s | KV peak MiB | peak RSS MiB | runs |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| config | T | prefill ms | decode ms/step p50 [p10, p90] | tokens/s | KV held MiB | KV peak MiB | "
+            "peak RSS MiB | runs |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in d.configs:
         for t, r in d.series(model, backend, batch, c):
             ds = r["decode_step"]
             rows.append(f"| {c} | {t} | {fmt(r['prefill_ms'])} | {fmt(ds['median_ms'], 2)} "
                         f"[{fmt(ds['p10_ms'], 2)}, {fmt(ds['p90_ms'], 2)}] | {fmt(r['decode_tokens_per_s'])} | "
-                        f"{num(r['kv_bytes_peak'], 3, MIB)} | {num(r['peak_rss_bytes'], 0, MIB)} | "
+                        f"{num(r['kv_bytes_held'], 3, MIB)} | {num(r['kv_bytes_peak'], 3, MIB)} | "
+                        f"{num(r['peak_rss_bytes'], 0, MIB)} | "
                         f"{r['warmup_runs']}+{r['repeats']} |")
     return "\n".join(rows)
 
@@ -300,8 +302,17 @@ def make_plots(d, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     made = []
+
+    def t_axis(ax, model, backend, batch):
+        """Log2 x axis with a tick at every measured T, labelled with T itself (1000, not 2^10)."""
+        ts = sorted({k[4] for k in d.gen if k[:3] == (model, backend, batch)})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ts)
+        ax.set_xticklabels([str(t) for t in ts])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
 
     def save(fig, name, what):
         fig.tight_layout()
@@ -317,8 +328,8 @@ def make_plots(d, out):
         for key, fname, ylabel, what in (
                 ("total_ms", "latency", "run time, ms (prefill + all decode steps)",
                  "total time of one run (prefill + decode) against prompt length T, per configuration"),
-                ("decode", "per-token", "decode ms per token (median; bars p10-p90)",
-                 "median decode latency per generated token against T, bars from p10 to p90")):
+                ("decode", "per-token", "decode ms per step, one token per sequence (median; bars p10-p90)",
+                 "median decode step latency (each step generates one token for every sequence of the batch) against T, bars from p10 to p90")):
             fig, ax = plt.subplots(figsize=(7, 4.5))
             for i, c in enumerate(d.configs):
                 s = d.series(m, be, b, c)
@@ -335,7 +346,7 @@ def make_plots(d, out):
                     ax.errorbar(ts, med, yerr=[lo, hi], capsize=3, **style)
                 else:
                     ax.plot(ts, [r[key] for _, r in s], **style)
-            ax.set_xscale("log", base=2)
+            t_axis(ax, m, be, b)
             ax.set_yscale("log")
             ax.set_xlabel("prompt length T (tokens)")
             ax.set_ylabel(ylabel)
@@ -344,7 +355,7 @@ def make_plots(d, out):
             ax.legend(fontsize=8, ncol=2)
             save(fig, f"{fname}-vs-T-{tag}.png", what + f" — {title}")
         # memory vs T
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+        fig, (a0, a1, a2) = plt.subplots(1, 3, figsize=(15, 4.5))
         for i, c in enumerate(d.configs):
             s = d.series(m, be, b, c)
             if not s:
@@ -354,66 +365,75 @@ def make_plots(d, out):
                 a2.plot(ts, [r["peak_rss_bytes"] / MIB for _, r in s], marker=markers[i % len(markers)],
                         label=d.label(c), linestyle="--", color="black")
                 continue
-            a1.plot(ts, [r["kv_bytes_peak"] / MIB for _, r in s], marker=markers[i % len(markers)], label=c)
-            a2.plot(ts, [r["peak_rss_bytes"] / MIB for _, r in s], marker=markers[i % len(markers)], label=c)
-        for ax, yl in ((a1, "KV bytes held at peak, MiB (exact)"), (a2, "peak RSS of the process, MiB")):
-            ax.set_xscale("log", base=2)
+            mk = markers[i % len(markers)]
+            a0.plot(ts, [r["kv_bytes_held"] / MIB for _, r in s], marker=mk, label=c)
+            a1.plot(ts, [r["kv_bytes_peak"] / MIB for _, r in s], marker=mk, label=c)
+            a2.plot(ts, [r["peak_rss_bytes"] / MIB for _, r in s], marker=mk, label=c)
+        for ax, yl in ((a0, "KV bytes held at the end of the run, MiB (exact)"),
+                       (a1, "KV bytes held at peak, MiB (exact)"), (a2, "peak RSS of the process, MiB")):
+            t_axis(ax, m, be, b)
             ax.set_xlabel("prompt length T (tokens)")
             ax.set_ylabel(yl)
             ax.grid(True, alpha=0.3)
+        a0.set_yscale("log")
         a1.set_yscale("log")
-        a1.legend(fontsize=8, ncol=2)
+        a0.legend(fontsize=8, ncol=2)
         if d.peers:
             a2.legend(fontsize=7, ncol=2)
         fig.suptitle(title)
         save(fig, f"memory-vs-T-{tag}.png",
-             f"peak KV-cache bytes (exact) and process peak RSS against T — {title}")
-        # per-phase stacked bars at the largest T
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        names, bottoms, tmax = [], [], None
-        rows = []
-        for c in d.configs:
-            s = d.series(m, be, b, c)
-            if s and c not in d.peers:
-                names.append(c)
-                rows.append(s[-1][1]["phase_ms"])
-                tmax = s[-1][0] if tmax is None else max(tmax, s[-1][0])
-        bottoms = [0.0] * len(names)
-        for p in PHASES:
-            vals = [r[p] for r in rows]
-            ax.bar(names, vals, bottom=bottoms, label=p)
-            bottoms = [x + y for x, y in zip(bottoms, vals)]
-        ax.set_ylabel("ms per run (largest T of each config)")
-        ax.set_title(f"time per phase — {title}")
-        ax.tick_params(axis="x", rotation=30)
-        ax.legend(fontsize=8)
+             f"KV-cache bytes (exact) held after the last decode step and at peak (a policy's peak is the "
+             f"prefill, before its first eviction), and process peak RSS, against T — {title}")
+        # per-phase stacked bars at each configuration's largest T; the recompute baseline, an order of
+        # magnitude above the rest, gets its own panel and scale so the cached configurations stay readable
+        bars = [(c, *d.series(m, be, b, c)[-1]) for c in d.configs
+                if d.series(m, be, b, c) and c not in d.peers]
+        groups = [g for g in ([x for x in bars if x[0] != "no_cache"], [x for x in bars if x[0] == "no_cache"]) if g]
+        fig, axes = plt.subplots(1, len(groups), figsize=(10.5, 4.5), squeeze=False,
+                                 gridspec_kw={"width_ratios": [max(1, len(g)) for g in groups]})
+        for ax, group in zip(axes[0], groups):
+            labels = [f"{c}\nT={t}" for c, t, _ in group]
+            bottoms = [0.0] * len(group)
+            for p in PHASES:
+                vals = [r["phase_ms"][p] for _, _, r in group]
+                ax.bar(labels, vals, bottom=bottoms, label=p)
+                bottoms = [x + y for x, y in zip(bottoms, vals)]
+            ax.tick_params(axis="x", rotation=30, labelsize=8)
+        axes[0][0].set_ylabel("ms per run (prefill + decode), largest T")
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+        fig.suptitle(f"time per phase — {title}")
         save(fig, f"phases-{tag}.png",
              f"time per phase (embed, attention projections, attention core, MLP, LM head, plugin hooks, other) "
-             f"of one run at each configuration's largest T — {title}")
-        # Pareto: KV memory vs per-token latency at the largest common T
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+             f"of one run (prefill and decode) at each configuration's largest T, the no-cache baseline on its own "
+             f"scale — {title}")
+        # Pareto: the KV bytes a configuration holds while it decodes against its per-token latency, each at
+        # its largest T. The recompute baseline holds no cache and is 10-100x slower, so it is left out;
+        # points are told apart by the legend (labels on the points collide where configurations cluster).
+        fig, ax = plt.subplots(figsize=(8.5, 4.8))
         for i, c in enumerate(d.configs):
             s = d.series(m, be, b, c)
-            if not s or c in d.peers:
+            if not s or c in d.peers or c == "no_cache":
                 continue
             t, r = s[-1]
-            x, y = r["kv_bytes_peak"] / MIB, r["decode_step"]["median_ms"]
-            ax.scatter([x], [y], marker=markers[i % len(markers)], s=50)
             label = f"{c} (T={t})"
             # streaming perplexity shows eviction; teacher-forced only where nothing else was evaluated
-            ppl = sorted(((mode != "stream", e["ppl"], mode) for (em, ec, mode, _), e in d.evals.items()
-                          if em == m and ec == c))
-            if ppl:
-                label += f"\nppl {ppl[0][1]:.2f} ({ppl[0][2]})"
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 14 - 20 * (i % 4)), fontsize=7)  # staggered
+            ev = sorted(((mode != "stream", e["ppl"], mode, e.get("kl_mean")) for (em, ec, mode, _), e in
+                         d.evals.items() if em == m and ec == c), key=lambda x: x[:2])
+            if ev:
+                _, ppl, mode, kl = ev[0]
+                label += f": ppl {ppl:.2f} ({mode})" + (f", KL {kl:.4f}" if isinstance(kl, (int, float)) else "")
+            ax.scatter([r["kv_bytes_held"] / MIB], [r["decode_step"]["median_ms"]], marker=markers[i % len(markers)],
+                       s=60, label=label)
         ax.set_xscale("log")
-        ax.set_xlabel("KV bytes held at peak, MiB (log)")
-        ax.set_ylabel("decode ms per token (median)")
+        ax.set_xlabel("KV bytes held after decoding, MiB (exact, log)")
+        ax.set_ylabel("decode ms per step (median)")
         ax.set_title(f"memory vs latency — {title}")
         ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         save(fig, f"pareto-{tag}.png",
-             f"each configuration at its largest T: peak KV bytes against decode latency (lower-left is better), "
-             f"labelled with perplexity where an eval record exists — {title}")
+             f"each cached configuration at its largest T: the KV bytes it holds while decoding against its decode "
+             f"latency (lower-left is better), with perplexity and KL from the full cache where an eval record "
+             f"exists — {title}")
     for m in d.models:
         for be in d.backends(m):
             bs = d.batch_sizes(m, be)
@@ -447,22 +467,53 @@ def make_plots(d, out):
                  f"decode throughput (tokens/s summed over the batch) against batch size, each configuration at the "
                  f"largest T it ran at every batch size — {m} ({be})")
     if d.cap:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        labels = [f"{c}\n{slug(m)[:14]} T={t}" for (m, c, t, _) in d.cap]
-        ax.bar(labels, [r["max_batch"] for r in d.cap.values()], color="tab:green")
-        lims = sorted({k[3] for k in d.cap})
-        ax.set_ylabel("largest batch that fits")
-        ax.set_title(f"max batch under a KV cap of {', '.join(lims)}")
-        ax.tick_params(axis="x", rotation=45, labelsize=7)
-        save(fig, "max-batch.png", "largest batch whose run fits under the --mem-limit KV cap, per configuration")
+        # one panel per (model, T, cap): batches under different caps are not comparable
+        panels = []
+        for (m, c, t, lim), r in d.cap.items():
+            if (m, t, lim) not in panels:
+                panels.append((m, t, lim))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 + 3.5 * len(panels), 4.5), squeeze=False)
+        for ax, (m, t, lim) in zip(axes[0], panels):
+            rows = [(c, r["max_batch"]) for (rm, c, rt, rl), r in d.cap.items() if (rm, rt, rl) == (m, t, lim)]
+            bars = ax.bar([c for c, _ in rows], [b for _, b in rows], color="tab:green")
+            ax.bar_label(bars, fontsize=8)
+            ax.set_title(f"{m}\nT={t}, KV cap {lim}", fontsize=9)
+            ax.tick_params(axis="x", rotation=40, labelsize=8)
+        axes[0][0].set_ylabel("largest batch that fits")
+        save(fig, "max-batch.png", "largest batch whose run fits under the --mem-limit KV cap, per configuration, "
+                                   "one panel per model, prompt length and cap")
     if d.evals:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        labels = [f"{c}\n{mode} ctx {ctx}" for (_, c, mode, ctx) in d.evals]
-        ax.bar(labels, [r["ppl"] for r in d.evals.values()], color="tab:purple")
-        ax.set_ylabel("perplexity")
-        ax.set_title("perplexity per configuration")
-        ax.tick_params(axis="x", rotation=45, labelsize=7)
-        save(fig, "perplexity.png", "perplexity of each configuration (eval records)")
+        # perplexity barely moves and hides what differs; show its change from the full cache, and KL
+        for m in d.models:
+            ev = [(c, mode, r) for (em, c, mode, _), r in d.evals.items() if em == m]
+            if not ev:
+                continue
+            full_teacher = [r["ppl"] for c, mode, r in ev if c == "full" and mode == "teacher"]
+            fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+            names = [c for c in d.configs if any(c == ec for ec, _, _ in ev)]
+            xs = list(range(len(names)))
+            for k, mode in enumerate(("teacher", "stream")):
+                vals = []
+                for c in names:
+                    r = next((r for ec, em2, r in ev if ec == c and em2 == mode), None)
+                    ref = r.get("full_ppl") if r and mode == "stream" else (full_teacher[0] if full_teacher else None)
+                    vals.append(100.0 * (r["ppl"] / ref - 1.0) if r and ref else float("nan"))
+                a1.bar([x + (k - 0.5) * 0.4 for x in xs], vals, width=0.4, label=mode)
+            a1.axhline(0, color="black", linewidth=0.8)
+            a1.set_xticks(xs)
+            a1.set_xticklabels(names, rotation=40, fontsize=8)
+            a1.set_ylabel("perplexity change vs the full cache, %")
+            a1.legend(fontsize=8)
+            kl = [next((r.get("kl_mean") for ec, em2, r in ev if ec == c and em2 == "stream"), None) for c in names]
+            a2.bar(xs, [k if isinstance(k, (int, float)) else float("nan") for k in kl], color="tab:purple")
+            a2.set_xticks(xs)
+            a2.set_xticklabels(names, rotation=40, fontsize=8)
+            a2.set_ylabel("mean KL(full || config), nats/token (stream)")
+            ctxs = sorted({ctx for (em, _, _, ctx) in d.evals if em == m})
+            fig.suptitle(f"quality — {m} (eval ctx {', '.join(map(str, ctxs))})")
+            save(fig, f"perplexity-{slug(m)}.png",
+                 f"perplexity change from the full cache (teacher-forced and streaming) and the streaming mean KL "
+                 f"divergence from the full cache, per configuration — {m}")
     return made
 
 

@@ -19,12 +19,12 @@ PEER_FIXTURE = os.path.join(HERE, "fixtures", "peer.jsonl")
 BATCH_FIXTURE = os.path.join(HERE, "fixtures", "batch.jsonl")  # small.jsonl's full/h2o again at batch 4
 
 GEN_TABLE = """\
-| config | T | prefill ms | decode ms/token p50 [p10, p90] | tokens/s | KV peak MiB | peak RSS MiB | runs |
-|---|---:|---:|---:|---:|---:|---:|---:|
-| full | 32 | 12.3 | 2.50 [2.25, 3.12] | 400.0 | 1.000 | 80 | 1+3 |
-| full | 64 | 20.0 | 3.00 [2.90, 3.50] | 333.3 | 2.000 | 84 | 1+3 |
-| h2o | 32 | 13.0 | 2.75 [2.50, 3.00] | 363.6 | 0.500 | 80 | 1+3 |
-| h2o | 64 | 21.5 | 3.25 [3.00, 4.00] | 307.7 | 1.000 | 84 | 1+3 |"""
+| config | T | prefill ms | decode ms/step p50 [p10, p90] | tokens/s | KV held MiB | KV peak MiB | peak RSS MiB | runs |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
+| full | 32 | 12.3 | 2.50 [2.25, 3.12] | 400.0 | 1.000 | 1.000 | 80 | 1+3 |
+| full | 64 | 20.0 | 3.00 [2.90, 3.50] | 333.3 | 2.000 | 2.000 | 84 | 1+3 |
+| h2o | 32 | 13.0 | 2.75 [2.50, 3.00] | 363.6 | 0.500 | 0.500 | 80 | 1+3 |
+| h2o | 64 | 21.5 | 3.25 [3.00, 4.00] | 307.7 | 0.750 | 1.000 | 84 | 1+3 |"""
 
 PHASE_TABLE = """\
 | config | T | embed | attn_proj | attn_core | mlp | lm_head | plugin_hooks | other | total ms |
@@ -75,8 +75,8 @@ class Tables(unittest.TestCase):
 
 
 PEER_ROWS = """\
-| torch | 32 | 15.0 | 3.00 [2.50, 3.50] | 333.3 | - | 300 | 1+3 |
-| torch | 64 | 25.0 | 4.00 [3.00, 5.00] | 250.0 | - | 310 | 1+3 |"""
+| torch | 32 | 15.0 | 3.00 [2.50, 3.50] | 333.3 | - | - | 300 | 1+3 |
+| torch | 64 | 25.0 | 4.00 [3.00, 5.00] | 250.0 | - | - | 310 | 1+3 |"""
 
 
 class Peers(unittest.TestCase):
@@ -199,7 +199,7 @@ class Plots(unittest.TestCase):
             files = set(os.listdir(out))
             for f in ("README.md", "latency-vs-T-tiny-cpu-b1.png", "per-token-vs-T-tiny-cpu-b1.png",
                       "memory-vs-T-tiny-cpu-b1.png", "phases-tiny-cpu-b1.png", "pareto-tiny-cpu-b1.png",
-                      "max-batch.png", "perplexity.png"):
+                      "max-batch.png", "perplexity-tiny.png"):
                 self.assertIn(f, files)
             with open(os.path.join(out, "README.md")) as fh:
                 self.assertIn("](pareto-tiny-cpu-b1.png):", fh.read())
