@@ -198,7 +198,7 @@ static double tokens_per_s(const side *sd) {
 }
 
 static void print_row(const char *name, const char *base, const char *other, const char *note) {
-    printf("  %-28s %-22s %-22s %s\n", name, base, other, note);
+    printf("  %-30s %-22s %-22s %s\n", name, base, other, note);
 }
 
 static int write_record(const char *path, const char *role, const side *sd, const side *base,
@@ -386,7 +386,7 @@ int kvh_cmd_compare(int argc, char **argv) {
     print_row("decode tokens/s", b1, o1, note);
     snprintf(b1, sizeof b1, "%.2f (%.2f-%.2f)", bs.median, bs.p10, bs.p90);
     snprintf(o1, sizeof o1, "%.2f (%.2f-%.2f)", os.median, os.p10, os.p90);
-    print_row("decode ms/token p50 (p10-p90)", b1, o1, "");
+    print_row("decode ms/step p50 (p10-p90)", b1, o1, "");
     snprintf(b1, sizeof b1, "%.1f", bpf);
     snprintf(o1, sizeof o1, "%.1f", opf);
     snprintf(note, sizeof note, "%.2fx baseline (median of runs)", bpf > 0 ? opf / bpf : 0);
