@@ -15,7 +15,7 @@
 
 #include <math.h>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX2__) && defined(__FMA__) /* the same test as KVH_MATMUL_SMALL_MAX's in the header */
 #include <immintrin.h>
 #define KVH_MATMUL_AVX2 1
 #endif
@@ -25,6 +25,8 @@
 
 /* ---- portable ------------------------------------------------------------------------------------ */
 
+/* Plain multiply-add (no fmaf: without hardware FMA it is a library call); the loops over c and the
+ * 8 partial sums along k are what compilers vectorize without -ffast-math. */
 void kvh_matmul_small_portable(float *y, size_t ldy, const float *x, const float *W, int T, int K, int N, int n0,
                                int n1) {
     for (int c0 = n0; c0 < n1; c0 += COL_TILE) {
@@ -34,7 +36,7 @@ void kvh_matmul_small_portable(float *y, size_t ldy, const float *x, const float
             for (int t = 0; t < T; t++) {
                 const float a = x[(size_t)t * K + k];
                 float *yt = y + (size_t)t * ldy;
-                for (int c = c0; c < c1; c++) yt[c] = fmaf(a, w[c], yt[c]);
+                for (int c = c0; c < c1; c++) yt[c] += a * w[c];
             }
         }
     }
@@ -45,8 +47,13 @@ void kvh_matmul_small_t_portable(float *y, size_t ldy, const float *x, const flo
         const float *w = Wt + (size_t)v * K;
         for (int t = 0; t < T; t++) {
             const float *xt = x + (size_t)t * K;
+            float lane[8] = {0};
+            int k = 0;
+            for (; k + 8 <= K; k += 8)
+                for (int l = 0; l < 8; l++) lane[l] += w[k + l] * xt[k + l];
             float s = 0.0f;
-            for (int k = 0; k < K; k++) s = fmaf(w[k], xt[k], s);
+            for (int l = 0; l < 8; l++) s += lane[l];
+            for (; k < K; k++) s += w[k] * xt[k];
             y[(size_t)t * ldy + v] = s;
         }
     }

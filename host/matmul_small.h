@@ -17,8 +17,13 @@
 
 #include <stddef.h>
 
-/* Largest T for which the backend calls these instead of sgemm (measured: docs/results/matmul.md). */
+/* Largest T for which the backend calls these instead of sgemm (measured: docs/results/matmul.md):
+ * 8 with the AVX2 + FMA kernels; 2 for the portable C ones, which lose to sgemm from 4 rows on. */
+#if defined(__AVX2__) && defined(__FMA__)
 #define KVH_MATMUL_SMALL_MAX 8
+#else
+#define KVH_MATMUL_SMALL_MAX 2
+#endif
 
 /* y[t, n] += sum_k x[t, k] * W[k, n] for t < T, n0 <= n < n1. */
 void kvh_matmul_small(float *y, size_t ldy, const float *x, const float *W, int T, int K, int N, int n0, int n1);
