@@ -10,8 +10,8 @@
  *
  * Shapes: T rows (any T works; the backend uses these for 2..KVH_MATMUL_SMALL_MAX), K inputs,
  * N outputs; x [T, K] row stride K; W [K, N] row stride N; Wt [N, K] row stride K; y row stride ldy.
- * Each output element sums its K products in increasing k, whatever T is, so a row's result does not
- * depend on which other rows share the call. */
+ * Each output element adds up its K products in one fixed order, whatever T is and wherever the column
+ * range starts, so a row's result does not depend on which other rows share the call (tested bit for bit). */
 #ifndef KVH_MATMUL_SMALL_H
 #define KVH_MATMUL_SMALL_H
 
