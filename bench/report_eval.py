@@ -183,8 +183,9 @@ def main():
         f"{any_r['ctx']} (each chunk a fresh sequence), `--mode stream`: every token decoded one by one through "
         "the cache under the policy, and beside it a plugin-free full-cache run on the same tokens. "
         f"Cache slack {any_r['cache_slack']:.0f}: a layer grows to budget + slack, then is evicted down to the "
-        f"budget. Machine: {any_r['machine'].get('cpu', '?')}, {any_r['threads']} thread(s), shared with other "
-        "work, so tokens/s are indicative only.",
+        f"budget. Machine: {any_r['machine'].get('cpu', '?')}, {any_r['threads']} thread(s) per run; "
+        "`bench/eval_policies.sh` may run several evaluations side by side (JOBS), so tokens/s are indicative "
+        "only.",
         "",
         "Columns: ppl of the policy run; ppl of the full cache; relative change; mean KL(P_full || P_policy) "
         "per predicted token (nats); top-1 agreement of the two argmaxes; max live tokens per head; decode "
@@ -220,8 +221,8 @@ def main():
                   "is why perplexity alone is a poor fidelity measure and KL / top-1 are reported.", ""]
     commits = sorted({r.get("commit", "?") for r in runs.values()})
     lines += [f"Records from kvhost commit(s): {', '.join(commits)} (a `-dirty` suffix: uncommitted changes at run "
-              "time). tok/s were measured on a 2-core machine shared with other jobs (the same configuration "
-              "varied 3x between runs); use `bench/` timing scripts, not this column, for speed.", ""]
+              "time). tok/s come from runs that may share the machine with each other (JOBS) or with other work; "
+              "use `bench/` timing scripts (hook_overhead.sh, kvbench.py), not this column, for speed.", ""]
     missing = [p for p in ["h2o", "pyramid"] if p not in policies] + ([] if mc else ["minicache"])
     lines += ["",
               "Papers expect sink < window (StreamingLLM: the first tokens absorb attention mass that a plain "
