@@ -474,7 +474,8 @@ def peer_record(raw, sweep, c, point, job_id, commit, machine, model_dir=None):
         "peer_impl": raw.get("peer_impl"), "kvhost_version": None, "commit": commit,
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine, "model": model,
         "backend": point["backend"], "device": raw.get("device"), "threads": raw.get("threads"),
-        "no_cache": False, "cache_budget": None, "cache_slack": None, "plugins": None, "batch": B,
+        "no_cache": False, "cache_budget": None, "cache_slack": None, "cache_prefill_chunk": None, "plugins": None,
+        "batch": B,
         "tags": {"config": c["name"], "sweep": os.path.basename(sweep["path"]), "job": str(job_id)},
         "prompt_tokens": [T] * B, "generated_tokens": raw.get("generated_tokens", [sweep["max_new"]] * B),
         "first_tokens": raw.get("first_tokens", []),
@@ -698,7 +699,7 @@ def capacity_record(probe, best, probes, config_name, max_batch):
     rec = {"record": "capacity"}
     base = probe.last_record or {}
     for k in ("kvhost_version", "commit", "time_utc", "machine", "model", "backend", "device", "threads",
-              "no_cache", "cache_budget", "cache_slack", "plugins"):
+              "no_cache", "cache_budget", "cache_slack", "cache_prefill_chunk", "plugins"):
         if k in base:
             rec[k] = base[k]
     rec.update({"prompt_tokens": probe.length, "max_new": probe.max_new, "mem_limit": probe.mem_limit,

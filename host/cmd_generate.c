@@ -186,6 +186,7 @@ int kvh_add_run_fields(cJSON *rec, const kvh_model *model, const kvh_session *s,
     cJSON_AddBoolToObject(rec, "no_cache", s->opt.no_cache);
     cJSON_AddNumberToObject(rec, "cache_budget", cfg && cfg->budget ? (double)cfg->budget : 0);
     cJSON_AddNumberToObject(rec, "cache_slack", cfg ? (double)cfg->slack : 0);
+    cJSON_AddNumberToObject(rec, "cache_prefill_chunk", (double)s->prefill_chunk);
     char *stack = NULL;
     if (s->router) {
         size_t cap = 1 << 16;

@@ -151,9 +151,10 @@ static int set_key(kvh_run_config *cfg, const char *section, const char *key, co
         else if (is_model && strcmp(key, "threads") == 0) o = &cfg->threads_origin;
         else if (!is_model && strcmp(key, "budget") == 0) o = &cfg->budget_origin;
         else if (!is_model && strcmp(key, "slack") == 0) o = &cfg->slack_origin;
+        else if (!is_model && strcmp(key, "prefill_chunk") == 0) o = &cfg->prefill_chunk_origin;
         else
             return kvh_fail(err, "%s: [%s] unknown key '%s' (known keys: %s)", at, section, key,
-                            is_model ? "spec, backend, threads" : "budget, slack");
+                            is_model ? "spec, backend, threads" : "budget, slack, prefill_chunk");
         if (dup_check && o->line > 0 && strcmp(o->file, where->file) == 0) {
             return kvh_fail(err, "%s: [%s] duplicate key '%s' (already set at line %d)", at, section, key, o->line);
         }
@@ -174,6 +175,15 @@ static int set_key(kvh_run_config *cfg, const char *section, const char *key, co
             if (x < 1) return kvh_fail(err, "%s: [cache] budget = %s: budget must be >= 1; omit it to keep every token", at, value);
             if (x > (1ll << 30)) return kvh_fail(err, "%s: [cache] budget = %s: must be <= %lld", at, value, 1ll << 30);
             cfg->budget = (uint32_t)x;
+        } else if (o == &cfg->prefill_chunk_origin) {
+            if (parse_int(value, LLONG_MIN, LLONG_MAX, &x) != 0)
+                return kvh_fail(err, "%s: [cache] prefill_chunk = %s: expected an integer", at, value);
+            if (x < 0)
+                return kvh_fail(err, "%s: [cache] prefill_chunk = %s: must be >= 1 (or 0 for the whole prompt at once)",
+                                at, value);
+            if (x > (1ll << 20))
+                return kvh_fail(err, "%s: [cache] prefill_chunk = %s: must be <= %lld", at, value, 1ll << 20);
+            cfg->prefill_chunk = (uint32_t)x;
         } else {
             if (parse_int(value, LLONG_MIN, LLONG_MAX, &x) != 0)
                 return kvh_fail(err, "%s: [cache] slack = %s: expected an integer", at, value);
@@ -448,6 +458,7 @@ int kvh_config_write_ini(const kvh_run_config *cfg, FILE *f) {
     fprintf(f, "backend = %s\nthreads = %d\n\n[cache]\n", cfg->backend, cfg->threads);
     if (cfg->budget) fprintf(f, "budget = %u\n", (unsigned)cfg->budget);
     fprintf(f, "slack = %u\n", (unsigned)cfg->slack);
+    if (cfg->prefill_chunk) fprintf(f, "prefill_chunk = %u\n", (unsigned)cfg->prefill_chunk);
     for (int i = 0; i < cfg->n_sections; i++) {
         const kvh_config_section *s = &cfg->sections[i];
         fprintf(f, "\n[%s]\n", s->name);

@@ -51,7 +51,10 @@ typedef struct kvh_run_config {
     /* [cache] */
     uint32_t budget;      /* per-head token budget; 0 = unset (keep every token unless a plugin says) */
     uint32_t slack;       /* default KVH_CONFIG_DEFAULT_SLACK */
-    kvh_origin model_origin, backend_origin, threads_origin, budget_origin, slack_origin; /* line 0 = default */
+    uint32_t prefill_chunk; /* prompt tokens per prefill forward, with budgets enforced after each; 0 = the
+                               whole prompt in one forward (the default, and the papers' setting) */
+    kvh_origin model_origin, backend_origin, threads_origin, budget_origin, slack_origin,
+        prefill_chunk_origin; /* line 0 = default */
     /* plugin instances, in the order they appeared */
     kvh_config_section *sections;
     int n_sections, cap_sections;

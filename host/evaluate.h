@@ -54,7 +54,9 @@ double kvh_eval_kl(const float *p_logits, const float *q_logits, int V);
 
 /* Teacher-forced: for each chunk of opt->ctx tokens, sequence 0 of s is reset and the chunk is run as one
  * prefill with all logits; every next token inside the chunk is scored. Attention is over the whole chunk
- * (plugins act only after the prefill, so they cannot change these logits). Tokens must be < V. */
+ * (plugins act only after the prefill, so they cannot change these logits), unless the session has a
+ * [cache] prefill_chunk: then the prefill runs in pieces with evictions between them, and the scores show
+ * them (prefill_chunk = 1 is the streaming evaluation's computation). Tokens must be < V. */
 int kvh_eval_teacher(kvh_session *s, const int32_t *ids, size_t n, const kvh_eval_options *opt,
                      kvh_eval_result *res, kvh_err *err);
 

@@ -31,6 +31,7 @@ int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_
     if (!s) return kvh_fail(err, "session: out of memory");
     s->model = model;
     s->opt = *opt;
+    s->prefill_chunk = cfg ? cfg->prefill_chunk : 0;
     const int L = mc->n_layer, NH = mc->n_head, HS = mc->n_embd / mc->n_head;
 
     kvh_layer_policy_settings *settings = NULL;
@@ -175,8 +176,7 @@ static int enforce_budgets(kvh_session *s, int seq, bool in_prefill, kvh_err *er
     return 0;
 }
 
-int kvh_session_forward(kvh_session *s, const kvh_batch *batch, float *logits, kvh_err *err) {
-    if (s->opt.no_cache) return forward_no_cache(s, batch, logits, err);
+static int forward_once(kvh_session *s, const kvh_batch *batch, float *logits, kvh_err *err) {
     int prefill_flags[64];
     int *in_prefill = batch->n <= 64 ? prefill_flags : malloc((size_t)batch->n * sizeof(int));
     if (!in_prefill) return kvh_fail(err, "session: out of memory");
@@ -193,4 +193,72 @@ int kvh_session_forward(kvh_session *s, const kvh_batch *batch, float *logits, k
     }
     if (in_prefill != prefill_flags) free(in_prefill);
     return rc;
+}
+
+/* A batch with an entry longer than prefill_chunk, fed as rounds of pieces: round r gives every entry
+ * with tokens left its next min(chunk, left) tokens, so entries stay in step and each round is one
+ * forward call. Logit rows are copied to where the unsplit call would have written them. */
+static int forward_chunked(kvh_session *s, const kvh_batch *batch, float *logits, kvh_err *err) {
+    const int B = batch->n, V = s->model->cfg.n_vocab;
+    const int chunk = (int)s->prefill_chunk;
+    int max_T = 0;
+    for (int b = 0; b < B; b++)
+        if (batch->n_tokens[b] > max_T) max_T = batch->n_tokens[b];
+    const size_t sub_rows = batch->all_logits ? (size_t)B * (size_t)chunk : (size_t)B;
+    int *seq = malloc((size_t)B * sizeof *seq), *n_tok = malloc((size_t)B * sizeof *n_tok);
+    int *entry = malloc((size_t)B * sizeof *entry);
+    size_t *row0 = malloc((size_t)B * sizeof *row0); /* first logits row of entry b (all_logits) */
+    const int32_t **tok = malloc((size_t)B * sizeof *tok);
+    float *sub = malloc(sub_rows * (size_t)V * sizeof(float));
+    int rc = -1;
+    if (!seq || !n_tok || !entry || !row0 || !tok || !sub) {
+        kvh_fail(err, "session: out of memory for a chunked prefill of %d entries", B);
+        goto out;
+    }
+    for (int b = 0, r = 0; b < B; r += batch->n_tokens[b], b++) row0[b] = (size_t)r;
+    for (int off = 0; off < max_T; off += chunk) {
+        int n = 0;
+        for (int b = 0; b < B; b++) {
+            int left = batch->n_tokens[b] - off;
+            if (left <= 0) continue;
+            entry[n] = b;
+            seq[n] = batch->seq[b];
+            tok[n] = batch->tokens[b] + off;
+            n_tok[n] = left < chunk ? left : chunk;
+            n++;
+        }
+        kvh_batch piece = {.n = n, .seq = seq, .tokens = tok, .n_tokens = n_tok, .all_logits = batch->all_logits};
+        if (forward_once(s, &piece, sub, err) != 0) {
+            kvh_fail_prefix(err, "prefill tokens %d..%d", off, off + chunk - 1);
+            goto out;
+        }
+        size_t r = 0;
+        for (int i = 0; i < n; i++) {
+            const int b = entry[i];
+            if (batch->all_logits) {
+                memcpy(logits + (row0[b] + (size_t)off) * V, sub + r * V, (size_t)n_tok[i] * V * sizeof(float));
+                r += (size_t)n_tok[i];
+            } else {
+                if (off + n_tok[i] == batch->n_tokens[b]) /* this piece ends the entry: its logits are final */
+                    memcpy(logits + (size_t)b * V, sub + (size_t)i * V, (size_t)V * sizeof(float));
+            }
+        }
+    }
+    rc = 0;
+out:
+    free(seq);
+    free(n_tok);
+    free(entry);
+    free(row0);
+    free(tok);
+    free(sub);
+    return rc;
+}
+
+int kvh_session_forward(kvh_session *s, const kvh_batch *batch, float *logits, kvh_err *err) {
+    if (s->opt.no_cache) return forward_no_cache(s, batch, logits, err);
+    if (s->prefill_chunk)
+        for (int b = 0; b < batch->n; b++)
+            if (batch->n_tokens[b] > (int)s->prefill_chunk) return forward_chunked(s, batch, logits, err);
+    return forward_once(s, batch, logits, err);
 }

@@ -33,6 +33,7 @@ typedef struct kvh_session {
     kvh_router *router;     /* NULL when no plugin is configured */
     kvh_session_options opt;
     uint64_t hook_ns;       /* time spent in router (plugin hooks + compaction) */
+    uint32_t prefill_chunk; /* [cache] prefill_chunk: longer entries run in pieces of this many tokens; 0 = off */
     /* --no-cache: each sequence's token history */
     int32_t **history;      /* [n_seq][n_positions] */
     int *history_len;       /* [n_seq] */
@@ -46,7 +47,10 @@ int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_
 void kvh_session_free(kvh_session *s);
 
 /* Runs one batch (see kvh_batch) and then enforces budgets. An entry with more than one token, or the
- * first tokens of a sequence, counts as prefill. */
+ * first tokens of a sequence, counts as prefill. With a prefill_chunk, an entry longer than it is fed in
+ * pieces of at most prefill_chunk tokens, budgets enforced after each piece, so a layer never holds more
+ * than budget + slack + prefill_chunk tokens per head; logits are those of the unsplit call (the last
+ * token of each entry, or every token with all_logits). */
 int kvh_session_forward(kvh_session *s, const kvh_batch *batch, float *logits, kvh_err *err);
 
 /* Starts sequence seq afresh (cache emptied, plugins reset). */

@@ -118,7 +118,38 @@ Test(config, cache_errors) {
     expect_error("[cache]\n\nslack = -1\n", ":3: [cache] slack = -1: must be >= 0", NULL);
     expect_error("[cache]\nslack = 1.5\n", ":2:", "expected an integer");
     expect_error("[cache]\nbudget = 99999999999999999999999\n", ":2:", "budget");
-    expect_error("[cache]\nbudgett = 5\n", ":2: [cache] unknown key 'budgett'", "budget, slack");
+    expect_error("[cache]\nbudgett = 5\n", ":2: [cache] unknown key 'budgett'", "budget, slack, prefill_chunk");
+    expect_error("[cache]\nprefill_chunk = -2\n", ":2: [cache] prefill_chunk = -2: must be >= 1 (or 0 for the whole prompt",
+                 NULL);
+    expect_error("[cache]\nprefill_chunk = 64k\n", ":2: [cache] prefill_chunk = 64k: expected an integer", NULL);
+    expect_error("[cache]\nprefill_chunk = 2000000\n", ":2: [cache] prefill_chunk = 2000000: must be <= 1048576", NULL);
+    expect_error("[cache]\nprefill_chunk = 8\nprefill_chunk = 16\n", ":3: [cache] duplicate key 'prefill_chunk'", NULL);
+}
+
+Test(config, prefill_chunk_parsed_set_and_written_back) {
+    kvh_run_config cfg;
+    kvh_config_defaults(&cfg);
+    kvh_err err = {{0}};
+    cr_assert_eq(cfg.prefill_chunk, 0, "default: the whole prompt in one forward");
+    cr_assert_eq(kvh_config_load_string(&cfg, "[cache]\nbudget = 64\nprefill_chunk = 128\n", "r.ini", &err), 0, "%s",
+                 err.msg);
+    cr_assert_eq(cfg.prefill_chunk, 128);
+    cr_assert_eq(cfg.prefill_chunk_origin.line, 3);
+    cr_assert_eq(kvh_config_set(&cfg, "cache.prefill_chunk=32", &err), 0, "%s", err.msg);
+    cr_assert_eq(cfg.prefill_chunk, 32);
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    cr_assert_eq(kvh_config_write_ini(&cfg, f), 0);
+    fclose(f);
+    cr_assert(strstr(text, "\nprefill_chunk = 32\n"), "written back: %s", text);
+    kvh_run_config again;
+    kvh_config_defaults(&again);
+    cr_assert_eq(kvh_config_load_string(&again, text, "normalized", &err), 0, "%s", err.msg);
+    cr_assert_eq(again.prefill_chunk, 32);
+    free(text);
+    kvh_config_free(&again);
+    kvh_config_free(&cfg);
 }
 
 Test(config, model_errors) {
