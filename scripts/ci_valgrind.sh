@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ci_valgrind.sh — valgrind memcheck of an end-to-end `kvhost generate` with two policy plugins (sink on
-# the first layers, window on the rest, a small budget so evictions happen every step). Fails on any
+# the first layers, window on the rest, a small budget so evictions happen every step), two sequences
+# (the few-row matmul path) and a chunked prefill (evictions between prompt pieces). Fails on any
 # invalid read/write, use of uninitialised values, or definite/indirect leak (--error-exitcode). Third-
 # party noise (OpenBLAS, OpenMP, the dynamic loader) is suppressed in tests/valgrind.supp, by library.
 # `make test-valgrind` runs it. Model: ../shared/models/gpt2-tiny-wt if present, else random:gpt2.
@@ -28,7 +29,8 @@ OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 valgrind --tool=memcheck --error-exitco
   "$build/kvhost" generate --model "$model" --threads 1 --quiet --max-new 12 \
   --prompt "The history of the city begins with a small market by the river, where" \
   --plugin-path "$build/plugins" --plugins sink.so,window.so \
-  --set sink.layers=0-1 --set window.layers=2-5 --set cache.budget=8 --set cache.slack=2 > "$build/valgrind.out"
+  --set sink.layers=0-1 --set window.layers=2-5 --set cache.budget=8 --set cache.slack=2 \
+  --set cache.prefill_chunk=6 --batch 2 > "$build/valgrind.out"
 rc=$?
 set -e
 grep -E "ERROR SUMMARY|definitely lost|indirectly lost" "$log" || true
