@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "helpers/test_util.h"
 #include "kvcache.h"
 #include "model.h"
 #include "router.h"
@@ -418,18 +419,12 @@ static kvh_model_config small_config(void) {
 }
 
 static kvh_session *session_with(const kvh_model *m, const char *plugins, const char *const *sets, int n_sets) {
-    kvh_run_config cfg;
-    kvh_err err = {{0}};
-    kvh_config_defaults(&cfg);
-    if (plugins) cr_assert_eq(kvh_config_add_plugins_list(&cfg, plugins, &err), 0, "%s", err.msg);
-    for (int i = 0; i < n_sets; i++) cr_assert_eq(kvh_config_set(&cfg, sets[i], &err), 0, "%s: %s", sets[i], err.msg);
     kvh_session_options o = kvh_session_default_options();
     o.n_seq = 2;
     o.threads = 1;
     kvh_session *s = NULL;
-    int rc = kvh_session_create(&s, m, &cfg, &o, &err);
-    kvh_config_free(&cfg);
-    cr_assert_eq(rc, 0, "%s", err.msg);
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_test_session(&s, m, plugins, sets, n_sets, &o, &err), 0, "%s", err.msg);
     return s;
 }
 

@@ -535,18 +535,13 @@ Test(minicache_hooks, alloc_failure_is_a_clean_error) {
 
 static kvh_session *session_with(const kvh_model *m, const char *plugins, const char *const *sets, int n_sets,
                                  size_t mem_limit, kvh_err *err_out) {
-    kvh_run_config cfg;
-    kvh_err err = {{0}};
-    kvh_config_defaults(&cfg);
-    if (plugins) cr_assert_eq(kvh_config_add_plugins_list(&cfg, plugins, &err), 0, "%s", err.msg);
-    for (int i = 0; i < n_sets; i++) cr_assert_eq(kvh_config_set(&cfg, sets[i], &err), 0, "%s: %s", sets[i], err.msg);
     kvh_session_options o = kvh_session_default_options();
     o.threads = 1;
     o.plugin_path = PDIR;
     o.kv_mem_limit = mem_limit;
     kvh_session *s = NULL;
-    int rc = kvh_session_create(&s, m, &cfg, &o, &err);
-    kvh_config_free(&cfg);
+    kvh_err err = {{0}};
+    int rc = kvh_test_session(&s, m, plugins, sets, n_sets, &o, &err);
     if (err_out) {
         *err_out = err;
         return rc == 0 ? s : NULL;

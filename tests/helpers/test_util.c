@@ -2,12 +2,15 @@
 #define _GNU_SOURCE
 #include "test_util.h"
 
+#include <criterion/criterion.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "config.h"
 
 double kvh_test_compare(const char *what, const float *a, const float *b, size_t n, double tol) {
     double max_diff = 0.0;
@@ -74,4 +77,16 @@ const char *kvh_test_write_file(const char *name, const void *data, size_t len) 
     }
     fclose(f);
     return path;
+}
+
+int kvh_test_session(kvh_session **out, const kvh_model *m, const char *plugins, const char *const *sets, int n_sets,
+                     const kvh_session_options *o, kvh_err *err) {
+    kvh_run_config cfg;
+    kvh_config_defaults(&cfg);
+    if (plugins) cr_assert_eq(kvh_config_add_plugins_list(&cfg, plugins, err), 0, "--plugins %s: %s", plugins, err->msg);
+    for (int i = 0; i < n_sets; i++) cr_assert_eq(kvh_config_set(&cfg, sets[i], err), 0, "%s: %s", sets[i], err->msg);
+    *out = NULL;
+    int rc = kvh_session_create(out, m, &cfg, o, err);
+    kvh_config_free(&cfg);
+    return rc;
 }

@@ -7,6 +7,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "session.h"
+
 /* Compares a and b element-wise. Returns the max |a-b|; when it exceeds tol, prints the first few
  * mismatches (index, a, b, diff) with `what` to stderr so a failing assertion explains itself. */
 double kvh_test_compare(const char *what, const float *a, const float *b, size_t n, double tol);
@@ -19,6 +21,13 @@ static inline uint64_t kvh_test_xorshift(uint64_t *state) {
     *state ^= *state << 17;
     return *state;
 }
+
+/* Creates a session whose run configuration is `plugins` (a --plugins list, or NULL for none) plus the
+ * --set strings sets[0..n_sets-1], with options o. A configuration error fails the calling test (it is
+ * the test's own mistake); the session's status is returned (0, or -1 with *err filled), so tests of
+ * refused sessions can check the message. */
+int kvh_test_session(kvh_session **out, const kvh_model *m, const char *plugins, const char *const *sets, int n_sets,
+                     const kvh_session_options *o, kvh_err *err);
 
 /* Path of the tiny model directory, or NULL (with the reason printed) when ../shared is absent. */
 const char *kvh_test_tiny_model_dir(void);
