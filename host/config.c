@@ -136,6 +136,18 @@ static int parse_int(const char *v, long long lo, long long hi, long long *out) 
     return 0;
 }
 
+/* An integer [cache] key in lo..hi: "at: [cache] key = value: <below>" under lo, "must be <= hi" above. */
+static int cache_uint(const char *at, const char *key, const char *value, long long lo, long long hi,
+                      const char *below, uint32_t *out, kvh_err *err) {
+    long long x;
+    if (parse_int(value, LLONG_MIN, LLONG_MAX, &x) != 0)
+        return kvh_fail(err, "%s: [cache] %s = %s: expected an integer", at, key, value);
+    if (x < lo) return kvh_fail(err, "%s: [cache] %s = %s: %s", at, key, value, below);
+    if (x > hi) return kvh_fail(err, "%s: [cache] %s = %s: must be <= %lld", at, key, value, hi);
+    *out = (uint32_t)x;
+    return 0;
+}
+
 /* Sets one key of [model] / [cache] / a plugin section. `dup_check`: the value must not be set yet by
  * this same source (a file); --set passes 0 and overrides. */
 static int set_key(kvh_run_config *cfg, const char *section, const char *key, const char *value,
@@ -170,26 +182,15 @@ static int set_key(kvh_run_config *cfg, const char *section, const char *key, co
                 return kvh_fail(err, "%s: [model] threads = %s: expected an integer in 0..4096 (0 = automatic)", at, value);
             cfg->threads = (int)x;
         } else if (o == &cfg->budget_origin) {
-            if (parse_int(value, LLONG_MIN, LLONG_MAX, &x) != 0)
-                return kvh_fail(err, "%s: [cache] budget = %s: expected an integer", at, value);
-            if (x < 1) return kvh_fail(err, "%s: [cache] budget = %s: budget must be >= 1; omit it to keep every token", at, value);
-            if (x > (1ll << 30)) return kvh_fail(err, "%s: [cache] budget = %s: must be <= %lld", at, value, 1ll << 30);
-            cfg->budget = (uint32_t)x;
+            if (cache_uint(at, "budget", value, 1, 1ll << 30, "budget must be >= 1; omit it to keep every token",
+                           &cfg->budget, err) != 0)
+                return -1;
         } else if (o == &cfg->prefill_chunk_origin) {
-            if (parse_int(value, LLONG_MIN, LLONG_MAX, &x) != 0)
-                return kvh_fail(err, "%s: [cache] prefill_chunk = %s: expected an integer", at, value);
-            if (x < 0)
-                return kvh_fail(err, "%s: [cache] prefill_chunk = %s: must be >= 1 (or 0 for the whole prompt at once)",
-                                at, value);
-            if (x > (1ll << 20))
-                return kvh_fail(err, "%s: [cache] prefill_chunk = %s: must be <= %lld", at, value, 1ll << 20);
-            cfg->prefill_chunk = (uint32_t)x;
+            if (cache_uint(at, "prefill_chunk", value, 0, 1ll << 20, "must be >= 1 (or 0 for the whole prompt at once)",
+                           &cfg->prefill_chunk, err) != 0)
+                return -1;
         } else {
-            if (parse_int(value, LLONG_MIN, LLONG_MAX, &x) != 0)
-                return kvh_fail(err, "%s: [cache] slack = %s: expected an integer", at, value);
-            if (x < 0) return kvh_fail(err, "%s: [cache] slack = %s: must be >= 0", at, value);
-            if (x > (1ll << 20)) return kvh_fail(err, "%s: [cache] slack = %s: must be <= %lld", at, value, 1ll << 20);
-            cfg->slack = (uint32_t)x;
+            if (cache_uint(at, "slack", value, 0, 1ll << 20, "must be >= 0", &cfg->slack, err) != 0) return -1;
         }
         *o = *where;
         return 0;
