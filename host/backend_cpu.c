@@ -224,16 +224,7 @@ static void attend_head(const float *q, size_t q_stride, const int32_t *qpos, in
                 scores[j] = -INFINITY;
                 continue;
             }
-            const float *kj = K + (size_t)j * HS;
-            /* 8 independent partial sums: the compiler vectorizes this without -ffast-math */
-            float lane[8] = {0};
-            int d = 0;
-            for (; d + 8 <= HS; d += 8)
-                for (int l = 0; l < 8; l++) lane[l] += qt[d + l] * kj[d + l];
-            float s = 0.0f;
-            for (; d < HS; d++) s += qt[d] * kj[d];
-            for (int l = 0; l < 8; l++) s += lane[l];
-            s *= scale;
+            const float s = kvh_dot_lanes8(qt, K + (size_t)j * HS, HS) * scale;
             scores[j] = s;
             if (s > mx) mx = s;
         }

@@ -26,7 +26,7 @@
 /* ---- portable ------------------------------------------------------------------------------------ */
 
 /* Plain multiply-add (no fmaf: without hardware FMA it is a library call); the loops over c and the
- * 8 partial sums along k are what compilers vectorize without -ffast-math. */
+ * 8 partial sums along k (kvh_dot_lanes8) are what compilers vectorize without -ffast-math. */
 void kvh_matmul_small_portable(float *y, size_t ldy, const float *x, const float *W, int T, int K, int N, int n0,
                                int n1) {
     for (int c0 = n0; c0 < n1; c0 += COL_TILE) {
@@ -46,15 +46,7 @@ void kvh_matmul_small_t_portable(float *y, size_t ldy, const float *x, const flo
     for (int v = v0; v < v1; v++) {
         const float *w = Wt + (size_t)v * K;
         for (int t = 0; t < T; t++) {
-            const float *xt = x + (size_t)t * K;
-            float lane[8] = {0};
-            int k = 0;
-            for (; k + 8 <= K; k += 8)
-                for (int l = 0; l < 8; l++) lane[l] += w[k + l] * xt[k + l];
-            float s = 0.0f;
-            for (int l = 0; l < 8; l++) s += lane[l];
-            for (; k < K; k++) s += w[k] * xt[k];
-            y[(size_t)t * ldy + v] = s;
+            y[(size_t)t * ldy + v] = kvh_dot_lanes8(w, x + (size_t)t * K, K);
         }
     }
 }

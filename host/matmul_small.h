@@ -31,6 +31,20 @@ void kvh_matmul_small(float *y, size_t ldy, const float *x, const float *W, int 
 /* y[t, v] = sum_k x[t, k] * Wt[v, k] for t < T, v0 <= v < v1 (y is overwritten, not accumulated). */
 void kvh_matmul_small_t(float *y, size_t ldy, const float *x, const float *Wt, int T, int K, int v0, int v1);
 
+/* sum_i a[i] * b[i] with 8 independent partial sums (compilers vectorize it without -ffast-math): the
+ * k % 8 tail first, then the 8 lanes in order. The CPU backend's decode attention and the portable
+ * x·Wtᵀ share it. */
+static inline float kvh_dot_lanes8(const float *a, const float *b, int n) {
+    float lane[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int l = 0; l < 8; l++) lane[l] += a[i + l] * b[i + l];
+    float s = 0.0f;
+    for (; i < n; i++) s += a[i] * b[i];
+    for (int l = 0; l < 8; l++) s += lane[l];
+    return s;
+}
+
 /* The portable C versions (no SIMD intrinsics), same contracts; exposed so tests cover both paths. */
 void kvh_matmul_small_portable(float *y, size_t ldy, const float *x, const float *W, int T, int K, int N, int n0,
                                int n1);
