@@ -306,13 +306,15 @@ def make_plots(d, out):
 
     made = []
 
-    def t_axis(ax, model, backend, batch):
-        """Log2 x axis with a tick at every measured T, labelled with T itself (1000, not 2^10)."""
-        ts = sorted({k[4] for k in d.gen if k[:3] == (model, backend, batch)})
+    def log2_axis(ax, ticks):
+        """Log2 x axis with a tick at every measured value, labelled with the value (1000, not 2^10)."""
         ax.set_xscale("log", base=2)
-        ax.set_xticks(ts)
-        ax.set_xticklabels([str(t) for t in ts])
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+    def t_axis(ax, model, backend, batch):
+        log2_axis(ax, sorted({k[4] for k in d.gen if k[:3] == (model, backend, batch)}))
 
     def save(fig, name, what):
         fig.tight_layout()
@@ -454,10 +456,8 @@ def make_plots(d, out):
             if not drawn:
                 plt.close(fig)
                 continue
-            ax.set_xscale("log", base=2)
+            log2_axis(ax, bs)
             ax.set_yscale("log")
-            ax.set_xticks(bs)
-            ax.set_xticklabels([str(b) for b in bs])
             ax.set_xlabel("batch size B (sequences decoded together)")
             ax.set_ylabel("decode tokens/s, all sequences together")
             ax.set_title(f"throughput vs batch — {m} ({be})")
