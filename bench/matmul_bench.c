@@ -3,12 +3,12 @@
  * weight bytes streamed per second, and the largest difference between the two results.
  * It is how KVH_MATMUL_SMALL_MAX was chosen (docs/results/matmul.md).
  * usage: build/matmul_bench [REPEATS]   (built by CMake beside kvhost) */
-#include <cblas.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "blas.h"
 #include "matmul_small.h"
 #include "util.h"
 
@@ -36,16 +36,18 @@ typedef struct job {
     float *y;
 } job;
 
+static const kvh_blas *blas;
+
 static void run_blas(void *p) {
     job *j = p;
     const int K = j->s->K, N = j->s->N, T = j->T;
     memset(j->y, 0, (size_t)T * N * sizeof(float));
     if (!j->s->transposed) {
-        if (T == 1) cblas_sgemv(CblasRowMajor, CblasTrans, K, N, 1.0f, j->W, N, j->x, 1, 1.0f, j->y, 1);
-        else cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, N, K, 1.0f, j->x, K, j->W, N, 1.0f, j->y, N);
+        if (T == 1) blas->sgemv(CblasRowMajor, CblasTrans, K, N, 1.0f, j->W, N, j->x, 1, 1.0f, j->y, 1);
+        else blas->sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, N, K, 1.0f, j->x, K, j->W, N, 1.0f, j->y, N);
     } else {
-        if (T == 1) cblas_sgemv(CblasRowMajor, CblasNoTrans, N, K, 1.0f, j->W, K, j->x, 1, 0.0f, j->y, 1);
-        else cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, N, K, 1.0f, j->x, K, j->W, K, 0.0f, j->y, N);
+        if (T == 1) blas->sgemv(CblasRowMajor, CblasNoTrans, N, K, 1.0f, j->W, K, j->x, 1, 0.0f, j->y, 1);
+        else blas->sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, N, K, 1.0f, j->x, K, j->W, K, 0.0f, j->y, N);
     }
 }
 
@@ -59,7 +61,13 @@ static void run_small(void *p) {
 
 int main(int argc, char **argv) {
     const int reps = argc > 1 ? atoi(argv[1]) : 7;
-    openblas_set_num_threads(1);
+    kvh_err err = {0};
+    blas = kvh_blas_load(&err);
+    if (!blas) {
+        fprintf(stderr, "matmul_bench: %s\n", err.msg);
+        return 1;
+    }
+    blas->set_num_threads(1);
     const shape shapes[] = {
         {"Medium c_fc (1024 x 4096)", 1024, 4096, 0},
         {"Medium c_proj (4096 x 1024)", 4096, 1024, 0},
@@ -67,7 +75,9 @@ int main(int argc, char **argv) {
         {"tiny LM head (50257 x 256)", 256, 50257, 1},
     };
     const int Ts[] = {1, 2, 4, 8, 12, 16, 24, 32};
-    printf("OpenBLAS %s, 1 thread, best of %d\n\n", openblas_get_config(), reps);
+    char kernels[160];
+    kvh_blas_describe(kernels, sizeof kernels);
+    printf("%s, 1 thread, best of %d\n\n", kernels, reps);
     printf("| shape | T | OpenBLAS ms | GB/s | matmul_small ms | GB/s | speed-up | max abs diff |\n");
     printf("|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {

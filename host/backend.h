@@ -60,6 +60,7 @@ struct kvh_backend {
     int threads;
     kvh_phase_times times;
     char device[128]; /* human-readable device description for records */
+    char kernels[128]; /* the math kernels that run, for records (CPU: BLAS core + kvhost's ISA level) */
     uint32_t kv_dense_elem_bytes; /* bytes per K/V element in layers without a store (4 = fp32, 2 = fp16) */
     void *impl;       /* backend-private state */
 };

@@ -1,9 +1,9 @@
 /* backend_cpu.c — the CPU backend: GPT-2 forward pass in fp32 with OpenBLAS for the projections and
- * MLP (sgemv for one row, host/matmul_small.c for 2..KVH_MATMUL_SMALL_MAX rows — decode batches —,
- * sgemm above), and hand-written cache-friendly loops for LayerNorm, GELU and decode attention.
+ * MLP (sgemv for one row, host/matmul_small.c for 2..kvh_matmul_small_max() rows — decode batches —,
+ * sgemm above; OpenBLAS is loaded with kernels kvhost chose, host/blas.h), vector GELU (host/gelu.h), and
+ * hand-written cache-friendly loops for LayerNorm and decode attention.
  * Owns: the activation workspace, the attention over the dense fp32 cache (with causal masking by
  * position and score accumulation), per-phase timing. Does not own: eviction or sampling. */
-#include <cblas.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,6 +13,8 @@
 #endif
 
 #include "backend.h"
+#include "blas.h"
+#include "gelu.h"
 #include "kvp/kvp.h"
 #include "matmul_small.h"
 #include "plugin_guard.h"
@@ -108,7 +110,9 @@ static void thread_range(int n, int *lo, int *hi) {
 }
 
 /* y[T, N] = x[T, K] · W[K, N] + bias[N] (+ y when accumulate: the residual add fused into the GEMM). */
-static void linear(float *y, const float *x, const float *W, const float *bias, int T, int K, int N, int accumulate) {
+static void linear(const kvh_blas *blas, float *y, const float *x, const float *W, const float *bias, int T, int K, int N,
+                   int accumulate) {
+    const int small_max = kvh_matmul_small_max();
 #pragma omp parallel
     {
         int n0, n1;
@@ -123,41 +127,47 @@ static void linear(float *y, const float *x, const float *W, const float *bias, 
                     memcpy(row, bias + n0, (size_t)w * sizeof(float));
             }
             if (T == 1)
-                cblas_sgemv(CblasRowMajor, CblasTrans, K, w, 1.0f, W + n0, N, x, 1, 1.0f, y + n0, 1);
-            else if (T <= KVH_MATMUL_SMALL_MAX) /* sgemm would repack the whole weight: see matmul_small.h */
+                blas->sgemv(CblasRowMajor, CblasTrans, K, w, 1.0f, W + n0, N, x, 1, 1.0f, y + n0, 1);
+            else if (T <= small_max) /* sgemm would repack the whole weight: see matmul_small.h */
                 kvh_matmul_small(y, (size_t)N, x, W, T, K, N, n0, n1);
             else
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, w, K, 1.0f, x, K, W + n0, N, 1.0f, y + n0, N);
+                blas->sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, w, K, 1.0f, x, K, W + n0, N, 1.0f, y + n0, N);
         }
     }
 }
 
 /* logits[R, V] = xn[R, C] · wte[V, C]^T: the tied LM head, split over vocabulary rows. */
-static void lm_head(float *logits, const float *xn, const float *wte, int R, int C, int V) {
+static void lm_head(const kvh_blas *blas, float *logits, const float *xn, const float *wte, int R, int C, int V) {
+    const int small_max = kvh_matmul_small_max();
 #pragma omp parallel
     {
         int v0, v1;
         thread_range(V, &v0, &v1);
         if (v1 > v0) {
             if (R == 1)
-                cblas_sgemv(CblasRowMajor, CblasNoTrans, v1 - v0, C, 1.0f, wte + (size_t)v0 * C, C, xn, 1, 0.0f,
+                blas->sgemv(CblasRowMajor, CblasNoTrans, v1 - v0, C, 1.0f, wte + (size_t)v0 * C, C, xn, 1, 0.0f,
                             logits + v0, 1);
-            else if (R <= KVH_MATMUL_SMALL_MAX)
+            else if (R <= small_max)
                 kvh_matmul_small_t(logits, (size_t)V, xn, wte, R, C, v0, v1);
             else
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, v1 - v0, C, 1.0f, xn, C, wte + (size_t)v0 * C, C,
+                blas->sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, R, v1 - v0, C, 1.0f, xn, C, wte + (size_t)v0 * C, C,
                             0.0f, logits + v0, V);
         }
     }
 }
 
-/* GELU, tanh approximation (GPT-2's gelu_new). */
+/* GELU over n floats (host/gelu.c), in equal pieces per thread for long arrays (prefill). */
 static void gelu_inplace(float *x, size_t n) {
-    const float k = 0.7978845608028654f; /* sqrt(2/pi) */
-#pragma omp parallel for if (n > 65536)
-    for (size_t i = 0; i < n; i++) {
-        float v = x[i];
-        x[i] = 0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v)));
+    if (n <= 65536) {
+        kvh_gelu(x, n);
+        return;
+    }
+#pragma omp parallel
+    {
+        int lo, hi;
+        thread_range((int)(n / 16), &lo, &hi); /* in 16-float units: whole vectors per thread */
+        size_t end = (size_t)hi * 16 == (n / 16) * 16 ? n : (size_t)hi * 16;
+        if (end > (size_t)lo * 16) kvh_gelu(x + (size_t)lo * 16, end - (size_t)lo * 16);
     }
 }
 
@@ -249,14 +259,14 @@ static void attend_head(const float *q, size_t q_stride, const int32_t *qpos, in
  * S = scale * Q K^T (rows: queries, columns: slots), causal mask by position, row softmax (probabilities
  * go to the score accumulators as in attend_head), then O = P V. Same result as attend_head up to fp32
  * summation order; it never holds more than PREFILL_BLOCK x n scores. */
-static void attend_head_gemm(const float *q, size_t q_stride, const int32_t *qpos, int T, kvh_head_cache *hc, int HS,
+static void attend_head_gemm(const kvh_blas *blas, const float *q, size_t q_stride, const int32_t *qpos, int T, kvh_head_cache *hc, int HS,
                              const kvh_layer_policy_settings *ls, float *out, size_t out_stride, float *scratch) {
     const float scale = 1.0f / sqrtf((float)HS);
     const int n = (int)hc->n;
     const float *K = hc->k, *Vd = hc->v;
     for (int t0 = 0; t0 < T; t0 += PREFILL_BLOCK) {
         const int tb = T - t0 < PREFILL_BLOCK ? T - t0 : PREFILL_BLOCK;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tb, n, HS, scale, q + (size_t)t0 * q_stride,
+        blas->sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tb, n, HS, scale, q + (size_t)t0 * q_stride,
                     (int)q_stride, K, HS, 0.0f, scratch, n);
         for (int i = 0; i < tb; i++) {
             float *row = scratch + (size_t)i * n;
@@ -270,7 +280,7 @@ static void attend_head_gemm(const float *q, size_t q_stride, const int32_t *qpo
             for (int j = 0; j < n; j++) row[j] *= inv;
             accumulate_scores(hc, ls, true, t0 + i, T, row);
         }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tb, HS, n, 1.0f, scratch, n, Vd, HS, 0.0f,
+        blas->sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, tb, HS, n, 1.0f, scratch, n, Vd, HS, 0.0f,
                     out + (size_t)t0 * out_stride, (int)out_stride);
     }
 }
@@ -331,11 +341,13 @@ static int write_new_slots(kvh_kvcache *cache, int s, int l, int T, const float 
 
 typedef struct cpu_backend {
     cpu_workspace ws;
+    const kvh_blas *blas;
 } cpu_backend;
 
 static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *batch, float *logits, kvh_err *err) {
     cpu_backend *cb = be->impl;
     cpu_workspace *ws = &cb->ws;
+    const kvh_blas *blas = cb->blas;
     const kvh_model *m = be->model;
     const kvh_model_config *cfg = &m->cfg;
     const int C = cfg->n_embd, NH = cfg->n_head, HS = C / NH, F = cfg->n_inner, V = cfg->n_vocab;
@@ -403,7 +415,7 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
         const kvh_layer_policy_settings *ls = &cache->layer[l];
         uint64_t a0 = kvh_now_ns();
         layernorm(ws->xn, ws->x, w->ln1_w, w->ln1_b, T_all, C, cfg->ln_eps);
-        linear(ws->qkv, ws->xn, w->attn_w, w->attn_b, T_all, C, 3 * C, 0);
+        linear(blas, ws->qkv, ws->xn, w->attn_w, w->attn_b, T_all, C, 3 * C, 0);
         uint64_t a1 = kvh_now_ns();
 
         /* Append this step's K/V, then attend over the cache. */
@@ -439,7 +451,7 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
                     attend_head_store(ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls,
                                       T > 1, ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
                 else if (T > 1)
-                    attend_head_gemm(ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls,
+                    attend_head_gemm(blas, ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls,
                                      ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
                 else
                     attend_head(ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls, T > 1,
@@ -447,13 +459,13 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
             }
         }
         uint64_t a2 = kvh_now_ns();
-        linear(ws->x, ws->att, w->proj_w, w->proj_b, T_all, C, C, 1);
+        linear(blas, ws->x, ws->att, w->proj_w, w->proj_b, T_all, C, C, 1);
         uint64_t a3 = kvh_now_ns();
 
         layernorm(ws->xn, ws->x, w->ln2_w, w->ln2_b, T_all, C, cfg->ln_eps);
-        linear(ws->h, ws->xn, w->fc_w, w->fc_b, T_all, C, F, 0);
+        linear(blas, ws->h, ws->xn, w->fc_w, w->fc_b, T_all, C, F, 0);
         gelu_inplace(ws->h, (size_t)T_all * F);
-        linear(ws->x, ws->h, w->fcproj_w, w->fcproj_b, T_all, F, C, 1);
+        linear(blas, ws->x, ws->h, w->fcproj_w, w->fcproj_b, T_all, F, C, 1);
         uint64_t a4 = kvh_now_ns();
         be->times.attn_proj += (a1 - a0) + (a3 - a2);
         be->times.attn_core += a2 - a1;
@@ -464,14 +476,14 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
     /* Final LayerNorm and tied LM head on the rows whose logits are wanted. */
     if (batch->all_logits) {
         layernorm(ws->xn, ws->x, m->lnf_w, m->lnf_b, T_all, C, cfg->ln_eps);
-        lm_head(logits, ws->xn, m->wte, T_all, C, V);
+        lm_head(blas, logits, ws->xn, m->wte, T_all, C, V);
     } else {
         size_t row = 0;
         for (int b = 0; b < batch->n; b++) {
             row += (size_t)batch->n_tokens[b];
             layernorm(ws->xn + (size_t)b * C, ws->x + (row - 1) * C, m->lnf_w, m->lnf_b, 1, C, cfg->ln_eps);
         }
-        lm_head(logits, ws->xn, m->wte, batch->n, C, V);
+        lm_head(blas, logits, ws->xn, m->wte, batch->n, C, V);
     }
     be->times.lm_head += kvh_now_ns() - h0;
 
@@ -499,12 +511,24 @@ int kvh_backend_cpu_create(kvh_backend **out, const kvh_model *model, int thread
         free(cb);
         return kvh_fail(err, "cpu backend: out of memory");
     }
+    const char *isa_error = kvh_isa_env_error();
+    if (isa_error) {
+        free(be);
+        free(cb);
+        return kvh_fail(err, "cpu backend: %s", isa_error);
+    }
+    cb->blas = kvh_blas_load(err);
+    if (!cb->blas) {
+        free(be);
+        free(cb);
+        return -1;
+    }
     if (threads < 1) threads = 1;
 #ifdef _OPENMP
     omp_set_num_threads(threads);
 #endif
     /* BLAS calls run inside our OpenMP chunks, so OpenBLAS itself stays single-threaded. */
-    openblas_set_num_threads(1);
+    cb->blas->set_num_threads(1);
     cb->ws.n_threads = threads;
 #ifdef _OPENMP
     if (omp_get_max_threads() > cb->ws.n_threads) cb->ws.n_threads = omp_get_max_threads();
@@ -514,7 +538,8 @@ int kvh_backend_cpu_create(kvh_backend **out, const kvh_model *model, int thread
     be->threads = threads;
     be->impl = cb;
     be->kv_dense_elem_bytes = sizeof(float);
-    snprintf(be->device, sizeof be->device, "cpu (%d threads, OpenBLAS %s)", threads, openblas_get_config());
+    kvh_blas_describe(be->kernels, sizeof be->kernels);
+    snprintf(be->device, sizeof be->device, "cpu (%d threads, %.100s)", threads, be->kernels);
     *out = be;
     return 0;
 }

@@ -22,7 +22,7 @@ static const char *const generate_usage =
     "\n"
     "Prompt and generation:\n"
     "  --prompt TEXT         prompt text; repeat for a batch of different prompts (one sequence each)\n"
-    "  --prompt-file FILE    read the prompt from FILE (at most 64 MiB)\n"
+    "  --prompt-file FILE    read the prompt from FILE (at most 64 MiB; a pipe or /dev/stdin is read to EOF)\n"
     "  --batch N             run N copies of the prompt as a batch (default 1)\n"
     "  --max-new N           tokens to generate per sequence (default 64)\n"
     "  --truncate            keep the most recent prompt tokens when prompt + max-new exceeds n_positions\n"
@@ -112,9 +112,8 @@ static int parse_args(int argc, char **argv, generate_args *a, kvh_err *err) {
             a->sampling.top_p = strtof(v, &end);
             if (*end || end == v) return kvh_fail(err, "--top-p '%s': expected a number in (0, 1]", v);
         } else if (strcmp(o, "--seed") == 0) {
-            char *end;
-            a->sampling.seed = strtoull(v, &end, 10);
-            if (*end || end == v || v[0] == '-') return kvh_fail(err, "--seed '%s': expected a whole number >= 0", v);
+            if (kvh_cli_parse_u64(v, &a->sampling.seed) != 0)
+                return kvh_fail(err, "--seed '%s': expected a whole number from 0 to 18446744073709551615", v);
         } else {
             return kvh_fail(err, "generate: unknown option '%s' (see kvhost generate --help)", o);
         }
@@ -182,6 +181,7 @@ int kvh_add_run_fields(cJSON *rec, const kvh_model *model, const kvh_session *s,
     cJSON_AddNumberToObject(m, "n_params", (double)model->n_params);
     cJSON_AddStringToObject(rec, "backend", backend);
     cJSON_AddStringToObject(rec, "device", s->backend->device);
+    cJSON_AddStringToObject(rec, "kernels", s->backend->kernels);
     cJSON_AddNumberToObject(rec, "threads", threads);
     cJSON_AddBoolToObject(rec, "no_cache", s->opt.no_cache);
     cJSON_AddNumberToObject(rec, "cache_budget", cfg && cfg->budget ? (double)cfg->budget : 0);
@@ -228,7 +228,7 @@ int kvh_cmd_generate(int argc, char **argv) {
     const char *spec = kvh_cli_model_spec(&a.common, &cfg);
     const char *backend = kvh_cli_backend(&a.common, &cfg);
     int threads = kvh_cli_threads(&a.common, &cfg);
-    if (a.prompt_file && kvh_read_file(a.prompt_file, MAX_PROMPT_FILE_BYTES, &file_text, &file_len, &err) != 0)
+    if (a.prompt_file && kvh_read_text(a.prompt_file, MAX_PROMPT_FILE_BYTES, &file_text, &file_len, &err) != 0)
         goto fail;
     if (!a.prompt_file && a.n_prompts == 0 && a.prompt_tokens == 0) {
         kvh_fail(&err, "no prompt: give --prompt TEXT or --prompt-file FILE (an empty --prompt \"\" starts from "
@@ -370,10 +370,12 @@ int kvh_cmd_generate(int argc, char **argv) {
         for (int b = 1; b < n_seq; b++) {
             char *text = NULL;
             size_t tl = 0;
-            if (kvh_tokenizer_decode(tok, res.out[b], (size_t)res.n_out[b], &text, &tl, &err) == 0) {
-                printf("--- sequence %d ---\n%s\n", b, text);
-                free(text);
+            if (kvh_tokenizer_decode(tok, res.out[b], (size_t)res.n_out[b], &text, &tl, &err) != 0) {
+                kvh_fail_prefix(&err, "sequence %d", b); /* never print a batch with a sequence missing */
+                goto fail;
             }
+            printf("--- sequence %d ---\n%s\n", b, text);
+            free(text);
         }
     }
     fflush(stdout); /* the text ends before the summary starts, also when both go to a terminal */

@@ -1,9 +1,16 @@
 /* main.c — the kvhost executable: dispatches the sub-command. Library code never prints or exits;
- * commands print their own errors and return the exit status. */
+ * commands print their own errors and return the exit status. Also defines the executable's own
+ * _exit/_Exit (the exit guard for plugins, below). */
+#define _GNU_SOURCE /* syscall */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
+#include "blas.h"
 #include "commands.h"
+#include "cpu_features.h"
 #include "plan.h"
 #include "plugin.h"
 #include "plugin_guard.h"
@@ -28,13 +35,31 @@ static const char *const usage =
     "  kvhost plugins info window.so\n"
     "  kvhost plan --model gpt2-medium --gpu-mem 80 --context 1024\n";
 
+/* A plugin calling _exit() or _Exit() in a hook would end the run with its own status and no message:
+ * atexit handlers do not run for them. The executable exports these two definitions (CMakeLists.txt,
+ * --export-dynamic-symbol), and the dynamic linker binds a plugin's calls to the executable's symbols
+ * before libc's, so the exit guard can name the plugin (plugin_guard.h). Outside plugin code they end
+ * the process exactly as libc's do (the exit_group system call). Raw system calls stay unguarded. */
+void _exit(int status) {
+    kvh_plugin_guard_check_exit("_exit()");
+    for (;;) syscall(SYS_exit_group, status);
+}
+
+void _Exit(int status) {
+    kvh_plugin_guard_check_exit("_Exit()");
+    for (;;) syscall(SYS_exit_group, status);
+}
+
 int main(int argc, char **argv) {
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "help") == 0) {
         fputs(usage, argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
     if (strcmp(argv[1], "--version") == 0) {
-        printf("kvhost %s (plugin ABI %u.%u)\n", KVH_VERSION, KVP_ABI_MAJOR, KVP_ABI_MINOR);
+        char kernels[160];
+        kvh_blas_describe(kernels, sizeof kernels);
+        printf("kvhost %s (plugin ABI %u.%u)\nCPU kernels: %s (cpu supports %s; KVH_ISA lowers it)\n", KVH_VERSION,
+               KVP_ABI_MAJOR, KVP_ABI_MINOR, kernels, kvh_isa_name(kvh_cpu_isa_detected()));
         return 0;
     }
     kvh_plugin_guard_install();

@@ -9,15 +9,19 @@
  * x·Wtᵀ (row-major Wt [N, K], the LM head): tiles of 4 weight rows x 2 input rows, 8 vector
  * accumulators along k, then one horizontal sum per output.
  *
- * The AVX2 + FMA kernels are chosen at compile time (the build targets the host CPU, -march=native);
- * the portable versions keep the same contracts for other CPUs and serve as the tests' second path. */
+ * The AVX2 + FMA kernels are compiled for that target whatever the build's flags and chosen at run time
+ * from kvhost's CPU-feature reading (cpu_features.h, which KVH_ISA can lower); the portable versions keep
+ * the same contracts for other CPUs and serve as the tests' second path. */
 #include "matmul_small.h"
 
 #include <math.h>
 
-#if defined(__AVX2__) && defined(__FMA__) /* the same test as KVH_MATMUL_SMALL_MAX's in the header */
+#include "cpu_features.h"
+
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #define KVH_MATMUL_AVX2 1
+#define AVX2 __attribute__((target("avx2,fma")))
 #endif
 
 /* Columns per tile: 4 weight rows x 512 floats = 8 KB, 8 output rows x 512 floats = 16 KB. */
@@ -56,7 +60,7 @@ void kvh_matmul_small_t_portable(float *y, size_t ldy, const float *x, const flo
 
 /* One output row, weight rows k..k+3, columns [c0, c1) of which [c0, cv) are whole vectors. The scalar
  * tail uses fmaf in the same order, so it rounds exactly like the vector lanes. */
-static inline void rows4_one(float *yt, const float *xt, const float *w0, size_t N, int c0, int cv, int c1) {
+AVX2 static inline void rows4_one(float *yt, const float *xt, const float *w0, size_t N, int c0, int cv, int c1) {
     const float *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
     const __m256 a0 = _mm256_set1_ps(xt[0]), a1 = _mm256_set1_ps(xt[1]), a2 = _mm256_set1_ps(xt[2]),
                  a3 = _mm256_set1_ps(xt[3]);
@@ -73,7 +77,7 @@ static inline void rows4_one(float *yt, const float *xt, const float *w0, size_t
 }
 
 /* Two output rows at once: each weight vector is loaded once for both. */
-static inline void rows4_two(float *ya, float *yb, const float *xa, const float *xb, const float *w0, size_t N, int c0,
+AVX2 static inline void rows4_two(float *ya, float *yb, const float *xa, const float *xb, const float *w0, size_t N, int c0,
                              int cv, int c1) {
     const float *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
     const __m256 a0 = _mm256_set1_ps(xa[0]), a1 = _mm256_set1_ps(xa[1]), a2 = _mm256_set1_ps(xa[2]),
@@ -101,7 +105,7 @@ static inline void rows4_two(float *ya, float *yb, const float *xa, const float 
     }
 }
 
-static void small_avx2(float *y, size_t ldy, const float *x, const float *W, int T, int K, int N, int n0, int n1) {
+AVX2 static void small_avx2(float *y, size_t ldy, const float *x, const float *W, int T, int K, int N, int n0, int n1) {
     for (int c0 = n0; c0 < n1; c0 += COL_TILE) {
         const int c1 = c0 + COL_TILE < n1 ? c0 + COL_TILE : n1;
         const int cv = c0 + ((c1 - c0) & ~7);
@@ -126,7 +130,7 @@ static void small_avx2(float *y, size_t ldy, const float *x, const float *W, int
 
 /* ---- AVX2 + FMA: x·Wtᵀ ----------------------------------------------------------------------------- */
 
-static inline float hsum(__m256 v) {
+AVX2 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -136,7 +140,7 @@ static inline float hsum(__m256 v) {
 /* Four weight rows (v..v+3) against two input rows: 8 accumulators of 8 lanes along k. Every output's
  * sum is the same sequence — lane partials in k order, the horizontal sum, the k % 8 tail — in this
  * tile and in dot_1x1, so an output does not depend on its tile. */
-static void dot_4x2(float *ya, float *yb, const float *xa, const float *xb, const float *w0, int K) {
+AVX2 static void dot_4x2(float *ya, float *yb, const float *xa, const float *xb, const float *w0, int K) {
     const float *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
     int k = 0;
@@ -168,7 +172,7 @@ static void dot_4x2(float *ya, float *yb, const float *xa, const float *xb, cons
 }
 
 /* One weight row against one input row, in dot_4x2's order. */
-static float dot_1x1(const float *x, const float *w, int K) {
+AVX2 static float dot_1x1(const float *x, const float *w, int K) {
     __m256 a = _mm256_setzero_ps();
     int k = 0;
     for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a);
@@ -177,7 +181,7 @@ static float dot_1x1(const float *x, const float *w, int K) {
     return s;
 }
 
-static void small_t_avx2(float *y, size_t ldy, const float *x, const float *Wt, int T, int K, int v0, int v1) {
+AVX2 static void small_t_avx2(float *y, size_t ldy, const float *x, const float *Wt, int T, int K, int v0, int v1) {
     int v = v0;
     for (; v + 4 <= v1; v += 4) {
         const float *w0 = Wt + (size_t)v * K;
@@ -193,18 +197,24 @@ static void small_t_avx2(float *y, size_t ldy, const float *x, const float *Wt, 
 }
 #endif /* KVH_MATMUL_AVX2 */
 
+int kvh_matmul_small_max(void) { return kvh_cpu_isa() >= KVH_ISA_AVX2 ? 8 : 2; }
+
 void kvh_matmul_small(float *y, size_t ldy, const float *x, const float *W, int T, int K, int N, int n0, int n1) {
 #ifdef KVH_MATMUL_AVX2
-    small_avx2(y, ldy, x, W, T, K, N, n0, n1);
-#else
-    kvh_matmul_small_portable(y, ldy, x, W, T, K, N, n0, n1);
+    if (kvh_cpu_isa() >= KVH_ISA_AVX2) {
+        small_avx2(y, ldy, x, W, T, K, N, n0, n1);
+        return;
+    }
 #endif
+    kvh_matmul_small_portable(y, ldy, x, W, T, K, N, n0, n1);
 }
 
 void kvh_matmul_small_t(float *y, size_t ldy, const float *x, const float *Wt, int T, int K, int v0, int v1) {
 #ifdef KVH_MATMUL_AVX2
-    small_t_avx2(y, ldy, x, Wt, T, K, v0, v1);
-#else
-    kvh_matmul_small_t_portable(y, ldy, x, Wt, T, K, v0, v1);
+    if (kvh_cpu_isa() >= KVH_ISA_AVX2) {
+        small_t_avx2(y, ldy, x, Wt, T, K, v0, v1);
+        return;
+    }
 #endif
+    kvh_matmul_small_t_portable(y, ldy, x, Wt, T, K, v0, v1);
 }

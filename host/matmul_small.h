@@ -8,7 +8,7 @@
  * memory speed, but sgemm at T = 2..8 streams it at a third of that speed on the machine we measured,
  * so decoding a batch of 4 cost almost what 4 single decodes cost (docs/results/matmul.md).
  *
- * Shapes: T rows (any T works; the backend uses these for 2..KVH_MATMUL_SMALL_MAX), K inputs,
+ * Shapes: T rows (any T works; the backend uses these for 2..kvh_matmul_small_max()), K inputs,
  * N outputs; x [T, K] row stride K; W [K, N] row stride N; Wt [N, K] row stride K; y row stride ldy.
  * Each output element adds up its K products in one fixed order, whatever T is and wherever the column
  * range starts, so a row's result does not depend on which other rows share the call (tested bit for bit). */
@@ -18,12 +18,9 @@
 #include <stddef.h>
 
 /* Largest T for which the backend calls these instead of sgemm (measured: docs/results/matmul.md):
- * 8 with the AVX2 + FMA kernels; 2 for the portable C ones, which lose to sgemm from 4 rows on. */
-#if defined(__AVX2__) && defined(__FMA__)
-#define KVH_MATMUL_SMALL_MAX 8
-#else
-#define KVH_MATMUL_SMALL_MAX 2
-#endif
+ * 8 where the AVX2 + FMA kernels run (kvh_cpu_isa() >= avx2, chosen at run time); 2 for the portable C
+ * ones, which lose to sgemm from 4 rows on. */
+int kvh_matmul_small_max(void);
 
 /* y[t, n] += sum_k x[t, k] * W[k, n] for t < T, n0 <= n < n1. */
 void kvh_matmul_small(float *y, size_t ldy, const float *x, const float *W, int T, int K, int N, int n0, int n1);

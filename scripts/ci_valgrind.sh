@@ -8,6 +8,8 @@
 #
 # Environment: BUILD (default build; built with `make build` first), VALGRIND_BUILD (used instead when
 # this CPU has AVX-512, which valgrind cannot run: a -DKVH_NATIVE=OFF build, default build-valgrind).
+# kvhost picks its kernels at run time from the CPU's features (host/cpu_features.h), so the run is also
+# capped at AVX2 with KVH_ISA=avx2 (which makes OpenBLAS run its Haswell kernels too).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build="${BUILD:-build}"
@@ -23,7 +25,7 @@ model="../shared/models/gpt2-tiny-wt"
 log="$build/valgrind.log"
 start=$(date +%s)
 set +e
-OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 valgrind --tool=memcheck --error-exitcode=99 --leak-check=full \
+KVH_ISA=avx2 OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 valgrind --tool=memcheck --error-exitcode=99 --leak-check=full \
   --show-leak-kinds=definite,indirect --errors-for-leak-kinds=definite,indirect --track-origins=yes \
   --suppressions=tests/valgrind.supp --log-file="$log" \
   "$build/kvhost" generate --model "$model" --threads 1 --quiet --max-new 12 \

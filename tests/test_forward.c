@@ -1,12 +1,16 @@
 /* test_forward.c — the CPU forward pass against independent references and against itself:
  * golden logits and greedy continuations of the tiny model (PyTorch float32 reference), cached decode vs
- * --no-cache recompute, a ragged batch vs each sequence alone. */
+ * --no-cache recompute, a ragged batch vs each sequence alone. The golden logits are checked at every
+ * CPU kernel level this machine can run (KVH_ISA: portable, avx2, avx512 — each test is its own process,
+ * so the level is set before the first kernel call). */
+#define _POSIX_C_SOURCE 200809L /* setenv */
 #include <cjson/cJSON.h>
 #include <criterion/criterion.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_features.h"
 #include "helpers/test_util.h"
 #include "kvcache.h"
 #include "model.h"
@@ -63,7 +67,7 @@ static int32_t *ids_of(const cJSON *arr, int *n) {
     return ids;
 }
 
-Test(forward, golden_logits_tiny_model) {
+static void check_golden_logits(void) {
     const char *dir = kvh_test_tiny_model_dir();
     if (!dir) cr_skip_test("../shared/models/gpt2-tiny-wt absent");
     cJSON *g = load_golden();
@@ -110,6 +114,18 @@ Test(forward, golden_logits_tiny_model) {
     kvh_model_free(&m);
     cJSON_Delete(g);
 }
+
+Test(forward, golden_logits_tiny_model) { check_golden_logits(); }
+
+/* The same at a lower kernel level (vector GELU, few-row products and OpenBLAS's core all follow it). */
+static void golden_at_level(const char *level, kvh_isa isa) {
+    setenv("KVH_ISA", level, 1); /* before anything reads it: the level is fixed at the first query */
+    if (kvh_cpu_isa_detected() < isa) cr_skip_test("this CPU cannot run the %s kernels", level);
+    cr_assert_eq(kvh_cpu_isa(), isa, "KVH_ISA=%s was not taken", level);
+    check_golden_logits();
+}
+Test(forward, golden_logits_tiny_model_portable_kernels) { golden_at_level("portable", KVH_ISA_PORTABLE); }
+Test(forward, golden_logits_tiny_model_avx2_kernels) { golden_at_level("avx2", KVH_ISA_AVX2); }
 
 /* Greedy continuation through the cache (and through --no-cache) equals the reference's. */
 static void check_greedy(bool no_cache) {

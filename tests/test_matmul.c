@@ -1,5 +1,5 @@
 /* test_matmul.c — host/matmul_small.c: both products (x·W accumulated into y, x·Wtᵀ written) against
- * a double-precision reference computed here, for every T the backend sends (2..KVH_MATMUL_SMALL_MAX)
+ * a double-precision reference computed here, for every T the backend sends (2..kvh_matmul_small_max())
  * and beyond, K and N with and without vector tails, column ranges that start and end off the vector
  * grid (as the OpenMP split makes them); the SIMD and portable paths; the header's promise that a row's
  * result does not depend on which rows share the call (bit-identical). End to end, the backend's use of
