@@ -205,7 +205,8 @@ static void attend_head_store(const float *q, size_t q_stride, const int32_t *qp
                          .k_slots = hc->k,
                          .v_slots = hc->v,
                          .probs = probs};
-    kvh_plugin_guard_enter(ls->store->name, "store plugin", "attend", -1);
+    kvh_plugin_guard_enter(ls->store->name, kvh_plugin_site_of(ls->store_fail_ctx)->file, "attend",
+                           kvh_plugin_site_of(ls->store_fail_ctx)->layer);
     for (int t = 0; t < T; t++) {
         a.q = q + (size_t)t * q_stride;
         a.q_pos = qpos[t];
@@ -309,7 +310,7 @@ static int write_new_slots(kvh_kvcache *cache, int s, int l, int T, const float 
                                  .row_stride = row_stride,
                                  .k_slots = hc->k,
                                  .v_slots = hc->v};
-            kvh_plugin_guard_enter(ls->store->name, "store plugin", "append", l);
+            kvh_plugin_guard_enter(ls->store->name, kvh_plugin_site_of(ls->store_fail_ctx)->file, "append", l);
             int rc = ls->store->append(ls->store_state, &a);
             kvh_plugin_guard_leave();
             if (rc != KVP_OK) {
@@ -324,7 +325,7 @@ static int write_new_slots(kvh_kvcache *cache, int s, int l, int T, const float 
             char *kd = (char *)hc->k + (size_t)(first + (uint32_t)t) * kb;
             char *vd = (char *)hc->v + (size_t)(first + (uint32_t)t) * vb;
             if (ls->store) {
-                kvh_plugin_guard_enter(ls->store->name, "store plugin", "encode", l);
+                kvh_plugin_guard_enter(ls->store->name, kvh_plugin_site_of(ls->store_fail_ctx)->file, "encode", l);
                 ls->store->encode(ls->store_state, KVP_WHICH_K, kr, kd);
                 ls->store->encode(ls->store_state, KVP_WHICH_V, vr, vd);
                 kvh_plugin_guard_leave();

@@ -206,7 +206,10 @@ static int write_record(const char *path, const char *role, const side *sd, cons
                         int prompt_len, const compare_args *a, const kvh_agreement *ag, kvh_err *err) {
     cJSON *rec = kvh_record_new("generate");
     if (!rec) return kvh_fail(err, "out of memory");
-    kvh_add_run_fields(rec, model, sd->sess, sd == base ? NULL : cfg, backend, threads);
+    if (kvh_add_run_fields(rec, model, sd->sess, sd == base ? NULL : cfg, backend, threads) != 0) {
+        cJSON_Delete(rec);
+        return kvh_fail(err, "%s: out of memory building the record (nothing written)", path);
+    }
     cJSON_AddNumberToObject(rec, "batch", 1);
     cJSON *tags = cJSON_AddObjectToObject(rec, "tags");
     cJSON_AddStringToObject(tags, "compare", role);

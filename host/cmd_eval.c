@@ -115,7 +115,10 @@ static int write_record(const eval_args *a, const char *mode, const kvh_eval_res
                         const kvh_model *model, const kvh_session *s, const kvh_run_config *cfg, const char *backend,
                         int threads, size_t file_tokens, kvh_err *err) {
     cJSON *rec = kvh_record_new("eval");
-    kvh_add_run_fields(rec, model, s, cfg, backend, threads);
+    if (!rec || kvh_add_run_fields(rec, model, s, cfg, backend, threads) != 0) {
+        cJSON_Delete(rec);
+        return kvh_fail(err, "%s: out of memory building the record (nothing written)", a->common.json_path);
+    }
     cJSON *tags = cJSON_AddObjectToObject(rec, "tags");
     for (int t = 0; t < a->n_tags; t++) {
         const char *eq = strchr(a->tags[t], '=');

@@ -187,18 +187,10 @@ int kvh_add_run_fields(cJSON *rec, const kvh_model *model, const kvh_session *s,
     cJSON_AddNumberToObject(rec, "cache_budget", cfg && cfg->budget ? (double)cfg->budget : 0);
     cJSON_AddNumberToObject(rec, "cache_slack", cfg ? (double)cfg->slack : 0);
     cJSON_AddNumberToObject(rec, "cache_prefill_chunk", (double)s->prefill_chunk);
-    char *stack = NULL;
-    if (s->router) {
-        size_t cap = 1 << 16;
-        stack = malloc(cap);
-        if (stack && kvh_router_describe_json(s->router, stack, cap) >= 0) {
-            cJSON *parsed = cJSON_Parse(stack);
-            if (parsed) cJSON_AddItemToObject(rec, "plugins", parsed);
-        }
-        free(stack);
-    } else {
-        cJSON_AddItemToObject(rec, "plugins", cJSON_CreateArray());
-    }
+    /* sized by its content (any number of layers and sections); a record never goes out without it */
+    cJSON *stack = s->router ? kvh_router_describe(s->router) : cJSON_CreateArray();
+    if (!stack) return -1;
+    cJSON_AddItemToObject(rec, "plugins", stack);
     return 0;
 }
 
@@ -383,7 +375,11 @@ int kvh_cmd_generate(int argc, char **argv) {
 
     if (a.common.json_path) {
         cJSON *rec = kvh_record_new("generate");
-        kvh_add_run_fields(rec, &model, sess, &cfg, backend, threads);
+        if (!rec || kvh_add_run_fields(rec, &model, sess, &cfg, backend, threads) != 0) {
+            cJSON_Delete(rec);
+            kvh_fail(&err, "%s: out of memory building the record (nothing written)", a.common.json_path);
+            goto fail;
+        }
         cJSON_AddNumberToObject(rec, "batch", n_seq);
         cJSON *tags = cJSON_AddObjectToObject(rec, "tags");
         for (int t = 0; t < a.n_tags; t++) {

@@ -1,12 +1,16 @@
 /* cmd_plugins.c — the `kvhost plugins list|info` command: what plugins the search directories hold,
- * and one plugin's parameters, ranges, help and capabilities. Owns only the printing; loading and
- * validation are plugin.c's. Declared in plugin.h (kvh_cmd_plugins). */
-#define _GNU_SOURCE /* realpath */
+ * and one plugin's parameters, ranges, help and capabilities. Owns the printing, and running each
+ * `list` probe in a child process so a file that crashes or exits while loading is reported and the
+ * listing goes on; loading and validation are plugin.c's. Declared in plugin.h (kvh_cmd_plugins). */
+#define _GNU_SOURCE /* realpath, strsignal */
 #include <dirent.h>
+#include <errno.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "plugin.h"
 
@@ -34,11 +38,82 @@ static void caps_text(uint32_t caps, char *buf, size_t cap) {
     if (!buf[0]) snprintf(buf, cap, "none");
 }
 
-static const char *role_name(uint32_t role) { return role == KVP_ROLE_POLICY ? "policy" : "?"; }
+static const char *role_name(uint32_t role) {
+    return role == KVP_ROLE_POLICY ? "policy" : role == KVP_ROLE_STORE ? "store" : "?";
+}
 
 static int filter_so(const struct dirent *e) {
     size_t n = strlen(e->d_name);
     return n > 3 && strcmp(e->d_name + n - 3, ".so") == 0;
+}
+
+/* Loads `path` in a child process and puts its listing line (return 0) or why it is skipped (return -1)
+ * into out. Loading runs plugin code (constructors, the entry function): in-process, a file that
+ * crashes or calls exit() there would end the listing, so the child takes the risk; its plugin guard
+ * has already named the file and the stage on stderr when it dies. */
+static int probe(const char *path, char *out, size_t cap) {
+    int fd[2];
+    if (pipe(fd) != 0) {
+        snprintf(out, cap, "cannot probe it: pipe: %s", strerror(errno));
+        return -1;
+    }
+    fflush(stdout); /* the child must not write the parent's buffered output again */
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0) {
+        snprintf(out, cap, "cannot probe it: fork: %s", strerror(errno));
+        close(fd[0]);
+        close(fd[1]);
+        return -1;
+    }
+    if (pid == 0) {
+        close(fd[0]);
+        char msg[8192];
+        kvh_plugin *p;
+        kvh_err err = {{0}};
+        if (kvh_plugin_open(path, &p, &err) == 0) {
+            snprintf(msg, sizeof msg, "+%-14s %-8s %-7s %s  [%s]\n", p->desc.name, p->desc.version,
+                     role_name(p->desc.role), p->desc.summary, path);
+            kvh_plugin_close(p);
+        } else {
+            snprintf(msg, sizeof msg, "-%s", err.msg);
+        }
+        const char *m = msg;
+        size_t left = strlen(msg);
+        while (left > 0) {
+            ssize_t w = write(fd[1], m, left);
+            if (w <= 0) break;
+            m += w;
+            left -= (size_t)w;
+        }
+        _exit(0);
+    }
+    close(fd[1]);
+    size_t len = 0;
+    char buf[8192];
+    for (;;) {
+        ssize_t r = read(fd[0], buf + len, sizeof buf - 1 - len);
+        if (r > 0 && (len += (size_t)r) < sizeof buf - 1) continue;
+        if (r < 0 && errno == EINTR) continue;
+        break;
+    }
+    buf[len] = '\0';
+    close(fd[0]);
+    int status = 0;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (WIFSIGNALED(status)) {
+        snprintf(out, cap, "the process probing it crashed with signal %d (%s) while loading it (the listing goes on)",
+                 WTERMSIG(status), strsignal(WTERMSIG(status)));
+        return -1;
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0 || len == 0) {
+        snprintf(out, cap, "it ended the process probing it while loading (exit status %d; the listing goes on)",
+                 WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+        return -1;
+    }
+    snprintf(out, cap, "%s", buf + 1);
+    return buf[0] == '+' ? 0 : -1;
 }
 
 static int cmd_list(const char *plugin_path) {
@@ -66,15 +141,12 @@ static int cmd_list(const char *plugin_path) {
                     seen[n_seen] = strdup(ents[i]->d_name);
                     if (seen[n_seen]) n_seen++;
                 }
-                kvh_plugin *p;
-                kvh_err err = {{0}};
-                if (kvh_plugin_open(path, &p, &err) == 0) {
-                    printf("%-14s %-8s %-7s %s  [%s]\n", p->desc.name, p->desc.version, role_name(p->desc.role),
-                           p->desc.summary, path);
-                    kvh_plugin_close(p);
+                char line[8192];
+                if (probe(path, line, sizeof line) == 0) {
+                    fputs(line, stdout);
                     found++;
                 } else {
-                    fprintf(stderr, "kvhost: skipping %s: %s\n", path, err.msg);
+                    fprintf(stderr, "kvhost: skipping %s: %s\n", path, line);
                     failed++;
                 }
             }

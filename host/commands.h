@@ -24,7 +24,8 @@ typedef struct kvh_agreement {
 } kvh_agreement;
 void kvh_compare_agreement(const int32_t *base, int n_base, const int32_t *other, int n_other, kvh_agreement *out);
 
-/* Record fields every run command shares: model, backend, device, threads, cache, exact plugin stack. */
+/* Record fields every run command shares: model, backend, device, threads, cache, exact plugin stack.
+ * Returns -1 (when out of memory) rather than leave a record without its plugin stack. */
 int kvh_add_run_fields(cJSON *rec, const kvh_model *model, const kvh_session *s, const kvh_run_config *cfg,
                        const char *backend, int threads);
 

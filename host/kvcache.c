@@ -134,7 +134,7 @@ static void store_release(kvh_kvcache *c, int s, int l, int h, const uint32_t *s
                           .v_slots = hc->v,
                           .slots = slots,
                           .n_slots = n_slots};
-    kvh_plugin_guard_enter(ls->store->name, "store plugin", "release", l);
+    kvh_plugin_guard_enter(ls->store->name, kvh_plugin_site_of(ls->store_fail_ctx)->file, "release", l);
     ls->store->release(ls->store_state, &a);
     kvh_plugin_guard_leave();
 }

@@ -1,18 +1,23 @@
 /* plugin.c — the plugin loader: search, dlopen, ABI/descriptor checks, per-file cache, parameter
  * parsing. See plugin.h. Does not create instances or call hooks (router.c). */
-#define _GNU_SOURCE /* realpath, strdup */
+#define _GNU_SOURCE /* realpath, strdup, pipe2 */
 #include "plugin.h"
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include "plugin_guard.h"
+#include "utf8.h"
 
 #ifndef KVH_PLUGIN_BUILD_DIR
 #define KVH_PLUGIN_BUILD_DIR ""
@@ -173,11 +178,30 @@ static void safe_str(const char *s, char *buf, size_t cap) {
 
 static int is_integral(double v) { return isfinite(v) && floor(v) == v; }
 
+/* A plugin-supplied text field: at most `max` bytes, well-formed UTF-8 without control characters (it
+ * is printed by `plugins list|info` and written into records). Reads at most max + 1 bytes of s. */
+static int check_text(const char *s, size_t max, const char *nm, const char *file, const char *field,
+                      kvh_err *err) {
+    size_t n = strnlen(s, max + 1), bad;
+    if (n > max)
+        return kvh_fail(err, "plugin '%s' (%s): %s is longer than %zu bytes (the limit for plugin strings)", nm, file,
+                        field, max);
+    if (!kvh_utf8_valid(s, n, &bad))
+        return kvh_fail(err, "plugin '%s' (%s): %s is not valid UTF-8 (byte 0x%02x at offset %zu)", nm, file, field,
+                        (unsigned char)s[bad], bad);
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)s[i] < 0x20 || s[i] == 0x7f)
+            return kvh_fail(err, "plugin '%s' (%s): %s contains a control character (0x%02x at offset %zu)", nm, file,
+                            field, (unsigned char)s[i], i);
+    return 0;
+}
+
 int kvh_plugin_validate(const kvp_descriptor *d, const char *file, kvh_err *err) {
     char shown[400];
-    if (!valid_ident(d->name)) {
+    if (!d->name || strnlen(d->name, KVH_PLUGIN_NAME_MAX + 1) > KVH_PLUGIN_NAME_MAX || !valid_ident(d->name)) {
         safe_str(d->name, shown, sizeof shown);
-        return kvh_fail(err, "plugin %s: invalid name '%s' (expected [a-z0-9_]+)", file, shown);
+        return kvh_fail(err, "plugin %s: invalid name '%s' (expected [a-z0-9_]+, at most %d bytes)", file, shown,
+                        KVH_PLUGIN_NAME_MAX);
     }
     const char *nm = d->name;
     if (d->role != KVP_ROLE_POLICY && d->role != KVP_ROLE_STORE)
@@ -188,6 +212,9 @@ int kvh_plugin_validate(const kvp_descriptor *d, const char *file, kvh_err *err)
                         (unsigned)d->abi_minor);
     if (!d->version) return kvh_fail(err, "plugin '%s' (%s): version string is NULL", nm, file);
     if (!d->summary) return kvh_fail(err, "plugin '%s' (%s): summary string is NULL", nm, file);
+    if (!d->version[0]) return kvh_fail(err, "plugin '%s' (%s): version string is empty", nm, file);
+    if (check_text(d->version, KVH_PLUGIN_VERSION_MAX, nm, file, "version string", err) != 0) return -1;
+    if (check_text(d->summary, KVH_PLUGIN_TEXT_MAX, nm, file, "summary", err) != 0) return -1;
     if (!d->create) return kvh_fail(err, "plugin '%s' (%s): required hook create is NULL", nm, file);
     if (!d->destroy) return kvh_fail(err, "plugin '%s' (%s): required hook destroy is NULL", nm, file);
     if (d->role == KVP_ROLE_POLICY && !d->evict)
@@ -204,15 +231,17 @@ int kvh_plugin_validate(const kvp_descriptor *d, const char *file, kvh_err *err)
         return kvh_fail(err, "plugin '%s' (%s): unknown capability bits 0x%x", nm, file, (unsigned)(d->caps & ~known_caps));
     if ((d->caps & KVP_CAP_HEAD_BUDGETS) && !d->head_budgets)
         return kvh_fail(err, "plugin '%s' (%s): declares KVP_CAP_HEAD_BUDGETS but head_budgets is NULL", nm, file);
-    if (d->n_params > 256) return kvh_fail(err, "plugin '%s' (%s): %u parameters (at most 256)", nm, file, (unsigned)d->n_params);
+    if (d->n_params > KVH_PLUGIN_PARAMS_MAX)
+        return kvh_fail(err, "plugin '%s' (%s): %u parameters (at most %d)", nm, file, (unsigned)d->n_params,
+                        KVH_PLUGIN_PARAMS_MAX);
     if (d->n_params > 0 && !d->params)
         return kvh_fail(err, "plugin '%s' (%s): n_params = %u but params is NULL", nm, file, (unsigned)d->n_params);
     for (uint32_t i = 0; i < d->n_params; i++) {
         const kvp_param *p = &d->params[i];
-        if (!valid_ident(p->name)) {
+        if (!p->name || strnlen(p->name, KVH_PLUGIN_NAME_MAX + 1) > KVH_PLUGIN_NAME_MAX || !valid_ident(p->name)) {
             safe_str(p->name, shown, sizeof shown);
-            return kvh_fail(err, "plugin '%s' (%s): parameter %u has an invalid name '%s' (expected [a-z0-9_]+)", nm,
-                            file, (unsigned)i, shown);
+            return kvh_fail(err, "plugin '%s' (%s): parameter %u has an invalid name '%s' (expected [a-z0-9_]+, at "
+                            "most %d bytes)", nm, file, (unsigned)i, shown, KVH_PLUGIN_NAME_MAX);
         }
         if (strcmp(p->name, "plugin") == 0 || strcmp(p->name, "layers") == 0)
             return kvh_fail(err, "plugin '%s' (%s): parameter name '%s' is reserved by the INI section", nm, file, p->name);
@@ -237,65 +266,213 @@ int kvh_plugin_validate(const kvp_descriptor *d, const char *file, kvh_err *err)
                             p->name, p->default_value);
         if (!p->help || !*p->help)
             return kvh_fail(err, "plugin '%s' (%s): parameter '%s' has no help text", nm, file, p->name);
+        char field[KVH_PLUGIN_NAME_MAX + 32];
+        snprintf(field, sizeof field, "help of parameter '%s'", p->name);
+        if (check_text(p->help, KVH_PLUGIN_TEXT_MAX, nm, file, field, err) != 0) return -1;
+    }
+    return 0;
+}
+
+/* ---- reading what a plugin hands over ------------------------------------------------------------ */
+
+/* The descriptor, its strings and its parameter table live in the plugin's memory, and a buggy plugin
+ * can return any pointer. They are copied through a pipe: the kernel reads the plugin's memory on
+ * write() and answers EFAULT for an unmapped address, where a plain read would kill kvhost. */
+typedef struct reader {
+    int fd[2];
+} reader;
+
+#define READ_CHUNK 4096 /* <= PIPE_BUF and <= any pipe's capacity: one write never blocks */
+
+static int reader_open(reader *r) { return pipe2(r->fd, O_CLOEXEC | O_NONBLOCK); }
+
+static void reader_close(reader *r) {
+    close(r->fd[0]);
+    close(r->fd[1]);
+}
+
+/* Copies n bytes from src to dst; -1 (nothing usable in dst) when any of them is unreadable. */
+static int copy_in(reader *r, void *dst, const void *src, size_t n) {
+    for (size_t off = 0; off < n;) {
+        size_t k = n - off < READ_CHUNK ? n - off : READ_CHUNK;
+        ssize_t w = write(r->fd[1], (const char *)src + off, k);
+        if (w > 0) {
+            /* take back what went in, whole or not, so the pipe is empty for the next chunk */
+            ssize_t got = read(r->fd[0], (char *)dst + off, (size_t)w);
+            if (got != w) return -1;
+        }
+        if (w != (ssize_t)k) return -1;
+        off += k;
+    }
+    return 0;
+}
+
+/* A malloc'd copy of the NUL-terminated string at src, reading at most max + 1 bytes and never across a
+ * page boundary it does not need (the string may end right before an unmapped page).
+ * Returns 0 (copy in *out), 1 (longer than max bytes) or -1 (unreadable, or out of memory: *oom set). */
+static int copy_string(reader *r, const char *src, size_t max, char **out, int *oom) {
+    *out = NULL;
+    *oom = 0;
+    char *buf = malloc(max + 2);
+    if (!buf) {
+        *oom = 1;
+        return -1;
+    }
+    size_t len = 0;
+    for (;;) {
+        uintptr_t at = (uintptr_t)src + len;
+        size_t k = READ_CHUNK - (size_t)(at % READ_CHUNK); /* to the end of this (4 KiB) page */
+        if (k > max + 1 - len) k = max + 1 - len;
+        if (copy_in(r, buf + len, src + len, k) != 0) {
+            free(buf);
+            return -1;
+        }
+        char *nul = memchr(buf + len, '\0', k);
+        if (nul) break;
+        len += k;
+        if (len > max) {
+            free(buf);
+            return 1;
+        }
+    }
+    *out = buf;
+    return 0;
+}
+
+static int own(kvh_plugin *p, void *mem) {
+    void **no = realloc(p->owned, (size_t)(p->n_owned + 1) * sizeof *no);
+    if (!no) {
+        free(mem);
+        return -1;
+    }
+    p->owned = no;
+    p->owned[p->n_owned++] = mem;
+    return 0;
+}
+
+/* Replaces *field (a plugin pointer) with a host copy. `what` names the field in errors. A NULL field
+ * stays NULL (the validator reports it). */
+static int own_string(reader *r, kvh_plugin *p, const char **field, size_t max, const char *what, kvh_err *err) {
+    if (!*field) return 0;
+    char *copy;
+    int oom;
+    int rc = copy_string(r, *field, max, &copy, &oom);
+    if (rc == 1)
+        return kvh_fail(err, "plugin %s: %s is longer than %zu bytes (the limit for plugin strings)", p->file_name,
+                        what, max);
+    if (rc != 0)
+        return oom ? kvh_fail(err, "plugin %s: out of memory", p->file_name)
+                   : kvh_fail(err, "plugin %s: %s points to unreadable memory (%p)", p->file_name, what,
+                              (const void *)*field);
+    if (own(p, copy) != 0) return kvh_fail(err, "plugin %s: out of memory", p->file_name);
+    *field = copy;
+    return 0;
+}
+
+/* The descriptor's strings and parameter table, copied into host memory (desc then points there). */
+static int own_descriptor_data(reader *r, kvh_plugin *p, kvh_err *err) {
+    kvp_descriptor *d = &p->desc;
+    if (own_string(r, p, &d->name, KVH_PLUGIN_NAME_MAX, "name", err) != 0) return -1;
+    if (own_string(r, p, &d->version, KVH_PLUGIN_VERSION_MAX, "version string", err) != 0) return -1;
+    if (own_string(r, p, &d->summary, KVH_PLUGIN_TEXT_MAX, "summary", err) != 0) return -1;
+    if (d->n_params == 0 || !d->params || d->n_params > KVH_PLUGIN_PARAMS_MAX) return 0; /* the validator says why */
+    kvp_param *params = calloc(d->n_params, sizeof *params);
+    if (!params || own(p, params) != 0) return kvh_fail(err, "plugin %s: out of memory", p->file_name);
+    if (copy_in(r, params, d->params, (size_t)d->n_params * sizeof *params) != 0)
+        return kvh_fail(err, "plugin %s: the parameter table (%u entries at %p) is not readable memory", p->file_name,
+                        (unsigned)d->n_params, (const void *)d->params);
+    d->params = params;
+    for (uint32_t i = 0; i < d->n_params; i++) {
+        char what[64];
+        snprintf(what, sizeof what, "the name of parameter %u", (unsigned)i);
+        if (own_string(r, p, &params[i].name, KVH_PLUGIN_NAME_MAX, what, err) != 0) return -1;
+        snprintf(what, sizeof what, "the help of parameter %u", (unsigned)i);
+        if (own_string(r, p, &params[i].help, KVH_PLUGIN_TEXT_MAX, what, err) != 0) return -1;
     }
     return 0;
 }
 
 /* ---- loading ------------------------------------------------------------------------------------- */
 
+/* dlclose runs the plugin's destructors: guarded like its constructors. */
+static void close_handle(void *h, const char *path) {
+    kvh_plugin_guard_enter_load(path, "in its destructors, run by dlclose");
+    dlclose(h);
+    kvh_plugin_guard_leave();
+}
+
 int kvh_plugin_open(const char *path, kvh_plugin **out, kvh_err *err) {
     *out = NULL;
     const char *file = base_name(path);
-    char real[PATH_MAX];
-    if (!realpath(path, real)) return kvh_fail(err, "plugin %s: cannot load: %s", path, strerror(errno));
-    dlerror();
-    void *h = dlopen(real, RTLD_NOW | RTLD_LOCAL);
-    if (!h) {
-        const char *e = dlerror();
-        return kvh_fail(err, "plugin %s: cannot load: %s", file, e ? e : "unknown dlopen error");
-    }
-    dlerror();
-    void *sym = dlsym(h, KVP_ENTRY_SYMBOL);
-    if (!sym) {
-        dlclose(h);
-        return kvh_fail(err, "plugin %s: no %s() entry symbol (build it with KVP_PLUGIN(descriptor) and "
-                        "export that function)", file, KVP_ENTRY_SYMBOL);
-    }
-    kvp_entry_fn entry;
-    memcpy(&entry, &sym, sizeof entry); /* object -> function pointer without a pedantic warning */
-    const kvp_descriptor *d = entry();
-    if (!d) {
-        dlclose(h);
-        return kvh_fail(err, "plugin %s: %s() returned NULL", file, KVP_ENTRY_SYMBOL);
-    }
-    if (d->abi_major != KVP_ABI_MAJOR) {
-        uint32_t major = d->abi_major;
-        dlclose(h);
-        return kvh_fail(err, "plugin %s: built for ABI %u, host speaks %u (rebuild the plugin against this kvhost's SDK)",
-                        file, (unsigned)major, (unsigned)KVP_ABI_MAJOR);
-    }
-    size_t need = descriptor_min_size(d->abi_minor);
-    if (d->struct_size < need) {
-        uint32_t sz = d->struct_size, minor = d->abi_minor;
-        dlclose(h);
-        return kvh_fail(err, "plugin %s: descriptor struct_size %u is smaller than the %zu bytes ABI %u.%u requires",
-                        file, (unsigned)sz, need, (unsigned)KVP_ABI_MAJOR, (unsigned)minor);
-    }
     kvh_plugin *p = calloc(1, sizeof *p);
-    if (!p) {
-        dlclose(h);
-        return kvh_fail(err, "plugin %s: out of memory", file);
+    if (!p) return kvh_fail(err, "plugin %s: out of memory", file);
+    char real[PATH_MAX];
+    if (!realpath(path, real)) {
+        free(p);
+        return kvh_fail(err, "plugin %s: cannot load: %s", path, strerror(errno));
     }
-    size_t n = d->struct_size < sizeof p->desc ? d->struct_size : sizeof p->desc;
-    memcpy(&p->desc, d, n);
-    p->handle = h;
     p->path = strdup(real);
     p->file_name = strdup(file);
     if (!p->path || !p->file_name) {
         kvh_plugin_close(p);
         return kvh_fail(err, "plugin %s: out of memory", file);
     }
-    if (kvh_plugin_validate(&p->desc, file, err) != 0) {
+    dlerror();
+    kvh_plugin_guard_enter_load(p->path, "in its constructors, run by dlopen");
+    p->handle = dlopen(real, RTLD_NOW | RTLD_LOCAL);
+    kvh_plugin_guard_leave();
+    if (!p->handle) {
+        const char *e = dlerror();
+        kvh_fail(err, "plugin %s: cannot load: %s", file, e ? e : "unknown dlopen error");
+        kvh_plugin_close(p);
+        return -1;
+    }
+    dlerror();
+    void *sym = dlsym(p->handle, KVP_ENTRY_SYMBOL);
+    if (!sym) {
+        kvh_fail(err, "plugin %s: no %s() entry symbol (build it with KVP_PLUGIN(descriptor) and export that function)",
+                 file, KVP_ENTRY_SYMBOL);
+        kvh_plugin_close(p);
+        return -1;
+    }
+    kvp_entry_fn entry;
+    memcpy(&entry, &sym, sizeof entry); /* object -> function pointer without a pedantic warning */
+    kvh_plugin_guard_enter_load(p->path, "in " KVP_ENTRY_SYMBOL "()");
+    const kvp_descriptor *d = entry();
+    kvh_plugin_guard_leave();
+    reader rd;
+    if (reader_open(&rd) != 0) {
+        kvh_fail(err, "plugin %s: cannot check the descriptor: pipe: %s", file, strerror(errno));
+        kvh_plugin_close(p);
+        return -1;
+    }
+    int rc = -1;
+    kvp_descriptor head; /* the fixed ABI header: abi_major, abi_minor, struct_size */
+    const size_t head_bytes = offsetof(kvp_descriptor, role);
+    size_t need;
+    if (!d) {
+        kvh_fail(err, "plugin %s: %s() returned NULL", file, KVP_ENTRY_SYMBOL);
+    } else if (copy_in(&rd, &head, d, head_bytes) != 0) {
+        kvh_fail(err, "plugin %s: %s() returned %p, which is not readable memory (it must return a pointer to its "
+                 "static kvp_descriptor)", file, KVP_ENTRY_SYMBOL, (const void *)d);
+    } else if (head.abi_major != KVP_ABI_MAJOR) {
+        kvh_fail(err, "plugin %s: built for ABI %u, host speaks %u (rebuild the plugin against this kvhost's SDK)", file,
+                 (unsigned)head.abi_major, (unsigned)KVP_ABI_MAJOR);
+    } else if (head.struct_size < (need = descriptor_min_size(head.abi_minor))) {
+        kvh_fail(err, "plugin %s: descriptor struct_size %u is smaller than the %zu bytes ABI %u.%u requires", file,
+                 (unsigned)head.struct_size, need, (unsigned)KVP_ABI_MAJOR, (unsigned)head.abi_minor);
+    } else {
+        size_t n = head.struct_size < sizeof p->desc ? head.struct_size : sizeof p->desc;
+        if (copy_in(&rd, &p->desc, d, n) != 0) {
+            memset(&p->desc, 0, sizeof p->desc);
+            kvh_fail(err, "plugin %s: the descriptor at %p (struct_size %u) is not readable memory", file,
+                     (const void *)d, (unsigned)head.struct_size);
+        } else if (own_descriptor_data(&rd, p, err) == 0 && kvh_plugin_validate(&p->desc, file, err) == 0) {
+            rc = 0;
+        }
+    }
+    reader_close(&rd);
+    if (rc != 0) {
         kvh_plugin_close(p);
         return -1;
     }
@@ -305,7 +482,9 @@ int kvh_plugin_open(const char *path, kvh_plugin **out, kvh_err *err) {
 
 void kvh_plugin_close(kvh_plugin *p) {
     if (!p) return;
-    if (p->handle) dlclose(p->handle);
+    if (p->handle) close_handle(p->handle, p->path);
+    for (int i = 0; i < p->n_owned; i++) free(p->owned[i]);
+    free(p->owned);
     free(p->path);
     free(p->file_name);
     free(p);

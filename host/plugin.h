@@ -13,13 +13,24 @@
 #include "kvp/kvp.h"
 #include "util.h"
 
+/* Longest plugin-supplied strings the loader accepts (bytes, without the NUL): a longer one is refused
+ * at load, naming the file and the field. */
+#define KVH_PLUGIN_NAME_MAX 64    /* name, parameter names */
+#define KVH_PLUGIN_VERSION_MAX 64 /* version */
+#define KVH_PLUGIN_TEXT_MAX 512   /* summary, parameter help */
+#define KVH_PLUGIN_PARAMS_MAX 256 /* parameters */
+
 /* One loaded .so. The descriptor is the host's zeroed copy (fields past the plugin's struct_size are
- * zero), so hook pointers of an older-minor plugin read as NULL. */
+ * zero), so hook pointers of an older-minor plugin read as NULL. Its strings (name, version, summary)
+ * and parameter table (with names and help) are host copies too, read without trusting the pointers
+ * (an unreadable one is an error, not a crash), bounded and checked to be printable UTF-8. */
 typedef struct kvh_plugin {
     char *path;          /* realpath of the file */
     char *file_name;     /* base name ("window.so"), used in messages */
     void *handle;        /* dlopen handle */
     kvp_descriptor desc; /* validated host copy */
+    void **owned;        /* [n_owned] host copies desc points into, freed with the plugin */
+    int n_owned;
 } kvh_plugin;
 
 /* A set of loaded plugins: each file is loaded once, however many sections use it. */
@@ -40,12 +51,16 @@ char **kvh_plugin_dirs(const char *plugin_path);
 void kvh_plugin_dirs_free(char **dirs);
 
 /* Loads and validates one file (no caching). On failure nothing stays loaded and err names the file
- * and the first problem: cannot load (dlerror) -> no entry symbol -> entry returned NULL -> ABI major
- * mismatch -> descriptor too small -> invalid descriptor (name, role, hooks, parameter table). */
+ * and the first problem: cannot load (dlerror) -> no entry symbol -> entry returned NULL -> entry
+ * returned unreadable memory -> ABI major mismatch -> descriptor too small -> a string or the parameter
+ * table unreadable, too long or not printable UTF-8 -> invalid descriptor (name, role, hooks,
+ * parameter table). The plugin's constructors (dlopen), entry function and destructors (dlclose) run
+ * under the plugin guard: a crash or exit() there is reported naming the file (plugin_guard.h). */
 int kvh_plugin_open(const char *path, kvh_plugin **out, kvh_err *err);
 void kvh_plugin_close(kvh_plugin *p);
 
-/* Checks a descriptor copy (name, role, required hooks, parameter table). `file` names it in errors. */
+/* Checks a descriptor copy (name, role, required hooks, parameter table; string lengths and UTF-8,
+ * reading at most the limits above from each string). `file` names it in errors. */
 int kvh_plugin_validate(const kvp_descriptor *d, const char *file, kvh_err *err);
 
 void kvh_plugin_registry_init(kvh_plugin_registry *reg);

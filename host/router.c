@@ -48,6 +48,7 @@ typedef struct host_ctx {
     int error_truncated;    /* the plugin's message was longer than error[] */
     kvp_instance inst;
     int created;
+    kvh_plugin_site site;   /* plugin name, file name, layer: for crash messages of store hooks */
 } host_ctx;
 
 struct kvh_router {
@@ -250,6 +251,7 @@ static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
     x->r = r;
     x->g = g;
     x->layer = layer;
+    x->site = (kvh_plugin_site){.plugin = g->plugin->desc.name, .file = g->plugin->file_name, .layer = layer};
     x->host = (kvp_host){
         .struct_size = sizeof(kvp_host),
         .abi_major = KVP_ABI_MAJOR,
@@ -459,6 +461,11 @@ static int store_fail(void *ctx, int seq, int head, const char *hook, kvh_err *e
     return rc;
 }
 
+const kvh_plugin_site *kvh_plugin_site_of(const void *store_fail_ctx) {
+    static const kvh_plugin_site unknown = {.plugin = "?", .file = "store plugin", .layer = -1};
+    return store_fail_ctx ? &((const host_ctx *)store_fail_ctx)->site : &unknown;
+}
+
 int kvh_router_bind_cache(kvh_router *r, kvh_kvcache *c, kvh_err *err) {
     if (r->store_bytes && kvh_kvcache_store_grow(c, r->store_bytes) != 0)
         return kvh_fail(err, "KV memory limit %zu bytes is smaller than the %zu bytes the store plugins hold before "
@@ -630,59 +637,79 @@ int kvh_router_reset_seq(kvh_router *r, int seq, kvh_err *err) {
 
 /* ---- description ------------------------------------------------------------------------------- */
 
-int kvh_router_describe_json(const kvh_router *r, char *buf, size_t cap) {
+/* cJSON reports out of memory only through NULL results: every addition below is checked. */
+static int add_str(cJSON *o, const char *k, const char *v) { return cJSON_AddStringToObject(o, k, v) ? 0 : -1; }
+static int add_num(cJSON *o, const char *k, double v) { return cJSON_AddNumberToObject(o, k, v) ? 0 : -1; }
+static int push(cJSON *arr, cJSON *item) {
+    if (!item) return -1;
+    cJSON_AddItemToArray(arr, item);
+    return 0;
+}
+
+static int describe_instance(const kvh_router *r, const group *g, cJSON *o) {
+    const kvp_descriptor *d = &g->plugin->desc;
+    const int store = is_store(g);
+    if (add_str(o, "section", g->section) || add_str(o, "plugin", d->name) || add_str(o, "file", g->plugin->file_name) ||
+        add_str(o, "path", g->plugin->path) || add_str(o, "version", d->version) ||
+        add_str(o, "role", store ? "store" : "policy"))
+        return -1;
+    host_ctx *const *ctx = store ? r->store_ctx : r->layer_ctx;
+    cJSON *layers = cJSON_AddArrayToObject(o, "layers");
+    /* policies: per-layer budgets; stores: per-layer [k_slot_bytes, v_slot_bytes] */
+    cJSON *per = cJSON_AddArrayToObject(o, store ? "slot_bytes" : "budgets");
+    if (!layers || !per) return -1;
+    for (int l = 0; l < r->n_layer; l++) {
+        if (!g->mask[l] || !ctx[l]) continue;
+        if (push(layers, cJSON_CreateNumber(l))) return -1;
+        if (store) {
+            cJSON *kv = cJSON_CreateArray();
+            if (push(per, kv) || push(kv, cJSON_CreateNumber(ctx[l]->inst.k_slot_bytes)) ||
+                push(kv, cJSON_CreateNumber(ctx[l]->inst.v_slot_bytes)))
+                return -1;
+        } else if (push(per, cJSON_CreateNumber(ctx[l]->inst.budget))) {
+            return -1;
+        }
+    }
+    cJSON *params = cJSON_AddObjectToObject(o, "params");
+    if (!params) return -1;
+    for (uint32_t i = 0; i < d->n_params; i++) {
+        const cJSON *added = d->params[i].type == KVP_PARAM_BOOL
+                                 ? cJSON_AddBoolToObject(params, d->params[i].name, g->values[i] != 0)
+                                 : cJSON_AddNumberToObject(params, d->params[i].name, g->values[i]);
+        if (!added) return -1;
+    }
+    return 0;
+}
+
+cJSON *kvh_router_describe(const kvh_router *r) {
     cJSON *root = cJSON_CreateObject();
-    if (!root) return -1;
-    if (r->budget) cJSON_AddNumberToObject(root, "budget", r->budget);
-    else cJSON_AddNullToObject(root, "budget");
-    cJSON_AddNumberToObject(root, "slack", r->slack);
-    cJSON *insts = cJSON_AddArrayToObject(root, "instances");
-    for (int gi = 0; insts && gi < r->n_groups; gi++) {
-        const group *g = &r->groups[gi];
-        const kvp_descriptor *d = &g->plugin->desc;
+    if (!root) return NULL;
+    int bad = (r->budget ? !cJSON_AddNumberToObject(root, "budget", r->budget) : !cJSON_AddNullToObject(root, "budget")) ||
+              add_num(root, "slack", r->slack);
+    cJSON *insts = bad ? NULL : cJSON_AddArrayToObject(root, "instances");
+    if (!insts) bad = 1;
+    for (int gi = 0; !bad && gi < r->n_groups; gi++) {
         cJSON *o = cJSON_CreateObject();
-        if (!o) break;
-        cJSON_AddItemToArray(insts, o);
-        cJSON_AddStringToObject(o, "section", g->section);
-        cJSON_AddStringToObject(o, "plugin", d->name);
-        cJSON_AddStringToObject(o, "file", g->plugin->file_name);
-        cJSON_AddStringToObject(o, "path", g->plugin->path);
-        cJSON_AddStringToObject(o, "version", d->version);
-        const int store = is_store(g);
-        cJSON_AddStringToObject(o, "role", store ? "store" : "policy");
-        host_ctx *const *ctx = store ? r->store_ctx : r->layer_ctx;
-        cJSON *layers = cJSON_AddArrayToObject(o, "layers");
-        /* policies: per-layer budgets; stores: per-layer [k_slot_bytes, v_slot_bytes] */
-        cJSON *per = cJSON_AddArrayToObject(o, store ? "slot_bytes" : "budgets");
-        for (int l = 0; l < r->n_layer && layers && per; l++) {
-            if (!g->mask[l] || !ctx[l]) continue;
-            cJSON_AddItemToArray(layers, cJSON_CreateNumber(l));
-            if (store) {
-                cJSON *kv = cJSON_CreateArray();
-                if (!kv) break;
-                cJSON_AddItemToArray(kv, cJSON_CreateNumber(ctx[l]->inst.k_slot_bytes));
-                cJSON_AddItemToArray(kv, cJSON_CreateNumber(ctx[l]->inst.v_slot_bytes));
-                cJSON_AddItemToArray(per, kv);
-            } else {
-                cJSON_AddItemToArray(per, cJSON_CreateNumber(ctx[l]->inst.budget));
-            }
-        }
-        cJSON *params = cJSON_AddObjectToObject(o, "params");
-        for (uint32_t i = 0; i < d->n_params && params; i++) {
-            if (d->params[i].type == KVP_PARAM_BOOL) cJSON_AddBoolToObject(params, d->params[i].name, g->values[i] != 0);
-            else cJSON_AddNumberToObject(params, d->params[i].name, g->values[i]);
-        }
+        bad = push(insts, o) || describe_instance(r, &r->groups[gi], o);
     }
-    cJSON *per_layer = cJSON_AddArrayToObject(root, "layers");
-    for (int l = 0; l < r->n_layer && per_layer; l++) {
-        const char *s = kvh_router_layer_section(r, l);
-        cJSON_AddItemToArray(per_layer, s ? cJSON_CreateString(s) : cJSON_CreateNull());
+    cJSON *per_layer = bad ? NULL : cJSON_AddArrayToObject(root, "layers");
+    cJSON *per_layer_store = per_layer ? cJSON_AddArrayToObject(root, "stores") : NULL;
+    if (!per_layer_store) bad = 1;
+    for (int l = 0; !bad && l < r->n_layer; l++) {
+        const char *p = kvh_router_layer_section(r, l), *st = kvh_router_layer_store_section(r, l);
+        bad = push(per_layer, p ? cJSON_CreateString(p) : cJSON_CreateNull()) ||
+              push(per_layer_store, st ? cJSON_CreateString(st) : cJSON_CreateNull());
     }
-    cJSON *per_layer_store = cJSON_AddArrayToObject(root, "stores");
-    for (int l = 0; l < r->n_layer && per_layer_store; l++) {
-        const char *s = kvh_router_layer_store_section(r, l);
-        cJSON_AddItemToArray(per_layer_store, s ? cJSON_CreateString(s) : cJSON_CreateNull());
+    if (bad) {
+        cJSON_Delete(root);
+        return NULL;
     }
+    return root;
+}
+
+int kvh_router_describe_json(const kvh_router *r, char *buf, size_t cap) {
+    cJSON *root = kvh_router_describe(r);
+    if (!root) return -1;
     char *text = cJSON_PrintUnformatted(root);
     cJSON_Delete(root);
     if (!text) return -1;

@@ -63,12 +63,15 @@ double kvh_router_hook_ns(const kvh_router *r);
 /* Number of evict() calls made so far. */
 uint64_t kvh_router_evict_calls(const kvh_router *r);
 
-/* JSON description of the plugin stack (cJSON-built):
+/* The plugin stack as a cJSON object (the caller owns it), sized by its content:
  *   {"budget":B|null,"slack":S,"instances":[{"section","plugin","file","path","version","role":"policy"|"store",
  *    "layers":[..],"params":{name:value,...},"budgets":[per layer] (policies) | "slot_bytes":[[K,V] per layer]
  *    (stores)}],"layers":[policy section name or null per layer],"stores":[store section name or null per layer]}
- * Writes at most cap bytes including the NUL. Returns the length of the full text (like snprintf: a
- * value >= cap means it was truncated), or -1 when out of memory. */
+ * NULL only when out of memory (never a partial description). Records embed it as their `plugins` key. */
+struct cJSON;
+struct cJSON *kvh_router_describe(const kvh_router *r);
+/* The same as text. Writes at most cap bytes including the NUL. Returns the length of the full text
+ * (like snprintf: a value >= cap means it was truncated), or -1 when out of memory. */
 int kvh_router_describe_json(const kvh_router *r, char *buf, size_t cap);
 
 /* Name of the POLICY plugin serving `layer` ("window"), or NULL for keep-all / out of range. */

@@ -1,8 +1,14 @@
 /* bad_plugin.c — test plugins, one per KIND_* define (see CMakeLists.txt). Each bad_* kind breaks
  * exactly one rule of the SDK contract so the loader/router tests can check the error names it;
- * tp_params (int/float/bool parameters, decode scores) and tp_heads (per-head budgets) are valid. */
+ * tp_params (int/float/bool parameters, decode scores) and tp_heads (per-head budgets) are valid.
+ * Load-time kinds crash or exit in a constructor or in kvp_plugin_entry, return an unreadable
+ * descriptor or string, or an over-long / non-UTF-8 version; exit kinds end the process from a hook
+ * (tests/plugin_crash.sh). */
 #include <kvp/kvp.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #ifndef PLUGIN_NAME
 #define PLUGIN_NAME "bad"
@@ -36,7 +42,22 @@ static const kvp_param params[] = {
      .help = "a bool parameter"},
 };
 
+#if defined(KIND_CTORSEGV) || defined(KIND_CTOREXIT)
+/* Plugins must not rely on constructors; these break the rule while dlopen runs them. */
+__attribute__((constructor)) static void t_ctor(void) {
+#ifdef KIND_CTORSEGV
+    volatile int *volatile nowhere = NULL; /* volatile: the compiler cannot drop the fault */
+    *nowhere = 1;
+#else
+    exit(0);
+#endif
+}
+#endif
+
 static int t_create(const kvp_host *host, const kvp_layer_info *layer, kvp_instance *out) {
+#ifdef KIND_EXITCREATE
+    exit(0);
+#endif
 #ifdef KIND_CREATE
     (void)layer;
     (void)out;
@@ -91,6 +112,10 @@ static int t_evict(void *state, const kvp_evict_request *req, uint32_t *victims,
     else { victims[1] = victims[0]; *n_victims = 2; }
 #elif defined(KIND_FEW)
     *n_victims = req->min_victims - 1;
+#elif defined(KIND_EXIT)
+    exit(0);
+#elif defined(KIND_UEXIT)
+    _exit(0);
 #elif defined(KIND_SEGV)
     {
         /* a plugin bug: write through a null pointer */
@@ -110,6 +135,10 @@ static int t_evict(void *state, const kvp_evict_request *req, uint32_t *victims,
 #endif
     return KVP_OK;
 }
+
+#if defined(KIND_LONGVERSION)
+static char long_version[80 * 1024]; /* filled by the entry function: 80 KB of '9' */
+#endif
 
 static const kvp_descriptor descriptor = {
 #if defined(KIND_ABI)
@@ -134,7 +163,15 @@ static const kvp_descriptor descriptor = {
 #else
     .name = PLUGIN_NAME,
 #endif
+#if defined(KIND_LONGVERSION)
+    .version = long_version,
+#elif defined(KIND_BADUTF8)
+    .version = "1.0-\xff\xfe",
+#elif defined(KIND_STRGARBAGE)
+    .version = (const char *)(uintptr_t)24, /* in the never-mapped first page */
+#else
     .version = "0.0.1",
+#endif
     .summary = "test plugin " PLUGIN_NAME,
     .params = params,
     .create = t_create,
@@ -152,6 +189,26 @@ KVP_EXPORT const kvp_descriptor *kvp_plugin_entry_typo(void) { return &descripto
 #elif defined(KIND_NULLENTRY)
 KVP_EXPORT const kvp_descriptor *kvp_plugin_entry(void);
 KVP_EXPORT const kvp_descriptor *kvp_plugin_entry(void) { return descriptor.name ? NULL : &descriptor; }
+#elif defined(KIND_ENTRYSEGV)
+KVP_EXPORT const kvp_descriptor *kvp_plugin_entry(void);
+KVP_EXPORT const kvp_descriptor *kvp_plugin_entry(void) {
+    const kvp_descriptor *volatile *volatile nowhere = NULL;
+    (void)descriptor;
+    return (const kvp_descriptor *)*nowhere;
+}
+#elif defined(KIND_ENTRYGARBAGE)
+/* a pointer into the never-mapped first page: reading it would fault */
+KVP_EXPORT const kvp_descriptor *kvp_plugin_entry(void);
+KVP_EXPORT const kvp_descriptor *kvp_plugin_entry(void) {
+    (void)descriptor;
+    return (const kvp_descriptor *)(uintptr_t)16;
+}
+#elif defined(KIND_LONGVERSION)
+KVP_EXPORT const kvp_descriptor *kvp_plugin_entry(void);
+KVP_EXPORT const kvp_descriptor *kvp_plugin_entry(void) {
+    memset(long_version, '9', sizeof long_version - 1);
+    return &descriptor;
+}
 #else
 KVP_PLUGIN(descriptor)
 #endif
