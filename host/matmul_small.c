@@ -171,6 +171,28 @@ AVX2 static void dot_4x2(float *ya, float *yb, const float *xa, const float *xb,
     }
 }
 
+/* Four weight rows against one input row (an odd row of a call, or decode at batch 1): four independent
+ * accumulators, so the FMAs do not wait on each other as four dot_1x1 calls would; each output's sum is
+ * dot_1x1's (and dot_4x2's) sequence exactly. */
+AVX2 static void dot_4x1(float *y, const float *x, const float *w0, int K) {
+    const float *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 p = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + k), p, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + k), p, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + k), p, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + k), p, a3);
+    }
+    float s[4] = {hsum(a0), hsum(a1), hsum(a2), hsum(a3)};
+    const float *w[4] = {w0, w1, w2, w3};
+    for (int i = 0; i < 4; i++) {
+        for (int kk = k; kk < K; kk++) s[i] = fmaf(w[i][kk], x[kk], s[i]);
+        y[i] = s[i];
+    }
+}
+
 /* One weight row against one input row, in dot_4x2's order. */
 AVX2 static float dot_1x1(const float *x, const float *w, int K) {
     __m256 a = _mm256_setzero_ps();
@@ -189,8 +211,7 @@ AVX2 static void small_t_avx2(float *y, size_t ldy, const float *x, const float 
         for (; t + 2 <= T; t += 2)
             dot_4x2(y + (size_t)t * ldy + v, y + (size_t)(t + 1) * ldy + v, x + (size_t)t * K, x + (size_t)(t + 1) * K,
                     w0, K);
-        if (t < T)
-            for (int i = 0; i < 4; i++) y[(size_t)t * ldy + v + i] = dot_1x1(x + (size_t)t * K, w0 + (size_t)i * K, K);
+        if (t < T) dot_4x1(y + (size_t)t * ldy + v, x + (size_t)t * K, w0, K);
     }
     for (; v < v1; v++) /* the last rows of the range (the vocabulary is odd) */
         for (int t = 0; t < T; t++) y[(size_t)t * ldy + v] = dot_1x1(x + (size_t)t * K, Wt + (size_t)v * K, K);
