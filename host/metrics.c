@@ -1,4 +1,5 @@
-/* metrics.c — implementation of metrics.h. */
+/* metrics.c — implementation of metrics.h. The append protocol (lock, one write, undo only our own
+ * tail) is described at kvh_jsonl_append in metrics.h. */
 #define _GNU_SOURCE
 #include "metrics.h"
 
@@ -7,9 +8,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "utf8.h"
 
 #ifndef KVH_VERSION
 #define KVH_VERSION "dev"
@@ -117,35 +122,102 @@ void kvh_record_add_phases(cJSON *obj, const kvh_phase_times *t, double hooks_ms
     cJSON_AddNumberToObject(p, "other", other > 0 ? other : 0.0);
 }
 
-int kvh_jsonl_append(const char *path, const cJSON *obj, kvh_err *err) {
+char *kvh_jsonl_format(const cJSON *obj, size_t *len) {
     char *text = cJSON_PrintUnformatted(obj);
-    if (!text) return kvh_fail(err, "%s: out of memory formatting the record", path);
-    size_t len = strlen(text);
-    char *line = malloc(len + 2);
-    if (!line) {
-        free(text);
-        return kvh_fail(err, "%s: out of memory formatting the record", path);
+    if (!text) return NULL;
+    size_t n;
+    char *line = kvh_utf8_repair(text, strlen(text), &n); /* room for the '\n': the NUL's byte */
+    cJSON_free(text);
+    if (!line) return NULL;
+    line[n] = '\n';
+    *len = n + 1;
+    return line;
+}
+
+#define LOCK_WAIT_MS 60000
+
+/* Exclusive flock, waiting at most LOCK_WAIT_MS. 1 = locked, 0 = the file system has no locks, -1 =
+ * timed out or failed (errno set). */
+static int lock_file(int fd) {
+    for (int waited = 0;; waited += 10) {
+        if (flock(fd, LOCK_EX | LOCK_NB) == 0) return 1;
+        if (errno == ENOLCK || errno == EINVAL || errno == EOPNOTSUPP) return 0;
+        if (errno != EWOULDBLOCK && errno != EINTR) return -1;
+        if (waited >= LOCK_WAIT_MS) {
+            errno = ETIMEDOUT;
+            return -1;
+        }
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
     }
-    memcpy(line, text, len);
-    line[len] = '\n';
-    free(text);
-    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+}
+
+/* Why a write stopped short without an errno: the file-size limit, or (most likely) a full device. */
+static const char *short_reason(off_t before, size_t len) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_FSIZE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
+        (unsigned long long)before + len > (unsigned long long)rl.rlim_cur)
+        return "the file-size limit (ulimit -f) stopped it";
+    return "the device is probably full";
+}
+
+static int append_regular(int fd, const char *path, const char *line, size_t len, kvh_err *err) {
+    int locked = lock_file(fd);
+    if (locked < 0)
+        return kvh_fail(err, "%s: cannot lock the file for appending (%s); nothing was written", path,
+                        errno == ETIMEDOUT ? "another process has held its lock for 60 s" : strerror(errno));
+    struct stat st;
+    if (fstat(fd, &st) != 0) return kvh_fail(err, "%s: cannot stat: %s; nothing was written", path, strerror(errno));
+    const off_t before = st.st_size;
+    errno = 0;
+    ssize_t w = write(fd, line, len); /* one write: O_APPEND puts it at the end, whole */
+    if (w == (ssize_t)len) return 0;
+    if (w < 0)
+        return kvh_fail(err, "%s: could not append the record (%s); nothing was written", path, strerror(errno));
+    const char *why = errno ? strerror(errno) : short_reason(before, len);
+    /* Our bytes are the tail exactly when the size is before + w: then (and only then) cut them off.
+     * Without the lock another writer may have appended after us, so the tail is left alone. */
+    if (locked && fstat(fd, &st) == 0 && st.st_size == before + (off_t)w && ftruncate(fd, before) == 0)
+        return kvh_fail(err, "%s: could not append the record: wrote %zd of %zu bytes (%s); the partial line was "
+                        "removed, the file is as it was", path, w, len, why);
+    return kvh_fail(err, "%s: could not append the record: wrote %zd of %zu bytes (%s); a partial line of %zd bytes "
+                    "may remain at byte offset %lld (the file changed meanwhile, so it was left alone)", path, w, len,
+                    why, w, (long long)before);
+}
+
+/* Pipes and devices: no size, no lock, no rollback; the rest of a short write is written after it. */
+static int append_stream(int fd, const char *path, const char *line, size_t len, kvh_err *err) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    size_t done = 0;
+    while (done < len) {
+        ssize_t w = write(fd, line + done, len - done);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0)
+            return kvh_fail(err, "%s: could not write the record (%s) after %zu of %zu bytes", path,
+                            w < 0 ? strerror(errno) : "no progress", done, len);
+        done += (size_t)w;
+    }
+    return 0;
+}
+
+int kvh_jsonl_append(const char *path, const cJSON *obj, kvh_err *err) {
+    size_t len;
+    char *line = kvh_jsonl_format(obj, &len);
+    if (!line) return kvh_fail(err, "%s: out of memory formatting the record; nothing was written", path);
+    /* O_NONBLOCK: a FIFO without a reader fails at once (ENXIO) instead of blocking the end of a run */
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NONBLOCK, 0644);
     if (fd < 0) {
+        int e = errno;
         free(line);
-        return kvh_fail(err, "%s: cannot open for appending: %s", path, strerror(errno));
+        return kvh_fail(err, "%s: cannot open for appending: %s%s", path, strerror(e),
+                        e == ENXIO ? " (a FIFO with no reader)" : "");
     }
     struct stat st;
-    off_t before = fstat(fd, &st) == 0 ? st.st_size : -1;
-    ssize_t w = write(fd, line, len + 1);
-    int rc = 0;
-    if (w != (ssize_t)(len + 1)) {
-        int e = errno;
-        /* Never leave half a record: cut the file back to where it was. */
-        if (before >= 0 && ftruncate(fd, before) != 0) { /* best effort */
-        }
-        rc = kvh_fail(err, "%s: could not append the record (%s)", path, w < 0 ? strerror(e) : "short write");
-    }
-    if (close(fd) != 0 && rc == 0) rc = kvh_fail(err, "%s: close failed: %s", path, strerror(errno));
+    int rc = fstat(fd, &st) != 0 ? kvh_fail(err, "%s: cannot stat: %s", path, strerror(errno))
+             : S_ISREG(st.st_mode) ? append_regular(fd, path, line, len, err)
+                                   : append_stream(fd, path, line, len, err);
+    if (close(fd) != 0 && rc == 0) rc = kvh_fail(err, "%s: close failed after appending: %s", path, strerror(errno));
     free(line);
     return rc;
 }
