@@ -63,6 +63,9 @@ struct kvh_backend {
     char kernels[128]; /* the math kernels that run, for records (CPU: BLAS core + kvhost's ISA level) */
     uint32_t kv_dense_elem_bytes; /* bytes per K/V element in layers without a store (4 = fp32, 2 = fp16) */
     void *impl;       /* backend-private state */
+    /* Linear weights held by weight-format plugins (weights.h), set by the session after packing; NULL:
+     * every matrix is the model's fp32. Backends that cannot run them refuse at session creation. */
+    const struct kvh_weight_set *weights;
 };
 
 /* Creates a backend by name: "cpu", "cuda" or "auto" (cuda when a device is present, else cpu). */

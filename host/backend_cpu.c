@@ -18,6 +18,7 @@
 #include "kvp/kvp.h"
 #include "matmul_small.h"
 #include "plugin_guard.h"
+#include "weights.h"
 
 typedef struct cpu_workspace {
     size_t rows;      /* Ttot capacity of the activation buffers */
@@ -29,6 +30,8 @@ typedef struct cpu_workspace {
     int32_t *pos;     /* [Ttot] positions of the new tokens */
     size_t scores_cap;/* per-thread score scratch capacity (floats) */
     float *scores;    /* [threads, scores_cap] */
+    float *panel;     /* [threads, PANEL_COLS * K_max]: weight-format columns unpacked for a GEMM */
+    size_t panel_cap; /* floats per thread */
     int n_threads;
 } cpu_workspace;
 
@@ -40,6 +43,7 @@ static void workspace_free(cpu_workspace *w) {
     free(w->h);
     free(w->pos);
     free(w->scores);
+    free(w->panel);
     memset(w, 0, sizeof *w);
 }
 
@@ -71,6 +75,10 @@ static int workspace_reserve(cpu_workspace *w, const kvh_model_config *cfg, size
     }
     return 0;
 }
+
+/* Output columns a thread unpacks from a weight format at a time before handing them to sgemm (prefill):
+ * 64 columns x 4096 inputs = 1 MiB of fp32 per thread, reused for every panel. */
+#define PANEL_COLS 64
 
 /* ---- small kernels ------------------------------------------------------------------------------ */
 
@@ -109,9 +117,36 @@ static void thread_range(int n, int *lo, int *hi) {
     *hi = *lo + chunk < n ? *lo + chunk : n;
 }
 
-/* y[T, N] = x[T, K] · W[K, N] + bias[N] (+ y when accumulate: the residual add fused into the GEMM). */
-static void linear(const kvh_blas *blas, float *y, const float *x, const float *W, const float *bias, int T, int K, int N,
-                   int accumulate) {
+/* y[T, N] += x[T, K] · W over output columns [n0, n1) of a weight-format matrix: the plugin's own product
+ * for a few rows (decode), else panels of PANEL_COLS columns unpacked to fp32 ([cols, K], output-major)
+ * and multiplied by sgemm (prefill), which the unpack cost does not dominate at many rows. */
+static void packed_range(const kvh_blas *blas, const kvh_packed_matrix *pm, float *y, size_t ldy, const float *x,
+                         int T, int n0, int n1, float beta, float *panel, int small_max) {
+    const int K = (int)pm->info.k;
+    if (T <= small_max) {
+        if (beta == 0.0f)
+            for (int t = 0; t < T; t++) memset(y + (size_t)t * ldy + n0, 0, (size_t)(n1 - n0) * sizeof(float));
+        kvp_matmul_args a = {.struct_size = sizeof a, .w = &pm->info, .packed = pm->packed, .x = x,
+                             .rows = (uint32_t)T, .n0 = (uint32_t)n0, .n1 = (uint32_t)n1, .y = y, .ldy = ldy};
+        kvh_plugin_guard_enter(pm->desc->name, pm->file, "matmul", (int)pm->info.layer);
+        pm->desc->matmul(pm->state, &a);
+        kvh_plugin_guard_leave();
+        return;
+    }
+    for (int c0 = n0; c0 < n1; c0 += PANEL_COLS) {
+        const int c1 = c0 + PANEL_COLS < n1 ? c0 + PANEL_COLS : n1;
+        kvh_plugin_guard_enter(pm->desc->name, pm->file, "unpack", (int)pm->info.layer);
+        pm->desc->unpack(pm->state, &pm->info, pm->packed, (uint32_t)c0, (uint32_t)c1, panel);
+        kvh_plugin_guard_leave();
+        blas->sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, c1 - c0, K, 1.0f, x, K, panel, K, beta, y + c0,
+                    (int)ldy);
+    }
+}
+
+/* y[T, N] = x[T, K] · W[K, N] + bias[N] (+ y when accumulate: the residual add fused into the GEMM).
+ * W is the model's fp32 matrix, or pm's packed form when a weight format holds it (pm != NULL). */
+static void linear(const kvh_blas *blas, cpu_workspace *ws, const kvh_packed_matrix *pm, float *y, const float *x,
+                   const float *W, const float *bias, int T, int K, int N, int accumulate) {
     const int small_max = kvh_matmul_small_max();
 #pragma omp parallel
     {
@@ -126,7 +161,14 @@ static void linear(const kvh_blas *blas, float *y, const float *x, const float *
                 else
                     memcpy(row, bias + n0, (size_t)w * sizeof(float));
             }
-            if (T == 1)
+            if (pm) {
+                int tid = 0;
+#ifdef _OPENMP
+                tid = omp_get_thread_num();
+#endif
+                packed_range(blas, pm, y, (size_t)N, x, T, n0, n1, 1.0f, ws->panel + (size_t)tid * ws->panel_cap,
+                             small_max);
+            } else if (T == 1)
                 blas->sgemv(CblasRowMajor, CblasTrans, K, w, 1.0f, W + n0, N, x, 1, 1.0f, y + n0, 1);
             else if (T <= small_max) /* sgemm would repack the whole weight: see matmul_small.h */
                 kvh_matmul_small(y, (size_t)N, x, W, T, K, N, n0, n1);
@@ -137,14 +179,22 @@ static void linear(const kvh_blas *blas, float *y, const float *x, const float *
 }
 
 /* logits[R, V] = xn[R, C] · wte[V, C]^T: the tied LM head, split over vocabulary rows. */
-static void lm_head(const kvh_blas *blas, float *logits, const float *xn, const float *wte, int R, int C, int V) {
+static void lm_head(const kvh_blas *blas, cpu_workspace *ws, const kvh_packed_matrix *pm, float *logits, const float *xn,
+                    const float *wte, int R, int C, int V) {
     const int small_max = kvh_matmul_small_max();
 #pragma omp parallel
     {
         int v0, v1;
         thread_range(V, &v0, &v1);
         if (v1 > v0) {
-            if (R == 1)
+            if (pm) {
+                int tid = 0;
+#ifdef _OPENMP
+                tid = omp_get_thread_num();
+#endif
+                packed_range(blas, pm, logits, (size_t)V, xn, R, v0, v1, 0.0f, ws->panel + (size_t)tid * ws->panel_cap,
+                             small_max);
+            } else if (R == 1)
                 blas->sgemv(CblasRowMajor, CblasNoTrans, v1 - v0, C, 1.0f, wte + (size_t)v0 * C, C, xn, 1, 0.0f,
                             logits + v0, 1);
             else if (R <= small_max)
@@ -389,7 +439,15 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
         if ((size_t)batch->n_tokens[b] > max_T) max_T = (size_t)batch->n_tokens[b];
     size_t block = max_T > 1 ? (max_T < PREFILL_BLOCK ? max_T : PREFILL_BLOCK) : 1;
     if (workspace_reserve(ws, cfg, Ttot, max_ctx * block, err) != 0) return -1;
+    if (be->weights && !ws->panel) { /* weight formats' panels: sized once, for the widest K */
+        const size_t kmax = (size_t)(F > C ? F : C);
+        ws->panel = malloc((size_t)ws->n_threads * PANEL_COLS * kmax * sizeof(float));
+        if (!ws->panel) return kvh_fail(err, "cpu backend: out of memory for weight-format panels");
+        ws->panel_cap = PANEL_COLS * kmax;
+    }
 
+    const kvh_weight_set *wset = be->weights;
+    const kvh_packed_matrix *head = kvh_weights_matrix(wset, L, KVP_MAT_LM_HEAD);
     uint64_t t0 = kvh_now_ns();
     /* Embedding: x[t] = wte[token] + wpe[position]. */
     {
@@ -400,10 +458,17 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
                 int32_t id = batch->tokens[b][t];
                 int32_t p = cache->next_pos[s] + t;
                 ws->pos[row] = p;
-                const float *te = m->wte + (size_t)id * C;
                 const float *pe = m->wpe + (size_t)p * C;
                 float *x = ws->x + row * C;
-                for (int i = 0; i < C; i++) x[i] = te[i] + pe[i];
+                if (head) { /* the tied LM head is packed: the embedding row comes from the same values */
+                    kvh_plugin_guard_enter(head->desc->name, head->file, "unpack", L);
+                    head->desc->unpack(head->state, &head->info, head->packed, (uint32_t)id, (uint32_t)id + 1, x);
+                    kvh_plugin_guard_leave();
+                    for (int i = 0; i < C; i++) x[i] += pe[i];
+                } else {
+                    const float *te = m->wte + (size_t)id * C;
+                    for (int i = 0; i < C; i++) x[i] = te[i] + pe[i];
+                }
             }
         }
     }
@@ -416,7 +481,8 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
         const kvh_layer_policy_settings *ls = &cache->layer[l];
         uint64_t a0 = kvh_now_ns();
         layernorm(ws->xn, ws->x, w->ln1_w, w->ln1_b, T_all, C, cfg->ln_eps);
-        linear(blas, ws->qkv, ws->xn, w->attn_w, w->attn_b, T_all, C, 3 * C, 0);
+        linear(blas, ws, kvh_weights_matrix(wset, l, KVP_MAT_ATTN_QKV), ws->qkv, ws->xn, w->attn_w, w->attn_b, T_all, C,
+               3 * C, 0);
         uint64_t a1 = kvh_now_ns();
 
         /* Append this step's K/V, then attend over the cache. */
@@ -460,13 +526,15 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
             }
         }
         uint64_t a2 = kvh_now_ns();
-        linear(blas, ws->x, ws->att, w->proj_w, w->proj_b, T_all, C, C, 1);
+        linear(blas, ws, kvh_weights_matrix(wset, l, KVP_MAT_ATTN_PROJ), ws->x, ws->att, w->proj_w, w->proj_b, T_all, C,
+               C, 1);
         uint64_t a3 = kvh_now_ns();
 
         layernorm(ws->xn, ws->x, w->ln2_w, w->ln2_b, T_all, C, cfg->ln_eps);
-        linear(blas, ws->h, ws->xn, w->fc_w, w->fc_b, T_all, C, F, 0);
+        linear(blas, ws, kvh_weights_matrix(wset, l, KVP_MAT_MLP_FC), ws->h, ws->xn, w->fc_w, w->fc_b, T_all, C, F, 0);
         gelu_inplace(ws->h, (size_t)T_all * F);
-        linear(blas, ws->x, ws->h, w->fcproj_w, w->fcproj_b, T_all, F, C, 1);
+        linear(blas, ws, kvh_weights_matrix(wset, l, KVP_MAT_MLP_PROJ), ws->x, ws->h, w->fcproj_w, w->fcproj_b, T_all, F,
+               C, 1);
         uint64_t a4 = kvh_now_ns();
         be->times.attn_proj += (a1 - a0) + (a3 - a2);
         be->times.attn_core += a2 - a1;
@@ -477,14 +545,14 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
     /* Final LayerNorm and tied LM head on the rows whose logits are wanted. */
     if (batch->all_logits) {
         layernorm(ws->xn, ws->x, m->lnf_w, m->lnf_b, T_all, C, cfg->ln_eps);
-        lm_head(blas, logits, ws->xn, m->wte, T_all, C, V);
+        lm_head(blas, ws, head, logits, ws->xn, m->wte, T_all, C, V);
     } else {
         size_t row = 0;
         for (int b = 0; b < batch->n; b++) {
             row += (size_t)batch->n_tokens[b];
             layernorm(ws->xn + (size_t)b * C, ws->x + (row - 1) * C, m->lnf_w, m->lnf_b, 1, C, cfg->ln_eps);
         }
-        lm_head(blas, logits, ws->xn, m->wte, batch->n, C, V);
+        lm_head(blas, ws, head, logits, ws->xn, m->wte, batch->n, C, V);
     }
     be->times.lm_head += kvh_now_ns() - h0;
 

@@ -39,7 +39,7 @@ static void caps_text(uint32_t caps, char *buf, size_t cap) {
 }
 
 static const char *role_name(uint32_t role) {
-    return role == KVP_ROLE_POLICY ? "policy" : role == KVP_ROLE_STORE ? "store" : "?";
+    return role == KVP_ROLE_POLICY ? "policy" : role == KVP_ROLE_STORE ? "store" : role == KVP_ROLE_WEIGHTS ? "weights" : "?";
 }
 
 static int filter_so(const struct dirent *e) {
@@ -183,7 +183,23 @@ static int cmd_info(const char *ref, const char *plugin_path) {
     printf("built for:    ABI %u.%u (host speaks %u.%u)\n", (unsigned)d->abi_major, (unsigned)d->abi_minor,
            (unsigned)KVP_ABI_MAJOR, (unsigned)KVP_ABI_MINOR);
     printf("capabilities: %s\n", caps);
-    printf("hooks:        create, destroy, evict%s%s\n", d->reset ? ", reset" : "", d->head_budgets ? ", head_budgets" : "");
+    /* the hooks this plugin really provides, in descriptor order */
+    const struct {
+        const char *name;
+        int present;
+    } hooks[] = {{"create", d->create != NULL},   {"destroy", d->destroy != NULL}, {"reset", d->reset != NULL},
+                 {"head_budgets", d->head_budgets != NULL}, {"evict", d->evict != NULL},
+                 {"encode", d->encode != NULL},   {"decode", d->decode != NULL},   {"attend", d->attend != NULL},
+                 {"append", d->append != NULL},   {"release", d->release != NULL},
+                 {"packed_size", d->packed_size != NULL}, {"pack", d->pack != NULL}, {"unpack", d->unpack != NULL},
+                 {"matmul", d->matmul != NULL}};
+    printf("hooks:       ");
+    for (size_t i = 0, first = 1; i < sizeof hooks / sizeof hooks[0]; i++)
+        if (hooks[i].present) {
+            printf("%s %s", first ? "" : ",", hooks[i].name);
+            first = 0;
+        }
+    printf("\n");
     if (d->n_params == 0) {
         printf("parameters:   none\n");
     } else {

@@ -32,7 +32,9 @@ static size_t descriptor_min_size(uint32_t minor) {
     if (minor == 0) return offsetof(kvp_descriptor, evict) + sizeof(((kvp_descriptor *)0)->evict);
     /* minor 1 added the store hooks, minor 2 append/release (newer minors keep them) */
     if (minor == 1) return offsetof(kvp_descriptor, attend) + sizeof(((kvp_descriptor *)0)->attend);
-    return offsetof(kvp_descriptor, release) + sizeof(((kvp_descriptor *)0)->release);
+    if (minor == 2) return offsetof(kvp_descriptor, release) + sizeof(((kvp_descriptor *)0)->release);
+    /* minor 3 added the weight-format hooks */
+    return offsetof(kvp_descriptor, matmul) + sizeof(((kvp_descriptor *)0)->matmul);
 }
 
 static const char *base_name(const char *path) {
@@ -204,9 +206,14 @@ int kvh_plugin_validate(const kvp_descriptor *d, const char *file, kvh_err *err)
                         KVH_PLUGIN_NAME_MAX);
     }
     const char *nm = d->name;
-    if (d->role != KVP_ROLE_POLICY && d->role != KVP_ROLE_STORE)
-        return kvh_fail(err, "plugin '%s' (%s): unknown role %u (this host knows %u = policy, %u = store)", nm, file,
-                        (unsigned)d->role, (unsigned)KVP_ROLE_POLICY, (unsigned)KVP_ROLE_STORE);
+    if (d->role != KVP_ROLE_POLICY && d->role != KVP_ROLE_STORE && d->role != KVP_ROLE_WEIGHTS)
+        return kvh_fail(err,
+                        "plugin '%s' (%s): unknown role %u (this host knows %u = policy, %u = store, %u = weight format)",
+                        nm, file, (unsigned)d->role, (unsigned)KVP_ROLE_POLICY, (unsigned)KVP_ROLE_STORE,
+                        (unsigned)KVP_ROLE_WEIGHTS);
+    if (d->role == KVP_ROLE_WEIGHTS && d->abi_minor < 3)
+        return kvh_fail(err, "plugin '%s' (%s): weight formats need ABI 1.3 or newer (built for 1.%u)", nm, file,
+                        (unsigned)d->abi_minor);
     if (d->role == KVP_ROLE_STORE && d->abi_minor < 1)
         return kvh_fail(err, "plugin '%s' (%s): stores need ABI 1.1 or newer (built for 1.%u)", nm, file,
                         (unsigned)d->abi_minor);
@@ -225,6 +232,12 @@ int kvh_plugin_validate(const kvp_descriptor *d, const char *file, kvh_err *err)
                             nm, file);
         if (!d->decode) return kvh_fail(err, "plugin '%s' (%s): required store hook decode is NULL", nm, file);
         if (!d->attend) return kvh_fail(err, "plugin '%s' (%s): required store hook attend is NULL", nm, file);
+    }
+    if (d->role == KVP_ROLE_WEIGHTS) {
+        const char *missing = !d->packed_size ? "packed_size" : !d->pack ? "pack" : !d->unpack ? "unpack"
+                              : !d->matmul ? "matmul" : NULL;
+        if (missing)
+            return kvh_fail(err, "plugin '%s' (%s): required weight-format hook %s is NULL", nm, file, missing);
     }
     const uint32_t known_caps = KVP_CAP_DECODE_SCORES | KVP_CAP_PREFILL_SCORES | KVP_CAP_OBS_SCORES | KVP_CAP_HEAD_BUDGETS;
     if (d->caps & ~known_caps)

@@ -5,6 +5,8 @@
 #define _POSIX_C_SOURCE 200809L
 #include "router.h"
 
+#include "cpu_features.h"
+
 #include <cjson/cJSON.h>
 #include <stdalign.h>
 #include <stdio.h>
@@ -59,6 +61,7 @@ struct kvh_router {
     int n_groups;
     host_ctx **layer_ctx;   /* [L] policy instance, NULL = keep-all */
     host_ctx **store_ctx;   /* [L] store instance, NULL = dense fp32 (the backend's own layout) */
+    host_ctx **weight_ctx;  /* [L + 1] weight-format instance per layer, [L] = the tied LM head; NULL = fp32 */
     uint32_t *head_budget;  /* [NH] scratch for head_budgets() */
     uint64_t hook_ns;
     uint64_t evict_calls;
@@ -126,6 +129,7 @@ static void svc_set_error(void *ctx, const char *msg) {
 }
 
 static int is_store(const group *g) { return g->plugin->desc.role == KVP_ROLE_STORE; }
+static int is_weights(const group *g) { return g->plugin->desc.role == KVP_ROLE_WEIGHTS; }
 
 /* Store memory is KV memory: counted in the bound cache's bytes_held, refused past its limit. */
 static int account_grow(host_ctx *x, size_t bytes) {
@@ -247,6 +251,7 @@ static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
     host_ctx *x = calloc(1, sizeof *x);
     if (!x) return kvh_fail(err, "[%s] layer %d: out of memory", g->section, layer);
     if (is_store(g)) r->store_ctx[layer] = x;
+    else if (is_weights(g)) r->weight_ctx[layer] = x;
     else r->layer_ctx[layer] = x;
     x->r = r;
     x->g = g;
@@ -267,6 +272,7 @@ static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
         .scores = svc_scores,
         .obs_scores = svc_obs_scores,
         .shared = svc_shared,
+        .cpu_level = (uint32_t)kvh_cpu_isa(), /* KVP_CPU_* and kvh_isa share their values */
     };
     kvp_layer_info info = {
         .struct_size = sizeof info,
@@ -290,6 +296,7 @@ static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
         return kvh_fail_prefix(err, "[%s]", g->section);
     }
     x->created = 1;
+    if (is_weights(g)) return 0; /* a weight format has no budget; its matrices are checked when packed */
     if (is_store(g)) {
         /* A store's budget is meaningless (policies choose who stays); its slot sizes are what counts. */
         const uint64_t max_bytes = (uint64_t)r->head_dim * sizeof(float) * STORE_SLOT_MAX_FACTOR;
@@ -335,14 +342,16 @@ int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char
     kvh_plugin_registry_init(&r->reg);
     r->layer_ctx = calloc((size_t)n_layer, sizeof *r->layer_ctx);
     r->store_ctx = calloc((size_t)n_layer, sizeof *r->store_ctx);
+    r->weight_ctx = calloc((size_t)n_layer + 1, sizeof *r->weight_ctx);
     r->head_budget = calloc((size_t)n_head, sizeof *r->head_budget);
     r->groups = calloc(cfg->n_sections ? (size_t)cfg->n_sections : 1, sizeof *r->groups);
-    if (!r->layer_ctx || !r->store_ctx || !r->head_budget || !r->groups) {
+    if (!r->layer_ctx || !r->store_ctx || !r->weight_ctx || !r->head_budget || !r->groups) {
         kvh_router_free(r);
         return kvh_fail(err, "router: out of memory");
     }
-    /* group index + 1 claiming each layer: [0, L) policies, [L, 2L) stores */
-    int *owner = calloc((size_t)n_layer * 2, sizeof *owner);
+    /* group index + 1 claiming each layer: [0, L) policies, [L, 2L) stores, [2L, 3L) weight formats,
+     * [3L] the LM head's weight format */
+    int *owner = calloc((size_t)n_layer * 3 + 1, sizeof *owner);
     if (!owner) {
         kvh_router_free(r);
         return kvh_fail(err, "router: out of memory");
@@ -371,11 +380,12 @@ int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char
                           "0..%d (the model has %d layers)", at, s->name, s->layers, n_layer - 1, n_layer);
             break;
         }
-        const int store = is_store(g);
-        const char *role = store ? "store" : "policy", *roles = store ? "stores" : "policies";
+        const int store = is_store(g), weights = is_weights(g);
+        const char *role = store ? "store" : weights ? "weight format" : "policy",
+                   *roles = store ? "stores" : weights ? "weight formats" : "policies";
         for (int l = 0; l < n_layer; l++) {
             if (!g->mask[l]) continue;
-            int *own = &owner[store ? n_layer + l : l];
+            int *own = &owner[store ? n_layer + l : weights ? 2 * n_layer + l : l];
             if (*own) {
                 const kvh_config_section *o = r->groups[*own - 1].cfg;
                 char at2[300];
@@ -386,13 +396,26 @@ int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char
             }
             *own = i + 1;
         }
+        /* A weight format's `lm_head` parameter also gives it the tied LM head: one section at most. */
+        const int lm = weights ? kvh_plugin_param_index(&g->plugin->desc, "lm_head") : -1;
+        if (rc == 0 && lm >= 0 && g->values[lm] != 0) {
+            if (owner[3 * n_layer]) {
+                const kvh_config_section *o = r->groups[owner[3 * n_layer] - 1].cfg;
+                kvh_origin_format(&s->origin, at, sizeof at);
+                rc = kvh_fail(err, "%s: [%s] and [%s] both hold the LM head (lm_head = true); set lm_head = false in "
+                              "one of them", at, o->name, s->name);
+                break;
+            }
+            owner[3 * n_layer] = i + 1;
+        }
     }
-    free(owner);
     for (int gi = 0; gi < r->n_groups && rc == 0; gi++) {
         group *g = &r->groups[gi];
         for (int l = 0; l < n_layer && rc == 0; l++)
             if (g->mask[l]) rc = create_instance(r, g, l, err);
+        if (rc == 0 && owner[3 * n_layer] == gi + 1) rc = create_instance(r, g, n_layer, err);
     }
+    free(owner);
     for (int gi = 0; gi < r->n_groups; gi++) r->groups[gi].cfg = NULL;
     if (rc != 0) {
         kvh_router_free(r);
@@ -410,10 +433,10 @@ int kvh_router_create(kvh_router **out, const kvh_run_config *cfg, int n_layer, 
 void kvh_router_free(kvh_router *r) {
     if (!r) return;
     r->cache = NULL; /* the cache may already be gone; nothing is accounted at teardown */
-    host_ctx **sets[2] = {r->layer_ctx, r->store_ctx};
-    for (int k = 0; k < 2; k++) {
+    host_ctx **sets[3] = {r->layer_ctx, r->store_ctx, r->weight_ctx};
+    for (int k = 0; k < 3; k++) {
         if (!sets[k]) continue;
-        for (int l = 0; l < r->n_layer; l++) {
+        for (int l = 0; l < r->n_layer + (k == 2); l++) {
             host_ctx *x = sets[k][l];
             if (!x) continue;
             if (x->created) {
@@ -433,9 +456,9 @@ void kvh_router_free(kvh_router *r) {
             free(a);
         }
     }
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < 3; k++) {
         if (!sets[k]) continue;
-        for (int l = 0; l < r->n_layer; l++) free(sets[k][l]);
+        for (int l = 0; l < r->n_layer + (k == 2); l++) free(sets[k][l]);
     }
     for (int i = 0; i < r->n_groups; i++) {
         free(r->groups[i].section);
@@ -445,6 +468,7 @@ void kvh_router_free(kvh_router *r) {
     free(r->groups);
     free(r->layer_ctx);
     free(r->store_ctx);
+    free(r->weight_ctx);
     free(r->head_budget);
     kvh_plugin_registry_free(&r->reg);
     free(r);
@@ -523,6 +547,25 @@ const char *kvh_router_layer_store_name(const kvh_router *r, int layer) {
 const char *kvh_router_layer_store_section(const kvh_router *r, int layer) {
     if (!r || layer < 0 || layer >= r->n_layer || !r->store_ctx[layer]) return NULL;
     return r->store_ctx[layer]->g->section;
+}
+
+int kvh_router_weight_format(const kvh_router *r, int layer, kvh_weight_format *out) {
+    memset(out, 0, sizeof *out);
+    if (!r || layer < 0 || layer > r->n_layer || !r->weight_ctx[layer]) return 0;
+    const host_ctx *x = r->weight_ctx[layer];
+    out->desc = &x->g->plugin->desc;
+    out->state = x->inst.state;
+    out->section = x->g->section;
+    out->file = x->g->plugin->file_name;
+    out->error_ctx = (void *)x;
+    return 1;
+}
+
+const char *kvh_router_weight_error(void *error_ctx) {
+    host_ctx *x = error_ctx;
+    if (!x || !x->has_error) return "no message (the plugin did not call set_error)";
+    x->has_error = 0;
+    return x->error;
 }
 
 double kvh_router_hook_ns(const kvh_router *r) { return r ? (double)r->hook_ns : 0.0; }
@@ -648,19 +691,22 @@ static int push(cJSON *arr, cJSON *item) {
 
 static int describe_instance(const kvh_router *r, const group *g, cJSON *o) {
     const kvp_descriptor *d = &g->plugin->desc;
-    const int store = is_store(g);
+    const int store = is_store(g), weights = is_weights(g);
     if (add_str(o, "section", g->section) || add_str(o, "plugin", d->name) || add_str(o, "file", g->plugin->file_name) ||
         add_str(o, "path", g->plugin->path) || add_str(o, "version", d->version) ||
-        add_str(o, "role", store ? "store" : "policy"))
+        add_str(o, "role", store ? "store" : weights ? "weights" : "policy"))
         return -1;
-    host_ctx *const *ctx = store ? r->store_ctx : r->layer_ctx;
+    host_ctx *const *ctx = store ? r->store_ctx : weights ? r->weight_ctx : r->layer_ctx;
     cJSON *layers = cJSON_AddArrayToObject(o, "layers");
-    /* policies: per-layer budgets; stores: per-layer [k_slot_bytes, v_slot_bytes] */
-    cJSON *per = cJSON_AddArrayToObject(o, store ? "slot_bytes" : "budgets");
-    if (!layers || !per) return -1;
+    /* policies: per-layer budgets; stores: per-layer [k_slot_bytes, v_slot_bytes]; weight formats: whether
+     * they hold the LM head too */
+    cJSON *per = weights ? NULL : cJSON_AddArrayToObject(o, store ? "slot_bytes" : "budgets");
+    if (!layers || (!per && !weights)) return -1;
+    if (weights && !cJSON_AddBoolToObject(o, "lm_head", ctx[r->n_layer] && ctx[r->n_layer]->g == g)) return -1;
     for (int l = 0; l < r->n_layer; l++) {
         if (!g->mask[l] || !ctx[l]) continue;
         if (push(layers, cJSON_CreateNumber(l))) return -1;
+        if (weights) continue;
         if (store) {
             cJSON *kv = cJSON_CreateArray();
             if (push(per, kv) || push(kv, cJSON_CreateNumber(ctx[l]->inst.k_slot_bytes)) ||
@@ -694,11 +740,17 @@ cJSON *kvh_router_describe(const kvh_router *r) {
     }
     cJSON *per_layer = bad ? NULL : cJSON_AddArrayToObject(root, "layers");
     cJSON *per_layer_store = per_layer ? cJSON_AddArrayToObject(root, "stores") : NULL;
-    if (!per_layer_store) bad = 1;
+    /* weight formats per layer, and the LM head's as the last entry (null: fp32) */
+    cJSON *per_layer_weights = per_layer_store ? cJSON_AddArrayToObject(root, "weights") : NULL;
+    if (!per_layer_weights) bad = 1;
     for (int l = 0; !bad && l < r->n_layer; l++) {
         const char *p = kvh_router_layer_section(r, l), *st = kvh_router_layer_store_section(r, l);
         bad = push(per_layer, p ? cJSON_CreateString(p) : cJSON_CreateNull()) ||
               push(per_layer_store, st ? cJSON_CreateString(st) : cJSON_CreateNull());
+    }
+    for (int l = 0; !bad && l <= r->n_layer; l++) {
+        const host_ctx *w = r->weight_ctx[l];
+        bad = push(per_layer_weights, w ? cJSON_CreateString(w->g->section) : cJSON_CreateNull());
     }
     if (bad) {
         cJSON_Delete(root);

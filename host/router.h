@@ -20,6 +20,7 @@
 
 #include "config.h"
 #include "kvcache.h"
+#include "kvp/kvp.h"
 #include "util.h"
 
 typedef struct kvh_router kvh_router;
@@ -57,6 +58,18 @@ int kvh_router_after_prefill(kvh_router *r, kvh_kvcache *c, int seq, kvh_err *er
 
 /* Sequence slot `seq` starts a new sequence: calls reset() of every instance that has one. */
 int kvh_router_reset_seq(kvh_router *r, int seq, kvh_err *err);
+
+/* The weight-format instance serving `layer` (0..n_layer-1; n_layer = the tied LM head). */
+typedef struct kvh_weight_format {
+    const kvp_descriptor *desc; /* NULL: the layer's weights stay fp32 */
+    void *state;
+    const char *section, *file; /* for messages */
+    void *error_ctx;            /* for kvh_router_weight_error */
+} kvh_weight_format;
+/* Fills *out and returns 1 when a weight format serves `layer`, else zeroes it and returns 0. */
+int kvh_router_weight_format(const kvh_router *r, int layer, kvh_weight_format *out);
+/* The message the instance set with host->set_error since the last call (a hook returned an error). */
+const char *kvh_router_weight_error(void *error_ctx);
 
 /* Total nanoseconds spent inside plugin hooks (create excluded). */
 double kvh_router_hook_ns(const kvh_router *r);

@@ -1,6 +1,8 @@
 /* session.c — implementation of session.h. */
 #include "session.h"
 
+#include "weights.h"
+
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,6 +13,8 @@ kvh_session_options kvh_session_default_options(void) {
 
 void kvh_session_free(kvh_session *s) {
     if (!s) return;
+    if (s->backend) s->backend->weights = NULL;
+    kvh_weights_free(s->weights);
     if (s->router) kvh_router_free(s->router);
     kvh_kvcache_free(&s->cache);
     kvh_backend_destroy(s->backend);
@@ -56,6 +60,20 @@ int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_
     if (kvh_backend_create(&s->backend, opt->backend, model, opt->threads, err) != 0) {
         free(settings);
         goto fail;
+    }
+    if (s->router) {
+        if (kvh_weights_pack(&s->weights, model, s->router, err) != 0) {
+            free(settings);
+            goto fail;
+        }
+        if (s->weights && strcmp(s->backend->ops->name, "cpu") != 0) {
+            kvh_fail(err, "the %s backend does not run weight-format plugins yet (%s holds layer %d's weights). "
+                     "HINT: use --backend cpu, or drop the weight format", s->backend->ops->name,
+                     s->weights->mat[0].desc ? s->weights->mat[0].section : "a weight format", 0);
+            free(settings);
+            goto fail;
+        }
+        s->backend->weights = s->weights;
     }
     if (!settings) {
         settings = calloc((size_t)L, sizeof *settings);

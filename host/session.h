@@ -31,6 +31,7 @@ typedef struct kvh_session {
     kvh_backend *backend;
     kvh_kvcache cache;
     kvh_router *router;     /* NULL when no plugin is configured */
+    struct kvh_weight_set *weights; /* linear weights held by weight-format plugins; NULL: all fp32 */
     kvh_session_options opt;
     uint64_t hook_ns;       /* time spent in router (plugin hooks + compaction) */
     uint32_t prefill_chunk; /* [cache] prefill_chunk: longer entries run in pieces of this many tokens; 0 = off */

@@ -7,7 +7,10 @@
  * comes through the kvp_host services table handed to create().
  *
  * Roles. A POLICY decides which tokens stay in a layer's cache (window, sink, h2o, pyramid). A layer
- * has at most one policy; layers without one keep every token.
+ * has at most one policy; layers without one keep every token. A STORE decides how the layer's tokens
+ * are held (int8/int4, KIVI, MiniCache). A WEIGHT FORMAT (ABI 1.3) decides how the layer's linear
+ * weights are held: it packs each matrix once at load and multiplies over the packed form (f16, bf16,
+ * w8, w4). A layer has at most one plugin of each role.
  *
  * The cache a policy sees. For every (sequence, layer, KV head) the host keeps n_live slots, dense in
  * 0..n_live-1. Slot order is NOT chronological: eviction moves the last live slot into each hole. Each
@@ -39,8 +42,9 @@ extern "C" {
 #endif
 
 #define KVP_ABI_MAJOR 1u
-#define KVP_ABI_MINOR 2u /* 1: store role (kvp_instance slot sizes, encode/decode/attend hooks)
-                          * 2: handle stores (append/release hooks, host->shared, counted store memory) */
+#define KVP_ABI_MINOR 3u /* 1: store role (kvp_instance slot sizes, encode/decode/attend hooks)
+                          * 2: handle stores (append/release hooks, host->shared, counted store memory)
+                          * 3: weight-format role (pack/unpack/matmul hooks), host->cpu_level */
 #define KVP_ENTRY_SYMBOL "kvp_plugin_entry"
 
 /* ---- status codes returned by hooks ---------------------------------------------------------- */
@@ -50,6 +54,7 @@ extern "C" {
 /* ---- roles ------------------------------------------------------------------------------------ */
 #define KVP_ROLE_POLICY 1u
 #define KVP_ROLE_STORE 2u /* decides HOW tokens are held: encode on insert, attention over the stored form */
+#define KVP_ROLE_WEIGHTS 3u /* ABI 1.3: decides how linear weights are held: pack at load, products over them */
 
 /* ---- capability flags: what the policy needs the host to compute --------------------------------- */
 #define KVP_CAP_DECODE_SCORES (1u << 0)  /* add each decode step's attention probabilities to score[] */
@@ -129,7 +134,15 @@ typedef struct kvp_host {
      * Memory from alloc() (and this block) belongs to the section, not the instance: any instance of the
      * section may free what another allocated. */
     void *(*shared)(void *ctx, size_t bytes);
+    /* ---- ABI 1.3 ---- */
+    /* The highest vector instruction level the plugin's kernels may use: KVP_CPU_* below. The host's
+     * choice from the CPU's features, lowered by the user's KVH_ISA; a plugin must not go above it. */
+    uint32_t cpu_level;
 } kvp_host;
+
+#define KVP_CPU_PORTABLE 0u /* plain C */
+#define KVP_CPU_AVX2 1u     /* x86-64 AVX2 + FMA + F16C */
+#define KVP_CPU_AVX512 2u   /* x86-64 AVX-512 F + BW + DQ + VL (and everything AVX2 has) */
 
 /* True when the host's table has the named field (for plugins running on an older host). */
 #define KVP_HOST_HAS(host, field) \
@@ -212,6 +225,48 @@ typedef struct kvp_release_args {
 #define KVP_WHICH_K 0u
 #define KVP_WHICH_V 1u
 
+/* ---- ABI 1.3: weight formats ----------------------------------------------------------------------
+ * A weight-format instance serves one decoder layer (kvp_layer_info.layer), or the tied LM head
+ * (layer == n_layer) when its section's `lm_head` parameter is true. At load the host calls, for every
+ * matrix of that layer, packed_size() then pack() into memory it allocates (and counts as weight bytes
+ * held); the fp32 original is then dropped from memory. At run time it calls matmul() for a few input
+ * rows (decode) and unpack() for many (prefill: the host unpacks panels of output columns to fp32 and
+ * runs its own GEMM). Both read the packed bytes only; they may run on several threads at once for
+ * disjoint output ranges of the same matrix, so they must not write shared state or allocate.
+ *
+ * The matrix W has k inputs and n outputs: y[j] = sum_i x[i] * W(i, j). */
+#define KVP_MAT_ATTN_QKV 0u  /* c_attn: k = C, n = 3C (columns q | k | v) */
+#define KVP_MAT_ATTN_PROJ 1u /* attn c_proj: k = C, n = C */
+#define KVP_MAT_MLP_FC 2u    /* mlp c_fc: k = C, n = F */
+#define KVP_MAT_MLP_PROJ 3u  /* mlp c_proj: k = F, n = C */
+#define KVP_MAT_LM_HEAD 4u   /* the tied LM head (wte): k = C, n = V */
+
+/* Layout of the fp32 source handed to pack(). */
+#define KVP_LAYOUT_IN_MAJOR 0u  /* W(i, j) at src[i * n + j]: GPT-2's Conv1D weights */
+#define KVP_LAYOUT_OUT_MAJOR 1u /* W(i, j) at src[j * k + i]: the LM head (wte rows) */
+
+typedef struct kvp_weight_info {
+    uint32_t struct_size;
+    uint32_t layer; /* decoder layer; n_layer for the LM head */
+    uint32_t which; /* KVP_MAT_* */
+    uint32_t k;     /* inputs */
+    uint32_t n;     /* outputs */
+} kvp_weight_info;
+
+/* matmul(): y[r * ldy + j] += sum_i x[r * k + i] * W(i, j) for r < rows, n0 <= j < n1. Adds to y (the
+ * host puts bias, residual or zero there first). A row's result must not depend on `rows` or on the
+ * range's bounds (the host splits ranges across threads and batches rows freely). */
+typedef struct kvp_matmul_args {
+    uint32_t struct_size;
+    const kvp_weight_info *w;
+    const void *packed; /* what pack() wrote for this matrix */
+    const float *x;     /* [rows, k] */
+    uint32_t rows;
+    uint32_t n0, n1;    /* output range, 0 <= n0 < n1 <= n */
+    float *y;
+    size_t ldy;         /* floats between rows of y */
+} kvp_matmul_args;
+
 /* ---- the descriptor ------------------------------------------------------------------------------ */
 typedef struct kvp_descriptor {
     uint32_t abi_major;   /* KVP_ABI_MAJOR the plugin was built with */
@@ -261,6 +316,19 @@ typedef struct kvp_descriptor {
     int (*append)(void *state, const kvp_append_args *args);
     /* Slots are about to be removed (see kvp_release_args). */
     void (*release)(void *state, const kvp_release_args *args);
+
+    /* ---- ABI 1.3: weight formats (role KVP_ROLE_WEIGHTS); all four REQUIRED for that role. A weight
+     * format's create() need not set a budget. ---- */
+    /* Bytes the packed form of w takes (> 0), or 0 when the format cannot hold this matrix (after
+     * host->set_error saying why, e.g. k not a multiple of the group size). */
+    size_t (*packed_size)(void *state, const kvp_weight_info *w);
+    /* Packs the fp32 matrix src (layout KVP_LAYOUT_*) into dst (packed_size bytes, 64-byte aligned,
+     * zeroed). KVP_OK, or KVP_ERROR after host->set_error (e.g. a non-finite weight). */
+    int (*pack)(void *state, const kvp_weight_info *w, const float *src, uint32_t src_layout, void *dst);
+    /* Writes W(i, j) for n0 <= j < n1 as fp32 rows: dst[(j - n0) * k + i], the values matmul() uses. */
+    void (*unpack)(void *state, const kvp_weight_info *w, const void *packed, uint32_t n0, uint32_t n1, float *dst);
+    /* Products over the packed form; see kvp_matmul_args. */
+    void (*matmul)(void *state, const kvp_matmul_args *args);
 } kvp_descriptor;
 
 /* The one exported function. Use KVP_PLUGIN(descriptor) to define it. */
