@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+import jsonl  # bench/jsonl.py: reading record files whatever their bytes
+
 SWEEP_KEYS = {
     "models": "comma list of model specs (checkpoint directories or random:gpt2-medium)",
     "lengths": "comma list of prompt lengths T (synthetic prompts, --prompt-tokens)",
@@ -687,8 +689,7 @@ class CapacityProbe:
                 argv += ["--threads", str(self.threads)]
             p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             if p.returncode == 0:
-                with open(out, encoding="utf-8") as f:
-                    self.last_record = json.loads(f.readline())
+                self.last_record = next((r for _, r in jsonl.records(out, "kvbench capacity")), None)
                 return True
             if "memory limit" in p.stderr:
                 return False
@@ -855,16 +856,14 @@ exec python3 {shlex.quote(me)} job {shlex.quote(sw)} "$i" --kvhost {shlex.quote(
 
 
 def merge_files(inputs, out):
-    """Concatenates JSON Lines files (each line checked as JSON, duplicates by content dropped)."""
+    """Concatenates JSON Lines files (each line checked as JSON, duplicates by content dropped; invalid
+    UTF-8 is written out as U+FFFD, see bench/jsonl.py)."""
     seen = set()
     n = 0
     lines = []
     for path in inputs:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                line = line.strip()
-                if not line:
-                    continue
+        try:
+            for lineno, line in jsonl.lines(path, "kvbench merge"):  # invalid UTF-8 -> U+FFFD, warned
                 try:
                     json.loads(line)
                 except json.JSONDecodeError as e:
@@ -874,6 +873,8 @@ def merge_files(inputs, out):
                 seen.add(line)
                 lines.append(line)
                 n += 1
+        except OSError as e:
+            raise SweepError(f"{path}: cannot read: {e.strerror}") from None
     with open(out, "a", encoding="utf-8") as f:
         for line in lines:
             f.write(line + "\n")

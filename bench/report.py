@@ -20,10 +20,11 @@ field) are one more series in the latency and per-token plots and rows in the ge
 KV bytes or phases (null), so they are left out of the KV-bytes, phase and Pareto plots and shown as '-'.
 """
 import argparse
-import json
 import os
 import re
 import sys
+
+import jsonl  # bench/jsonl.py: reading record files whatever their bytes
 
 # Fields every generate record must carry for the report (dotted = nested).
 GENERATE_FIELDS = [
@@ -77,12 +78,11 @@ def check_schema(records):
 
 
 def read_records(paths):
+    """(FILE:LINE, record) in file order; invalid UTF-8 and lines that are not records are warned about
+    (bench/jsonl.py)."""
     out = []
     for p in paths:
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    out.append((f"{p}:{n}", json.loads(line)))
+        out.extend(jsonl.records(p, "report"))
     return out
 
 

@@ -10,9 +10,10 @@ by hand). Does not own: the runs (eval_policies.sh) or the evaluation (kvhost ev
 usage: /usr/bin/python3 bench/report_eval.py docs/results/eval/eval.jsonl docs/results/eval
 When a (text, policy, budget) was run more than once, the latest record wins.
 """
-import json
 import os
 import sys
+
+import jsonl  # bench/jsonl.py: reading record files whatever their bytes
 
 ORDER = ["full", "window", "sink", "h2o", "pyramid", "minicache"]
 
@@ -20,22 +21,17 @@ ORDER = ["full", "window", "sink", "h2o", "pyramid", "minicache"]
 def load(path):
     """(policy runs keyed (text, policy, budget), minicache runs keyed (text, gamma))"""
     runs, mc = {}, {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            r = json.loads(line)
-            if r.get("record") != "eval" or r.get("mode") != "stream":
-                continue
-            tags = r.get("tags", {})
-            pol = tags.get("policy", "full" if not r.get("plugins", {}).get("instances") else "?")
-            budget = int(tags.get("budget", r.get("cache_budget", 0)))
-            text = os.path.basename(r["text_file"])
-            if pol == "minicache":
-                mc[(text, float(tags.get("gamma", "0.05")))] = r  # latest wins
-                continue
-            runs[(text, pol, budget)] = r  # latest wins
+    for _, r in jsonl.records(path, "report_eval"):
+        if r.get("record") != "eval" or r.get("mode") != "stream":
+            continue
+        tags = r.get("tags", {})
+        pol = tags.get("policy", "full" if not r.get("plugins", {}).get("instances") else "?")
+        budget = int(tags.get("budget", r.get("cache_budget", 0)))
+        text = os.path.basename(r["text_file"])
+        if pol == "minicache":
+            mc[(text, float(tags.get("gamma", "0.05")))] = r  # latest wins
+            continue
+        runs[(text, pol, budget)] = r  # latest wins
     return runs, mc
 
 
@@ -44,15 +40,11 @@ def load_sweep(path):
     ret, mem = {}, {}
     if not os.path.exists(path):
         return ret, mem
-    with open(path) as f:
-        for line in f:
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            if r.get("record") == "minicache_eval":
-                ret[(r["text"], r["gamma"])] = r
-            elif r.get("record") == "minicache_mem":
-                mem[r["gamma"] if r["policy"] == "minicache" else None] = r
+    for _, r in jsonl.records(path, "report_eval"):
+        if r.get("record") == "minicache_eval":
+            ret[(r["text"], r["gamma"])] = r
+        elif r.get("record") == "minicache_mem":
+            mem[r["gamma"] if r["policy"] == "minicache" else None] = r
     return ret, mem
 
 

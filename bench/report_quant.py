@@ -2,10 +2,11 @@
 """report_quant.py — summarizes bench/quant_bench.sh records into summary.md and quant_bench.png beside them.
 Medians over the rounds of each (model, store); speed relative to the fp32 cache of the same model.
 usage: python3 bench/report_quant.py OUT_DIR/quant_bench.jsonl"""
-import json
 import os
 import statistics
 import sys
+
+import jsonl  # bench/jsonl.py: reading record files whatever their bytes
 
 import matplotlib
 
@@ -42,7 +43,7 @@ def summarize(rows):
 def main():
     path = sys.argv[1]
     out_dir = os.path.dirname(os.path.abspath(path))
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+    rows = [r for _, r in jsonl.records(path, "report_quant")]
     table = summarize(rows)
     base = {t["model"]: t for t in table if t["store"] == "fp32"}
     lines = ["| model | store | cached tokens | KV bytes held per token | KV held (MiB) | held vs fp32 | peak RSS (MiB) | "

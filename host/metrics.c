@@ -5,6 +5,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -122,8 +123,44 @@ void kvh_record_add_phases(cJSON *obj, const kvh_phase_times *t, double hooks_ms
     cJSON_AddNumberToObject(p, "other", other > 0 ? other : 0.0);
 }
 
+/* cJSON prints a number with 15 significant digits whenever those read back within a relative
+ * DBL_EPSILON of it; next to DBL_MAX they read back as infinity (found by tests/fuzz/fuzz_jsonl.c).
+ * Only |v| >= 1e308 can be hit, so such numbers are written with 17 digits, on a copy of the record. */
+static int has_huge_number(const cJSON *o) {
+    for (const cJSON *c = o; c; c = c->next) {
+        if (cJSON_IsNumber(c) && isfinite(c->valuedouble) && fabs(c->valuedouble) >= 1e308) return 1;
+        if (c->child && has_huge_number(c->child)) return 1;
+    }
+    return 0;
+}
+
+static int fix_huge_numbers(cJSON *parent) {
+    for (cJSON *c = parent->child, *next; c; c = next) {
+        next = c->next;
+        if (cJSON_IsNumber(c) && isfinite(c->valuedouble) && fabs(c->valuedouble) >= 1e308) {
+            char num[40];
+            snprintf(num, sizeof num, "%.17g", c->valuedouble);
+            cJSON *raw = cJSON_CreateRaw(num);
+            if (!raw || !cJSON_ReplaceItemViaPointer(parent, c, raw)) {
+                cJSON_Delete(raw);
+                return -1;
+            }
+        } else if (c->child && fix_huge_numbers(c) != 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
 char *kvh_jsonl_format(const cJSON *obj, size_t *len) {
-    char *text = cJSON_PrintUnformatted(obj);
+    char *text;
+    if (has_huge_number(obj)) {
+        cJSON *copy = cJSON_Duplicate(obj, 1);
+        text = copy && fix_huge_numbers(copy) == 0 ? cJSON_PrintUnformatted(copy) : NULL;
+        cJSON_Delete(copy);
+    } else {
+        text = cJSON_PrintUnformatted(obj);
+    }
     if (!text) return NULL;
     size_t n;
     char *line = kvh_utf8_repair(text, strlen(text), &n); /* room for the '\n': the NUL's byte */

@@ -7,6 +7,8 @@
  *          the plugin stack is complete however large (256 per-layer sections, > 64 KiB). */
 #define _GNU_SOURCE /* setrlimit, fork */
 #include <criterion/criterion.h>
+#include <float.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -339,6 +341,31 @@ Test(record, random_bytes_always_give_strict_json) {
     }
     cJSON_Delete(all);
     free(text);
+}
+
+/* Numbers next to DBL_MAX read back as themselves, not as infinity (cJSON's 15-digit form overflows;
+ * found by tests/fuzz/fuzz_jsonl.c); non-finite numbers are written as null. */
+Test(record, extreme_numbers_read_back_finite) {
+    const double vals[] = {DBL_MAX, -DBL_MAX, 0x1.ffffffffffffep+1023, 1e308, DBL_MIN, 5e-324, -0.0};
+    cJSON *o = cJSON_CreateObject();
+    cJSON *arr = cJSON_AddArrayToObject(o, "v");
+    for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++) cJSON_AddItemToArray(arr, cJSON_CreateNumber(vals[i]));
+    cJSON_AddItemToArray(arr, cJSON_CreateNumber(NAN));
+    cJSON_AddItemToArray(arr, cJSON_CreateNumber(-INFINITY));
+    size_t n;
+    char *line = kvh_jsonl_format(o, &n);
+    cr_assert_not_null(line);
+    cr_assert_eq(kvh_json_strict_check(line, n - 1, NULL), 0, "%.*s", (int)n, line);
+    cJSON *back = cJSON_ParseWithLength(line, n - 1);
+    cJSON *b = cJSON_GetObjectItem(back, "v");
+    for (size_t i = 0; i < sizeof vals / sizeof vals[0]; i++) {
+        double v = cJSON_GetNumberValue(cJSON_GetArrayItem(b, (int)i));
+        cr_assert(isfinite(v) && v == vals[i], "value %zu: wrote %.17g, read %.17g (%s)", i, vals[i], v, line);
+    }
+    cr_assert(cJSON_IsNull(cJSON_GetArrayItem(b, 7)) && cJSON_IsNull(cJSON_GetArrayItem(b, 8)), "%s", line);
+    cJSON_Delete(back);
+    cJSON_Delete(o);
+    free(line);
 }
 
 /* ---- record: the plugin stack, however large --------------------------------------------------- */

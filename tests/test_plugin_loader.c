@@ -1,6 +1,8 @@
 /* test_plugin_loader.c — host/plugin.c: each purpose-built bad plugin (tests/plugins) fails with an
- * error naming the file and the problem; good plugins load; lookup by name and path; one load per file;
- * parameter value parsing; window.so and sink.so export only kvp_plugin_entry. */
+ * error naming the file and the problem (also garbage pointers, over-long and non-UTF-8 strings: the
+ * descriptor is read without trusting it); good plugins load, their strings copied into host memory;
+ * lookup by name and path; one load per file; parameter value parsing; window.so and sink.so export
+ * only kvp_plugin_entry. Crashes and exits while loading: tests/plugin_crash.sh. */
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
 #include <stdio.h>
@@ -38,6 +40,105 @@ Test(loader, missing_evict) { expect_fail("bad_noevict.so", "'bad_noevict'", "re
 Test(loader, default_out_of_range) { expect_fail("bad_default.so", "parameter 'level'", "default 50 outside its range [1, 10]"); }
 Test(loader, duplicate_param) { expect_fail("bad_dupparam.so", "duplicate parameter name 'count'", NULL); }
 Test(loader, unknown_param_type) { expect_fail("bad_badtype.so", "parameter 'odd' has unknown type 77", NULL); }
+
+/* ---- what a plugin hands over is not trusted (issue 14): pointers, lengths, bytes ---------------- */
+
+Test(loader, entry_returning_unreadable_memory) {
+    expect_fail("bad_entrygarbage.so", "kvp_plugin_entry() returned 0x10", "not readable memory");
+}
+Test(loader, unreadable_string) { expect_fail("bad_strgarbage.so", "version string", "unreadable memory (0x18)"); }
+Test(loader, over_long_string) { expect_fail("bad_longversion.so", "version string", "longer than 64 bytes"); }
+Test(loader, non_utf8_string) {
+    expect_fail("bad_badutf8.so", "version string is not valid UTF-8", "byte 0xff at offset 4");
+}
+
+/* The loaded descriptor's strings and parameter table are host copies: valid after the plugin is gone
+ * from the caller's view, and equal to what the plugin declared. */
+Test(loader, descriptor_strings_are_host_copies) {
+    kvh_plugin *p = NULL;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_plugin_open(TPDIR "/tp_params.so", &p, &err), 0, "%s", err.msg);
+    cr_assert_str_eq(p->desc.version, "0.0.1");
+    cr_assert_str_eq(p->desc.summary, "test plugin tp_params");
+    cr_assert_eq(p->desc.n_params, 3);
+    cr_assert_str_eq(p->desc.params[2].name, "flag");
+    cr_assert_str_eq(p->desc.params[2].help, "a bool parameter");
+    int owned = 0; /* every string and the table live in p->owned */
+    const void *mine[] = {p->desc.name, p->desc.version, p->desc.summary, p->desc.params, p->desc.params[0].name,
+                          p->desc.params[2].help};
+    for (size_t k = 0; k < sizeof mine / sizeof mine[0]; k++)
+        for (int i = 0; i < p->n_owned; i++) owned += p->owned[i] == mine[k];
+    cr_assert_eq(owned, (int)(sizeof mine / sizeof mine[0]), "only %d of the descriptor's pointers are host copies",
+                 owned);
+    kvh_plugin_close(p);
+}
+
+/* Bounds and content rules of every plugin-supplied string, on a descriptor built here. */
+static kvp_param one_param = {.name = "size", .type = KVP_PARAM_INT, .default_value = 1, .min_value = 1,
+                              .max_value = 9, .help = "a parameter"};
+
+static int noop_create(const kvp_host *h, const kvp_layer_info *l, kvp_instance *o) {
+    (void)h, (void)l, (void)o;
+    return KVP_OK;
+}
+static void noop_destroy(void *s) { (void)s; }
+static int noop_evict(void *s, const kvp_evict_request *r, uint32_t *v, uint32_t *n) {
+    (void)s, (void)r, (void)v, (void)n;
+    return KVP_OK;
+}
+
+static kvp_descriptor base_descriptor(void) {
+    return (kvp_descriptor){KVP_DESCRIPTOR_HEADER, .role = KVP_ROLE_POLICY, .name = "okay", .version = "1.0",
+                            .summary = "a summary", .n_params = 1, .params = &one_param, .create = noop_create,
+                            .destroy = noop_destroy, .evict = noop_evict};
+}
+
+Test(loader, plugin_strings_are_bounded_and_printable) {
+    kvh_err err = {{0}};
+    kvp_descriptor d = base_descriptor();
+    cr_assert_eq(kvh_plugin_validate(&d, "x.so", &err), 0, "%s", err.msg);
+    char big[2048];
+    memset(big, 'a', sizeof big - 1);
+    big[sizeof big - 1] = '\0';
+    struct {
+        const char **field;
+        const char *value, *want;
+    } cases[] = {
+        {&d.name, big, "invalid name"},
+        {&d.version, big, "version string is longer than 64 bytes"},
+        {&d.version, "", "version string is empty"},
+        {&d.version, "1.0\x1b[31m", "version string contains a control character (0x1b at offset 3)"},
+        {&d.summary, big, "summary is longer than 512 bytes"},
+        {&d.summary, "fine \xe2\x82", "summary is not valid UTF-8 (byte 0xe2 at offset 5)"},
+        {&d.summary, "two\nlines", "summary contains a control character (0x0a at offset 3)"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        d = base_descriptor();
+        *cases[i].field = cases[i].value;
+        cr_assert_eq(kvh_plugin_validate(&d, "x.so", &err), -1, "case %zu accepted", i);
+        cr_assert(strstr(err.msg, "x.so") && strstr(err.msg, cases[i].want), "case %zu: %s", i, err.msg);
+    }
+    kvp_param p = one_param;
+    d = base_descriptor();
+    d.params = &p;
+    p.help = big;
+    cr_assert_eq(kvh_plugin_validate(&d, "x.so", &err), -1);
+    cr_assert(strstr(err.msg, "help of parameter 'size' is longer than 512 bytes"), "%s", err.msg);
+    p = one_param;
+    p.name = big;
+    cr_assert_eq(kvh_plugin_validate(&d, "x.so", &err), -1);
+    cr_assert(strstr(err.msg, "parameter 0 has an invalid name"), "%s", err.msg);
+    /* the longest accepted: exactly at each limit, multi-byte UTF-8 included */
+    d = base_descriptor();
+    char v64[65], s512[513];
+    memset(v64, '7', 64);
+    v64[64] = '\0';
+    for (int i = 0; i < 512; i += 2) memcpy(s512 + i, "\xc3\xa9", 2);
+    s512[512] = '\0';
+    d.version = v64;
+    d.summary = s512;
+    cr_assert_eq(kvh_plugin_validate(&d, "x.so", &err), 0, "%s", err.msg);
+}
 
 Test(loader, missing_file) {
     kvh_plugin *p = NULL;

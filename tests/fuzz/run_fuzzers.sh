@@ -19,7 +19,7 @@ root="$(cd "$here/../.." && pwd)"
 secs="${1:-60}"
 shift || true
 targets=("$@")
-if [ "${#targets[@]}" -eq 0 ]; then targets=(safetensors model_config ini tokenizer); fi
+if [ "${#targets[@]}" -eq 0 ]; then targets=(safetensors model_config ini tokenizer jsonl); fi
 out="${FUZZ_BUILD:-$root/build-fuzz}"
 cc="${CC:-clang}"
 nice_level="${JOBS_NICE:-19}"
@@ -31,7 +31,7 @@ flags=(-std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover
        -DKVH_SOURCE_DIR="\"$root\"" -DKVH_ASSET_DIR="\"$root/host/assets\"")
 
 build() { # target -> $out/bin/fuzz_<target>
-  local t="$1" srcs=() libs=()
+  local t="$1" srcs=() libs=() extra=()
   case "$t" in
     safetensors)  srcs=(host/safetensors.c); libs=(-lcjson -lm) ;;
     model_config) srcs=(host/model_config.c host/plan.c); libs=(-lcjson -lm) ;;
@@ -41,11 +41,15 @@ build() { # target -> $out/bin/fuzz_<target>
                     -DKVH_ASSET_VOCAB="\"$root/host/assets/vocab.json\"" \
                     -DKVH_ASSET_MERGES="\"$root/host/assets/merges.txt\""
                   libs+=("$out/bin/embedded_assets.o") ;;
-    *) echo "run_fuzzers: unknown target '$t' (known: safetensors model_config ini tokenizer)" >&2; return 2 ;;
+    jsonl)        srcs=(host/metrics.c host/utf8.c tests/helpers/json_strict.c); libs=(-lcjson -lm)
+                  # metrics.c takes the commit from a build-time header: a fixed one here
+                  mkdir -p "$out/gen" && echo '#define KVH_GIT_COMMIT "fuzz"' > "$out/gen/kvh_commit.h"
+                  extra=(-I"$out/gen" -I"$root/tests") ;;
+    *) echo "run_fuzzers: unknown target '$t' (known: safetensors model_config ini tokenizer jsonl)" >&2; return 2 ;;
   esac
   local paths=("$here/fuzz_$t.c" "$root/host/util.c")
   for s in "${srcs[@]}"; do paths+=("$root/$s"); done
-  "$cc" "${flags[@]}" -o "$out/bin/fuzz_$t" "${paths[@]}" "${libs[@]}"
+  "$cc" "${flags[@]}" "${extra[@]}" -o "$out/bin/fuzz_$t" "${paths[@]}" "${libs[@]}"
 }
 
 status=0
