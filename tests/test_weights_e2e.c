@@ -1,0 +1,206 @@
+/* test_weights_e2e.c — weight-format plugins through the real session and CPU backend.
+ *
+ * The reference: a plain fp32 model whose matrices are replaced by the values the format holds (each
+ * packed matrix unpacked and written back in GPT-2's layout). A session with the weight format must give
+ * that model's logits up to fp32 summation order, on every path the backend takes: a prefill (many rows:
+ * unpacked panels + sgemm), decode at batch 1 (the plugin's own product) and at batch 2, the LM head and
+ * the embedding rows it also serves. Also: per-layer composition from a run file, lm_head = false, two
+ * sections claiming the LM head, composition with a policy and a KV store, and the weight byte count. */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "helpers/test_util.h"
+#include "kvcache.h"
+#include "model.h"
+#include "session.h"
+#include "weights.h"
+
+static kvh_model_config small_config(void) {
+    /* widths are multiples of 32, as the formats need; vocab odd, so LM-head ranges end off the grid */
+    kvh_model_config c = {.n_vocab = 97, .n_positions = 128, .n_embd = 64, .n_head = 4, .n_layer = 3,
+                          .n_inner = 256, .ln_eps = 1e-5f, .bos_id = 0};
+    return c;
+}
+
+static kvh_session *session_with(const kvh_model *m, const char *plugins, const char *ini, int n_seq) {
+    kvh_session_options o = kvh_session_default_options();
+    o.n_seq = n_seq;
+    o.threads = 2;
+    kvh_session *s = NULL;
+    kvh_err err = {{0}};
+    if (ini) {
+        kvh_run_config cfg;
+        kvh_config_defaults(&cfg);
+        cr_assert_eq(kvh_config_load_string(&cfg, ini, "test.ini", &err), 0, "%s", err.msg);
+        int rc = kvh_session_create(&s, m, &cfg, &o, &err);
+        kvh_config_free(&cfg);
+        cr_assert_eq(rc, 0, "session: %s", err.msg);
+    } else {
+        cr_assert_eq(kvh_test_session(&s, m, plugins, NULL, 0, &o, &err), 0, "session: %s", err.msg);
+    }
+    return s;
+}
+
+/* Writes the values the session's formats hold into ref's arena (same shapes as the session's model). */
+static void take_held_values(kvh_model *ref, const kvh_session *s) {
+    const kvh_weight_set *ws = s->weights;
+    cr_assert_not_null(ws, "the session packed nothing");
+    const int L = ref->cfg.n_layer;
+    for (int l = 0; l <= L; l++)
+        for (uint32_t which = 0; which <= KVP_MAT_LM_HEAD; which++) {
+            const kvh_packed_matrix *pm = kvh_weights_matrix(ws, l, which);
+            if (!pm) continue;
+            const uint32_t k = pm->info.k, n = pm->info.n;
+            float *u = malloc((size_t)k * n * sizeof(float));
+            pm->desc->unpack(pm->state, &pm->info, pm->packed, 0, n, u); /* [n, k] output-major */
+            float *dst;
+            if (which == KVP_MAT_LM_HEAD) {
+                dst = (float *)ref->wte; /* wte is [V, C]: already output-major */
+                memcpy(dst, u, (size_t)k * n * sizeof(float));
+            } else {
+                const kvh_layer_weights *w = &ref->layers[l];
+                dst = (float *)(which == KVP_MAT_ATTN_QKV ? w->attn_w : which == KVP_MAT_ATTN_PROJ ? w->proj_w
+                                : which == KVP_MAT_MLP_FC ? w->fc_w : w->fcproj_w);
+                for (uint32_t j = 0; j < n; j++)
+                    for (uint32_t i = 0; i < k; i++) dst[(size_t)i * n + j] = u[(size_t)j * k + i];
+            }
+            free(u);
+        }
+}
+
+/* Prefill of two prompts (one batch), then decode steps at batch 2 and batch 1: the weight-format session
+ * against the reference-model session, logits within tol. */
+static void compare_runs(kvh_session *a, kvh_session *b, int V, double tol, const char *what) {
+    const int32_t p0[] = {1, 5, 9, 33, 2, 96, 40, 11, 12, 13, 70, 3, 44}, p1[] = {8, 6, 7, 5, 3, 0, 9, 90, 91, 92};
+    const int32_t *toks[2] = {p0, p1};
+    int seqs[2] = {0, 1}, ns[2] = {13, 10};
+    float *la = malloc((size_t)2 * V * sizeof(float)), *lb = malloc((size_t)2 * V * sizeof(float));
+    kvh_err err = {{0}};
+    kvh_batch batch = {.n = 2, .seq = seqs, .tokens = toks, .n_tokens = ns, .all_logits = false};
+    cr_assert_eq(kvh_session_forward(a, &batch, la, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvh_session_forward(b, &batch, lb, &err), 0, "%s", err.msg);
+    char label[96];
+    snprintf(label, sizeof label, "%s prefill", what);
+    cr_assert_leq(kvh_test_compare(label, la, lb, (size_t)2 * V, tol), tol, "%s", label);
+    for (int step = 0; step < 6; step++) {
+        int32_t next[2] = {(int32_t)((step * 31 + 7) % V), (int32_t)((step * 17 + 3) % V)};
+        const int32_t *nt[2] = {&next[0], &next[1]};
+        int one[2] = {1, 1};
+        kvh_batch d = {.n = step < 3 ? 2 : 1, .seq = seqs, .tokens = nt, .n_tokens = one, .all_logits = false};
+        cr_assert_eq(kvh_session_forward(a, &d, la, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvh_session_forward(b, &d, lb, &err), 0, "%s", err.msg);
+        snprintf(label, sizeof label, "%s decode step %d (batch %d)", what, step, d.n);
+        cr_assert_leq(kvh_test_compare(label, la, lb, (size_t)d.n * V, tol), tol, "%s", label);
+    }
+    free(la);
+    free(lb);
+}
+
+static void check_format(const char *plugin) {
+    kvh_model_config c = small_config();
+    kvh_model m, ref;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_model_init_random(&m, &c, 11, "random:small", &err), 0, "%s", err.msg);
+    cr_assert_eq(kvh_model_init_random(&ref, &c, 11, "random:small", &err), 0, "%s", err.msg);
+    kvh_session *s = session_with(&m, plugin, NULL, 2);
+    cr_assert_eq(s->weights->n_packed, 3 * 4 + 1, "%s: %d matrices packed", plugin, s->weights->n_packed);
+    take_held_values(&ref, s);
+    kvh_session *r = session_with(&ref, NULL, NULL, 2);
+    compare_runs(s, r, c.n_vocab, 2e-5, plugin);
+    /* the format really changed the numbers (except where it is exact): the reference is not the original */
+    kvh_session_free(s);
+    kvh_session_free(r);
+    kvh_model_free(&m);
+    kvh_model_free(&ref);
+}
+
+Test(weights_e2e, f16_equals_fp32_model_of_held_values) { check_format("f16.so"); }
+Test(weights_e2e, bf16_equals_fp32_model_of_held_values) { check_format("bf16.so"); }
+Test(weights_e2e, w8_equals_fp32_model_of_held_values) { check_format("w8.so"); }
+Test(weights_e2e, w4_equals_fp32_model_of_held_values) { check_format("w4.so"); }
+
+Test(weights_e2e, per_layer_composition_and_fp32_head) {
+    kvh_model_config c = small_config();
+    kvh_model m, ref;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_model_init_random(&m, &c, 5, "random:small", &err), 0, "%s", err.msg);
+    cr_assert_eq(kvh_model_init_random(&ref, &c, 5, "random:small", &err), 0, "%s", err.msg);
+    const char *ini = "[edge]\nplugin = f16.so\nlayers = 0,2\nlm_head = false\n\n[mid]\nplugin = w4.so\nlayers = 1\n"
+                      "lm_head = false\ngroup = 64\n";
+    kvh_session *s = session_with(&m, NULL, ini, 2);
+    const kvh_weight_set *ws = s->weights;
+    cr_assert_eq(ws->n_packed, 12);
+    cr_expect_str_eq(kvh_weights_matrix(ws, 0, KVP_MAT_MLP_FC)->desc->name, "f16");
+    cr_expect_str_eq(kvh_weights_matrix(ws, 1, KVP_MAT_MLP_FC)->desc->name, "w4");
+    cr_expect_str_eq(kvh_weights_matrix(ws, 2, KVP_MAT_ATTN_QKV)->section, "edge");
+    cr_expect_null(kvh_weights_matrix(ws, 3, KVP_MAT_LM_HEAD), "lm_head = false left the head packed");
+    /* bytes: three layers' matrices at 2 bytes (f16) or 4.5 bits + scales/64 (w4), the rest fp32 */
+    const size_t C = 64, F = 256, per_layer = C * 3 * C + C * C + C * F + F * C;
+    const size_t w4_bytes = (3 * C * (C / 64 * 2 + C / 2)) + (C * (C / 64 * 2 + C / 2)) + (F * (C / 64 * 2 + C / 2)) +
+                            (C * (F / 64 * 2 + F / 2));
+    cr_expect_eq(ws->packed_bytes, 2 * per_layer * 2 + w4_bytes);
+    cr_expect_eq(kvh_weights_bytes_held(&m, ws), m.n_params * 4 - 3 * per_layer * 4 + ws->packed_bytes);
+    take_held_values(&ref, s);
+    kvh_session *r = session_with(&ref, NULL, NULL, 2);
+    compare_runs(s, r, c.n_vocab, 2e-5, "f16 + w4 by layer");
+    kvh_session_free(s);
+    kvh_session_free(r);
+    kvh_model_free(&m);
+    kvh_model_free(&ref);
+}
+
+Test(weights_e2e, two_sections_cannot_both_hold_the_lm_head) {
+    kvh_model_config c = small_config();
+    kvh_model m;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_model_init_random(&m, &c, 5, "random:small", &err), 0, "%s", err.msg);
+    kvh_run_config cfg;
+    kvh_config_defaults(&cfg);
+    cr_assert_eq(kvh_config_load_string(&cfg, "[a]\nplugin = f16.so\nlayers = 0\n[b]\nplugin = w8.so\nlayers = 1-2\n",
+                                        "two.ini", &err), 0, "%s", err.msg);
+    kvh_session_options o = kvh_session_default_options();
+    kvh_session *s = NULL;
+    cr_expect_neq(kvh_session_create(&s, &m, &cfg, &o, &err), 0);
+    cr_expect(strstr(err.msg, "two.ini:4") && strstr(err.msg, "[a] and [b] both hold the LM head"), "message: %s",
+              err.msg);
+    kvh_config_free(&cfg);
+    /* and two formats on one layer */
+    kvh_config_defaults(&cfg);
+    cr_assert_eq(kvh_config_load_string(&cfg, "[a]\nplugin = f16.so\nlayers = 0-1\nlm_head = false\n[b]\nplugin = "
+                                        "w8.so\nlayers = 1-2\n", "overlap.ini", &err), 0, "%s", err.msg);
+    cr_expect_neq(kvh_session_create(&s, &m, &cfg, &o, &err), 0);
+    cr_expect(strstr(err.msg, "layer 1 is claimed by two weight formats"), "message: %s", err.msg);
+    kvh_config_free(&cfg);
+    kvh_model_free(&m);
+}
+
+Test(weights_e2e, composes_with_a_policy_and_a_kv_store) {
+    kvh_model_config c = small_config();
+    kvh_model m;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_model_init_random(&m, &c, 3, "random:small", &err), 0, "%s", err.msg);
+    kvh_session_options o = kvh_session_default_options();
+    o.threads = 2;
+    kvh_session *s = NULL;
+    const char *sets[] = {"cache.budget=8", "cache.slack=4", "int8.group=16"}; /* head_dim is 16 here */
+    cr_assert_eq(kvh_test_session(&s, &m, "w8.so,h2o.so,int8.so", sets, 3, &o, &err), 0, "%s", err.msg);
+    cr_assert_not_null(s->weights);
+    float *logits = malloc((size_t)c.n_vocab * sizeof(float));
+    int32_t tok = 4;
+    for (int step = 0; step < 40; step++) {
+        int seq = 0, n = 1;
+        const int32_t *t = &tok;
+        kvh_batch b = {.n = 1, .seq = &seq, .tokens = &t, .n_tokens = &n, .all_logits = false};
+        cr_assert_eq(kvh_session_forward(s, &b, logits, &err), 0, "step %d: %s", step, err.msg);
+        for (int i = 0; i < c.n_vocab; i++) cr_assert(isfinite(logits[i]));
+        for (int l = 0; l < c.n_layer; l++)
+            for (int h = 0; h < c.n_head; h++)
+                cr_assert_leq(kvh_kvcache_head(&s->cache, 0, l, h)->n, 8 + 4, "step %d layer %d head %d over budget", step, l, h);
+        tok = (int32_t)((tok * 7 + 3) % c.n_vocab);
+    }
+    free(logits);
+    kvh_session_free(s);
+    kvh_model_free(&m);
+}
