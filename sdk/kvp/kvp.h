@@ -251,6 +251,10 @@ typedef struct kvp_weight_info {
     uint32_t which; /* KVP_MAT_* */
     uint32_t k;     /* inputs */
     uint32_t n;     /* outputs */
+    /* Calibration statistics of this matrix's input, for formats that scale by them (SmoothQuant): the
+     * largest |x_i| each input i took over a calibration text ([model] calibration, `kvhost calibrate`).
+     * [k] floats, valid during pack() only; NULL when the run has no calibration file. */
+    const float *act_absmax;
 } kvp_weight_info;
 
 /* matmul(): y[r * ldy + j] += sum_i x[r * k + i] * W(i, j) for r < rows, n0 <= j < n1. Adds to y (the
