@@ -66,6 +66,8 @@ struct kvh_backend {
     /* Linear weights held by weight-format plugins (weights.h), set by the session after packing; NULL:
      * every matrix is the model's fp32. Backends that cannot run them refuse at session creation. */
     const struct kvh_weight_set *weights;
+    /* When set (`kvhost calibrate`), every linear input row is folded into these statistics. */
+    struct kvh_calibration *calibration;
 };
 
 /* Creates a backend by name: "cpu", "cuda" or "auto" (cuda when a device is present, else cpu). */

@@ -14,6 +14,7 @@
 
 #include "backend.h"
 #include "blas.h"
+#include "calibration.h"
 #include "gelu.h"
 #include "kvp/kvp.h"
 #include "matmul_small.h"
@@ -481,6 +482,7 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
         const kvh_layer_policy_settings *ls = &cache->layer[l];
         uint64_t a0 = kvh_now_ns();
         layernorm(ws->xn, ws->x, w->ln1_w, w->ln1_b, T_all, C, cfg->ln_eps);
+        if (be->calibration) kvh_calibration_observe(be->calibration, l, KVP_MAT_ATTN_QKV, ws->xn, T_all, C);
         linear(blas, ws, kvh_weights_matrix(wset, l, KVP_MAT_ATTN_QKV), ws->qkv, ws->xn, w->attn_w, w->attn_b, T_all, C,
                3 * C, 0);
         uint64_t a1 = kvh_now_ns();
@@ -526,13 +528,16 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
             }
         }
         uint64_t a2 = kvh_now_ns();
+        if (be->calibration) kvh_calibration_observe(be->calibration, l, KVP_MAT_ATTN_PROJ, ws->att, T_all, C);
         linear(blas, ws, kvh_weights_matrix(wset, l, KVP_MAT_ATTN_PROJ), ws->x, ws->att, w->proj_w, w->proj_b, T_all, C,
                C, 1);
         uint64_t a3 = kvh_now_ns();
 
         layernorm(ws->xn, ws->x, w->ln2_w, w->ln2_b, T_all, C, cfg->ln_eps);
+        if (be->calibration) kvh_calibration_observe(be->calibration, l, KVP_MAT_MLP_FC, ws->xn, T_all, C);
         linear(blas, ws, kvh_weights_matrix(wset, l, KVP_MAT_MLP_FC), ws->h, ws->xn, w->fc_w, w->fc_b, T_all, C, F, 0);
         gelu_inplace(ws->h, (size_t)T_all * F);
+        if (be->calibration) kvh_calibration_observe(be->calibration, l, KVP_MAT_MLP_PROJ, ws->h, T_all, F);
         linear(blas, ws, kvh_weights_matrix(wset, l, KVP_MAT_MLP_PROJ), ws->x, ws->h, w->fcproj_w, w->fcproj_b, T_all, F,
                C, 1);
         uint64_t a4 = kvh_now_ns();
@@ -545,6 +550,7 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
     /* Final LayerNorm and tied LM head on the rows whose logits are wanted. */
     if (batch->all_logits) {
         layernorm(ws->xn, ws->x, m->lnf_w, m->lnf_b, T_all, C, cfg->ln_eps);
+        if (be->calibration) kvh_calibration_observe(be->calibration, L, KVP_MAT_LM_HEAD, ws->xn, T_all, C);
         lm_head(blas, ws, head, logits, ws->xn, m->wte, T_all, C, V);
     } else {
         size_t row = 0;
@@ -552,6 +558,7 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
             row += (size_t)batch->n_tokens[b];
             layernorm(ws->xn + (size_t)b * C, ws->x + (row - 1) * C, m->lnf_w, m->lnf_b, 1, C, cfg->ln_eps);
         }
+        if (be->calibration) kvh_calibration_observe(be->calibration, L, KVP_MAT_LM_HEAD, ws->xn, batch->n, C);
         lm_head(blas, ws, head, logits, ws->xn, m->wte, batch->n, C, V);
     }
     be->times.lm_head += kvh_now_ns() - h0;

@@ -13,6 +13,7 @@
 
 int kvh_cmd_generate(int argc, char **argv);
 int kvh_cmd_eval(int argc, char **argv);
+int kvh_cmd_calibrate(int argc, char **argv);
 /* The quick comparison (cmd_compare.c): `kvhost --plugins ...` with no command, or `kvhost compare`. */
 int kvh_cmd_compare(int argc, char **argv);
 

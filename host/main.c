@@ -24,6 +24,7 @@ static const char *const usage =
     "commands:\n"
     "  generate   generate text from a prompt, with timings and a JSON Lines record\n"
     "  eval       perplexity of a text file (teacher-forced or streaming through the cache), KL vs full cache\n"
+    "  calibrate  activation statistics of every linear input over a text (for smoothquant.so)\n"
     "  plugins    list the plugins found, or show one plugin's parameters (plugins info sink.so)\n"
     "  plan       size a deployment: parameters, KV bytes, max batch, arithmetic intensity\n"
     "  compare    quick side-by-side of the baseline and a plugin stack (also: kvhost --plugins A.so,B.so)\n"
@@ -70,6 +71,7 @@ int main(int argc, char **argv) {
     const char *cmd = argv[1];
     if (strcmp(cmd, "generate") == 0) return kvh_cmd_generate(argc - 1, argv + 1);
     if (strcmp(cmd, "eval") == 0) return kvh_cmd_eval(argc - 1, argv + 1);
+    if (strcmp(cmd, "calibrate") == 0) return kvh_cmd_calibrate(argc - 1, argv + 1);
     if (strcmp(cmd, "plugins") == 0) return kvh_cmd_plugins(argc - 1, argv + 1);
     if (strcmp(cmd, "plan") == 0) return kvh_cmd_plan(argc - 1, argv + 1);
     if (strcmp(cmd, "compare") == 0) return kvh_cmd_compare(argc - 1, argv + 1);

@@ -1,6 +1,7 @@
 /* session.c — implementation of session.h. */
 #include "session.h"
 
+#include "calibration.h"
 #include "weights.h"
 
 #include <stdlib.h>
@@ -15,6 +16,8 @@ void kvh_session_free(kvh_session *s) {
     if (!s) return;
     if (s->backend) s->backend->weights = NULL;
     kvh_weights_free(s->weights);
+    if (s->calibration) kvh_calibration_free(s->calibration);
+    free(s->calibration);
     if (s->router) kvh_router_free(s->router);
     kvh_kvcache_free(&s->cache);
     kvh_backend_destroy(s->backend);
@@ -62,7 +65,15 @@ int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_
         goto fail;
     }
     if (s->router) {
-        if (kvh_weights_pack(&s->weights, model, s->router, err) != 0) {
+        if (opt->calibration) {
+            s->calibration = calloc(1, sizeof *s->calibration);
+            if (!s->calibration || kvh_calibration_load(s->calibration, opt->calibration, &model->cfg, err) != 0) {
+                if (!s->calibration) kvh_fail(err, "session: out of memory");
+                free(settings);
+                goto fail;
+            }
+        }
+        if (kvh_weights_pack(&s->weights, model, s->router, s->calibration, err) != 0) {
             free(settings);
             goto fail;
         }

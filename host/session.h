@@ -24,6 +24,7 @@ typedef struct kvh_session_options {
     bool no_cache;        /* recompute the whole prefix each step (baseline) */
     size_t kv_mem_limit;  /* 0 = none: KV growth beyond it fails (emulates a smaller memory) */
     const char *plugin_path; /* extra plugin directories (':'-separated), may be NULL */
+    const char *calibration; /* .kvcal statistics for weight formats that need them ([model] calibration), or NULL */
 } kvh_session_options;
 
 typedef struct kvh_session {
@@ -32,6 +33,7 @@ typedef struct kvh_session {
     kvh_kvcache cache;
     kvh_router *router;     /* NULL when no plugin is configured */
     struct kvh_weight_set *weights; /* linear weights held by weight-format plugins; NULL: all fp32 */
+    struct kvh_calibration *calibration; /* statistics of opt.calibration, handed to the formats at packing */
     kvh_session_options opt;
     uint64_t hook_ns;       /* time spent in router (plugin hooks + compaction) */
     uint32_t prefill_chunk; /* [cache] prefill_chunk: longer entries run in pieces of this many tokens; 0 = off */

@@ -7,6 +7,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "calibration.h"
 #include "plugin_guard.h"
 
 static const char *matrix_name(uint32_t which) {
@@ -25,14 +26,15 @@ static size_t release_if_mapped(const kvh_model *m, const void *p, size_t bytes)
     return madvise((void *)lo, hi - lo, MADV_DONTNEED) == 0 ? (size_t)(hi - lo) : 0;
 }
 
-static int pack_one(kvh_weight_set *ws, const kvh_model *m, const kvh_weight_format *f, int layer, uint32_t which,
-                    const float *src, uint32_t layout, uint32_t k, uint32_t n, kvh_err *err) {
+static int pack_one(kvh_weight_set *ws, const kvh_model *m, const kvh_calibration *cal, const kvh_weight_format *f,
+                    int layer, uint32_t which, const float *src, uint32_t layout, uint32_t k, uint32_t n, kvh_err *err) {
     kvh_packed_matrix *pm = &ws->mat[layer * 4 + (int)(which == KVP_MAT_LM_HEAD ? 0 : which)];
     pm->desc = f->desc;
     pm->state = f->state;
     pm->section = f->section;
     pm->file = f->file;
-    pm->info = (kvp_weight_info){.struct_size = sizeof pm->info, .layer = (uint32_t)layer, .which = which, .k = k, .n = n};
+    pm->info = (kvp_weight_info){.struct_size = sizeof pm->info, .layer = (uint32_t)layer, .which = which, .k = k, .n = n,
+                                 .act_absmax = kvh_calibration_input(cal, layer, which)};
     kvh_plugin_guard_enter(f->desc->name, f->file, "packed_size", layer);
     const size_t bytes = f->desc->packed_size(f->state, &pm->info);
     kvh_plugin_guard_leave();
@@ -60,6 +62,7 @@ static int pack_one(kvh_weight_set *ws, const kvh_model *m, const kvh_weight_for
     }
     pm->packed = dst;
     pm->bytes = bytes;
+    pm->info.act_absmax = NULL; /* valid during pack only */
     ws->n_packed++;
     ws->packed_bytes += bytes;
     ws->replaced_fp32_bytes += (size_t)k * n * sizeof(float);
@@ -67,7 +70,8 @@ static int pack_one(kvh_weight_set *ws, const kvh_model *m, const kvh_weight_for
     return 0;
 }
 
-int kvh_weights_pack(kvh_weight_set **out, const kvh_model *m, const kvh_router *r, kvh_err *err) {
+int kvh_weights_pack(kvh_weight_set **out, const kvh_model *m, const kvh_router *r, const kvh_calibration *cal,
+                     kvh_err *err) {
     *out = NULL;
     const int L = m->cfg.n_layer;
     kvh_weight_format f;
@@ -86,13 +90,13 @@ int kvh_weights_pack(kvh_weight_set **out, const kvh_model *m, const kvh_router 
     for (int l = 0; l < L && rc == 0; l++) {
         if (!kvh_router_weight_format(r, l, &f)) continue;
         const kvh_layer_weights *w = &m->layers[l];
-        if ((rc = pack_one(ws, m, &f, l, KVP_MAT_ATTN_QKV, w->attn_w, KVP_LAYOUT_IN_MAJOR, C, 3 * C, err)) == 0 &&
-            (rc = pack_one(ws, m, &f, l, KVP_MAT_ATTN_PROJ, w->proj_w, KVP_LAYOUT_IN_MAJOR, C, C, err)) == 0 &&
-            (rc = pack_one(ws, m, &f, l, KVP_MAT_MLP_FC, w->fc_w, KVP_LAYOUT_IN_MAJOR, C, F, err)) == 0)
-            rc = pack_one(ws, m, &f, l, KVP_MAT_MLP_PROJ, w->fcproj_w, KVP_LAYOUT_IN_MAJOR, F, C, err);
+        if ((rc = pack_one(ws, m, cal, &f, l, KVP_MAT_ATTN_QKV, w->attn_w, KVP_LAYOUT_IN_MAJOR, C, 3 * C, err)) == 0 &&
+            (rc = pack_one(ws, m, cal, &f, l, KVP_MAT_ATTN_PROJ, w->proj_w, KVP_LAYOUT_IN_MAJOR, C, C, err)) == 0 &&
+            (rc = pack_one(ws, m, cal, &f, l, KVP_MAT_MLP_FC, w->fc_w, KVP_LAYOUT_IN_MAJOR, C, F, err)) == 0)
+            rc = pack_one(ws, m, cal, &f, l, KVP_MAT_MLP_PROJ, w->fcproj_w, KVP_LAYOUT_IN_MAJOR, F, C, err);
     }
     if (rc == 0 && kvh_router_weight_format(r, L, &f))
-        rc = pack_one(ws, m, &f, L, KVP_MAT_LM_HEAD, m->wte, KVP_LAYOUT_OUT_MAJOR, C, V, err);
+        rc = pack_one(ws, m, cal, &f, L, KVP_MAT_LM_HEAD, m->wte, KVP_LAYOUT_OUT_MAJOR, C, V, err);
     if (rc != 0) {
         kvh_weights_free(ws);
         return -1;

@@ -44,9 +44,12 @@ typedef struct kvh_weight_set {
     size_t released_bytes;      /* fp32 bytes of mapped file pages given back */
 } kvh_weight_set;
 
-/* Packs what the router's weight formats serve. *out is NULL (and 0 returned) when no layer has one.
- * Errors name the section, plugin file, layer and matrix. */
-int kvh_weights_pack(kvh_weight_set **out, const kvh_model *m, const kvh_router *r, kvh_err *err);
+/* Packs what the router's weight formats serve, handing each matrix its input statistics from cal (may be
+ * NULL: formats that need them refuse). *out is NULL (and 0 returned) when no layer has one. Errors name
+ * the section, plugin file, layer and matrix. */
+struct kvh_calibration;
+int kvh_weights_pack(kvh_weight_set **out, const kvh_model *m, const kvh_router *r, const struct kvh_calibration *cal,
+                     kvh_err *err);
 
 /* The packed form of (layer, which), or NULL when it is fp32. layer == n_layer with KVP_MAT_LM_HEAD: the
  * LM head. ws may be NULL. */
