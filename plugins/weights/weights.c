@@ -134,6 +134,9 @@ static void wf_matmul(void *state, const kvp_matmul_args *a) {
     if (st->cpu_level >= KVP_CPU_AVX512 &&
         wf_matmul_avx512(st->spec, a->w->k, a->packed, a->x, a->rows, a->n0, a->n1, a->y, a->ldy))
         return;
+    if (st->cpu_level >= KVP_CPU_AVX2 &&
+        wf_matmul_avx2(st->spec, a->w->k, a->packed, a->x, a->rows, a->n0, a->n1, a->y, a->ldy))
+        return;
     wf_matmul_portable(st->spec, a->w->k, a->packed, a->x, a->rows, a->n0, a->n1, a->y, a->ldy);
 }
 

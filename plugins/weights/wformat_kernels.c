@@ -4,7 +4,8 @@
  * wf_unpack_row), multiply-add them with the same 32 inputs of every row into that (row, output)'s own
  * accumulator, and sum the accumulator at the end. Decode is bandwidth-bound at one row (every weight is
  * read once per token), so the formats that read fewer bytes decode faster; the AVX-512 build takes four
- * outputs at a time (four weight streams, each decoded once for up to four rows). */
+ * outputs at a time (four weight streams, each decoded once for up to four rows); the AVX2 build, with
+ * half the registers, four outputs for one row at a time. */
 #include "wformat_kernels.h"
 
 /* ---- portable ------------------------------------------------------------------------------------ */
@@ -173,9 +174,119 @@ int wf_matmul_avx512(wf_spec s, uint32_t k, const uint8_t *packed, const float *
     default: return 0;
     }
 }
+
+/* ---- AVX2 + FMA + F16C --------------------------------------------------------------------------- */
+/* Sixteen registers: four outputs at a time, one row at a time, 16 inputs per step (two 8-lane halves per
+ * output), so a row's sum is built the same way whatever the batch or range. */
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+
+AVX2 static INLINE void deq16_f16(uint32_t k, uint32_t G, const uint8_t *row, uint32_t c, __m256 *lo, __m256 *hi) {
+    (void)k, (void)G;
+    *lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2u * c)));
+    *hi = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + 2u * c + 16u)));
+}
+
+AVX2 static INLINE void deq16_bf16(uint32_t k, uint32_t G, const uint8_t *row, uint32_t c, __m256 *lo, __m256 *hi) {
+    (void)k, (void)G;
+    *lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + 2u * c))), 16));
+    *hi = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(row + 2u * c + 16u))), 16));
+}
+
+AVX2 static INLINE __m256 group_scale8(const uint8_t *row, uint32_t G, uint32_t c) {
+    uint16_t dh;
+    memcpy(&dh, row + 2u * (c / G), 2);
+    return _mm256_set1_ps(_cvtsh_ss(dh));
+}
+
+AVX2 static INLINE void deq16_w8(uint32_t k, uint32_t G, const uint8_t *row, uint32_t c, __m256 *lo, __m256 *hi) {
+    const __m256 d = group_scale8(row, G, c);
+    const __m128i q = _mm_loadu_si128((const __m128i *)(row + 2u * (k / G) + c));
+    *lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+    *hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))), d);
+}
+
+/* Inputs c..c+15 of a w4 row: in its 32-input block (c0 = c & ~31), inputs c0..c0+15 are the low nibbles
+ * of the block's 16 bytes, c0+16..c0+31 the high ones. */
+AVX2 static INLINE void deq16_w4(uint32_t k, uint32_t G, const uint8_t *row, uint32_t c, __m256 *lo, __m256 *hi) {
+    const __m256 d = group_scale8(row, G, c);
+    const uint32_t c0 = c & ~31u;
+    const __m128i b = _mm_loadu_si128((const __m128i *)(row + 2u * (k / G) + c0 / 2u));
+    const __m128i nib = (c & 16u) ? _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15)) : _mm_and_si128(b, _mm_set1_epi8(15));
+    const __m256i eight = _mm256_set1_epi32(8);
+    *lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), eight)), d);
+    *hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(nib, 8)), eight)), d);
+}
+
+AVX2 static INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#define DEFINE_MATMUL8(NAME, DEQ)                                                                                \
+    AVX2 static void NAME(uint32_t k, uint32_t G, const uint8_t *packed, const float *x, uint32_t rows,          \
+                          uint32_t n0, uint32_t n1, float *y, size_t ldy, size_t rb) {                           \
+        for (uint32_t r = 0; r < rows; r++) {                                                                    \
+            const float *xr = x + (size_t)r * k;                                                                 \
+            float *yr = y + (size_t)r * ldy;                                                                     \
+            uint32_t j = n0;                                                                                     \
+            for (; j + 4 <= n1; j += 4) {                                                                        \
+                const uint8_t *w0 = packed + (size_t)j * rb, *w1 = w0 + rb, *w2 = w1 + rb, *w3 = w2 + rb;         \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, l, h;                                 \
+                for (uint32_t c = 0; c < k; c += 16) {                                                           \
+                    const __m256 xl = _mm256_loadu_ps(xr + c), xh = _mm256_loadu_ps(xr + c + 8);                 \
+                    DEQ(k, G, w0, c, &l, &h);                                                                    \
+                    a0 = _mm256_fmadd_ps(h, xh, _mm256_fmadd_ps(l, xl, a0));                                     \
+                    DEQ(k, G, w1, c, &l, &h);                                                                    \
+                    a1 = _mm256_fmadd_ps(h, xh, _mm256_fmadd_ps(l, xl, a1));                                     \
+                    DEQ(k, G, w2, c, &l, &h);                                                                    \
+                    a2 = _mm256_fmadd_ps(h, xh, _mm256_fmadd_ps(l, xl, a2));                                     \
+                    DEQ(k, G, w3, c, &l, &h);                                                                    \
+                    a3 = _mm256_fmadd_ps(h, xh, _mm256_fmadd_ps(l, xl, a3));                                     \
+                }                                                                                                \
+                yr[j] += hsum8(a0);                                                                              \
+                yr[j + 1] += hsum8(a1);                                                                          \
+                yr[j + 2] += hsum8(a2);                                                                          \
+                yr[j + 3] += hsum8(a3);                                                                          \
+            }                                                                                                    \
+            for (; j < n1; j++) {                                                                                \
+                const uint8_t *w0 = packed + (size_t)j * rb;                                                     \
+                __m256 a0 = _mm256_setzero_ps(), l, h;                                                           \
+                for (uint32_t c = 0; c < k; c += 16) {                                                           \
+                    DEQ(k, G, w0, c, &l, &h);                                                                    \
+                    a0 = _mm256_fmadd_ps(h, _mm256_loadu_ps(xr + c + 8), _mm256_fmadd_ps(l, _mm256_loadu_ps(xr + c), a0)); \
+                }                                                                                                \
+                yr[j] += hsum8(a0);                                                                              \
+            }                                                                                                    \
+        }                                                                                                        \
+    }
+
+DEFINE_MATMUL8(mm8_f16, deq16_f16)
+DEFINE_MATMUL8(mm8_bf16, deq16_bf16)
+DEFINE_MATMUL8(mm8_w8, deq16_w8)
+DEFINE_MATMUL8(mm8_w4, deq16_w4)
+
+int wf_matmul_avx2(wf_spec s, uint32_t k, const uint8_t *packed, const float *x, uint32_t rows, uint32_t n0,
+                   uint32_t n1, float *y, size_t ldy) {
+    const size_t rb = wf_row_bytes(s, k);
+    switch (s.kind) {
+    case WF_F16: mm8_f16(k, s.group, packed, x, rows, n0, n1, y, ldy, rb); return 1;
+    case WF_BF16: mm8_bf16(k, s.group, packed, x, rows, n0, n1, y, ldy, rb); return 1;
+    case WF_W8: mm8_w8(k, s.group, packed, x, rows, n0, n1, y, ldy, rb); return 1;
+    case WF_W4: mm8_w4(k, s.group, packed, x, rows, n0, n1, y, ldy, rb); return 1;
+    default: return 0;
+    }
+}
 #else
 int wf_matmul_avx512(wf_spec s, uint32_t k, const uint8_t *packed, const float *x, uint32_t rows, uint32_t n0,
                      uint32_t n1, float *y, size_t ldy) {
+    (void)s, (void)k, (void)packed, (void)x, (void)rows, (void)n0, (void)n1, (void)y, (void)ldy;
+    return 0;
+}
+int wf_matmul_avx2(wf_spec s, uint32_t k, const uint8_t *packed, const float *x, uint32_t rows, uint32_t n0,
+                   uint32_t n1, float *y, size_t ldy) {
     (void)s, (void)k, (void)packed, (void)x, (void)rows, (void)n0, (void)n1, (void)y, (void)ldy;
     return 0;
 }

@@ -1,6 +1,6 @@
 /* wformat_kernels.h — products over the packed weight formats of wformat.h.
- * Owns: y += x · W for a few input rows over a range of outputs, in a portable C build and an AVX-512
- * build (chosen by the caller from the host's cpu_level). Does not own: the formats (wformat.h), threading
+ * Owns: y += x · W for a few input rows over a range of outputs, in a portable C build, an AVX2 build and
+ * an AVX-512 build (chosen by the caller from the host's cpu_level). Does not own: the formats (wformat.h), threading
  * (the host splits output ranges), or many-row products (the host unpacks panels and runs its GEMM).
  *
  * Every output's sum is built the same way whatever the number of rows and wherever the range starts:
@@ -22,5 +22,9 @@ void wf_matmul_portable(wf_spec s, uint32_t k, const uint8_t *packed, const floa
  * has no AVX-512 kernels (not x86-64), 1 when it ran. */
 int wf_matmul_avx512(wf_spec s, uint32_t k, const uint8_t *packed, const float *x, uint32_t rows, uint32_t n0,
                      uint32_t n1, float *y, size_t ldy);
+
+/* The same with AVX2, FMA and F16C (Haswell and later, Zen). Returns 0 when this build has none. */
+int wf_matmul_avx2(wf_spec s, uint32_t k, const uint8_t *packed, const float *x, uint32_t rows, uint32_t n0,
+                   uint32_t n1, float *y, size_t ldy);
 
 #endif
