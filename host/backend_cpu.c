@@ -230,6 +230,16 @@ static void accumulate_scores(kvh_head_cache *hc, const kvh_layer_policy_setting
         for (uint32_t j = 0; j < n; j++) hc->score[j] += probs[j];
     if (hc->obs_score && in_prefill && T - t <= (int)ls->obs_window)
         for (uint32_t j = 0; j < n; j++) hc->obs_score[j] += probs[j];
+    if (hc->report) { /* the policy's score_report (ABI 1.3): column sums + the last rows, see kvcache.h */
+        const int R = T < (int)ls->report_rows ? T : (int)ls->report_rows;
+        float *col = kvh_report_col(hc);
+        if (T > 1) {
+            if (t == 0) memcpy(col, probs, (size_t)n * sizeof(float));
+            else
+                for (uint32_t j = 0; j < n; j++) col[j] += probs[j];
+        }
+        if (t >= T - R) memcpy(kvh_report_row(hc, T, (uint32_t)(t - (T - R))), probs, (size_t)n * sizeof(float));
+    }
 }
 
 /* Softmax numerators in place: x[j] = exp(x[j] - mx), 0 for masked (-inf) entries; returns 1 / their sum
@@ -497,6 +507,7 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
             if (write_new_slots(cache, s, l, T, ws->qkv + row0 * 3 * C + C, ws->qkv + row0 * 3 * C + 2 * C,
                                 (size_t)3 * C, err) != 0)
                 return -1;
+            if (ls->policy_insert && ls->policy_insert(ls->policy_ctx, cache, s, l, T, err) != 0) return -1;
             row0 += (size_t)T;
         }
         /* Work items: (entry, head). Entry row offsets computed up front so items are independent. */
@@ -525,6 +536,14 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
                 else
                     attend_head(ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls, T > 1,
                                 ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
+            }
+        }
+        if (ls->report) { /* the policy sees this step's rows before any eviction (kvp.h: call order) */
+            size_t rr = 0;
+            for (int b = 0; b < batch->n; b++) {
+                if (ls->policy_report(ls->policy_ctx, cache, batch->seq[b], l, batch->n_tokens[b], ws->pos + rr, err) != 0)
+                    return -1;
+                rr += (size_t)batch->n_tokens[b];
             }
         }
         uint64_t a2 = kvh_now_ns();

@@ -42,6 +42,7 @@ static size_t slot_bytes(const kvh_kvcache *c, int l) {
     size_t b = (size_t)kvh_kvcache_k_slot_bytes(c, l) + kvh_kvcache_v_slot_bytes(c, l) + sizeof(int32_t);
     if (ls->track_scores) b += sizeof(float);
     if (ls->obs_scores) b += sizeof(float);
+    b += ls->slot_meta_bytes;
     return b;
 }
 
@@ -101,6 +102,9 @@ static void head_release(kvh_kvcache *c, kvh_head_cache *hc) {
     free(hc->pos);
     free(hc->score);
     free(hc->obs_score);
+    free(hc->meta);
+    hc->meta = NULL;
+    hc->report = NULL;
     hc->k = hc->v = NULL;
     hc->pos = NULL;
     hc->score = hc->obs_score = NULL;
@@ -112,6 +116,10 @@ void kvh_kvcache_free(kvh_kvcache *c) {
         size_t nh = (size_t)c->n_seq * (size_t)c->n_layer * (size_t)c->n_head;
         for (size_t i = 0; i < nh; i++) head_release(c, &c->heads[i]);
     }
+    if (c->report_buf)
+        for (size_t i = 0; i < (size_t)c->n_seq * (size_t)c->n_head; i++) free(c->report_buf[i]);
+    free(c->report_buf);
+    free(c->report_floats);
     free(c->heads);
     free(c->layer);
     free(c->next_pos);
@@ -202,10 +210,46 @@ static int head_resize(kvh_kvcache *c, int l, kvh_head_cache *hc, uint32_t new_c
         if (!ob && new_cap) return -1;
         hc->obs_score = ob;
     }
+    if (ls->slot_meta_bytes) {
+        unsigned char *mt = realloc(hc->meta, (size_t)new_cap * ls->slot_meta_bytes);
+        if (!mt && new_cap) return -1;
+        hc->meta = mt;
+    }
     size_t per_slot = slot_bytes(c, l);
     c->bytes_held = c->bytes_held - (size_t)hc->cap * per_slot + (size_t)new_cap * per_slot;
     if (c->bytes_held > c->bytes_peak) c->bytes_peak = c->bytes_held;
     hc->cap = new_cap;
+    return 0;
+}
+
+/* Points every head of (s, l) at its (seq, head) report buffer, grown to hold the column sums and
+ * report_rows rows over the head's live slots after `extra` more arrive. One buffer per (seq, head)
+ * serves every layer: layers run one after another and a report is consumed before the next layer. */
+static int report_reserve(kvh_kvcache *c, int s, int l, uint32_t extra, kvh_err *err) {
+    const kvh_layer_policy_settings *ls = &c->layer[l];
+    if (!c->report_buf) {
+        c->report_buf = calloc((size_t)c->n_seq * (size_t)c->n_head, sizeof *c->report_buf);
+        c->report_floats = calloc((size_t)c->n_seq * (size_t)c->n_head, sizeof *c->report_floats);
+        if (!c->report_buf || !c->report_floats) return kvh_fail(err, "kv cache: out of memory for score reports");
+    }
+    for (int h = 0; h < c->n_head; h++) {
+        kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+        const size_t i = (size_t)s * (size_t)c->n_head + (size_t)h;
+        const size_t need = ((size_t)hc->n + extra) * (1 + (size_t)ls->report_rows);
+        if (need > c->report_floats[i]) {
+            const size_t grow = (need - c->report_floats[i]) * sizeof(float);
+            if (c->bytes_limit && c->bytes_held + grow > c->bytes_limit)
+                return kvh_fail(err, "kv cache: score reports need %zu more bytes (sequence %d layer %d) but the memory "
+                                "limit of %zu bytes is reached (%zu held)", grow, s, l, c->bytes_limit, c->bytes_held);
+            float *b = realloc(c->report_buf[i], need * sizeof(float));
+            if (!b) return kvh_fail(err, "kv cache: out of memory for the score report of sequence %d head %d", s, h);
+            c->report_buf[i] = b;
+            c->report_floats[i] = need;
+            c->bytes_held += grow;
+            if (c->bytes_held > c->bytes_peak) c->bytes_peak = c->bytes_held;
+        }
+        hc->report = c->report_buf[i];
+    }
     return 0;
 }
 
@@ -240,7 +284,7 @@ int kvh_kvcache_reserve(kvh_kvcache *c, int s, int l, uint32_t extra, kvh_err *e
             return kvh_fail(err, "kv cache: out of memory growing sequence %d layer %d head %d to %llu slots", s, l, h,
                             (unsigned long long)want);
     }
-    return 0;
+    return ls->report ? report_reserve(c, s, l, extra, err) : 0;
 }
 
 void kvh_kvcache_append_meta(kvh_kvcache *c, int s, int l, int T, const int32_t *pos) {
@@ -252,6 +296,7 @@ void kvh_kvcache_append_meta(kvh_kvcache *c, int s, int l, int T, const int32_t 
             if (hc->score) hc->score[slot] = 0.0f;
             if (hc->obs_score) hc->obs_score[slot] = 0.0f;
         }
+        if (hc->meta) memset(hc->meta + (size_t)hc->n * c->layer[l].slot_meta_bytes, 0, (size_t)T * c->layer[l].slot_meta_bytes);
         hc->n += (uint32_t)T;
     }
 }
@@ -299,12 +344,16 @@ int kvh_kvcache_validate_victims(kvh_kvcache *c, uint32_t n_live, uint32_t budge
     return rc;
 }
 
-static void move_slot(kvh_kvcache *c, kvh_head_cache *hc, size_t kb, size_t vb, uint32_t from, uint32_t to) {
+static void move_slot(kvh_kvcache *c, int l, kvh_head_cache *hc, size_t kb, size_t vb, uint32_t from, uint32_t to) {
     c->mem.copy(c->mem.ctx, (char *)hc->k + (size_t)to * kb, (char *)hc->k + (size_t)from * kb, kb);
     c->mem.copy(c->mem.ctx, (char *)hc->v + (size_t)to * vb, (char *)hc->v + (size_t)from * vb, vb);
     hc->pos[to] = hc->pos[from];
     if (hc->score) hc->score[to] = hc->score[from];
     if (hc->obs_score) hc->obs_score[to] = hc->obs_score[from];
+    if (hc->meta) {
+        const size_t mb = c->layer[l].slot_meta_bytes;
+        memcpy(hc->meta + (size_t)to * mb, hc->meta + (size_t)from * mb, mb);
+    }
 }
 
 void kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *victims, uint32_t n_victims) {
@@ -321,7 +370,7 @@ void kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *vic
         do {
             src--;
         } while (dead[src]);
-        move_slot(c, hc, kb, vb, src, hole);
+        move_slot(c, l, hc, kb, vb, src, hole);
     }
     for (uint32_t i = 0; i < n_victims; i++) dead[victims[i]] = 0;
     hc->n = new_n;

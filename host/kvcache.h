@@ -35,10 +35,17 @@ typedef struct kvh_head_cache {
     int32_t *pos;      /* [cap] absolute positions */
     float *score;      /* [cap] accumulated attention, NULL unless the layer tracks scores */
     float *obs_score;  /* [cap] observation-window scores, NULL unless the layer tracks them */
+    unsigned char *meta; /* [cap * slot_meta_bytes] policy metadata (ABI 1.3), NULL unless declared */
+    float *report;     /* this step's probabilities for the policy's score_report (kvh_report_col /
+                        * kvh_report_row): the cache's per-(seq, head) report buffer, shared by all
+                        * layers (they run one after another), pointed at by kvh_kvcache_reserve on
+                        * layers whose policy asked; NULL elsewhere. Not owned by the head. */
     uint32_t n;        /* live slots */
     uint32_t cap;      /* allocated slots */
     uint32_t budget;   /* target live count after eviction (KVH_BUDGET_UNLIMITED: keep all) */
 } kvh_head_cache;
+
+struct kvh_kvcache;
 
 /* Per-layer settings, identical for every sequence. */
 typedef struct kvh_layer_policy_settings {
@@ -49,6 +56,17 @@ typedef struct kvh_layer_policy_settings {
     bool prefill_scores;    /* add prefill column sums to score[] */
     bool obs_scores;        /* obs_score[] kept */
     uint32_t obs_window;    /* last queries of a prefill block summed into obs_score[] */
+    /* ---- policy hooks of ABI 1.3, filled by the router (0 / NULL elsewhere) ---- */
+    uint32_t slot_meta_bytes; /* per-slot policy metadata kept beside pos[] */
+    bool report;            /* the backend fills head->report and calls policy_report after attention */
+    uint32_t report_rows;   /* rows of a prefill block's last queries kept (>= 1 when report) */
+    /* Called by the backend for one (seq, layer) after the T new tokens' slots are written (insert
+     * hook), and after the layer's attention for every head (score_report hook; qpos[T] are the
+     * queries' positions). Return 0, or -1 with err naming plugin, file, layer, seq, head and hook. */
+    int (*policy_insert)(void *ctx, struct kvh_kvcache *c, int seq, int layer, int T, kvh_err *err);
+    int (*policy_report)(void *ctx, struct kvh_kvcache *c, int seq, int layer, int T, const int32_t *qpos,
+                         kvh_err *err);
+    void *policy_ctx;
     uint32_t k_slot_bytes;  /* bytes of one token's K in one head; 0 = dense fp32 (head_dim * 4) */
     uint32_t v_slot_bytes;  /* same for V */
     const struct kvp_descriptor *store; /* store plugin holding this layer (NULL: dense fp32) */
@@ -71,6 +89,8 @@ typedef struct kvh_kvcache {
     size_t bytes_peak;                /* largest bytes_held seen */
     size_t bytes_limit;               /* 0 = none; growth beyond it fails (emulates a smaller memory) */
     size_t store_bytes;               /* part of bytes_held: memory store plugins hold outside the slots */
+    float **report_buf;               /* [n_seq * NH] score-report buffers (ABI 1.3), counted in bytes_held */
+    size_t *report_floats;            /* [n_seq * NH] their sizes */
     uint32_t *scratch_victims;        /* [n_ctx + max slack] scratch for victim lists */
     unsigned char *scratch_mark;      /* [same] scratch for validation */
     uint32_t scratch_len;
@@ -137,6 +157,14 @@ size_t kvh_kvcache_live_tokens(const kvh_kvcache *c);          /* sum of n over 
 uint32_t kvh_kvcache_max_live(const kvh_kvcache *c, int l);    /* max n over sequences and heads of l */
 /* Bytes of K and V data in live slots (what a perfectly tight store would hold). */
 size_t kvh_kvcache_live_kv_bytes(const kvh_kvcache *c);
+/* The score-report buffer of a head during one step of T queries (kvh_layer_policy_settings.report):
+ * column sums over the T queries, then the rows of the last min(T, report_rows) queries. A decode step
+ * (T == 1) keeps only its row, which is then also the column sum. n = the head's live count. */
+static inline float *kvh_report_col(kvh_head_cache *hc) { return hc->report; }
+static inline float *kvh_report_row(kvh_head_cache *hc, int T, uint32_t r) {
+    return T == 1 ? hc->report : hc->report + (size_t)(1 + r) * hc->n;
+}
+
 /* Slot sizes of layer l (resolving the dense default). */
 uint32_t kvh_kvcache_k_slot_bytes(const kvh_kvcache *c, int l);
 uint32_t kvh_kvcache_v_slot_bytes(const kvh_kvcache *c, int l);

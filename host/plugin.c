@@ -33,8 +33,8 @@ static size_t descriptor_min_size(uint32_t minor) {
     /* minor 1 added the store hooks, minor 2 append/release (newer minors keep them) */
     if (minor == 1) return offsetof(kvp_descriptor, attend) + sizeof(((kvp_descriptor *)0)->attend);
     if (minor == 2) return offsetof(kvp_descriptor, release) + sizeof(((kvp_descriptor *)0)->release);
-    /* minor 3 added the weight-format hooks */
-    return offsetof(kvp_descriptor, matmul) + sizeof(((kvp_descriptor *)0)->matmul);
+    /* minor 3 added the weight-format hooks, then the policy insert / score_report hooks */
+    return offsetof(kvp_descriptor, score_report) + sizeof(((kvp_descriptor *)0)->score_report);
 }
 
 static const char *base_name(const char *path) {
@@ -239,9 +239,16 @@ int kvh_plugin_validate(const kvp_descriptor *d, const char *file, kvh_err *err)
         if (missing)
             return kvh_fail(err, "plugin '%s' (%s): required weight-format hook %s is NULL", nm, file, missing);
     }
-    const uint32_t known_caps = KVP_CAP_DECODE_SCORES | KVP_CAP_PREFILL_SCORES | KVP_CAP_OBS_SCORES | KVP_CAP_HEAD_BUDGETS;
+    const uint32_t known_caps = KVP_CAP_DECODE_SCORES | KVP_CAP_PREFILL_SCORES | KVP_CAP_OBS_SCORES | KVP_CAP_HEAD_BUDGETS |
+                                (d->abi_minor >= 3 ? KVP_CAP_SCORE_REPORT : 0u);
     if (d->caps & ~known_caps)
-        return kvh_fail(err, "plugin '%s' (%s): unknown capability bits 0x%x", nm, file, (unsigned)(d->caps & ~known_caps));
+        return kvh_fail(err, "plugin '%s' (%s): unknown capability bits 0x%x%s", nm, file, (unsigned)(d->caps & ~known_caps),
+                        (d->caps & ~known_caps & KVP_CAP_SCORE_REPORT) ? " (KVP_CAP_SCORE_REPORT needs ABI 1.3)" : "");
+    if ((d->caps & KVP_CAP_SCORE_REPORT) && (d->role != KVP_ROLE_POLICY || !d->score_report))
+        return kvh_fail(err, "plugin '%s' (%s): declares KVP_CAP_SCORE_REPORT but %s", nm, file,
+                        d->role != KVP_ROLE_POLICY ? "is not a policy" : "score_report is NULL");
+    if (d->abi_minor >= 3 && d->role != KVP_ROLE_POLICY && d->insert)
+        return kvh_fail(err, "plugin '%s' (%s): has an insert hook but is not a policy (stores use append)", nm, file);
     if ((d->caps & KVP_CAP_HEAD_BUDGETS) && !d->head_budgets)
         return kvh_fail(err, "plugin '%s' (%s): declares KVP_CAP_HEAD_BUDGETS but head_budgets is NULL", nm, file);
     if (d->n_params > KVH_PLUGIN_PARAMS_MAX)

@@ -211,6 +211,10 @@ static const float *svc_obs_scores(void *ctx, uint32_t seq, uint32_t head) {
     kvh_head_cache *hc = svc_head(ctx, seq, head);
     return hc ? hc->obs_score : NULL;
 }
+static void *svc_slot_meta(void *ctx, uint32_t seq, uint32_t head) {
+    kvh_head_cache *hc = svc_head(ctx, seq, head);
+    return hc ? hc->meta : NULL;
+}
 
 /* ---- creation ------------------------------------------------------------------------------------- */
 
@@ -243,6 +247,11 @@ static int validate_params(group *g, const kvh_config_section *s, kvh_err *err) 
     return 0;
 }
 
+/* Policy metadata per slot and prefill rows per report (ABI 1.3): bounded so a garbage value cannot ask
+ * for gigabytes; both are far above what a counter or a short history needs. */
+#define KVH_SLOT_META_MAX 256u
+#define KVH_REPORT_ROWS_MAX 64u
+
 /* Largest slot a store may ask for, per token and head: 16x the dense fp32 row. Anything larger is
  * certainly a bug (uninitialized field, bytes per layer instead of per head). */
 #define STORE_SLOT_MAX_FACTOR 16u
@@ -273,6 +282,7 @@ static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
         .obs_scores = svc_obs_scores,
         .shared = svc_shared,
         .cpu_level = (uint32_t)kvh_cpu_isa(), /* KVP_CPU_* and kvh_isa share their values */
+        .slot_meta = svc_slot_meta,
     };
     kvp_layer_info info = {
         .struct_size = sizeof info,
@@ -321,6 +331,14 @@ static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
     if ((d->caps & KVP_CAP_OBS_SCORES) && x->inst.obs_window < 1)
         return kvh_fail(err, "[%s] plugin '%s' (%s) layer %d: asks for observation-window scores but create set "
                         "obs_window 0 (must be >= 1)", g->section, d->name, g->plugin->file_name, layer);
+    /* ABI 1.3 fields: a 1.2 plugin never writes them, and the host zeroed them before create(). */
+    if (x->inst.slot_meta_bytes > KVH_SLOT_META_MAX)
+        return kvh_fail(err, "[%s] plugin '%s' (%s) layer %d: create set slot_meta_bytes %u (at most %u per slot)",
+                        g->section, d->name, g->plugin->file_name, layer, (unsigned)x->inst.slot_meta_bytes,
+                        (unsigned)KVH_SLOT_META_MAX);
+    if (x->inst.report_rows > KVH_REPORT_ROWS_MAX)
+        return kvh_fail(err, "[%s] plugin '%s' (%s) layer %d: create set report_rows %u (at most %u)", g->section,
+                        d->name, g->plugin->file_name, layer, (unsigned)x->inst.report_rows, (unsigned)KVH_REPORT_ROWS_MAX);
     return 0;
 }
 
@@ -498,6 +516,63 @@ int kvh_router_bind_cache(kvh_router *r, kvh_kvcache *c, kvh_err *err) {
     return 0;
 }
 
+/* kvh_layer_policy_settings.policy_insert: the policy's insert hook for every head of (seq, layer). */
+static int policy_insert(void *ctx, kvh_kvcache *c, int seq, int layer, int T, kvh_err *err) {
+    host_ctx *x = ctx;
+    const kvp_descriptor *d = &x->g->plugin->desc;
+    const uint32_t mb = c->layer[layer].slot_meta_bytes;
+    x->cache = c;
+    uint64_t t0 = kvh_now_ns();
+    for (int h = 0; h < c->n_head; h++) {
+        kvh_head_cache *hc = kvh_kvcache_head(c, seq, layer, h);
+        kvp_insert_args a = {.struct_size = sizeof a, .seq = (uint32_t)seq, .head = (uint32_t)h, .n_live = hc->n,
+                             .first_slot = hc->n - (uint32_t)T, .n_new = (uint32_t)T, .pos = hc->pos,
+                             .slot_meta = hc->meta, .slot_meta_bytes = mb};
+        x->has_error = 0;
+        kvh_plugin_guard_enter(d->name, x->g->plugin->file_name, "insert", layer);
+        int hrc = d->insert(x->inst.state, &a);
+        kvh_plugin_guard_leave();
+        if (hrc != KVP_OK) {
+            x->cache = NULL;
+            x->r->hook_ns += kvh_now_ns() - t0;
+            return hook_fail(x, seq, h, "insert", err);
+        }
+    }
+    x->cache = NULL;
+    x->r->hook_ns += kvh_now_ns() - t0;
+    return 0;
+}
+
+/* kvh_layer_policy_settings.policy_report: hands each head's buffered probabilities of this step to the
+ * policy's score_report (layout in kvcache.h). qpos[T]: the step's query positions. */
+static int policy_report(void *ctx, kvh_kvcache *c, int seq, int layer, int T, const int32_t *qpos, kvh_err *err) {
+    host_ctx *x = ctx;
+    const kvp_descriptor *d = &x->g->plugin->desc;
+    const kvh_layer_policy_settings *ls = &c->layer[layer];
+    const uint32_t R = (uint32_t)T < ls->report_rows ? (uint32_t)T : ls->report_rows;
+    x->cache = c;
+    uint64_t t0 = kvh_now_ns();
+    for (int h = 0; h < c->n_head; h++) {
+        kvh_head_cache *hc = kvh_kvcache_head(c, seq, layer, h);
+        kvp_score_report rep = {.struct_size = sizeof rep, .seq = (uint32_t)seq, .head = (uint32_t)h, .n_live = hc->n,
+                                .n_queries = (uint32_t)T, .n_rows = R, .in_prefill = T > 1, .pos = hc->pos,
+                                .q_pos = qpos + (T - (int)R), .col_sum = kvh_report_col(hc),
+                                .rows = kvh_report_row(hc, T, 0), .slot_meta = hc->meta,
+                                .slot_meta_bytes = ls->slot_meta_bytes};
+        x->has_error = 0;
+        kvh_plugin_guard_enter(d->name, x->g->plugin->file_name, "score_report", layer);
+        int hrc = d->score_report(x->inst.state, &rep);
+        kvh_plugin_guard_leave();
+        if (hrc != KVP_OK) {
+            x->cache = NULL;
+            x->r->hook_ns += kvh_now_ns() - t0;
+            return hook_fail(x, seq, h, "score_report", err);
+        }
+    }
+    x->cache = NULL;
+    x->r->hook_ns += kvh_now_ns() - t0;
+    return 0;
+}
 
 void kvh_router_layer_settings(const kvh_router *r, kvh_layer_policy_settings *settings) {
     for (int l = 0; l < r->n_layer; l++) {
@@ -526,6 +601,13 @@ void kvh_router_layer_settings(const kvh_router *r, kvh_layer_policy_settings *s
         s->track_scores = s->decode_scores || s->prefill_scores;
         s->obs_scores = (caps & KVP_CAP_OBS_SCORES) != 0;
         s->obs_window = s->obs_scores ? x->inst.obs_window : 0;
+        const kvp_descriptor *d = &x->g->plugin->desc;
+        s->slot_meta_bytes = x->inst.slot_meta_bytes;
+        s->report = (caps & KVP_CAP_SCORE_REPORT) != 0 && d->score_report;
+        s->report_rows = s->report ? (x->inst.report_rows ? x->inst.report_rows : 1u) : 0u;
+        s->policy_insert = d->insert ? policy_insert : NULL;
+        s->policy_report = s->report ? policy_report : NULL;
+        s->policy_ctx = (void *)x;
     }
 }
 
@@ -607,6 +689,8 @@ int kvh_router_enforce(kvh_router *r, kvh_kvcache *c, int seq, int layer, int in
             .pos = hc->pos,
             .score = hc->score,
             .obs_score = hc->obs_score,
+            .slot_meta = hc->meta,
+            .slot_meta_bytes = c->layer[layer].slot_meta_bytes,
         };
         uint32_t *victims = c->scratch_victims;
         uint32_t n_victims = 0;

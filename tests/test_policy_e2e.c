@@ -16,10 +16,11 @@
 #include "sampler.h"
 #include "session.h"
 
-static const char *const kPolicies[] = {"window.so", "sink.so", "h2o.so", "pyramid.so"};
+static const char *const kPolicies[] = {"window.so", "sink.so", "h2o.so", "pyramid.so", "tova.so",
+                                        "scissorhands.so"};
 /* Extra settings per policy for the no-op test: pyramid's layer budgets spread around the average,
  * so its observation window is widened until the smallest layer budget covers the 55-token sequence. */
-static const char *const kNoopExtra[] = {NULL, NULL, NULL, "pyramid.window=56"};
+static const char *const kNoopExtra[] = {NULL, NULL, NULL, "pyramid.window=56", NULL, NULL};
 #define N_POLICIES (sizeof kPolicies / sizeof kPolicies[0])
 
 static kvh_model_config small_config(void) {

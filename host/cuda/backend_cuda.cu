@@ -658,6 +658,12 @@ static int cuda_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *ba
         if (T != 1) all_decode = false;
     }
     const int n_out = batch->all_logits ? (int)R : B;
+    /* ABI 1.3 policy hooks read attention rows and slot metadata on the host; copying rows off the device
+     * for those layers is not written yet, so refuse rather than run the policy blind. */
+    for (int l = 0; l < cache->n_layer; l++)
+        if (cache->layer[l].report || cache->layer[l].policy_insert)
+            return kvh_fail(err, "cuda backend: layer %d's policy uses the ABI 1.3 score_report/insert hooks, which "
+                            "only the CPU backend delivers so far; run it with --backend cpu", l);
     if (meta_reserve(cb, cache, err) != 0) return -1;
 
     /* Host metadata first, for every layer: room, positions, live counts. Slot data follows on the device. */

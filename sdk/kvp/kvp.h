@@ -44,7 +44,10 @@ extern "C" {
 #define KVP_ABI_MAJOR 1u
 #define KVP_ABI_MINOR 3u /* 1: store role (kvp_instance slot sizes, encode/decode/attend hooks)
                           * 2: handle stores (append/release hooks, host->shared, counted store memory)
-                          * 3: weight-format role (pack/unpack/matmul hooks), host->cpu_level */
+                          * 3: weight-format role (pack/unpack/matmul hooks), host->cpu_level;
+                          *    policies see the attention they judge: score_report and insert hooks
+                          *    (KVP_CAP_SCORE_REPORT), per-slot metadata (kvp_instance.slot_meta_bytes,
+                          *    host->slot_meta, kvp_evict_request.slot_meta) */
 #define KVP_ENTRY_SYMBOL "kvp_plugin_entry"
 
 /* ---- status codes returned by hooks ---------------------------------------------------------- */
@@ -61,6 +64,7 @@ extern "C" {
 #define KVP_CAP_PREFILL_SCORES (1u << 1) /* add prefill attention column sums (all queries) to score[] */
 #define KVP_CAP_OBS_SCORES (1u << 2)     /* prefill column sums over the last obs_window queries, into obs_score[] */
 #define KVP_CAP_HEAD_BUDGETS (1u << 3)   /* the policy sets per-head budgets through head_budgets() */
+#define KVP_CAP_SCORE_REPORT (1u << 4)   /* ABI 1.3: the host calls score_report() after each step's attention */
 
 /* ---- parameters ------------------------------------------------------------------------------- */
 #define KVP_PARAM_INT 1u
@@ -101,6 +105,12 @@ typedef struct kvp_instance {
     /* ---- ABI 1.1: stores ---- */
     uint32_t k_slot_bytes; /* stores: REQUIRED, bytes one token's K occupies in one head (fixed) */
     uint32_t v_slot_bytes; /* stores: REQUIRED, bytes one token's V occupies in one head (fixed) */
+    /* ---- ABI 1.3: policies ---- */
+    uint32_t slot_meta_bytes; /* bytes of policy metadata per live slot (0: none, at most 256); the host
+                               * zeroes them on insert, moves them with the slot, counts them as KV bytes */
+    uint32_t report_rows;     /* with KVP_CAP_SCORE_REPORT: how many of a prefill block's LAST queries
+                               * have their full probability rows in kvp_score_report.rows (0 counts as
+                               * 1, at most 64); a decode step always has exactly its one row */
 } kvp_instance;
 
 /* ---- the host services table (grows only at the end) --------------------------------------------- */
@@ -138,6 +148,11 @@ typedef struct kvp_host {
     /* The highest vector instruction level the plugin's kernels may use: KVP_CPU_* below. The host's
      * choice from the CPU's features, lowered by the user's KVH_ISA; a plugin must not go above it. */
     uint32_t cpu_level;
+    /* ABI 1.3: the per-slot policy metadata of (seq, head) in this instance's layer: live_count() slots
+     * of kvp_instance.slot_meta_bytes each, slot i at [i * slot_meta_bytes], in step with positions().
+     * Writable; valid until the next host call; NULL when the policy declared none, or outside a hook.
+     * Lets a layer-wise decision read the other heads' metadata during evict(). */
+    void *(*slot_meta)(void *ctx, uint32_t seq, uint32_t head);
 } kvp_host;
 
 #define KVP_CPU_PORTABLE 0u /* plain C */
@@ -163,7 +178,49 @@ typedef struct kvp_evict_request {
     const int32_t *pos;    /* [n_live] absolute positions */
     const float *score;    /* [n_live] accumulated attention, NULL without score caps */
     const float *obs_score;/* [n_live] observation-window scores, NULL without KVP_CAP_OBS_SCORES */
+    /* ---- ABI 1.3 ---- */
+    void *slot_meta;       /* [n_live * slot_meta_bytes] this head's per-slot metadata, NULL without */
+    uint32_t slot_meta_bytes;
 } kvp_evict_request;
+
+/* ABI 1.3. insert(): n_new tokens of one (seq, head) were appended to the layer's cache, in slots
+ * first_slot .. first_slot + n_new - 1 (their metadata already zeroed). Lets a policy initialise
+ * per-token state. Called once per (seq, head) and forward step, heads in order, after the store wrote
+ * the slots and before that layer's attention. */
+typedef struct kvp_insert_args {
+    uint32_t struct_size;
+    uint32_t seq;
+    uint32_t head;
+    uint32_t n_live;       /* live slots now, new ones included */
+    uint32_t first_slot;
+    uint32_t n_new;
+    const int32_t *pos;    /* [n_live] positions of every live slot */
+    void *slot_meta;       /* [n_live * slot_meta_bytes], NULL when the policy declared none */
+    uint32_t slot_meta_bytes;
+} kvp_insert_args;
+
+/* ABI 1.3. score_report(): the attention probabilities this step's queries put on the live slots of one
+ * (seq, head), after the layer's attention and before any eviction of the step. The newest tokens are
+ * live already, so every row includes each query's attention to itself. n_queries is 1 in a decode step
+ * (col_sum and rows then point at the same row) and the block length T in a prefill block (chunked
+ * prefill: one block per chunk). A prefill block delivers the column sums over all T queries and the
+ * full rows of the last min(T, report_rows) queries only: T x T probabilities are never materialized.
+ * In rows, a query masks the slots whose position is after its own (probability 0 there). */
+typedef struct kvp_score_report {
+    uint32_t struct_size;
+    uint32_t seq;
+    uint32_t head;
+    uint32_t n_live;
+    uint32_t n_queries;    /* queries of this step (1: decode) */
+    uint32_t n_rows;       /* rows delivered: the last n_rows queries, oldest first */
+    uint32_t in_prefill;   /* 1 for a prefill block (even a one-token one), 0 for a decode step */
+    const int32_t *pos;    /* [n_live] positions of the slots */
+    const int32_t *q_pos;  /* [n_rows] positions of the queries whose rows are given */
+    const float *col_sum;  /* [n_live] sum over all n_queries of their probabilities */
+    const float *rows;     /* [n_rows * n_live] row r at rows + r * n_live */
+    void *slot_meta;       /* [n_live * slot_meta_bytes] writable, NULL when the policy declared none */
+    uint32_t slot_meta_bytes;
+} kvp_score_report;
 
 /* attend(): one query of one head over the head's n stored slots. The store computes
  * out = sum_j p_j * V_j with p = softmax(scale * q . K_j) over the slots whose pos <= q_pos (later
@@ -333,6 +390,17 @@ typedef struct kvp_descriptor {
     void (*unpack)(void *state, const kvp_weight_info *w, const void *packed, uint32_t n0, uint32_t n1, float *dst);
     /* Products over the packed form; see kvp_matmul_args. */
     void (*matmul)(void *state, const kvp_matmul_args *args);
+
+    /* ---- ABI 1.3: policies that see the attention they judge. Call order within one forward step:
+     * layers strictly in order, 0..n_layer-1, never two layers at once; within a layer insert() for
+     * every (seq, head) of the step, then the attention of all heads, then score_report() for every
+     * (seq, head): seq in batch order, heads 0..n_kv_head-1, all on one thread. Eviction (evict()) runs
+     * after the whole step. So a layer-wise policy sees every head's report before any evict() of that
+     * step, and can read other heads' metadata through host->slot_meta(). Neither hook may allocate. */
+    /* Optional. See kvp_insert_args. KVP_OK, or KVP_ERROR after host->set_error (stops the run). */
+    int (*insert)(void *state, const kvp_insert_args *args);
+    /* REQUIRED with KVP_CAP_SCORE_REPORT. See kvp_score_report. KVP_OK, or KVP_ERROR after set_error. */
+    int (*score_report)(void *state, const kvp_score_report *report);
 } kvp_descriptor;
 
 /* The one exported function. Use KVP_PLUGIN(descriptor) to define it. */
