@@ -1,0 +1,406 @@
+/* kvp_1_2.h — FROZEN copy of the ABI 1.2 SDK header (git 99bf3ea:sdk/kvp/kvp.h), so tests can build a plugin
+ * exactly as a 1.2 author did and check that the current host loads it and runs it unchanged. Never edit.
+ * Original header: kvp.h — the kvhost plugin SDK. The only header a plugin author includes. C11, libc only.
+ *
+ * A plugin is a shared object that exports exactly one function, kvp_plugin_entry(), returning a
+ * pointer to a static kvp_descriptor. The host loads it with dlopen(RTLD_NOW | RTLD_LOCAL), calls the
+ * entry, checks the ABI version and struct sizes, copies the descriptor into a zeroed host copy and
+ * validates it before any hook runs. Plugins link no host symbols: everything they need from the host
+ * comes through the kvp_host services table handed to create().
+ *
+ * Roles. A POLICY decides which tokens stay in a layer's cache (window, sink, h2o, pyramid). A layer
+ * has at most one policy; layers without one keep every token.
+ *
+ * The cache a policy sees. For every (sequence, layer, KV head) the host keeps n_live slots, dense in
+ * 0..n_live-1. Slot order is NOT chronological: eviction moves the last live slot into each hole. Each
+ * slot carries the token's absolute position (pos[]) and, when the policy asks for them, attention-score
+ * accumulators (score[], obs_score[]). GPT-2 bakes positions into K at insert time, so slot order never
+ * matters to attention.
+ *
+ * Budgets and eviction. create() tells the host the layer's per-head token budget. The host lets a head
+ * grow to budget + slack, then calls evict() once to bring it back to budget: the cost of a policy is
+ * amortized over `slack` tokens. The host validates every answer (indices in range, no duplicates, at
+ * least the required count); an invalid answer stops the run with an error naming the plugin.
+ *
+ * Threading: the host calls a plugin instance's hooks from one thread at a time. Hooks must not block,
+ * log on every token or allocate per call: allocate scratch in create().
+ *
+ * Versioning. KVP_ABI_MAJOR changes break compatibility and the host refuses other majors, naming both.
+ * KVP_ABI_MINOR grows when fields are appended at the END of a struct; every struct starts with its size
+ * so the host (and the plugin, via KVP_HOST_HAS) can tell which fields exist. Enumerations in ABI structs
+ * are fixed-width uint32_t, never C enums. */
+#ifndef KVP_KVP_H
+#define KVP_KVP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define KVP_ABI_MAJOR 1u
+#define KVP_ABI_MINOR 2u /* 1: store role (kvp_instance slot sizes, encode/decode/attend hooks)
+                          * 2: handle stores (append/release hooks, host->shared, counted store memory) */
+#define KVP_ENTRY_SYMBOL "kvp_plugin_entry"
+
+/* ---- status codes returned by hooks ---------------------------------------------------------- */
+#define KVP_OK 0
+#define KVP_ERROR (-1) /* the hook failed; it should have called host->set_error() first */
+
+/* ---- roles ------------------------------------------------------------------------------------ */
+#define KVP_ROLE_POLICY 1u
+#define KVP_ROLE_STORE 2u /* decides HOW tokens are held: encode on insert, attention over the stored form */
+
+/* ---- capability flags: what the policy needs the host to compute --------------------------------- */
+#define KVP_CAP_DECODE_SCORES (1u << 0)  /* add each decode step's attention probabilities to score[] */
+#define KVP_CAP_PREFILL_SCORES (1u << 1) /* add prefill attention column sums (all queries) to score[] */
+#define KVP_CAP_OBS_SCORES (1u << 2)     /* prefill column sums over the last obs_window queries, into obs_score[] */
+#define KVP_CAP_HEAD_BUDGETS (1u << 3)   /* the policy sets per-head budgets through head_budgets() */
+
+/* ---- parameters ------------------------------------------------------------------------------- */
+#define KVP_PARAM_INT 1u
+#define KVP_PARAM_FLOAT 2u
+#define KVP_PARAM_BOOL 3u
+
+/* One declared parameter. The host parses INI / --set values against this table: unknown names, values
+ * of the wrong type and values outside [min_value, max_value] are errors naming file, line and key. */
+typedef struct kvp_param {
+    const char *name;     /* [a-z0-9_]+ */
+    uint32_t type;        /* KVP_PARAM_* */
+    double default_value;
+    double min_value;
+    double max_value;
+    const char *help;     /* one line */
+} kvp_param;
+
+/* ---- what the host tells an instance about its layer ---------------------------------------- */
+typedef struct kvp_layer_info {
+    uint32_t struct_size;
+    uint32_t layer;       /* index of the layer this instance serves */
+    uint32_t n_layer;     /* layers in the model */
+    uint32_t n_q_head;    /* query heads */
+    uint32_t n_kv_head;   /* KV heads (== n_q_head for GPT-2; fewer for grouped-query models) */
+    uint32_t head_dim;
+    uint32_t n_ctx;       /* longest sequence the model accepts */
+    uint32_t n_seq;       /* sequences in the batch; seq arguments are 0..n_seq-1 */
+    uint32_t cache_budget;/* [cache] budget: the run's per-head token budget, 0 if the run set none */
+    uint32_t slack;       /* [cache] slack */
+} kvp_layer_info;
+
+/* What create() hands back. */
+typedef struct kvp_instance {
+    uint32_t struct_size; /* set by the host */
+    void *state;          /* the plugin's per-layer state, passed to every hook */
+    uint32_t budget;      /* REQUIRED: per-head token budget of this layer (>= 1) */
+    uint32_t obs_window;  /* with KVP_CAP_OBS_SCORES: how many last prefill queries feed obs_score[] */
+    /* ---- ABI 1.1: stores ---- */
+    uint32_t k_slot_bytes; /* stores: REQUIRED, bytes one token's K occupies in one head (fixed) */
+    uint32_t v_slot_bytes; /* stores: REQUIRED, bytes one token's V occupies in one head (fixed) */
+} kvp_instance;
+
+/* ---- the host services table (grows only at the end) --------------------------------------------- */
+#define KVP_LOG_ERROR 0
+#define KVP_LOG_WARN 1
+#define KVP_LOG_INFO 2
+#define KVP_LOG_DEBUG 3
+
+typedef struct kvp_host {
+    uint32_t struct_size;
+    uint32_t abi_major;
+    uint32_t abi_minor;
+    void *ctx; /* the instance's host context: pass it back to every service */
+    void (*log)(void *ctx, int level, const char *msg);
+    /* Sets the message the host reports when a hook returns KVP_ERROR. Copied; any length, any bytes. */
+    void (*set_error)(void *ctx, const char *msg);
+    void *(*alloc)(void *ctx, size_t bytes); /* zeroed; NULL on failure */
+    void (*free)(void *ctx, void *p);
+    /* Parameter values as parsed and range-checked by the host (declared name; unknown name -> 0). */
+    double (*param)(void *ctx, const char *name);
+    /* Slot metadata of (seq, head) in this instance's layer, valid until the next host call. */
+    uint32_t (*live_count)(void *ctx, uint32_t seq, uint32_t head);
+    const int32_t *(*positions)(void *ctx, uint32_t seq, uint32_t head);
+    const float *(*scores)(void *ctx, uint32_t seq, uint32_t head);     /* NULL without score caps */
+    const float *(*obs_scores)(void *ctx, uint32_t seq, uint32_t head); /* NULL without KVP_CAP_OBS_SCORES */
+    /* ---- ABI 1.2 ---- */
+    /* One zeroed block of `bytes` shared by every instance of this plugin SECTION in this run (all the
+     * layers one INI section claims), e.g. state two layers must both see. The first call allocates it;
+     * later calls from any instance of the section return the same pointer. NULL when out of memory or
+     * when `bytes` differs from the first call's. The host frees it after every instance is destroyed.
+     * Memory from alloc() (and this block) belongs to the section, not the instance: any instance of the
+     * section may free what another allocated. */
+    void *(*shared)(void *ctx, size_t bytes);
+} kvp_host;
+
+/* True when the host's table has the named field (for plugins running on an older host). */
+#define KVP_HOST_HAS(host, field) \
+    ((host)->struct_size >= offsetof(kvp_host, field) + sizeof(((kvp_host *)0)->field))
+
+/* ---- hook arguments ----------------------------------------------------------------------------- */
+
+/* evict(): bring (seq, head) down to its budget. */
+typedef struct kvp_evict_request {
+    uint32_t struct_size;
+    uint32_t seq;
+    uint32_t head;
+    uint32_t n_live;       /* live slots now (> budget) */
+    uint32_t budget;       /* target live count */
+    uint32_t min_victims;  /* n_live - budget: return at least this many */
+    int32_t newest_pos;    /* largest position in the cache (the token just decoded) */
+    uint32_t in_prefill;   /* 1 when called right after a prefill block, 0 during decode */
+    const int32_t *pos;    /* [n_live] absolute positions */
+    const float *score;    /* [n_live] accumulated attention, NULL without score caps */
+    const float *obs_score;/* [n_live] observation-window scores, NULL without KVP_CAP_OBS_SCORES */
+} kvp_evict_request;
+
+/* attend(): one query of one head over the head's n stored slots. The store computes
+ * out = sum_j p_j * V_j with p = softmax(scale * q . K_j) over the slots whose pos <= q_pos (later
+ * positions are masked out: causal attention inside a prefill block), reading K and V straight from
+ * their stored form (never decoding the whole head into a buffer). It writes every p_j (0 where masked)
+ * into probs[], which the host uses for score accumulation. */
+typedef struct kvp_attend_args {
+    uint32_t struct_size;
+    uint32_t head_dim;
+    uint32_t n;            /* live slots */
+    int32_t q_pos;         /* position of the query */
+    float scale;           /* 1/sqrt(head_dim) */
+    const float *q;        /* [head_dim] */
+    const int32_t *pos;    /* [n] positions of the slots */
+    const void *k_slots;   /* n consecutive K slots of k_slot_bytes */
+    const void *v_slots;   /* n consecutive V slots of v_slot_bytes */
+    float *out;            /* [head_dim] result */
+    float *probs;          /* [n] result: attention probabilities */
+} kvp_attend_args;
+
+/* ABI 1.2. append(): T new tokens of one (seq, head) were just appended to the layer's cache, in slots
+ * first_slot .. first_slot + n_new - 1; the store writes them from the fp32 rows. Called once per
+ * (seq, head) and forward step, in layer order within a step, from one thread at a time, before any
+ * attention of that layer in that step. Unlike encode() it knows where it writes (sequence, head,
+ * positions, slot index) and sees the head's older slots, so a store may keep per-token state outside
+ * the slots (a slot then holds a handle into store-owned memory) or finish work on older slots (e.g.
+ * quantize a group of tokens that just filled up). The slot arrays are writable. */
+typedef struct kvp_append_args {
+    uint32_t struct_size;
+    uint32_t seq;
+    uint32_t head;
+    uint32_t head_dim;
+    uint32_t n_new;        /* T tokens appended (>= 1) */
+    uint32_t first_slot;   /* slot index of the first new token (== live count before the append) */
+    const int32_t *pos;    /* [n_live] positions of every live slot (new ones at first_slot..) */
+    const float *k_rows;   /* row t (t < n_new) at k_rows + t * row_stride: head_dim floats */
+    const float *v_rows;
+    size_t row_stride;     /* floats between consecutive rows */
+    void *k_slots;         /* the head's slot array: slot i at k_slots + i * k_slot_bytes */
+    void *v_slots;
+} kvp_append_args;
+
+/* ABI 1.2. release(): slots of one (seq, head) are about to disappear (evicted by a policy, or the
+ * sequence is reset), so a store holding per-token memory outside the slots can free it. Called before
+ * the host compacts the slots; the slot contents are still valid during the call. Must not fail. Not
+ * called when the whole run ends: destroy() frees everything then. */
+typedef struct kvp_release_args {
+    uint32_t struct_size;
+    uint32_t seq;
+    uint32_t head;
+    uint32_t n_live;        /* live slots now, before removal */
+    const int32_t *pos;     /* [n_live] */
+    const void *k_slots;    /* the head's slot arrays, as in kvp_append_args */
+    const void *v_slots;
+    const uint32_t *slots;  /* [n_slots] indices (< n_live, distinct) of the slots going away */
+    uint32_t n_slots;
+} kvp_release_args;
+
+#define KVP_WHICH_K 0u
+#define KVP_WHICH_V 1u
+
+/* ---- the descriptor ------------------------------------------------------------------------------ */
+typedef struct kvp_descriptor {
+    uint32_t abi_major;   /* KVP_ABI_MAJOR the plugin was built with */
+    uint32_t abi_minor;   /* KVP_ABI_MINOR the plugin was built with */
+    uint32_t struct_size; /* sizeof(kvp_descriptor) the plugin was built with */
+    uint32_t role;        /* KVP_ROLE_* */
+    uint32_t caps;        /* KVP_CAP_* */
+    uint32_t n_params;
+    const char *name;     /* short name, [a-z0-9_]+, used as the INI section / --set prefix */
+    const char *version;
+    const char *summary;  /* one line */
+    const kvp_param *params; /* [n_params], may be NULL when n_params == 0 */
+
+    /* REQUIRED. Creates the state for one layer. Reads parameters through host->param(). Must set
+     * out->budget. Returns KVP_OK or KVP_ERROR (after host->set_error). */
+    int (*create)(const kvp_host *host, const kvp_layer_info *layer, kvp_instance *out);
+    /* REQUIRED. Frees what create() made. Called once per successful create(). */
+    void (*destroy)(void *state);
+    /* Optional (may be NULL). A sequence slot is reused for a new sequence: forget its history. */
+    int (*reset)(void *state, uint32_t seq);
+    /* Optional. Per-head budgets for a sequence, called after its prefill with KVP_CAP_HEAD_BUDGETS.
+     * Fill budgets[0..n_kv_head-1]; each >= 1. The host validates them. */
+    int (*head_budgets)(void *state, uint32_t seq, uint32_t *budgets);
+    /* REQUIRED for policies. Writes victim slot indices (each < n_live, no duplicates, at least
+     * min_victims, at most n_live) into victims[] (room for n_live entries) and their count into
+     * *n_victims. The host compacts the slots afterwards. */
+    int (*evict)(void *state, const kvp_evict_request *req, uint32_t *victims, uint32_t *n_victims);
+
+    /* ---- ABI 1.1: stores (role KVP_ROLE_STORE). Slots are fixed-size, so the host owns the memory,
+     * compacts by moving whole slots and counts the bytes exactly. decode and attend are REQUIRED for
+     * stores, encode too unless the store has append() (ABI 1.2). They must not allocate; encode and
+     * attend may be called from several threads at once for different heads. ---- */
+    /* Encodes one token row (head_dim floats) of K (which = KVP_WHICH_K) or V into slot. */
+    void (*encode)(void *state, uint32_t which, const float *row, void *slot);
+    /* Decodes one slot back to head_dim floats (the reference the tests and other backends check against). */
+    void (*decode)(void *state, uint32_t which, const void *slot, float *row);
+    /* Attention of one query over the stored slots; see kvp_attend_args. */
+    void (*attend)(void *state, const kvp_attend_args *args);
+
+    /* ---- ABI 1.2: stores that keep memory outside the fixed-size slots ("handle stores"), or that
+     * need the token's coordinates when writing it. Both optional. A store with append() may leave
+     * encode() NULL: the host then never calls encode(). Memory a store instance obtains from
+     * host->alloc() / host->shared() counts as KV bytes held (kv_bytes_held, peak, --mem-limit): an
+     * alloc that would pass the run's KV memory limit returns NULL. alloc/free may be called from
+     * create, append, release, reset and destroy, never from attend (which runs on several threads). */
+    /* Writes the new tokens' slots (see kvp_append_args). KVP_OK or KVP_ERROR after host->set_error. */
+    int (*append)(void *state, const kvp_append_args *args);
+    /* Slots are about to be removed (see kvp_release_args). */
+    void (*release)(void *state, const kvp_release_args *args);
+} kvp_descriptor;
+
+/* The one exported function. Use KVP_PLUGIN(descriptor) to define it. */
+typedef const kvp_descriptor *(*kvp_entry_fn)(void);
+
+#if defined(__GNUC__)
+#define KVP_EXPORT __attribute__((visibility("default")))
+#else
+#define KVP_EXPORT
+#endif
+
+#define KVP_PLUGIN(desc) \
+    KVP_EXPORT const kvp_descriptor *kvp_plugin_entry(void); \
+    KVP_EXPORT const kvp_descriptor *kvp_plugin_entry(void) { return &(desc); }
+
+/* Fills the ABI header fields of a descriptor initializer. */
+#define KVP_DESCRIPTOR_HEADER \
+    .abi_major = KVP_ABI_MAJOR, .abi_minor = KVP_ABI_MINOR, .struct_size = sizeof(kvp_descriptor)
+
+/* ---- helpers every policy needs ------------------------------------------------------------------
+ * Selection: pick the k slots with the smallest (or largest) key in O(n) expected time, without
+ * allocating. idx is caller scratch of n entries (an evict hook may pass its victims[] array, which has
+ * room for n_live entries); on return idx[0..k-1] hold the chosen slot indices, in no particular order,
+ * and idx[k..n-1] the others. k == 0 or k >= n leaves idx = 0..n-1 (everything or nothing chosen).
+ *
+ * Order used: by key, ties broken by the smaller slot index, so results are deterministic. For float
+ * keys a NaN counts as larger than every number (never chosen by _smallest_ before a number, always
+ * chosen by _largest_ first) so a corrupt score cannot break the selection. */
+
+#define KVP__SEL_SMALL_F 0
+#define KVP__SEL_LARGE_F 1
+#define KVP__SEL_SMALL_I 2
+#define KVP__SEL_LARGE_I 3
+
+/* 1 when slot a must come before slot b in the requested order. A strict total order. */
+static inline int kvp__before(const void *key, int mode, uint32_t a, uint32_t b) {
+    if (mode == KVP__SEL_SMALL_F || mode == KVP__SEL_LARGE_F) {
+        float x = ((const float *)key)[a], y = ((const float *)key)[b];
+        int xn = x != x, yn = y != y; /* NaN */
+        if (xn || yn) {
+            if (xn && yn) return a < b;
+            /* NaN is "largest" */
+            return mode == KVP__SEL_SMALL_F ? yn : xn;
+        }
+        if (x != y) return mode == KVP__SEL_SMALL_F ? x < y : x > y;
+        return a < b;
+    } else {
+        int32_t x = ((const int32_t *)key)[a], y = ((const int32_t *)key)[b];
+        if (x != y) return mode == KVP__SEL_SMALL_I ? x < y : x > y;
+        return a < b;
+    }
+}
+
+/* Quickselect (Lomuto partition, median-of-three pivot) over a strict total order: no equal elements,
+ * so there is no degenerate case with repeated keys. All index arithmetic stays in [0, n). */
+static inline void kvp__select(const void *key, int mode, uint32_t n, uint32_t k, uint32_t *idx) {
+    for (uint32_t i = 0; i < n; i++) idx[i] = i;
+    if (k == 0 || k >= n) return;
+    uint32_t lo = 0, hi = n - 1, target = k - 1, t;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        /* order idx[lo] <= idx[mid] <= idx[hi], then park the median at hi as the pivot */
+        if (kvp__before(key, mode, idx[mid], idx[lo])) { t = idx[mid]; idx[mid] = idx[lo]; idx[lo] = t; }
+        if (kvp__before(key, mode, idx[hi], idx[lo])) { t = idx[hi]; idx[hi] = idx[lo]; idx[lo] = t; }
+        if (kvp__before(key, mode, idx[hi], idx[mid])) { t = idx[hi]; idx[hi] = idx[mid]; idx[mid] = t; }
+        t = idx[mid]; idx[mid] = idx[hi]; idx[hi] = t;
+        uint32_t pivot = idx[hi], store = lo;
+        for (uint32_t i = lo; i < hi; i++) {
+            if (kvp__before(key, mode, idx[i], pivot)) { t = idx[i]; idx[i] = idx[store]; idx[store] = t; store++; }
+        }
+        t = idx[store]; idx[store] = idx[hi]; idx[hi] = t; /* pivot now at its final rank `store` */
+        if (store == target) return;
+        if (store < target) lo = store + 1;
+        else hi = store - 1; /* store > target >= lo, so store >= 1 */
+    }
+}
+
+/* The k slots with the smallest float key (e.g. the least-attended tokens: H2O's victims). */
+static inline void kvp_select_smallest_f(const float *key, uint32_t n, uint32_t k, uint32_t *idx) {
+    kvp__select(key, KVP__SEL_SMALL_F, n, k, idx);
+}
+/* The k slots with the largest float key (e.g. the heavy hitters to keep). */
+static inline void kvp_select_largest_f(const float *key, uint32_t n, uint32_t k, uint32_t *idx) {
+    kvp__select(key, KVP__SEL_LARGE_F, n, k, idx);
+}
+/* The k slots with the smallest int32 key (e.g. the oldest positions: a FIFO window's victims). */
+static inline void kvp_select_smallest_i(const int32_t *key, uint32_t n, uint32_t k, uint32_t *idx) {
+    kvp__select(key, KVP__SEL_SMALL_I, n, k, idx);
+}
+/* The k slots with the largest int32 key (e.g. the most recent positions). */
+static inline void kvp_select_largest_i(const int32_t *key, uint32_t n, uint32_t k, uint32_t *idx) {
+    kvp__select(key, KVP__SEL_LARGE_I, n, k, idx);
+}
+
+/* Reads a parameter through the host table, rounded to the nearest integer (the host has already
+ * checked the value is an integer in the declared range for KVP_PARAM_INT parameters). */
+static inline int64_t kvp_param_int(const kvp_host *host, const char *name) {
+    double v = host->param(host->ctx, name);
+    return (int64_t)(v < 0 ? v - 0.5 : v + 0.5);
+}
+
+/* Parses a layer list "all" | "3" | "0-11" | "12,14,16" | "0-3,8-11" into mask[0..n_layer-1] (1 = claimed).
+ * Returns 0, or -1 on a malformed list, a reversed range or a layer >= n_layer (mask left undefined). */
+static inline int kvp_parse_layers(const char *text, uint32_t n_layer, unsigned char *mask) {
+    for (uint32_t i = 0; i < n_layer; i++) mask[i] = 0;
+    while (*text == ' ' || *text == '\t') text++;
+    if (strncmp(text, "all", 3) == 0 && strspn(text + 3, " \t") == strlen(text + 3)) {
+        for (uint32_t i = 0; i < n_layer; i++) mask[i] = 1;
+        return n_layer > 0 ? 0 : -1;
+    }
+    const char *p = text;
+    int any = 0;
+    for (;;) {
+        while (*p == ' ' || *p == '\t') p++;
+        if (*p < '0' || *p > '9') return -1;
+        unsigned long a = 0, b;
+        while (*p >= '0' && *p <= '9') { a = a * 10 + (unsigned long)(*p - '0'); if (a > 1000000ul) return -1; p++; }
+        b = a;
+        while (*p == ' ' || *p == '\t') p++;
+        if (*p == '-') {
+            p++;
+            while (*p == ' ' || *p == '\t') p++;
+            if (*p < '0' || *p > '9') return -1;
+            b = 0;
+            while (*p >= '0' && *p <= '9') { b = b * 10 + (unsigned long)(*p - '0'); if (b > 1000000ul) return -1; p++; }
+        }
+        if (b < a || b >= n_layer) return -1;
+        for (unsigned long l = a; l <= b; l++) mask[l] = 1;
+        any = 1;
+        while (*p == ' ' || *p == '\t') p++;
+        if (*p == '\0') break;
+        if (*p != ',') return -1;
+        p++;
+    }
+    return any ? 0 : -1;
+}
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KVP_KVP_H */
