@@ -1,5 +1,6 @@
-/* cmd_plugins.c — the `kvhost plugins list|info` command: what plugins the search directories hold,
- * and one plugin's parameters, ranges, help and capabilities. Owns the printing, and running each
+/* cmd_plugins.c — the `kvhost plugins list|info|check` command: what plugins the search directories hold,
+ * one plugin's parameters, ranges, help and capabilities, and the options of `check` (plugin_check.h
+ * drives it). Owns the printing, and running each
  * `list` probe in a child process so a file that crashes or exits while loading is reported and the
  * listing goes on; loading and validation are plugin.c's. Declared in plugin.h (kvh_cmd_plugins). */
 #define _GNU_SOURCE /* realpath, strsignal */
@@ -13,10 +14,15 @@
 #include <unistd.h>
 
 #include "plugin.h"
+#include "plugin_check.h"
 
 static void usage(FILE *f) {
     fprintf(f, "usage: kvhost plugins list [--plugin-path DIR[:DIR...]]\n"
                "       kvhost plugins info NAME|FILE.so [--plugin-path DIR[:DIR...]]\n"
+               "       kvhost plugins check NAME|FILE.so [--seed N] [--runs N] [--steps N] [--budget N]\n"
+               "                                        [--set KEY=VALUE]... [--plugin-path DIR[:DIR...]]\n"
+               "           drives a policy through randomized insert/score/evict/reset sequences at small shapes\n"
+               "           and validates every answer (docs/plugin-guide.md, section 6)\n"
                "Plugins are looked up by path (anything containing '/') or by name in --plugin-path, the build's\n"
                "plugin directory, <kvhost dir>/../lib/kvhost/plugins and the install directory.\n");
 }
@@ -27,6 +33,7 @@ static void caps_text(uint32_t caps, char *buf, size_t cap) {
         {KVP_CAP_PREFILL_SCORES, "prefill-scores"},
         {KVP_CAP_OBS_SCORES, "obs-scores"},
         {KVP_CAP_HEAD_BUDGETS, "head-budgets"},
+        {KVP_CAP_SCORE_REPORT, "score-report"},
     };
     size_t u = 0;
     buf[0] = '\0';
@@ -222,11 +229,43 @@ static int cmd_info(const char *ref, const char *plugin_path) {
 
 int kvh_cmd_plugins(int argc, char **argv) {
     const char *plugin_path = NULL, *sub = NULL, *target = NULL;
+    kvh_plugin_check_options co = kvh_plugin_check_default_options();
+    const char **sets = calloc((size_t)argc + 1, sizeof *sets); /* --set values of `check` */
+    if (!sets) {
+        fprintf(stderr, "kvhost plugins: out of memory\n");
+        return 1;
+    }
+    co.sets = sets;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (strcmp(a, "--plugin-path") == 0) {
+        if (strcmp(a, "--seed") == 0 || strcmp(a, "--runs") == 0 || strcmp(a, "--steps") == 0 || strcmp(a, "--set") == 0 ||
+            strcmp(a, "--budget") == 0) {
+            char *end = NULL;
+            if (i + 1 >= argc) {
+                fprintf(stderr, "kvhost plugins: %s needs a value\n", a);
+                free(sets);
+                return 2;
+            }
+            const char *v = argv[++i];
+            if (strcmp(a, "--set") == 0) {
+                sets[co.n_sets++] = v;
+                continue;
+            }
+            unsigned long long n = strtoull(v, &end, 10);
+            if (!*v || *v == '-' || *end || n > 1000000000ull || (n == 0 && strcmp(a, "--seed") != 0)) {
+                fprintf(stderr, "kvhost plugins: %s %s: expected an integer%s\n", a, v,
+                        strcmp(a, "--seed") ? " in 1..1000000000" : " in 0..1000000000");
+                free(sets);
+                return 2;
+            }
+            if (strcmp(a, "--seed") == 0) co.seed = n;
+            else if (strcmp(a, "--runs") == 0) co.runs = (int)n;
+            else if (strcmp(a, "--budget") == 0) co.budget = (uint32_t)n;
+            else co.steps = (int)n;
+        } else if (strcmp(a, "--plugin-path") == 0) {
             if (i + 1 >= argc) {
                 fprintf(stderr, "kvhost plugins: --plugin-path needs a value\n");
+                free(sets);
                 return 2;
             }
             plugin_path = argv[++i];
@@ -234,10 +273,12 @@ int kvh_cmd_plugins(int argc, char **argv) {
             plugin_path = a + 14;
         } else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) {
             usage(stdout);
+            free(sets);
             return 0;
         } else if (a[0] == '-' && a[1]) {
             fprintf(stderr, "kvhost plugins: unknown option %s\n", a);
             usage(stderr);
+            free(sets);
             return 2;
         } else if (!sub) {
             sub = a;
@@ -245,15 +286,23 @@ int kvh_cmd_plugins(int argc, char **argv) {
             target = a;
         } else {
             fprintf(stderr, "kvhost plugins: unexpected argument %s\n", a);
+            free(sets);
             return 2;
         }
     }
     if (!sub) {
         usage(stderr);
+        free(sets);
         return 2;
     }
-    if (strcmp(sub, "list") == 0 && !target) return cmd_list(plugin_path);
-    if (strcmp(sub, "info") == 0 && target) return cmd_info(target, plugin_path);
-    usage(stderr);
-    return 2;
+    int rc = 2;
+    if (strcmp(sub, "list") == 0 && !target) rc = cmd_list(plugin_path);
+    else if (strcmp(sub, "info") == 0 && target) rc = cmd_info(target, plugin_path);
+    else if (strcmp(sub, "check") == 0 && target) {
+        kvh_err err = {{0}};
+        rc = kvh_plugin_check(target, plugin_path, &co, stdout, &err) == 0 ? 0 : 1;
+        if (rc) fprintf(stderr, "kvhost plugins check: FAILED: %s\n", err.msg);
+    } else usage(stderr);
+    free(sets);
+    return rc;
 }
