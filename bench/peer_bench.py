@@ -68,6 +68,9 @@ TESTS = {  # name: (kind, prompt tokens, generated tokens, label)
 }
 TEST_ORDER = list(TESTS)
 REF_SERIES = "llama.cpp F32"
+# --series names of llama.cpp -> (label, GGUF type). q4_0 is made from the F32 GGUF by llama-quantize.
+LLAMA_TYPES = {"llama-f32": ("llama.cpp F32", "f32"), "llama-f16": ("llama.cpp F16", "f16"),
+               "llama-q8_0": ("llama.cpp Q8_0", "q8_0"), "llama-q4_0": ("llama.cpp Q4_0", "q4_0")}
 
 
 def note(msg):
@@ -143,9 +146,9 @@ class Series:
 class Kvhost(Series):
     tool = "kvhost"
 
-    def __init__(self, name, path, model, env=None):
+    def __init__(self, name, path, model, env=None, args=()):
         super().__init__(name)
-        self.path, self.model, self.extra_env = path, model, env or {}
+        self.path, self.model, self.extra_env, self.extra_args = path, model, env or {}, list(args)
 
     def probe(self):
         if not (os.path.isfile(self.path) and os.access(self.path, os.X_OK)):
@@ -167,7 +170,7 @@ class Kvhost(Series):
             os.unlink(self.json)
         return [self.path, "generate", "--model", self.model, "--prompt-tokens", str(n),
                 "--max-new", str(m if kind == "decode" else 1), "--threads", str(threads),
-                "--warmup", str(warmup), "--repeats", "1", "--quiet", "--json", self.json]
+                "--warmup", str(warmup), "--repeats", "1", "--quiet", "--json", self.json] + self.extra_args
 
     def parse(self, test, p, tmp):
         with open(self.json) as f:
@@ -282,8 +285,19 @@ def ensure_gguf(llama_dir, python, model, gguf_dir, outtype):
     if not shutil.which(python):
         raise RuntimeError(f"no Python {python} for the converter")
     os.makedirs(gguf_dir, exist_ok=True)
-    note(f"converting {model} to {out} (GGUF {outtype.upper()})")
     tmp = out + ".tmp"
+    if outtype == "q4_0":  # the converter writes up to q8_0; Q4_0 is llama-quantize's
+        quant = os.path.join(llama_dir, "build", "bin", "llama-quantize")
+        if not os.access(quant, os.X_OK):
+            raise RuntimeError(f"no {quant} (cmake --build {llama_dir}/build --target llama-quantize)")
+        f32 = ensure_gguf(llama_dir, python, model, gguf_dir, "f32")
+        note(f"quantizing {f32} to {out} (GGUF Q4_0)")
+        p = subprocess.run([quant, f32, tmp, "Q4_0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if p.returncode != 0 or not os.path.isfile(tmp):
+            raise RuntimeError("llama-quantize failed: " + " | ".join(p.stdout.strip().splitlines()[-3:]))
+        os.replace(tmp, out)
+        return out
+    note(f"converting {model} to {out} (GGUF {outtype.upper()})")
     p = subprocess.run([python, os.path.join(HERE, "peers", "convert_gguf.py"), llama_dir, model, tmp,
                         "--outtype", outtype], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if p.returncode != 0 or not os.path.isfile(tmp):
@@ -300,7 +314,8 @@ def weight_bytes(cfg):
     F = cfg.get("n_inner") or 4 * C
     mats = V * C + L * (4 * C * C + 2 * C * F)
     vecs = C + L * (9 * C + F) + 2 * C
-    return {"fp32": 4 * (mats + vecs), "f16": 2 * mats + 4 * vecs}
+    return {"fp32": 4 * (mats + vecs), "f32": 4 * (mats + vecs), "f16": 2 * mats + 4 * vecs,
+            "q8_0": mats * 34 // 32 + 4 * vecs, "q4_0": mats * 18 // 32 + 4 * vecs}
 
 
 def build_membw(path):
@@ -372,10 +387,10 @@ def cmd_run(a):
             raise SystemExit(f"peer_bench: unknown test {t!r} (known: {', '.join(TESTS)})")
     threads = [int(t) for t in a.threads.split(",")]
     want = {s.strip() for s in a.series.split(",") if s.strip()}
-    unknown = want - {"kvhost", "llama-f32", "llama-f16", "transformers"}
+    known = {"kvhost", "transformers"} | set(LLAMA_TYPES)
+    unknown = want - known
     if unknown:
-        raise SystemExit(f"peer_bench: unknown series {', '.join(sorted(unknown))} "
-                         "(known: kvhost, llama-f32, llama-f16, transformers)")
+        raise SystemExit(f"peer_bench: unknown series {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
     ensure_model(a.model, a.seed_weights)
     random_weights = os.path.isfile(os.path.join(a.model, "RANDOM_WEIGHTS.txt"))
     series, skipped = [], {}
@@ -391,8 +406,21 @@ def cmd_run(a):
             else:
                 s.env_vars = env
                 series.append(s)
+        for spec in a.kvhost_args:
+            if ":" not in spec:
+                raise SystemExit(f"peer_bench: --kvhost-args {spec!r}: expected LABEL:ARGS")
+            label, args = spec.split(":", 1)
+            s = Kvhost(label, series[0].path if series else os.path.join(REPO, "build", "kvhost"), a.model,
+                       args=shlex.split(args))
+            why = s.probe()
+            if why:
+                note(f"skipping {label}: {why}")
+                skipped[label] = why
+            else:
+                s.env_vars = {"args": args}
+                series.append(s)
 
-    llama_wanted = [w for w in ("llama-f32", "llama-f16") if w in want]
+    llama_wanted = [w for w in LLAMA_TYPES if w in want]
     if llama_wanted:
         lb = a.llama_bench or os.path.join(a.llama_dir, "build", "bin", "llama-bench")
         why = None
@@ -405,18 +433,19 @@ def cmd_run(a):
                 why = f"{lb} has no -d/--n-depth (decode at a context depth); use a newer llama.cpp"
         if why:
             for w in llama_wanted:
-                skipped["llama.cpp " + w[-3:].upper()] = why
+                skipped[LLAMA_TYPES[w][0]] = why
             note(f"skipping llama.cpp: {why}")
         else:
             for w in llama_wanted:
-                label = "llama.cpp " + w[-3:].upper()
+                label, outtype = LLAMA_TYPES[w]
                 try:
-                    g = ensure_gguf(a.llama_dir, a.peer_python, a.model, a.gguf_dir, w[-3:])
+                    g = ensure_gguf(a.llama_dir, a.peer_python, a.model, a.gguf_dir, outtype)
                 except RuntimeError as e:
                     note(f"skipping {label}: {e}")
                     skipped[label] = str(e)
                     continue
                 s = LlamaBench(label, lb, g, shlex.split(a.llama_args))
+                s.gguf_type = outtype
                 s.version = llama_source_version(a.llama_dir, lb)
                 series.append(s)
 
@@ -498,7 +527,8 @@ def cmd_run(a):
                     rec["tokens_per_s"] = tps
                     rec.update(extra)
                     if not rec.get("weight_bytes_per_token"):
-                        rec["weight_bytes_per_token"] = wbytes["f16" if s.name.endswith("F16") else "fp32"]
+                        gtype = getattr(s, "gguf_type", "f32")
+                        rec["weight_bytes_per_token"] = wbytes.get(gtype, wbytes["fp32"])
                     print(f"  round {rnd + 1} [{slot + 1}/{len(jobs)}] {s.name:<16} {t:<10} t={th}: "
                           f"{tps if tps is None else round(tps, 2)} tok/s  (load {load.get('load1_before')}, "
                           f"other CPU {load.get('other_cpu_cores')})", file=sys.stderr)
@@ -732,6 +762,9 @@ def main(argv=None):
     r.add_argument("--out-dir", required=True, help="results.jsonl (appended), table.md, peers.png")
     r.add_argument("--kvhost", action="append", metavar="[LABEL=]PATH",
                    help="kvhost binary (repeatable; default build/kvhost)")
+    r.add_argument("--kvhost-args", action="append", default=[], metavar="LABEL:ARGS",
+                   help="one more kvhost series: the first binary with extra generate arguments, e.g. "
+                   "'kvhost w8:--plugins w8.so'")
     r.add_argument("--kvhost-variant", action="append", default=[], metavar="LABEL:VAR=VAL[,VAR=VAL]",
                    help="one more kvhost series: the first binary under these environment variables")
     r.add_argument("--model", default=os.environ.get("KVH_PEER_MODEL", "/work/peers/models/gpt2-medium-seed1234"),
