@@ -36,6 +36,43 @@ int kvh_cli_parse_int(const char *text, long lo, long hi, long *out) {
     return 0;
 }
 
+int kvh_cli_parse_u64(const char *text, uint64_t *out) {
+    if (!text || *text < '0' || *text > '9') return -1; /* strtoull would accept "-1" and " 1" */
+    errno = 0;
+    char *end = NULL;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (errno != 0 || *end != '\0') return -1;
+    *out = (uint64_t)v;
+    return 0;
+}
+
+int kvh_cli_check_output(const char *path, bool dir_too, kvh_err *err) {
+    if (!path || !*path) return kvh_fail(err, "--json: empty file name");
+    struct stat st;
+    bool exists = stat(path, &st) == 0;
+    if (!exists && errno != ENOENT) return kvh_fail(err, "--json %s: cannot use: %s", path, strerror(errno));
+    if (exists) {
+        if (S_ISDIR(st.st_mode)) return kvh_fail(err, "--json %s: is a directory", path);
+        if (!S_ISREG(st.st_mode) && !S_ISCHR(st.st_mode))
+            return kvh_fail(err, "--json %s: not a regular file (a FIFO or socket would block or fail at the end "
+                            "of the run)", path);
+        if (access(path, W_OK) != 0) return kvh_fail(err, "--json %s: not writable: %s", path, strerror(errno));
+        if (!dir_too) return 0;
+    }
+    char dir[PATH_MAX];
+    const char *slash = strrchr(path, '/');
+    if (!slash) snprintf(dir, sizeof dir, ".");
+    else if (slash == path) snprintf(dir, sizeof dir, "/");
+    else if ((size_t)(slash - path) >= sizeof dir) return kvh_fail(err, "--json %s: path too long", path);
+    else snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
+    struct stat ds;
+    if (stat(dir, &ds) != 0) return kvh_fail(err, "--json %s: directory %s: %s", path, dir, strerror(errno));
+    if (!S_ISDIR(ds.st_mode)) return kvh_fail(err, "--json %s: %s is not a directory", path, dir);
+    if (access(dir, W_OK | X_OK) != 0)
+        return kvh_fail(err, "--json %s: cannot create files in %s: %s", path, dir, strerror(errno));
+    return 0;
+}
+
 int kvh_cli_parse_bytes(const char *text, size_t *out) {
     if (!text || !*text || *text == '-') return -1;
     errno = 0;
@@ -91,8 +128,8 @@ int kvh_cli_common_parse(kvh_cli_common *c, int argc, char **argv, int *i, kvh_e
     } else if (strcmp(a, "--threads") == 0) {
         if (need_value(argc, argv, i, &v, err)) return -1;
         long t;
-        if (kvh_cli_parse_int(v, 1, 1024, &t) != 0)
-            return kvh_fail(err, "--threads '%s': expected a whole number from 1 to 1024", v);
+        if (kvh_cli_parse_int(v, 1, KVH_MAX_THREADS, &t) != 0)
+            return kvh_fail(err, "--threads '%s': expected a whole number from 1 to %d", v, KVH_MAX_THREADS);
         c->threads = (int)t;
     } else if (strcmp(a, "--config") == 0) {
         if (need_value(argc, argv, i, &c->config_path, err)) return -1;
@@ -123,6 +160,7 @@ int kvh_cli_common_parse(kvh_cli_common *c, int argc, char **argv, int *i, kvh_e
 
 int kvh_cli_build_config(const kvh_cli_common *c, kvh_run_config *cfg, kvh_err *err) {
     kvh_config_defaults(cfg);
+    if (c->json_path && kvh_cli_check_output(c->json_path, false, err) != 0) return -1;
     if (c->config_path && kvh_config_load_ini(cfg, c->config_path, err) != 0) return -1;
     if (c->plugins && kvh_config_add_plugins_list(cfg, c->plugins, err) != 0) return -1;
     for (int i = 0; i < c->n_sets; i++)
@@ -153,9 +191,11 @@ void kvh_cli_synthetic_prompt(int32_t *ids, int n, int vocab) {
     for (int i = 0; i < n; i++) ids[i] = (int32_t)(((int64_t)i * 7919 + 13) % vocab);
 }
 
+/* Present at all (any file type): a FIFO or directory named vocab.json is then refused by the tokenizer's
+ * loader with a message, instead of being skipped in favour of the embedded files. */
 static bool file_exists(const char *path) {
     struct stat st;
-    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+    return stat(path, &st) == 0;
 }
 
 int kvh_cli_load_model(const char *spec, kvh_model *model, kvh_tokenizer **tok, kvh_err *err) {
@@ -179,6 +219,11 @@ int kvh_cli_load_model(const char *spec, kvh_model *model, kvh_tokenizer **tok, 
         kvh_model_free(model);
         return -1;
     }
+    if (kvh_tokenizer_vocab_size(*tok) < model->cfg.n_vocab)
+        fprintf(stderr, "kvhost: the model's vocabulary (%d ids) is larger than the tokenizer's (%d): ids %d..%d have "
+                "no text, so generation never samples them (their logits are masked); perplexity still normalizes "
+                "over all %d, as Hugging Face does\n", model->cfg.n_vocab, kvh_tokenizer_vocab_size(*tok),
+                kvh_tokenizer_vocab_size(*tok), model->cfg.n_vocab - 1, model->cfg.n_vocab);
     if (kvh_tokenizer_vocab_size(*tok) > model->cfg.n_vocab) {
         kvh_fail(err, "tokenizer has %d tokens but the model's vocabulary is %d", kvh_tokenizer_vocab_size(*tok),
                  model->cfg.n_vocab);

@@ -43,13 +43,24 @@ int kvh_cli_parse_outcome(int parse_rc, const char *command, const char *usage, 
  * the value), 0 if not a common option, -1 on a bad value (err says which option and why). */
 int kvh_cli_common_parse(kvh_cli_common *c, int argc, char **argv, int *i, kvh_err *err);
 
+/* Checks, before any work is done, that an output file can be written: an existing regular file (or a
+ * character device such as /dev/null) that is writable, or a name in an existing writable directory.
+ * Creates nothing. With dir_too, the directory must be writable even when the file exists (outputs
+ * written to FILE.tmp and renamed). A FIFO, directory or missing directory is refused, naming the path. */
+int kvh_cli_check_output(const char *path, bool dir_too, kvh_err *err);
+
+/* Parses a whole-string unsigned decimal below 2^64 ("--seed 99999999999999999999" is refused, not
+ * clamped). */
+int kvh_cli_parse_u64(const char *text, uint64_t *out);
+
 /* Parses "512M", "2G", "1048576" into bytes. */
 int kvh_cli_parse_bytes(const char *text, size_t *out);
 /* Parses a whole-string integer in [lo, hi]. */
 int kvh_cli_parse_int(const char *text, long lo, long hi, long *out);
 
 /* Builds the run configuration: --config, then --plugins, then each --set; then CLI --model/--backend/
- * --threads override the file. */
+ * --threads override the file. Also checks that --json's file can be written (kvh_cli_check_output), so a
+ * bad path is reported before the run, not after it. */
 int kvh_cli_build_config(const kvh_cli_common *c, kvh_run_config *cfg, kvh_err *err);
 
 /* Resolved settings after build_config. */

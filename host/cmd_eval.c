@@ -190,7 +190,7 @@ int kvh_cmd_eval(int argc, char **argv) {
     const char *spec = kvh_cli_model_spec(&a.common, &cfg);
     const char *backend = kvh_cli_backend(&a.common, &cfg);
     int threads = kvh_cli_threads(&a.common, &cfg);
-    if (kvh_read_file(a.text_file, MAX_TEXT_FILE_BYTES, &text, &text_len, &err) != 0) goto fail;
+    if (kvh_read_text(a.text_file, MAX_TEXT_FILE_BYTES, &text, &text_len, &err) != 0) goto fail;
     if (kvh_cli_load_model(spec, &model, &tok, &err) != 0) goto fail;
     if (model.is_random)
         fprintf(stderr, "kvhost: %s has seeded random weights: its perplexity is meaningless (timings are real).\n",

@@ -5,6 +5,8 @@
 #define _POSIX_C_SOURCE 200809L
 #include "plan.h"
 
+#include "cli.h"
+
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
@@ -118,6 +120,12 @@ static int parse_args(int argc, char **argv, opts *o, int *help, kvh_err *err)
             "--peak-tflops", "--bandwidth-gbs", "--json", NULL};
         int known = 0;
         for (int k = 0; with_value[k]; k++) known |= !strcmp(name, with_value[k]);
+        /* names other tools use for the same thing: point at ours rather than accept two spellings */
+        static const char *const hints[][2] = {{"--kv-dtype", "--kv-prec"}, {"--dtype", "--weight-prec"},
+                                               {"--weight-dtype", "--weight-prec"}, {"--seq-len", "--context"}};
+        for (size_t k = 0; !known && k < sizeof hints / sizeof hints[0]; k++)
+            if (!strcmp(name, hints[k][0]))
+                return kvh_fail(err, "unknown option '%s' (did you mean %s?)", name, hints[k][1]);
         if (!known) return kvh_fail(err, "unknown option '%s' (see kvhost plan --help)", name);
         if (eq) {
             val = eq + 1;
@@ -159,6 +167,10 @@ static int parse_args(int argc, char **argv, opts *o, int *help, kvh_err *err)
     return 0;
 }
 
+/* build_model's status for a config.json that cannot be read or parsed (exit 1, an input error) as
+ * opposed to -1 for options that do not make a model (exit 2, a usage error). */
+#define FILE_ERROR (-3)
+
 /* Resolves the model: preset / config.json / explicit dims, then explicit overrides. */
 static int build_model(opts *o, kvh_err *err)
 {
@@ -174,10 +186,10 @@ static int build_model(opts *o, kvh_err *err)
             else snprintf(path, sizeof path, "%s", spec);
             char *text = NULL;
             size_t len = 0;
-            if (kvh_read_file(path, 16u << 20, &text, &len, err)) return -1;
+            if (kvh_read_file(path, 16u << 20, &text, &len, err)) return FILE_ERROR;
             int rc = kvh_plan_model_from_json(text, path, m, err);
             free(text);
-            if (rc) return -1;
+            if (rc) return FILE_ERROR;
         } else if (kvh_plan_model_preset(spec, m, err)) {
             return -1;
         }
@@ -537,18 +549,26 @@ int kvh_cmd_plan(int argc, char **argv)
     kvh_err err = {{0}};
     opts o;
     int help = 0;
+    /* exit 2: usage (options, values, a model the options do not make); 1: an unreadable config.json, a
+     * failed write, an infeasible plan (docs/plan.md) */
     if (parse_args(argc, argv, &o, &help, &err)) {
         fprintf(stderr, "kvhost plan: %s\n", err.msg);
-        return 1;
+        return 2;
     }
     if (help) {
         fputs(usage, stdout);
         return 0;
     }
-    kvh_plan_result r;
-    if (build_model(&o, &err) || kvh_plan_compute(&o.in, &r, &err)) {
+    /* before any output: a --json path that cannot be written is reported first, and nothing is created */
+    if (o.json && kvh_cli_check_output(o.json, true, &err)) {
         fprintf(stderr, "kvhost plan: %s\n", err.msg);
-        return 1;
+        return 2;
+    }
+    kvh_plan_result r;
+    int brc = build_model(&o, &err);
+    if (brc || kvh_plan_compute(&o.in, &r, &err)) {
+        fprintf(stderr, "kvhost plan: %s\n", err.msg);
+        return brc == FILE_ERROR ? 1 : 2;
     }
     print_table(&o, &r);
     if (o.json && write_json(&o, &r, &err)) {

@@ -3,7 +3,7 @@
  * own line reader (ini_parse_stream) that counts lines, strips leading whitespace (so an indented key
  * is a key, never a multi-line continuation), rejects over-long lines and registers section headers
  * itself (inih does not call the handler for an empty section). */
-#define _POSIX_C_SOURCE 200809L
+#define _XOPEN_SOURCE 700 /* realpath */
 #include "config.h"
 
 #include <errno.h>
@@ -11,10 +11,13 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "kvp/kvp.h"
 
 #define LAYER_SYNTAX_MAX 4096u /* layer numbers accepted before the model is known */
+#define RUN_FILE_MAX_BYTES (16 << 20) /* run files are a few KB; 256 per-layer sections stay far below */
 
 void kvh_origin_format(const kvh_origin *o, char *buf, size_t cap) {
     if (o->line > 0) snprintf(buf, cap, "%s:%d", o->file, o->line);
@@ -178,8 +181,9 @@ static int set_key(kvh_run_config *cfg, const char *section, const char *key, co
                 return kvh_fail(err, "%s: [model] backend = %s: expected cpu, cuda or auto", at, value);
             snprintf(cfg->backend, sizeof cfg->backend, "%s", value);
         } else if (o == &cfg->threads_origin) {
-            if (parse_int(value, 0, 4096, &x) != 0)
-                return kvh_fail(err, "%s: [model] threads = %s: expected an integer in 0..4096 (0 = automatic)", at, value);
+            if (parse_int(value, 0, KVH_MAX_THREADS, &x) != 0)
+                return kvh_fail(err, "%s: [model] threads = %s: expected an integer in 0..%d (0 = automatic)", at, value,
+                                KVH_MAX_THREADS);
             cfg->threads = (int)x;
         } else if (o == &cfg->budget_origin) {
             if (cache_uint(at, "budget", value, 1, 1ll << 30, "budget must be >= 1; omit it to keep every token",
@@ -249,6 +253,7 @@ static int set_key(kvh_run_config *cfg, const char *section, const char *key, co
 typedef struct ini_state {
     kvh_run_config *cfg;
     const char *file;
+    const char *dir;  /* absolute directory of the file (relative plugin paths resolve here), or NULL */
     FILE *f;          /* or: */
     const char *text; /* string source, advanced as read */
     int line;         /* line number of the chunk last handed to inih */
@@ -343,6 +348,18 @@ static int key_handler(void *user, const char *section, const char *name, const 
                  st->file, st->line, name);
         return 0;
     }
+    /* `plugin = ../x.so` in a run file means next to the run file, wherever kvhost is started from; a bare
+     * name (no '/') is still searched in the plugin directories. */
+    char joined[PATH_MAX];
+    if (st->dir && strcmp(name, "plugin") == 0 && strcmp(section, "model") != 0 && strcmp(section, "cache") != 0 &&
+        value[0] != '/' && strchr(value, '/')) {
+        if ((size_t)snprintf(joined, sizeof joined, "%s/%s", st->dir, value) >= sizeof joined) {
+            st->failed = 1;
+            kvh_fail(st->err, "%s:%d: [%s] plugin = %s: path too long", st->file, st->line, section, value);
+            return 0;
+        }
+        value = joined;
+    }
     if (set_key(st->cfg, section, name, value, &where, 1, st->err) != 0) {
         st->failed = 1;
         return 0;
@@ -360,9 +377,25 @@ static int load_common(kvh_run_config *cfg, ini_state *st, kvh_err *err) {
 }
 
 int kvh_config_load_ini(kvh_run_config *cfg, const char *path, kvh_err *err) {
-    FILE *f = fopen(path, "r");
-    if (!f) return kvh_fail(err, "%s: cannot open run file: %s", path, strerror(errno));
-    ini_state st = {.cfg = cfg, .file = path, .f = f, .err = err};
+    /* a regular file of bounded size: a FIFO would block the open, /dev/zero would be read forever */
+    int fd = kvh_open_regular(path, err);
+    if (fd < 0) return kvh_fail_prefix(err, "run file");
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || sb.st_size > RUN_FILE_MAX_BYTES) {
+        close(fd);
+        return kvh_fail(err, "%s: run file is larger than the limit of %d bytes", path, RUN_FILE_MAX_BYTES);
+    }
+    FILE *f = fdopen(fd, "r");
+    if (!f) {
+        close(fd);
+        return kvh_fail(err, "%s: cannot open run file: %s", path, strerror(errno));
+    }
+    char dir[PATH_MAX], real[PATH_MAX];
+    const char *slash = strrchr(path, '/');
+    if (!slash) snprintf(dir, sizeof dir, ".");
+    else if (slash == path) snprintf(dir, sizeof dir, "/");
+    else snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
+    ini_state st = {.cfg = cfg, .file = path, .dir = realpath(dir, real) ? real : NULL, .f = f, .err = err};
     int rc = load_common(cfg, &st, err);
     if (rc == 0 && ferror(f)) rc = kvh_fail(err, "%s: read error", path);
     fclose(f);

@@ -15,6 +15,8 @@
 #include "util.h"
 
 #define KVH_CONFIG_DEFAULT_SLACK 32u
+/* Most CPU threads accepted, from [model] threads and from --threads alike. */
+#define KVH_MAX_THREADS 1024
 
 /* Where a value came from: "run.ini" + line, or "--set" / "--plugins" with line 0. */
 typedef struct kvh_origin {

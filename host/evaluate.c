@@ -46,6 +46,20 @@ double kvh_eval_kl(const float *p_logits, const float *q_logits, int V) {
     return kl_lse(p_logits, logsumexp(p_logits, V), q_logits, logsumexp(q_logits, V), V);
 }
 
+/* The NLL of a chunk came out non-finite: name the first non-finite logit (row = position in the chunk).
+ * Checking the sum instead of every logit keeps the normal path free of an extra pass. */
+static int nonfinite_logits(const float *logits, int rows, int V, size_t first_token, const char *which,
+                            kvh_err *err) {
+    size_t n = (size_t)rows * (size_t)V;
+    size_t at = kvh_first_nonfinite(logits, n);
+    if (at == n)
+        return kvh_fail(err, "eval: %s, token %zu: the log-likelihood is not finite although every logit is", which,
+                        first_token);
+    return kvh_fail(err, "eval: %s, token %zu: the logit of token id %zu is %s (non-finite). The weights were checked "
+                    "finite at load, so an activation overflowed or a plugin's store returned non-finite values",
+                    which, first_token + at / (size_t)V, at % (size_t)V, kvh_nonfinite_name(logits[at]));
+}
+
 static int check_inputs(const kvh_session *s, const int32_t *ids, size_t n, const kvh_eval_options *opt,
                         kvh_err *err) {
     const kvh_model_config *c = &s->model->cfg;
@@ -107,6 +121,10 @@ int kvh_eval_teacher(kvh_session *s, const int32_t *ids, size_t n, const kvh_eva
 #pragma omp parallel for num_threads(nt) reduction(+ : chunk_sum) schedule(static) if (len > 16)
         for (int t = 0; t < len - 1; t++)
             chunk_sum += kvh_eval_token_nll(logits + (size_t)t * V, V, tp[t + 1]);
+        if (!isfinite(chunk_sum)) {
+            nonfinite_logits(logits, len - 1, V, start, "chunk", err);
+            goto out;
+        }
         res->nll_sum += chunk_sum;
         res->n_predicted += (size_t)(len - 1);
         res->n_chunks++;
@@ -168,6 +186,14 @@ int kvh_eval_stream(kvh_session *policy, kvh_session *full, const int32_t *ids, 
             res->full_forward_ms += tc - tb;
             int32_t target = tp[t + 1];
             double lse_p = logsumexp(lp, V), lse_f = logsumexp(lf, V);
+            if (!isfinite(lse_p - (double)lp[target])) {
+                nonfinite_logits(lp, 1, V, start + (size_t)t, "policy session", err);
+                goto out;
+            }
+            if (!isfinite(lse_f - (double)lf[target])) {
+                nonfinite_logits(lf, 1, V, start + (size_t)t, "full-cache session", err);
+                goto out;
+            }
             res->nll_sum += lse_p - (double)lp[target];
             full_nll_sum += lse_f - (double)lf[target];
             double kl = kl_lse(lf, lse_f, lp, lse_p, V);

@@ -22,6 +22,24 @@ static uint32_t max_live_now(const kvh_kvcache *c) {
     return mx;
 }
 
+/* Fails when a row of logits holds a NaN or infinity: sampling would silently pick token 0 (argmax over
+ * NaN) and the run would exit 0 with garbage. Weights are checked at load (model.c), so what is left is an
+ * activation that overflowed or a plugin's store that returned non-finite values. O(rows x V) per step,
+ * against O(parameters) for the forward pass that made them: a few microseconds. */
+static int check_logits(const float *logits, int rows, int V, const int *seq_of_row, const char *when, int step,
+                        kvh_err *err) {
+    size_t n = (size_t)rows * (size_t)V;
+    size_t at = kvh_first_nonfinite(logits, n);
+    if (at == n) return 0;
+    char w[48];
+    if (step >= 0) snprintf(w, sizeof w, "%s %d", when, step);
+    else snprintf(w, sizeof w, "%s", when);
+    return kvh_fail(err, "%s: sequence %d: the logit of token %zu is %s (non-finite). The weights were checked "
+                    "finite at load, so an activation overflowed (weights of huge magnitude?) or a plugin's store "
+                    "returned non-finite values; the run is stopped rather than sampling from it",
+                    w, seq_of_row[at / (size_t)V], at % (size_t)V, kvh_nonfinite_name(logits[at]));
+}
+
 static void stream_token(const kvh_generate_request *req, int32_t id) {
     if (!req->stream || !req->tok) return;
     char buf[256];
@@ -46,6 +64,10 @@ int kvh_generate(kvh_session *s, const kvh_generate_request *req, kvh_generate_r
                             b, req->prompt_len[b], req->max_new, req->prompt_len[b] + req->max_new,
                             s->model->cfg.n_positions);
     }
+    /* A padded vocabulary (vocab_size 50304 for a 50257-token tokenizer) has ids with no text: they are
+     * masked by sampling only from the tokenizer's ids (rows keep stride V). */
+    int V_sample = V;
+    if (req->tok && kvh_tokenizer_vocab_size(req->tok) < V) V_sample = kvh_tokenizer_vocab_size(req->tok);
     res->n_seq = B;
     res->out = calloc((size_t)B, sizeof *res->out);
     res->n_out = calloc((size_t)B, sizeof *res->n_out);
@@ -65,7 +87,7 @@ int kvh_generate(kvh_session *s, const kvh_generate_request *req, kvh_generate_r
     }
     for (int b = 0; b < B; b++) {
         res->out[b] = malloc((size_t)(req->max_new > 0 ? req->max_new : 1) * sizeof(int32_t));
-        if (!res->out[b] || kvh_sampler_init(&samplers[b], &req->sampling, V, (uint64_t)b, err) != 0) {
+        if (!res->out[b] || kvh_sampler_init(&samplers[b], &req->sampling, V_sample, (uint64_t)b, err) != 0) {
             if (res->out[b] == NULL) kvh_fail(err, "generate: out of memory");
             goto out;
         }
@@ -86,6 +108,7 @@ int kvh_generate(kvh_session *s, const kvh_generate_request *req, kvh_generate_r
         }
         res->prefill_ms = kvh_now_ms() - t0;
         res->max_live_per_head = max_live_now(&s->cache);
+        if (check_logits(logits, B, V, seqs, "prefill", -1, err) != 0) goto out;
     }
 
     /* Decode: one token per live sequence per step. */
@@ -121,6 +144,7 @@ int kvh_generate(kvh_session *s, const kvh_generate_request *req, kvh_generate_r
             goto out;
         }
         res->step_ms[res->n_steps++] = kvh_now_ms() - t0;
+        if (check_logits(logits, n, V, seqs, "decode step", step, err) != 0) goto out;
         uint32_t ml = max_live_now(&s->cache);
         if (ml > res->max_live_per_head) res->max_live_per_head = ml;
     }

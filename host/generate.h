@@ -24,7 +24,8 @@ typedef struct kvh_generate_request {
     bool stop_at_eot;                /* stop a sequence at <|endoftext|> */
     int eot_id;
     FILE *stream;                    /* print sequence 0's text as it is produced, or NULL */
-    const kvh_tokenizer *tok;        /* needed for streaming */
+    const kvh_tokenizer *tok;        /* needed for streaming; when it has fewer ids than the model's V
+                                        (a padded vocabulary), ids >= its size are never sampled */
 } kvh_generate_request;
 
 typedef struct kvh_generate_result {

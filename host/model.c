@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 
+#include "mmap_guard.h"
 #include "safetensors.h"
 
 #define CONFIG_MAX_BYTES (1u << 20) /* config.json files are ~1 KB; refuse anything above 1 MiB */
@@ -32,7 +33,10 @@ void kvh_model_free(kvh_model *m) {
     if (!m) return;
     free(m->layers);
     free(m->arena);
-    if (m->map_base) munmap(m->map_base, m->map_len);
+    if (m->map_base) {
+        kvh_mmap_guard_remove(m->map_base);
+        munmap(m->map_base, m->map_len);
+    }
     memset(m, 0, sizeof *m);
 }
 
@@ -335,6 +339,52 @@ static void dir_basename(const char *path, char *out, size_t cap) {
     out[n] = '\0';
 }
 
+/* Every weight must be finite: one NaN or infinity makes every logit NaN, and a run would then print
+ * token 0 forever or a perplexity of nan with exit 0. Checked once at load, in parallel over pieces of
+ * CHUNK_FLOATS; the first bad value in file order is named (tensor, element, row/column). Cost: one read
+ * of the weights (~0.1 s per GB here, docs/security.md), which the first forward pass would do anyway. */
+static int check_finite(const slot *slots, int n, const char *prefix, const char *path, kvh_err *err) {
+    size_t *first = calloc((size_t)n + 1, sizeof *first);
+    if (!first) return kvh_fail(err, "%s: out of memory", path);
+    for (int i = 0; i < n; i++) first[i + 1] = first[i] + (slot_elems(&slots[i]) + CHUNK_FLOATS - 1) / CHUNK_FLOATS;
+    long total = (long)first[n];
+    long bad_chunk = total; /* smallest chunk index holding a non-finite value */
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 4) reduction(min : bad_chunk)
+#endif
+    for (long c = 0; c < total; c++) {
+        int lo = 0, hi = n - 1;
+        while (lo < hi) {
+            int mid = (lo + hi + 1) / 2;
+            if (first[mid] <= (size_t)c) lo = mid;
+            else hi = mid - 1;
+        }
+        size_t ne = slot_elems(&slots[lo]);
+        size_t start = ((size_t)c - first[lo]) * CHUNK_FLOATS;
+        size_t len = ne - start < CHUNK_FLOATS ? ne - start : CHUNK_FLOATS;
+        if (kvh_first_nonfinite(*slots[lo].dst + start, len) < len && c < bad_chunk) bad_chunk = c;
+    }
+    int rc = 0;
+    if (bad_chunk < total) {
+        int k = 0;
+        while (first[k + 1] <= (size_t)bad_chunk) k++;
+        size_t ne = slot_elems(&slots[k]);
+        size_t start = ((size_t)bad_chunk - first[k]) * CHUNK_FLOATS;
+        size_t len = ne - start < CHUNK_FLOATS ? ne - start : CHUNK_FLOATS;
+        size_t at = start + kvh_first_nonfinite(*slots[k].dst + start, len);
+        float v = (*slots[k].dst)[at];
+        char where[64] = "";
+        if (slots[k].n_dims == 2)
+            snprintf(where, sizeof where, " (row %zu, column %zu)", at / (size_t)slots[k].shape[1],
+                     at % (size_t)slots[k].shape[1]);
+        rc = kvh_fail(err, "%s: tensor '%s%s' holds a non-finite value (%s) at element %zu%s: every output would "
+                      "be NaN, so the checkpoint is refused (a corrupt file or a diverged training run?)", path, prefix,
+                      slots[k].name, kvh_nonfinite_name(v), at, where);
+    }
+    free(first);
+    return rc;
+}
+
 static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
     char path[4096];
     struct stat sb;
@@ -448,6 +498,7 @@ static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
         off += padded;
     }
     run_jobs(jobs, n_jobs, scratch);
+    if (check_finite(slots, n, prefix, path, err) != 0) goto done;
 
     if (any_mapped) { /* the model keeps the mapping; the header table is no longer needed */
         m->map_base = st.map_base;

@@ -4,6 +4,8 @@
  * Limits exist so a hostile config.json cannot make the loader or a backend allocate absurd amounts. */
 #include "model.h"
 
+#include "json_scan.h"
+
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
@@ -120,6 +122,18 @@ int kvh_model_config_parse(const char *json_text, size_t len, const char *path, 
     kvh_model_config c = {0};
     if (!cJSON_IsObject(root)) {
         kvh_fail(err, "%s: top level is not a JSON object", path);
+        goto done;
+    }
+    /* A repeated key is refused: Python's json (what Hugging Face reads config.json with) keeps the last
+     * value and cJSON the first, so either choice would silently disagree with someone. */
+    const char *dup = NULL;
+    if (kvh_json_duplicate_key(root, &dup) != 0) {
+        kvh_fail(err, "%s: out of memory checking for duplicate keys", path);
+        goto done;
+    }
+    if (dup) {
+        kvh_fail(err, "%s: key '%.64s' appears more than once (refused: Hugging Face would use the last value, "
+                 "this parser the first; keep one)", path, dup);
         goto done;
     }
 

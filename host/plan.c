@@ -5,6 +5,8 @@
  * Does not own: reading files or printing (cmd_plan.c). Conventions: docs/plan.md. */
 #include "plan.h"
 
+#include "json_scan.h"
+
 #include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
@@ -90,6 +92,11 @@ int kvh_plan_model_from_json(const char *text, const char *where, kvh_plan_model
     int rc = -1;
     if (!cJSON_IsObject(root)) {
         kvh_fail(err, "%s: top level is not a JSON object", where);
+        goto done;
+    }
+    const char *dup = NULL; /* refused as in model_config.c: HF keeps the last value, cJSON the first */
+    if (kvh_json_duplicate_key(root, &dup) != 0 || dup) {
+        kvh_fail(err, "%s: key '%.64s' appears more than once (refused; keep one)", where, dup ? dup : "?");
         goto done;
     }
     const cJSON *mt = cJSON_GetObjectItemCaseSensitive(root, "model_type");

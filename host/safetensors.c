@@ -6,6 +6,9 @@
 #define _POSIX_C_SOURCE 200809L
 #include "safetensors.h"
 
+#include "json_scan.h"
+#include "mmap_guard.h"
+
 #include <assert.h>
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -24,6 +27,9 @@
 #define ST_MAX_HEADER_BYTES ((uint64_t)100 * 1000 * 1000)
 /* JSON numbers are doubles: integers above 2^53 are not exact, so offsets/dims beyond it are refused. */
 #define ST_MAX_JSON_INT 9007199254740992.0
+/* One tensor entry ({"dtype": .., "shape": [<= 8 dims], "data_offsets": [b, e]}) is ~150 bytes; a generous
+ * bound keeps the one cJSON tree built at a time small whatever the header holds. */
+#define ST_MAX_ENTRY_BYTES 65536
 
 typedef struct dtype_info {
     const char *name;
@@ -58,9 +64,8 @@ static int json_uint(const cJSON *item, uint64_t *out) {
 
 /* Header entry -> tensor; data points into `data` (the data section of data_len bytes). `begin` and
  * `end` are returned for the overlap check. */
-static int parse_entry(const cJSON *e, const char *path, const unsigned char *data, uint64_t data_len,
-                       kvh_st_tensor *t, uint64_t *begin_out, uint64_t *end_out, kvh_err *err) {
-    const char *name = e->string;
+static int parse_entry(const cJSON *e, const char *name, const char *path, const unsigned char *data,
+                       uint64_t data_len, kvh_st_tensor *t, uint64_t *begin_out, uint64_t *end_out, kvh_err *err) {
     if (!cJSON_IsObject(e))
         return kvh_fail(err, "%s: tensor '%s': header entry is not a JSON object", path, name);
 
@@ -141,7 +146,7 @@ static int span_cmp(const void *a, const void *b) {
 }
 
 static int name_cmp(const void *a, const void *b) {
-    const kvh_st_tensor *x = a, *y = b;
+    const kvh_st_tensor *x = *(const kvh_st_tensor *const *)a, *y = *(const kvh_st_tensor *const *)b;
     return strcmp(x->name, y->name);
 }
 
@@ -151,8 +156,90 @@ void kvh_st_close(kvh_safetensors *st) {
         for (int i = 0; i < st->n_tensors; i++) free(st->tensors[i].name);
         free(st->tensors);
     }
-    if (st->map_base) munmap(st->map_base, st->map_len);
+    if (st->map_base) {
+        kvh_mmap_guard_remove(st->map_base);
+        munmap(st->map_base, st->map_len);
+    }
     memset(st, 0, sizeof *st);
+}
+
+/* Walks the members of the header's top-level object. *kstart is the key's opening quote, [*vstart, *vend)
+ * the value's text (validated, objects and arrays nested at most 2 deep: a tensor entry and its shape /
+ * data_offsets arrays). Returns 1 for a member, 0 after the closing '}', -1 on a syntax error (j->error). */
+static int member_next(kvh_json_scan *j, int first, size_t *kstart, size_t *vstart, size_t *vend) {
+    kvh_json_ws(j);
+    if (j->at >= j->len) {
+        j->error = "unexpected end of the header (',' or '}' was expected)";
+        return -1;
+    }
+    if (j->s[j->at] == '}' && first) {
+        j->at++;
+        return 0;
+    }
+    if (!first) {
+        if (j->s[j->at] == '}') {
+            j->at++;
+            return 0;
+        }
+        if (j->s[j->at] != ',') {
+            j->error = "expected ',' or '}' after a header entry";
+            return -1;
+        }
+        j->at++;
+        kvh_json_ws(j);
+    }
+    *kstart = j->at;
+    if (j->at >= j->len || j->s[j->at] != '"') {
+        j->error = "expected a tensor name string";
+        return -1;
+    }
+    if (kvh_json_string(j, NULL, NULL) != 0) return -1;
+    kvh_json_ws(j);
+    if (j->at >= j->len || j->s[j->at] != ':') {
+        j->error = "expected ':' after a tensor name";
+        return -1;
+    }
+    j->at++;
+    kvh_json_ws(j);
+    *vstart = j->at;
+    if (kvh_json_skip_value(j, 2, NULL) != 0) return -1;
+    *vend = j->at;
+    return 1;
+}
+
+/* Whether the (already validated) key string at text[ks] decodes to "__metadata__". */
+static bool is_metadata_key(const char *text, size_t len, size_t ks) {
+    kvh_json_scan k = {.s = text, .len = len, .at = ks};
+    if (kvh_json_string(&k, NULL, NULL) != 0 || k.at - ks > 80) return false; /* longer than any escaping */
+    char name[80];
+    size_t n = 0;
+    k.at = ks;
+    if (kvh_json_string(&k, name, &n) != 0) return false;
+    return n == 12 && memcmp(name, "__metadata__", 12) == 0;
+}
+
+/* __metadata__ is a map of string to string in the format (the reference implementation deserializes it
+ * as HashMap<String, String>); anything else is refused before it can cost memory. */
+static int metadata_check(const char *text, size_t len) {
+    kvh_json_scan j = {.s = text, .len = len};
+    if (j.len == 0 || text[0] != '{') return -1;
+    j.at = 1;
+    kvh_json_ws(&j);
+    if (j.at < j.len && text[j.at] == '}') return 0;
+    for (;;) {
+        kvh_json_ws(&j);
+        if (kvh_json_string(&j, NULL, NULL) != 0) return -1;
+        kvh_json_ws(&j);
+        if (j.at >= j.len || text[j.at] != ':') return -1;
+        j.at++;
+        kvh_json_ws(&j);
+        if (kvh_json_string(&j, NULL, NULL) != 0) return -1;
+        kvh_json_ws(&j);
+        if (j.at >= j.len) return -1;
+        if (text[j.at] == '}') return 0;
+        if (text[j.at] != ',') return -1;
+        j.at++;
+    }
 }
 
 int kvh_st_parse(kvh_safetensors *st, const void *buf, size_t len, const char *path, kvh_err *err) {
@@ -174,73 +261,114 @@ int kvh_st_parse(kvh_safetensors *st, const void *buf, size_t len, const char *p
     if (hlen < 2) return kvh_fail(err, "%s: header length %llu is too small for a JSON object", path,
                                   (unsigned long long)hlen);
 
+    /* The header is never parsed into one tree (cJSON spends ~80 bytes per value, so a 100 MB header of
+     * tiny values would take gigabytes): pass 1 validates the syntax member by member and counts the
+     * tensors; pass 2 parses each tensor entry (a few hundred bytes) on its own. Memory is the tensor
+     * table, about 4x the header at worst, plus one entry's tree. */
     const char *htext = (const char *)b + 8;
-    const char *end_ptr = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(htext, (size_t)hlen, &end_ptr, 0);
-    if (!root) {
-        const char *at = cJSON_GetErrorPtr();
-        long off = (at && at >= htext && at <= htext + hlen) ? (long)(at - htext) : -1;
-        return kvh_fail(err, "%s: header is not valid JSON (error near header byte %ld)", path, off);
+    kvh_json_scan j = {.s = htext, .len = (size_t)hlen};
+    kvh_json_ws(&j);
+    if (j.at >= j.len || htext[j.at] != '{') {
+        if (j.at < j.len && htext[j.at] == '[') return kvh_fail(err, "%s: header is not a JSON object", path);
+        kvh_json_scan v = j;
+        if (kvh_json_skip_value(&v, 64, NULL) == 0) return kvh_fail(err, "%s: header is not a JSON object", path);
+        return kvh_fail(err, "%s: header is not valid JSON: %s (error near header byte %zu)", path,
+                        v.error ? v.error : "?", v.at);
     }
-    /* The format pads the header with spaces; anything else after the object is an error. */
-    for (const char *p = end_ptr; p && p < htext + hlen; p++) {
-        if (*p != ' ' && *p != '\t' && *p != '\n' && *p != '\r' && *p != '\0') {
-            cJSON_Delete(root);
-            return kvh_fail(err, "%s: header has trailing bytes after the JSON object (at header byte %ld)",
-                            path, (long)(p - htext));
+    j.at++;
+    size_t body = j.at;
+    int n = 0;
+    size_t ks, vs, ve;
+    for (int first = 1;; first = 0) {
+        int r = member_next(&j, first, &ks, &vs, &ve);
+        if (r < 0)
+            return kvh_fail(err, "%s: header is not valid JSON: %s (error near header byte %zu)", path, j.error,
+                            j.at);
+        if (r == 0) break;
+        if (is_metadata_key(htext, (size_t)hlen, ks)) {
+            if (metadata_check(j.s + vs, ve - vs) != 0)
+                return kvh_fail(err, "%s: \"__metadata__\" (header byte %zu) must be an object mapping strings to "
+                                "strings, as the safetensors format defines", path, vs);
+        } else {
+            if (n == INT32_MAX) return kvh_fail(err, "%s: too many tensors in the header", path);
+            n++;
         }
     }
-    if (!cJSON_IsObject(root)) {
-        cJSON_Delete(root);
-        return kvh_fail(err, "%s: header is not a JSON object", path);
+    /* The format pads the header with spaces; anything else after the object is an error. */
+    for (size_t p = j.at; p < j.len; p++) {
+        char c = htext[p];
+        if (c != ' ' && c != '\t' && c != '\n' && c != '\r' && c != '\0')
+            return kvh_fail(err, "%s: header has trailing bytes after the JSON object (at header byte %zu)", path,
+                            p);
     }
 
     const unsigned char *data = b + 8 + hlen;
     uint64_t data_len = (uint64_t)(len - 8) - hlen;
-    int n = 0;
-    const cJSON *e;
-    cJSON_ArrayForEach(e, root) {
-        if (strcmp(e->string, "__metadata__") != 0) n++;
-    }
     kvh_st_tensor *ts = n ? calloc((size_t)n, sizeof *ts) : NULL;
     span *spans = n ? calloc((size_t)n, sizeof *spans) : NULL;
     if (n && (!ts || !spans)) {
         free(ts);
         free(spans);
-        cJSON_Delete(root);
         return kvh_fail(err, "%s: out of memory for %d tensor entries", path, n);
     }
     st->tensors = ts;
     int rc = 0;
     int i = 0;
-    cJSON_ArrayForEach(e, root) {
-        if (strcmp(e->string, "__metadata__") == 0) continue; /* free-form; ignored */
-        ts[i].name = strdup(e->string);
-        if (!ts[i].name) {
+    j.at = body;
+    for (int first = 1; rc == 0; first = 0) {
+        if (member_next(&j, first, &ks, &vs, &ve) != 1) break; /* syntax was checked in pass 1 */
+        size_t kraw = vs - ks; /* at least the key's raw text: its decoded form is never longer */
+        char *name = malloc(kraw + 1);
+        if (!name) {
             rc = kvh_fail(err, "%s: out of memory", path);
             break;
         }
+        kvh_json_scan kj = {.s = htext, .len = (size_t)hlen, .at = ks};
+        size_t nlen = 0;
+        (void)kvh_json_string(&kj, name, &nlen);
+        name[nlen] = '\0';
+        if (is_metadata_key(htext, (size_t)hlen, ks)) { /* the same test as pass 1 */
+            free(name);
+            continue;
+        }
+        ts[i].name = name;
         st->n_tensors = i + 1;
-        if (parse_entry(e, path, data, data_len, &ts[i], &spans[i].begin, &spans[i].end, err) != 0) {
-            rc = -1;
+        if (memchr(name, '\0', nlen)) {
+            rc = kvh_fail(err, "%s: tensor name at header byte %zu contains a NUL character (\\u0000)", path, ks);
             break;
         }
+        if (htext[vs] != '{') {
+            rc = kvh_fail(err, "%s: tensor '%s': header entry is not a JSON object", path, name);
+            break;
+        }
+        if (ve - vs > ST_MAX_ENTRY_BYTES) {
+            rc = kvh_fail(err, "%s: tensor '%s': header entry is %zu bytes, more than the limit of %d (an entry "
+                          "holds dtype, shape and data_offsets)", path, name, ve - vs, ST_MAX_ENTRY_BYTES);
+            break;
+        }
+        cJSON *e = cJSON_ParseWithLength(htext + vs, ve - vs);
+        if (!e) { /* the text was validated in pass 1, so only an allocation can have failed */
+            rc = kvh_fail(err, "%s: tensor '%s': out of memory parsing its header entry", path, name);
+            break;
+        }
+        rc = parse_entry(e, name, path, data, data_len, &ts[i], &spans[i].begin, &spans[i].end, err);
+        cJSON_Delete(e);
         spans[i].idx = i;
         i++;
     }
 
     if (rc == 0 && n > 1) {
-        /* duplicate names: cJSON keeps both entries of a repeated key, so check a sorted copy */
-        kvh_st_tensor *sorted = malloc((size_t)n * sizeof *sorted);
+        /* duplicate names: check a sorted table of pointers (not a copy of the tensors) */
+        kvh_st_tensor **sorted = malloc((size_t)n * sizeof *sorted);
         if (!sorted) {
             rc = kvh_fail(err, "%s: out of memory", path);
         } else {
-            memcpy(sorted, ts, (size_t)n * sizeof *sorted);
+            for (int k = 0; k < n; k++) sorted[k] = &ts[k];
             qsort(sorted, (size_t)n, sizeof *sorted, name_cmp);
             for (int k = 1; k < n && rc == 0; k++)
-                if (strcmp(sorted[k - 1].name, sorted[k].name) == 0)
+                if (strcmp(sorted[k - 1]->name, sorted[k]->name) == 0)
                     rc = kvh_fail(err, "%s: tensor '%s': name appears more than once in the header", path,
-                                  sorted[k].name);
+                                  sorted[k]->name);
             free(sorted);
         }
     }
@@ -266,7 +394,6 @@ int kvh_st_parse(kvh_safetensors *st, const void *buf, size_t len, const char *p
         }
     }
     free(spans);
-    cJSON_Delete(root);
     if (rc != 0) {
         kvh_st_close(st);
         snprintf(st->path, sizeof st->path, "%s", path);
@@ -277,17 +404,14 @@ int kvh_st_parse(kvh_safetensors *st, const void *buf, size_t len, const char *p
 
 int kvh_st_open(kvh_safetensors *st, const char *path, kvh_err *err) {
     memset(st, 0, sizeof *st);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return kvh_fail(err, "%s: cannot open: %s", path, strerror(errno));
+    /* non-blocking open + S_ISREG: a FIFO in place of the file is refused instead of hanging */
+    int fd = kvh_open_regular(path, err);
+    if (fd < 0) return -1;
     struct stat sb;
     if (fstat(fd, &sb) != 0) {
         int e = errno;
         close(fd);
         return kvh_fail(err, "%s: cannot stat: %s", path, strerror(e));
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        close(fd);
-        return kvh_fail(err, "%s: not a regular file", path);
     }
     if (sb.st_size < 8) {
         close(fd);
@@ -303,7 +427,10 @@ int kvh_st_open(kvh_safetensors *st, const char *path, kvh_err *err) {
     int e = errno;
     close(fd);
     if (base == MAP_FAILED) return kvh_fail(err, "%s: mmap of %zu bytes failed: %s", path, len, strerror(e));
+    /* from here on a truncation of the file by someone else is reported by name (mmap_guard.c) */
+    (void)kvh_mmap_guard_add(base, len, path);
     if (kvh_st_parse(st, base, len, path, err) != 0) {
+        kvh_mmap_guard_remove(base);
         munmap(base, len);
         return -1;
     }

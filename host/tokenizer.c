@@ -1,5 +1,5 @@
 /* tokenizer.c — GPT-2 byte-level BPE (encode / decode), exact to OpenAI's encoder.py.
- * Owns: parsing vocab.json (cJSON) and merges.txt with errors naming file + key/line, the GPT-2
+ * Owns: parsing vocab.json (json_scan, no tree) and merges.txt with errors naming file + key/line, the GPT-2
  * pre-tokenizer regex (PCRE2, UTF + UCP, invalid UTF-8 tolerated), the byte<->unicode alphabet, the
  * rank-ordered BPE merge loop, <|endoftext|> handling, and the embedded copy of the GPT-2 files
  * (symbols from embedded_assets.S).
@@ -15,8 +15,9 @@
  * only on code points first assigned in Unicode 15+, which a newer PCRE2 would pick up). */
 #include "tokenizer.h"
 
+#include "json_scan.h"
+
 #define PCRE2_CODE_UNIT_WIDTH 8
-#include <cjson/cJSON.h>
 #include <pcre2.h>
 
 #include <stdio.h>
@@ -132,7 +133,7 @@ static const merge_slot *merge_find(const kvh_tokenizer *tok, int32_t a, int32_t
 
 /* Vocabulary lookup used only while loading: token text (as in vocab.json) -> id. */
 typedef struct vocab_map {
-    const char **key; /* (cap,) NULL = empty; points into the cJSON tree */
+    const char **key; /* (cap,) NULL = empty; points into the decoded key buffer */
     size_t *klen;
     int32_t *id;
     size_t cap;
@@ -195,12 +196,111 @@ void kvh_tokenizer_free(kvh_tokenizer *tok) {
     free(tok);
 }
 
-/* Parses vocab.json into tok (ids, token bytes) and fills the text->id map. */
-static int load_vocab(kvh_tokenizer *tok, cJSON *root, vocab_map *map, const char *name, kvh_err *err) {
-    if (!cJSON_IsObject(root)) return kvh_fail(err, "%s: top level must be a JSON object {token: id}", name);
-    int n = cJSON_GetArraySize(root);
+/* ---- vocab.json ------------------------------------------------------------------------------
+ * Read straight into the tokenizer's tables with json_scan (no cJSON tree: a 120 MB file of small values
+ * would become gigabytes of nodes). Pass 1 checks the shape — one top-level object whose values are
+ * integers — and counts the entries before anything is allocated; pass 2 decodes the keys into one
+ * buffer no larger than the file. Memory: the file's size + ~48 bytes per entry. */
+
+/* "file:line:col: invalid JSON at byte N of LEN (what), near "..."" */
+static int vocab_syntax_error(const char *name, const char *text, size_t len, size_t off, const char *what,
+                              kvh_err *err) {
+    if (off > len) off = len;
+    size_t line, col;
+    line_col(text, off, &line, &col);
+    char near[40];
+    return kvh_fail(err, "%s:%zu:%zu: invalid JSON at byte %zu of %zu (%s), near \"%s\"", name, line, col, off, len,
+                    what ? what : "syntax error",
+                    excerpt(near, sizeof near, text + off, len - off < 24 ? len - off : 24));
+}
+
+/* Decodes the (validated) key string at text[ks] into a short, printable excerpt for messages. */
+static const char *key_excerpt(const char *text, size_t len, size_t ks, char *buf, size_t cap) {
+    kvh_json_scan k = {.s = text, .len = len, .at = ks};
+    if (kvh_json_string(&k, NULL, NULL) != 0) return "?";
+    size_t raw = k.at - ks;
+    char small[256];
+    if (raw > sizeof small) raw = sizeof small; /* decode a prefix only: the excerpt is short anyway */
+    k.at = ks;
+    k.len = ks + raw < len ? ks + raw : len;
+    size_t n = 0;
+    if (kvh_json_string(&k, small, &n) != 0) { /* the prefix cut the string: show its raw start */
+        return excerpt(buf, cap, text + ks + 1, raw > 1 ? raw - 1 : 0);
+    }
+    return excerpt(buf, cap, small, n);
+}
+
+/* Pass 1: the members of the top-level object at text[*at] == '{'. Counts entries into *n_out. */
+static int vocab_scan(const char *text, size_t len, size_t body, const char *name, int *n_out, kvh_err *err) {
+    kvh_json_scan j = {.s = text, .len = len, .at = body};
+    char buf[96];
+    long n = 0;
+    kvh_json_ws(&j);
+    if (j.at < len && text[j.at] == '}') {
+        *n_out = 0;
+        return 0;
+    }
+    for (;;) {
+        kvh_json_ws(&j);
+        size_t ks = j.at;
+        if (j.at >= len || text[j.at] != '"')
+            return vocab_syntax_error(name, text, len, j.at, "expected a token string", err);
+        if (kvh_json_string(&j, NULL, NULL) != 0) return vocab_syntax_error(name, text, len, j.at, j.error, err);
+        kvh_json_ws(&j);
+        if (j.at >= len || text[j.at] != ':')
+            return vocab_syntax_error(name, text, len, j.at, "expected ':' after a token", err);
+        j.at++;
+        kvh_json_ws(&j);
+        char c = j.at < len ? text[j.at] : '\0';
+        if (c == '-' || (c >= '0' && c <= '9')) {
+            if (kvh_json_number(&j) != 0) return vocab_syntax_error(name, text, len, j.at, j.error, err);
+        } else {
+            /* not a number: a syntax error, or valid JSON of the wrong kind (said so, naming the key) */
+            if (kvh_json_skip_value(&j, 64, NULL) != 0) return vocab_syntax_error(name, text, len, j.at, j.error, err);
+            return kvh_fail(err, "%s: key \"%s\": id must be an integer, not %s", name,
+                            key_excerpt(text, len, ks, buf, sizeof buf),
+                            c == '"' ? "a string" : c == '{' ? "an object" : c == '[' ? "an array" : "true/false/null");
+        }
+        if (++n > (1 << 24))
+            return kvh_fail(err, "%s: more than the supported 2^24 entries (stopped counting at byte %zu)", name,
+                            j.at);
+        kvh_json_ws(&j);
+        if (j.at >= len) return vocab_syntax_error(name, text, len, j.at, "unexpected end: ',' or '}' expected", err);
+        if (text[j.at] == '}') break;
+        if (text[j.at] != ',') return vocab_syntax_error(name, text, len, j.at, "expected ',' or '}'", err);
+        j.at++;
+    }
+    j.at++;
+    /* anything but whitespace after the object is an error too */
+    kvh_json_ws(&j);
+    if (j.at < len) {
+        size_t line, col;
+        line_col(text, j.at, &line, &col);
+        return kvh_fail(err, "%s:%zu:%zu: unexpected content after the JSON object (byte %zu of %zu)", name, line, col,
+                        j.at, len);
+    }
+    *n_out = (int)n;
+    return 0;
+}
+
+/* Parses vocab.json text into tok (ids, token bytes) and fills the text->id map; the map's keys point
+ * into *keybuf_out, which the caller frees after the merges are read. */
+static int load_vocab(kvh_tokenizer *tok, const char *text, size_t len, vocab_map *map, char **keybuf_out,
+                      const char *name, kvh_err *err) {
+    *keybuf_out = NULL;
+    kvh_json_scan j = {.s = text, .len = len};
+    kvh_json_ws(&j);
+    if (j.at >= len || text[j.at] != '{') {
+        kvh_json_scan v = j;
+        if (j.at < len && kvh_json_skip_value(&v, 64, NULL) == 0)
+            return kvh_fail(err, "%s: top level must be a JSON object {token: id}, not %s", name,
+                            text[j.at] == '[' ? "an array" : "a single value");
+        return vocab_syntax_error(name, text, len, v.at, v.error ? v.error : "expected '{'", err);
+    }
+    size_t body = j.at + 1;
+    int n = 0;
+    if (vocab_scan(text, len, body, name, &n, err) != 0) return -1;
     if (n <= 0) return kvh_fail(err, "%s: vocabulary is empty", name);
-    if (n > (1 << 24)) return kvh_fail(err, "%s: %d entries, more than the supported 2^24", name, n);
     int16_t cp_to_byte[0x144];
     byte_alphabet(cp_to_byte);
 
@@ -208,35 +308,61 @@ static int load_vocab(kvh_tokenizer *tok, cJSON *root, vocab_map *map, const cha
     map->key = calloc(map->cap, sizeof *map->key);
     map->klen = calloc(map->cap, sizeof *map->klen);
     map->id = calloc(map->cap, sizeof *map->id);
-    const cJSON **by_id = calloc((size_t)n, sizeof *by_id);
-    size_t total = 0;
-    char buf[96];
+    char *keys = malloc(len + 1);                   /* decoded keys: never longer than their JSON text */
+    size_t *kpos = malloc((size_t)n * sizeof *kpos); /* by id: offset of the key in keys */
+    uint32_t *klens = malloc((size_t)n * sizeof *klens);
+    int32_t *seen = malloc((size_t)n * sizeof *seen); /* by id: entry index that took it, or -1 */
+    size_t *kstart = malloc((size_t)n * sizeof *kstart); /* by entry: key position in the text (messages) */
+    char buf[96], buf2[96];
     int rc = -1;
-    if (!map->key || !map->klen || !map->id || !by_id) {
-        kvh_fail(err, "%s: out of memory", name);
+    if (!map->key || !map->klen || !map->id || !keys || !kpos || !klens || !seen || !kstart) {
+        kvh_fail(err, "%s: out of memory for %d entries", name, n);
         goto done;
     }
-    for (const cJSON *it = root->child; it; it = it->next) {
-        const char *key = it->string;
-        size_t klen = strlen(key);
-        double v = it->valuedouble;
-        if (!cJSON_IsNumber(it) || v < 0 || v >= n || v != (double)(int)v) {
+    for (int i = 0; i < n; i++) seen[i] = -1;
+    size_t used = 0, total = 0;
+    j.at = body;
+    for (int e = 0; e < n; e++) {
+        kvh_json_ws(&j);
+        size_t ks = j.at, klen = 0;
+        kstart[e] = ks;
+        (void)kvh_json_string(&j, keys + used, &klen); /* validated in pass 1 */
+        const char *key = keys + used;
+        kvh_json_ws(&j);
+        j.at++; /* ':' */
+        kvh_json_ws(&j);
+        size_t ns = j.at;
+        (void)kvh_json_number(&j);
+        char num[40];
+        size_t nl = j.at - ns;
+        double v = -1.0;
+        if (nl < sizeof num) {
+            memcpy(num, text + ns, nl);
+            num[nl] = '\0';
+            v = strtod(num, NULL);
+        }
+        if (!(v >= 0) || v >= n || v != (double)(int)v) {
             kvh_fail(err, "%s: key \"%s\": id must be an integer in [0, %d) (the number of entries)", name,
                      excerpt(buf, sizeof buf, key, klen), n);
             goto done;
         }
         int id = (int)v;
-        if (by_id[id]) {
-            kvh_fail(err, "%s: key \"%s\": id %d is also used by key \"%s\"", name,
-                     excerpt(buf, sizeof buf, key, klen), id, by_id[id]->string);
+        if (seen[id] >= 0) {
+            kvh_fail(err, "%s: key \"%s\": id %d is also used by key \"%s\"", name, excerpt(buf, sizeof buf, key, klen),
+                     id, key_excerpt(text, len, kstart[seen[id]], buf2, sizeof buf2));
             goto done;
         }
-        by_id[id] = it;
+        seen[id] = e;
         if (vocab_map_insert(map, key, klen, id) >= 0) {
             kvh_fail(err, "%s: key \"%s\" appears twice", name, excerpt(buf, sizeof buf, key, klen));
             goto done;
         }
+        kpos[id] = used;
+        klens[id] = (uint32_t)klen;
+        used += klen;
         total += klen; /* raw bytes never exceed the UTF-8 length */
+        kvh_json_ws(&j);
+        j.at++; /* ',' or '}' */
     }
     /* n unique ids in [0, n): ids are dense. */
     tok->n_vocab = n;
@@ -250,22 +376,22 @@ static int load_vocab(kvh_tokenizer *tok, cJSON *root, vocab_map *map, const cha
     tok->eot = -1;
     uint32_t off = 0;
     for (int id = 0; id < n; id++) {
-        const char *key = by_id[id]->string;
-        size_t klen = strlen(key);
+        const char *key = keys + kpos[id];
+        size_t klen = klens[id];
         tok->tok_off[id] = off;
         if (klen == EOT_LEN && memcmp(key, EOT_TEXT, EOT_LEN) == 0) tok->eot = id;
         for (size_t i = 0; i < klen;) {
             uint32_t cp = 0;
-            int used = utf8_next((const unsigned char *)key + i, klen - i, &cp);
-            if (used == 0 || cp >= 0x144 || cp_to_byte[cp] < 0) {
+            int u = utf8_next((const unsigned char *)key + i, klen - i, &cp);
+            if (u == 0 || cp >= 0x144 || cp_to_byte[cp] < 0) {
                 kvh_fail(err,
                          "%s: key \"%s\": character %s%04X at byte %zu is not in the GPT-2 byte alphabet",
-                         name, excerpt(buf, sizeof buf, key, klen), used ? "U+" : "invalid UTF-8 0x",
-                         used ? (unsigned)cp : (unsigned char)key[i], i);
+                         name, excerpt(buf, sizeof buf, key, klen), u ? "U+" : "invalid UTF-8 0x",
+                         u ? (unsigned)cp : (unsigned char)key[i], i);
                 goto done;
             }
             tok->tok_bytes[off++] = (char)cp_to_byte[cp];
-            i += (size_t)used;
+            i += (size_t)u;
         }
         if (off - tok->tok_off[id] == 1 && tok->byte_id[(unsigned char)tok->tok_bytes[off - 1]] < 0)
             tok->byte_id[(unsigned char)tok->tok_bytes[off - 1]] = id;
@@ -279,7 +405,12 @@ static int load_vocab(kvh_tokenizer *tok, cJSON *root, vocab_map *map, const cha
     }
     rc = 0;
 done:
-    free(by_id);
+    free(kpos);
+    free(klens);
+    free(seen);
+    free(kstart);
+    if (rc != 0) free(keys);
+    else *keybuf_out = keys;
     return rc;
 }
 
@@ -374,30 +505,9 @@ static int load_named(kvh_tokenizer **out, const char *vocab_json, size_t vocab_
     kvh_tokenizer *tok = calloc(1, sizeof *tok);
     if (!tok) return kvh_fail(err, "tokenizer: out of memory");
     vocab_map map = {0};
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(vocab_json, vocab_len, &end, 0);
+    char *keys = NULL; /* the map's keys point here */
     int rc = -1;
-    if (!root) {
-        size_t off = end && end >= vocab_json ? (size_t)(end - vocab_json) : 0;
-        if (off > vocab_len) off = vocab_len;
-        size_t line, col;
-        line_col(vocab_json, off, &line, &col);
-        char near[40];
-        kvh_fail(err, "%s:%zu:%zu: invalid JSON at byte %zu of %zu, near \"%s\"", vocab_name, line, col, off,
-                 vocab_len, excerpt(near, sizeof near, vocab_json + off, vocab_len - off < 24 ? vocab_len - off : 24));
-        goto done;
-    }
-    /* cJSON stops after the first value; anything but whitespace after it is an error too. */
-    size_t tail = end ? (size_t)(end - vocab_json) : vocab_len;
-    while (tail < vocab_len && strchr(" \t\r\n", vocab_json[tail]) && vocab_json[tail] != '\0') tail++;
-    if (tail < vocab_len) {
-        size_t line, col;
-        line_col(vocab_json, tail, &line, &col);
-        kvh_fail(err, "%s:%zu:%zu: unexpected content after the JSON object (byte %zu of %zu)", vocab_name, line,
-                 col, tail, vocab_len);
-        goto done;
-    }
-    if (load_vocab(tok, root, &map, vocab_name, err) != 0) goto done;
+    if (load_vocab(tok, vocab_json, vocab_len, &map, &keys, vocab_name, err) != 0) goto done;
     if (load_merges(tok, merges, merges_len, &map, merges_name, err) != 0) goto done;
     if (compile_pattern(tok, err) != 0) goto done;
     rc = 0;
@@ -405,7 +515,7 @@ done:
     free(map.key);
     free(map.klen);
     free(map.id);
-    cJSON_Delete(root);
+    free(keys);
     if (rc != 0) {
         kvh_tokenizer_free(tok);
         return -1;

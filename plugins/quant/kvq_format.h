@@ -161,8 +161,27 @@ static inline int kvq_format_init(kvq_format *f, int64_t bits, int64_t group, in
         return -1;
     }
     if (head_dim % group != 0) {
-        snprintf(err, cap, "group = %lld does not divide head_dim %lld (the model's head size); use a divisor of %lld "
-                 "such as 32", (long long)group, (long long)head_dim, (long long)head_dim);
+        /* name the divisors that would work (bits 4 needs an even one), nearest below the request first */
+        int64_t near = 0;
+        char list[160];
+        size_t used = 0;
+        list[0] = '\0';
+        for (int64_t d = 1; d <= head_dim; d++) {
+            if (head_dim % d != 0 || (bits == 4 && d % 2 != 0)) continue;
+            if (d < group) near = d;
+            int w = snprintf(list + used, sizeof list - used, "%s%lld", used ? ", " : "", (long long)d);
+            if (w < 0 || (size_t)w >= sizeof list - used) break;
+            used += (size_t)w;
+        }
+        if (used == 0) { /* bits 4 and an odd head_dim: no even group divides it */
+            snprintf(err, cap, "group = %lld does not divide head_dim %lld, and no even group does (bits = 4 needs "
+                     "one); use bits = 8", (long long)group, (long long)head_dim);
+            return -1;
+        }
+        if (near == 0) near = bits == 4 ? 2 : 1;
+        snprintf(err, cap, "group = %lld does not divide head_dim %lld (the model's head size); use a group that "
+                 "divides %lld, such as %lld (possible: %s)", (long long)group, (long long)head_dim,
+                 (long long)head_dim, (long long)near, list);
         return -1;
     }
     if (bits == 4 && group % 2 != 0) {
