@@ -4,9 +4,11 @@
  *          the file;
  *   record: whatever bytes go in (tags, names, keys), the line written is strict JSON in well-formed
  *          UTF-8 (ill-formed bytes become U+FFFD exactly as Python's decode(errors="replace") does);
- *          the plugin stack is complete however large (256 per-layer sections, > 64 KiB). */
+ *          also through the real CLI (a --tag value, a plugin directory name); the plugin stack is
+ *          complete however large (256 per-layer sections, > 64 KiB). */
 #define _GNU_SOURCE /* setrlimit, fork */
 #include <criterion/criterion.h>
+#include <fcntl.h>
 #include <float.h>
 #include <math.h>
 #include <signal.h>
@@ -340,6 +342,45 @@ Test(record, random_bytes_always_give_strict_json) {
         start = (size_t)(nl - text) + 1;
     }
     cJSON_Delete(all);
+    free(text);
+}
+
+/* The real CLI: a --tag value and a plugin directory name with raw bytes (no quoting by a shell:
+ * execv) give a record that is strict JSON in well-formed UTF-8, the bytes read back as U+FFFD. */
+Test(record, cli_record_with_invalid_utf8_tag_and_path) {
+    char dir[600], so[700], path[600], cmd[1400];
+    snprintf(dir, sizeof dir, "%s/pl\xffugins-\xc3(", kvh_test_tmpdir());
+    cr_assert_eq(mkdir(dir, 0755), 0);
+    snprintf(so, sizeof so, "%s/window.so", dir);
+    snprintf(cmd, sizeof cmd, "cp '%s/plugins/window.so' '%s'", KVH_BUILD_DIR, so);
+    cr_assert_eq(system(cmd), 0);
+    snprintf(path, sizeof path, "%s/cli.jsonl", kvh_test_tmpdir());
+    unlink(path);
+    pid_t pid = fork();
+    cr_assert(pid >= 0);
+    if (pid == 0) {
+        int devnull = open("/dev/null", O_WRONLY);
+        dup2(devnull, 1);
+        dup2(devnull, 2);
+        char *argv[] = {KVH_BUILD_DIR "/kvhost", "generate", "--model", "random:gpt2", "--prompt-tokens", "4",
+                        "--max-new", "2", "--quiet", "--threads", "1", "--plugin-path", dir, "--plugins", "window.so",
+                        "--set", "window.window=8", "--tag", "note=caf\xe9 \xff\xfe!", "--json", path, NULL};
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    int st;
+    waitpid(pid, &st, 0);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "kvhost generate failed (status %d)", st);
+    size_t len;
+    char *text = slurp(path, &len);
+    cr_assert_eq(for_each_line(text, len, NULL, NULL), 1);
+    cJSON *rec = cJSON_ParseWithLength(text, len);
+    const char *note = cJSON_GetStringValue(cJSON_GetObjectItem(cJSON_GetObjectItem(rec, "tags"), "note"));
+    cr_assert_str_eq(note, "caf\xef\xbf\xbd \xef\xbf\xbd\xef\xbf\xbd!");
+    cJSON *inst = cJSON_GetArrayItem(cJSON_GetObjectItem(cJSON_GetObjectItem(rec, "plugins"), "instances"), 0);
+    const char *p = cJSON_GetStringValue(cJSON_GetObjectItem(inst, "path"));
+    cr_assert(p && strstr(p, "/pl\xef\xbf\xbdugins-\xef\xbf\xbd(/window.so"), "path in the record: %s", p);
+    cJSON_Delete(rec);
     free(text);
 }
 
