@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "model.h"
 #include "plugin.h"
 #include "plugin_guard.h"
 
@@ -66,6 +67,7 @@ struct kvh_router {
     uint64_t hook_ns;
     uint64_t evict_calls;
     kvh_kvcache *cache;     /* bound cache: store memory is counted in its bytes_held (NULL: not yet) */
+    const kvh_model *model; /* weights for host->tensor() during creation; NULL afterwards and without one */
     size_t store_bytes;     /* bytes store instances hold through alloc/shared */
 };
 
@@ -211,6 +213,45 @@ static const float *svc_obs_scores(void *ctx, uint32_t seq, uint32_t head) {
     kvh_head_cache *hc = svc_head(ctx, seq, head);
     return hc ? hc->obs_score : NULL;
 }
+/* host->tensor(): one of a layer's fp32 tensors by its Hugging Face name inside the block. */
+static int svc_tensor(void *ctx, uint32_t layer, const char *name, kvp_tensor *out) {
+    host_ctx *x = ctx;
+    char msg[300];
+    const kvh_model *m = x->r->model;
+    if (!out || out->struct_size < sizeof *out) {
+        svc_set_error(x, "host->tensor: out is NULL or its struct_size is not set to sizeof(kvp_tensor)");
+        return KVP_ERROR;
+    }
+    if (!m) {
+        svc_set_error(x, "host->tensor: this host has no model weights at hand (only during create, in a session)");
+        return KVP_ERROR;
+    }
+    const uint32_t C = (uint32_t)m->cfg.n_embd;
+    if (!name || layer >= (uint32_t)m->cfg.n_layer) {
+        snprintf(msg, sizeof msg, "host->tensor: layer %u out of range (the model has %d layers)", layer, m->cfg.n_layer);
+        svc_set_error(x, msg);
+        return KVP_ERROR;
+    }
+    const kvh_layer_weights *w = &m->layers[layer];
+    static const char *const names[] = {"attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                                        "attn.c_proj.bias", "ln_1.weight", "ln_1.bias"};
+    const float *data[] = {w->attn_w, w->attn_b, w->proj_w, w->proj_b, w->ln1_w, w->ln1_b};
+    const uint32_t rows[] = {C, 1, C, 1, 1, 1}, cols[] = {3 * C, 3 * C, C, C, C, C};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (strcmp(name, names[i]) == 0) {
+            out->rows = rows[i];
+            out->cols = cols[i];
+            out->data = data[i];
+            return KVP_OK;
+        }
+    char shown[80];
+    escape_text(name, shown, sizeof shown);
+    snprintf(msg, sizeof msg, "host->tensor: no tensor '%s' (known: attn.c_attn.weight, attn.c_attn.bias, "
+             "attn.c_proj.weight, attn.c_proj.bias, ln_1.weight, ln_1.bias)", shown);
+    svc_set_error(x, msg);
+    return KVP_ERROR;
+}
+
 static void *svc_slot_meta(void *ctx, uint32_t seq, uint32_t head) {
     kvh_head_cache *hc = svc_head(ctx, seq, head);
     return hc ? hc->meta : NULL;
@@ -283,6 +324,7 @@ static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
         .shared = svc_shared,
         .cpu_level = (uint32_t)kvh_cpu_isa(), /* KVP_CPU_* and kvh_isa share their values */
         .slot_meta = svc_slot_meta,
+        .tensor = svc_tensor,
     };
     kvp_layer_info info = {
         .struct_size = sizeof info,
@@ -342,8 +384,8 @@ static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
     return 0;
 }
 
-int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char *plugin_path, int n_layer,
-                         int n_head, int head_dim, int n_ctx, int n_seq, kvh_err *err) {
+static int create_impl(kvh_router **out, const kvh_run_config *cfg, const char *plugin_path, const kvh_model *model,
+                       int n_layer, int n_head, int head_dim, int n_ctx, int n_seq, kvh_err *err) {
     *out = NULL;
     if (n_layer < 1 || n_head < 1 || head_dim < 1 || n_ctx < 1 || n_seq < 1)
         return kvh_fail(err, "router: invalid model shape (layers %d, heads %d, head_dim %d, ctx %d, seqs %d)", n_layer,
@@ -357,6 +399,7 @@ int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char
     r->n_seq = n_seq;
     r->budget = cfg->budget;
     r->slack = cfg->slack;
+    r->model = model;
     kvh_plugin_registry_init(&r->reg);
     r->layer_ctx = calloc((size_t)n_layer, sizeof *r->layer_ctx);
     r->store_ctx = calloc((size_t)n_layer, sizeof *r->store_ctx);
@@ -434,6 +477,7 @@ int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char
         if (rc == 0 && owner[3 * n_layer] == gi + 1) rc = create_instance(r, g, n_layer, err);
     }
     free(owner);
+    r->model = NULL; /* host->tensor() serves create() only */
     for (int gi = 0; gi < r->n_groups; gi++) r->groups[gi].cfg = NULL;
     if (rc != 0) {
         kvh_router_free(r);
@@ -441,6 +485,18 @@ int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char
     }
     *out = r;
     return 0;
+}
+
+int kvh_router_create_model(kvh_router **out, const kvh_run_config *cfg, const char *plugin_path,
+                            const kvh_model *model, int n_seq, kvh_err *err) {
+    const kvh_model_config *mc = &model->cfg;
+    return create_impl(out, cfg, plugin_path, model, mc->n_layer, mc->n_head, mc->n_head ? mc->n_embd / mc->n_head : 0,
+                       mc->n_positions, n_seq, err);
+}
+
+int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char *plugin_path, int n_layer,
+                         int n_head, int head_dim, int n_ctx, int n_seq, kvh_err *err) {
+    return create_impl(out, cfg, plugin_path, NULL, n_layer, n_head, head_dim, n_ctx, n_seq, err);
 }
 
 int kvh_router_create(kvh_router **out, const kvh_run_config *cfg, int n_layer, int n_head, int head_dim, int n_ctx,

@@ -34,6 +34,13 @@ int kvh_router_create(kvh_router **out, const kvh_run_config *cfg, int n_layer, 
 /* Same, with a --plugin-path (colon-separated directories searched before the defaults; may be NULL). */
 int kvh_router_create_ex(kvh_router **out, const kvh_run_config *cfg, const char *plugin_path, int n_layer,
                          int n_head, int head_dim, int n_ctx, int n_seq, kvh_err *err);
+/* Same for a model: its shape, and its fp32 weights for the plugins' host->tensor() service (ABI 1.3),
+ * which creates read during create(). The model must outlive the router's creation only (instances
+ * are created before any weight format repacks the weights). The other constructors give no weights:
+ * host->tensor() then fails with a message saying so. */
+struct kvh_model;
+int kvh_router_create_model(kvh_router **out, const kvh_run_config *cfg, const char *plugin_path,
+                            const struct kvh_model *model, int n_seq, kvh_err *err);
 
 /* Fills settings[n_layer]: budget (from the policy instance's create(); KVH_BUDGET_UNLIMITED on
  * keep-all layers), slack ([cache] slack), score flags from the policy's caps, obs_window; on layers

@@ -43,7 +43,7 @@ int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_
 
     kvh_layer_policy_settings *settings = NULL;
     if (cfg) {
-        if (kvh_router_create_ex(&s->router, cfg, opt->plugin_path, L, NH, HS, mc->n_positions, opt->n_seq, err) != 0) goto fail;
+        if (kvh_router_create_model(&s->router, cfg, opt->plugin_path, model, opt->n_seq, err) != 0) goto fail;
         bool any_policy = false;
         for (int l = 0; l < L; l++)
             any_policy |= kvh_router_layer_policy_name(s->router, l) != NULL || kvh_router_layer_store_name(s->router, l) != NULL;

@@ -47,7 +47,8 @@ extern "C" {
                           * 3: weight-format role (pack/unpack/matmul hooks), host->cpu_level;
                           *    policies see the attention they judge: score_report and insert hooks
                           *    (KVP_CAP_SCORE_REPORT), per-slot metadata (kvp_instance.slot_meta_bytes,
-                          *    host->slot_meta, kvp_evict_request.slot_meta) */
+                          *    host->slot_meta, kvp_evict_request.slot_meta); host->tensor (read-only
+                          *    fp32 weights for stores that factor them) */
 #define KVP_ENTRY_SYMBOL "kvp_plugin_entry"
 
 /* ---- status codes returned by hooks ---------------------------------------------------------- */
@@ -119,6 +120,8 @@ typedef struct kvp_instance {
 #define KVP_LOG_INFO 2
 #define KVP_LOG_DEBUG 3
 
+struct kvp_tensor;
+
 typedef struct kvp_host {
     uint32_t struct_size;
     uint32_t abi_major;
@@ -153,7 +156,23 @@ typedef struct kvp_host {
      * Writable; valid until the next host call; NULL when the policy declared none, or outside a hook.
      * Lets a layer-wise decision read the other heads' metadata during evict(). */
     void *(*slot_meta)(void *ctx, uint32_t seq, uint32_t head);
+    /* ABI 1.3: read-only fp32 weights of decoder layer `layer` (any layer, not only this instance's), for
+     * techniques that factor them in create() (a low-rank store's SVD of W_k / W_v). Names, GPT-2's
+     * Hugging Face names inside a block: "attn.c_attn.weight" [C, 3C] (input-major, output columns
+     * q | k | v), "attn.c_attn.bias" [1, 3C], "attn.c_proj.weight" [C, C], "attn.c_proj.bias" [1, C],
+     * "ln_1.weight" / "ln_1.bias" [1, C]. Fills *out and returns KVP_OK; an unknown name or layer, or a
+     * host without weights at hand (a test rig), returns KVP_ERROR with the host's own error message
+     * already set (return KVP_ERROR from create and the run stops naming your plugin and the tensor).
+     * Valid during create() only: weight formats may repack and drop the fp32 copy afterwards. */
+    int (*tensor)(void *ctx, uint32_t layer, const char *name, struct kvp_tensor *out);
 } kvp_host;
+
+/* ABI 1.3: what host->tensor() fills. */
+typedef struct kvp_tensor {
+    uint32_t struct_size;  /* set by the plugin before the call: sizeof(kvp_tensor) */
+    uint32_t rows, cols;   /* row-major [rows, cols] */
+    const float *data;
+} kvp_tensor;
 
 #define KVP_CPU_PORTABLE 0u /* plain C */
 #define KVP_CPU_AVX2 1u     /* x86-64 AVX2 + FMA + F16C */

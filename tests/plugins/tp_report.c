@@ -8,7 +8,8 @@
  *     position (so metadata moved with the slot through compaction); counts one report per slot;
  *   evict: every live slot has been reported at least once since its insert (the report runs after
  *     attention and before eviction), and the metadata in the request is the same as host->slot_meta.
- * Parameter fail_at = N > 0: the N-th score_report call fails (the error-message test). */
+ * Parameter fail_at = N > 0: the N-th score_report call fails (the error-message test); bad_tensor =
+ * true: create asks host->tensor() for a misspelt tensor name and fails (the weight-service test). */
 #include <math.h>
 #include <stdio.h>
 
@@ -28,6 +29,8 @@ typedef struct tp_state {
 static const kvp_param params[] = {
     {.name = "fail_at", .type = KVP_PARAM_INT, .default_value = 0, .min_value = 0, .max_value = 1 << 30,
      .help = "the N-th score_report call fails (0: never)"},
+    {.name = "bad_tensor", .type = KVP_PARAM_BOOL, .default_value = 0, .min_value = 0, .max_value = 1,
+     .help = "create asks for a tensor that does not exist"},
     {.name = "rows", .type = KVP_PARAM_INT, .default_value = 4, .min_value = 0, .max_value = 64,
      .help = "report_rows asked for"},
 };
@@ -38,6 +41,10 @@ static int fail(const tp_state *s, const char *msg) {
 }
 
 static int tp_create(const kvp_host *host, const kvp_layer_info *layer, kvp_instance *out) {
+    if (host->param(host->ctx, "bad_tensor") != 0) {
+        kvp_tensor t = {.struct_size = sizeof t};
+        return host->tensor(host->ctx, layer->layer, "attn.c_attn.wieght", &t); /* KVP_ERROR, message set */
+    }
     tp_state *s = host->alloc(host->ctx, sizeof *s);
     if (!s) return KVP_ERROR;
     s->host = host;
