@@ -68,6 +68,7 @@ struct kvh_router {
     uint64_t evict_calls;
     kvh_kvcache *cache;     /* bound cache: store memory is counted in its bytes_held (NULL: not yet) */
     const kvh_model *model; /* weights for host->tensor() during creation; NULL afterwards and without one */
+    int warned_newest, warned_all; /* the once-per-run warnings of kvh_router_enforce */
     size_t store_bytes;     /* bytes store instances hold through alloc/shared */
 };
 
@@ -766,6 +767,20 @@ int kvh_router_enforce(kvh_router *r, kvh_kvcache *c, int seq, int layer, int in
         if (kvh_kvcache_validate_victims(c, n_live, budget, victims, n_victims, err) != 0)
             return kvh_fail_prefix(err, "plugin '%s' (%s) layer %d seq %d head %d: evict returned a bad victim list",
                                    d->name, x->g->plugin->file_name, layer, seq, h);
+        /* Legal answers that are rarely meant: say so once per run (stderr, like host->log). */
+        if (n_victims == n_live && !r->warned_all++)
+            fprintf(stderr, "kvhost: warning: plugin '%s' (%s) layer %d seq %d head %d evicted every token (%u); legal, "
+                    "but the head now holds nothing (warned once per run)\n", d->name, x->g->plugin->file_name, layer,
+                    seq, h, n_live);
+        else if (!r->warned_newest)
+            for (uint32_t i = 0; i < n_victims; i++)
+                if (hc->pos[victims[i]] == newest) {
+                    r->warned_newest = 1;
+                    fprintf(stderr, "kvhost: warning: plugin '%s' (%s) layer %d seq %d head %d evicted the newest token "
+                            "(position %d); legal (TOVA may, by design), usually a bug (warned once per run)\n", d->name,
+                            x->g->plugin->file_name, layer, seq, h, (int)newest);
+                    break;
+                }
         kvh_kvcache_remove(c, seq, layer, h, victims, n_victims);
         kvh_kvcache_shrink(c, seq, layer, h);
     }

@@ -12,6 +12,7 @@
  *     sequence, and never above budget + slack otherwise. */
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
+#include <criterion/redirect.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -346,3 +347,25 @@ static void tiny_case(int i) {
 Test(tiny_model, tova_layer_wise) { tiny_case(0); }
 Test(tiny_model, tova_per_head) { tiny_case(1); }
 Test(tiny_model, scissorhands) { tiny_case(2); }
+
+/* The router warns once per run when a policy drops the newest token (TOVA may, by design). */
+Test(score_report, warns_once_when_the_newest_token_goes, .init = cr_redirect_stderr) {
+    kvh_model_config c = small_config();
+    kvh_model m;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_model_init_random(&m, &c, 7, "random:small", &err), 0, "%s", err.msg);
+    const char *sets[] = {"cache.budget=4", "cache.slack=0", "tova.per_head=true"};
+    kvh_session *s = session_with(&m, "tova.so", sets, 3, 1);
+    cr_assert_eq(generate(s, 1, 60, NULL, 4, 0, &err), 0, "%s", err.msg);
+    kvh_session_free(s);
+    kvh_model_free(&m);
+    fflush(stderr);
+    FILE *f = cr_get_redirected_stderr();
+    char buf[4096];
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    buf[n] = '\0';
+    const char *first = strstr(buf, "evicted the newest token");
+    cr_assert(first, "no warning in: %s", buf);
+    cr_assert_null(strstr(first + 1, "evicted the newest token"), "warned more than once: %s", buf);
+    cr_assert(strstr(buf, "plugin 'tova' (tova.so) layer "), "%s", buf);
+}
