@@ -1,5 +1,5 @@
 #!/bin/sh
-# oot_example.sh — builds examples/out-of-tree-policy against an INSTALLED kvhost SDK, twice (CMake
+# oot_example.sh — builds examples/out-of-tree-policy (and out-of-tree-score-policy) against an INSTALLED kvhost SDK, twice (CMake
 # find_package and Makefile + pkg-config), and loads each result with `kvhost plugins info`.
 # usage: tests/oot_example.sh [BUILD_DIR]   (BUILD_DIR: a configured and built kvhost tree, default build)
 set -eu
@@ -35,6 +35,13 @@ for so in "$WORK/oot/my_policy.so" "$WORK/mk/my_policy.so"; do
   syms=$(nm -D --defined-only "$so" | awk '{print $3}' | sort | tr '\n' ' ')
   [ "$syms" = "kvp_plugin_entry " ] || { echo "unexpected exports in $so: $syms"; exit 1; }
 done
+
+echo "== the score-report example (ABI 1.3) builds and passes plugins check"
+cmake -S "$SRC/examples/out-of-tree-score-policy" -B "$WORK/oot2" -DCMAKE_PREFIX_PATH="$PREFIX" >/dev/null
+cmake --build "$WORK/oot2" >/dev/null
+"$PREFIX/bin/kvhost" plugins check "$WORK/oot2/decayed.so" --runs 3 --steps 80 | tail -1
+syms=$(nm -D --defined-only "$WORK/oot2/decayed.so" | awk '{print $3}' | sort | tr '\n' ' ')
+[ "$syms" = "kvp_plugin_entry " ] || { echo "unexpected exports in decayed.so: $syms"; exit 1; }
 
 echo "== installed plugins are found by name from the installed kvhost"
 "$PREFIX/bin/kvhost" plugins info window >/dev/null
