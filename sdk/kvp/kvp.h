@@ -232,7 +232,8 @@ typedef struct kvp_score_report {
     uint32_t n_live;
     uint32_t n_queries;    /* queries of this step (1: decode) */
     uint32_t n_rows;       /* rows delivered: the last n_rows queries, oldest first */
-    uint32_t in_prefill;   /* 1 for a prefill block (even a one-token one), 0 for a decode step */
+    uint32_t in_prefill;   /* 1 when the step has several queries (a prefill block), else 0: a one-token
+                            * prompt or last prefill chunk reads as a decode step, as for score[] */
     const int32_t *pos;    /* [n_live] positions of the slots */
     const int32_t *q_pos;  /* [n_rows] positions of the queries whose rows are given */
     const float *col_sum;  /* [n_live] sum over all n_queries of their probabilities */
