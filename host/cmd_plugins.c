@@ -23,8 +23,8 @@ static void usage(FILE *f) {
                "                                        [--set KEY=VALUE]... [--plugin-path DIR[:DIR...]]\n"
                "           drives a policy through randomized insert/score/evict/reset sequences at small shapes\n"
                "           and validates every answer (docs/plugin-guide.md, section 6)\n"
-               "Plugins are looked up by path (anything containing '/') or by name in --plugin-path, the build's\n"
-               "plugin directory, <kvhost dir>/../lib/kvhost/plugins and the install directory.\n");
+               "Plugins are looked up by path (anything containing '/') or by name in --plugin-path,\n"
+               "<kvhost dir>/../lib/kvhost/plugins, the build's plugin directory and the install directory.\n");
 }
 
 static void caps_text(uint32_t caps, char *buf, size_t cap) {

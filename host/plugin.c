@@ -81,7 +81,8 @@ char **kvh_plugin_dirs(const char *plugin_path) {
             p = c + 1;
         }
     }
-    if (ok && push_dir(&dirs, &n, &cap, KVH_PLUGIN_BUILD_DIR, strlen(KVH_PLUGIN_BUILD_DIR)) != 0) ok = 0;
+    /* The executable's own prefix before the build tree it was compiled in: an installed kvhost must load
+     * the plugins installed with it, not those of a build tree that happens to still exist. */
     char exe[PATH_MAX];
     ssize_t len = readlink("/proc/self/exe", exe, sizeof exe - 1);
     if (ok && len > 0) {
@@ -96,6 +97,7 @@ char **kvh_plugin_dirs(const char *plugin_path) {
             if (push_dir(&dirs, &n, &cap, use, strlen(use)) != 0) ok = 0;
         }
     }
+    if (ok && push_dir(&dirs, &n, &cap, KVH_PLUGIN_BUILD_DIR, strlen(KVH_PLUGIN_BUILD_DIR)) != 0) ok = 0;
     if (ok && push_dir(&dirs, &n, &cap, KVH_PLUGIN_INSTALL_DIR, strlen(KVH_PLUGIN_INSTALL_DIR)) != 0) ok = 0;
     if (!ok) {
         kvh_plugin_dirs_free(dirs);

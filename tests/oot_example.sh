@@ -44,5 +44,8 @@ syms=$(nm -D --defined-only "$WORK/oot2/decayed.so" | awk '{print $3}' | sort | 
 [ "$syms" = "kvp_plugin_entry " ] || { echo "unexpected exports in decayed.so: $syms"; exit 1; }
 
 echo "== installed plugins are found by name from the installed kvhost"
-"$PREFIX/bin/kvhost" plugins info window >/dev/null
+"$PREFIX/bin/kvhost" plugins info window > "$WORK/info3.txt"
+# ... from its own prefix, not from the build tree it was compiled in (which still exists here)
+grep -q "^file: *$PREFIX/lib/kvhost/plugins/window.so" "$WORK/info3.txt" ||
+  { echo "installed kvhost loaded window from elsewhere:"; cat "$WORK/info3.txt"; exit 1; }
 echo "oot_example: OK"
