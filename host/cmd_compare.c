@@ -316,6 +316,7 @@ int kvh_cmd_compare(int argc, char **argv) {
     so.n_seq = 1;
     so.kv_mem_limit = a.common.mem_limit;
     so.plugin_path = a.common.plugin_path;
+    so.calibration = cfg.calibration;
     if (kvh_session_create(&base.sess, &model, NULL, &so, &err) != 0) {
         kvh_fail_prefix(&err, "baseline session");
         goto fail;

@@ -224,6 +224,7 @@ int kvh_cmd_eval(int argc, char **argv) {
     so.no_cache = a.common.no_cache;
     so.kv_mem_limit = a.common.mem_limit;
     so.plugin_path = a.common.plugin_path;
+    so.calibration = cfg.calibration;
     if (kvh_session_create(&sess, &model, &cfg, &so, &err) != 0) goto fail;
 
     printf("kvhost eval: %s on %s, %zu of %zu tokens, ctx %d, plugins: %s\n\n", model.name, a.text_file, n_ids,

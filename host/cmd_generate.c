@@ -11,6 +11,7 @@
 #include "metrics.h"
 #include "router.h"
 #include "session.h"
+#include "weights.h"
 
 #define MAX_PROMPTS 256
 #define MAX_PROMPT_FILE_BYTES (64u << 20)
@@ -182,6 +183,9 @@ int kvh_add_run_fields(cJSON *rec, const kvh_model *model, const kvh_session *s,
     cJSON_AddStringToObject(rec, "backend", backend);
     cJSON_AddStringToObject(rec, "device", s->backend->device);
     cJSON_AddStringToObject(rec, "kernels", s->backend->kernels);
+    /* every weight tensor as held: fp32, or packed by the layer's weight format (plugins.weights says which) */
+    cJSON_AddNumberToObject(rec, "weights_bytes_held", (double)kvh_weights_bytes_held(model, s->weights));
+    cJSON_AddNumberToObject(rec, "weights_fp32_released_bytes", s->weights ? (double)s->weights->released_bytes : 0);
     cJSON_AddNumberToObject(rec, "threads", threads);
     cJSON_AddBoolToObject(rec, "no_cache", s->opt.no_cache);
     cJSON_AddNumberToObject(rec, "cache_budget", cfg && cfg->budget ? (double)cfg->budget : 0);
@@ -280,6 +284,7 @@ int kvh_cmd_generate(int argc, char **argv) {
     so.no_cache = a.common.no_cache;
     so.kv_mem_limit = a.common.mem_limit;
     so.plugin_path = a.common.plugin_path;
+    so.calibration = cfg.calibration;
     if (kvh_session_create(&sess, &model, &cfg, &so, &err) != 0) goto fail;
 
     kvh_generate_request req = {
@@ -405,7 +410,10 @@ int kvh_cmd_generate(int argc, char **argv) {
         cJSON_AddNumberToObject(rec, "repeats", a.repeats);
         cJSON *rt = cJSON_AddArrayToObject(rec, "repeat_tokens_per_s");
         for (int i = 0; i < n_repeat_tps; i++) cJSON_AddItemToArray(rt, cJSON_CreateNumber(repeat_tps[i]));
-        cJSON_AddNumberToObject(rec, "weight_bytes_per_token", (double)kvh_model_weight_bytes_per_token(&model));
+        /* every matrix is read once per decode step: the fp32 ones at 4 bytes, packed ones at their size */
+        size_t per_token = kvh_model_weight_bytes_per_token(&model);
+        if (sess->weights) per_token = per_token - sess->weights->replaced_fp32_bytes + sess->weights->packed_bytes;
+        cJSON_AddNumberToObject(rec, "weight_bytes_per_token", (double)per_token);
         cJSON_AddNumberToObject(rec, "kv_bytes_held", (double)res.kv_bytes_held);
         cJSON_AddNumberToObject(rec, "kv_bytes_peak", (double)res.kv_bytes_peak);
         cJSON_AddNumberToObject(rec, "kv_live_bytes", (double)res.kv_live_bytes);

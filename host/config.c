@@ -48,6 +48,7 @@ static void section_free(kvh_config_section *s) {
 
 void kvh_config_free(kvh_run_config *cfg) {
     free(cfg->model);
+    free(cfg->calibration);
     for (int i = 0; i < cfg->n_sections; i++) section_free(&cfg->sections[i]);
     free(cfg->sections);
     kvh_config_defaults(cfg);
@@ -164,18 +165,22 @@ static int set_key(kvh_run_config *cfg, const char *section, const char *key, co
         if (is_model && strcmp(key, "spec") == 0) o = &cfg->model_origin;
         else if (is_model && strcmp(key, "backend") == 0) o = &cfg->backend_origin;
         else if (is_model && strcmp(key, "threads") == 0) o = &cfg->threads_origin;
+        else if (is_model && strcmp(key, "calibration") == 0) o = &cfg->calibration_origin;
         else if (!is_model && strcmp(key, "budget") == 0) o = &cfg->budget_origin;
         else if (!is_model && strcmp(key, "slack") == 0) o = &cfg->slack_origin;
         else if (!is_model && strcmp(key, "prefill_chunk") == 0) o = &cfg->prefill_chunk_origin;
         else
             return kvh_fail(err, "%s: [%s] unknown key '%s' (known keys: %s)", at, section, key,
-                            is_model ? "spec, backend, threads" : "budget, slack, prefill_chunk");
+                            is_model ? "spec, backend, threads, calibration" : "budget, slack, prefill_chunk");
         if (dup_check && o->line > 0 && strcmp(o->file, where->file) == 0) {
             return kvh_fail(err, "%s: [%s] duplicate key '%s' (already set at line %d)", at, section, key, o->line);
         }
         if (o == &cfg->model_origin) {
             if (!*value) return kvh_fail(err, "%s: [model] spec is empty", at);
             if (replace_str(&cfg->model, value) != 0) return kvh_fail(err, "%s: out of memory", at);
+        } else if (o == &cfg->calibration_origin) {
+            if (!*value) return kvh_fail(err, "%s: [model] calibration is empty (omit the key for none)", at);
+            if (replace_str(&cfg->calibration, value) != 0) return kvh_fail(err, "%s: out of memory", at);
         } else if (o == &cfg->backend_origin) {
             if (strcmp(value, "cpu") && strcmp(value, "cuda") && strcmp(value, "auto"))
                 return kvh_fail(err, "%s: [model] backend = %s: expected cpu, cuda or auto", at, value);
@@ -351,8 +356,10 @@ static int key_handler(void *user, const char *section, const char *name, const 
     /* `plugin = ../x.so` in a run file means next to the run file, wherever kvhost is started from; a bare
      * name (no '/') is still searched in the plugin directories. */
     char joined[PATH_MAX];
-    if (st->dir && strcmp(name, "plugin") == 0 && strcmp(section, "model") != 0 && strcmp(section, "cache") != 0 &&
-        value[0] != '/' && strchr(value, '/')) {
+    /* [model] calibration = FILE likewise means next to the run file (it is always a path). */
+    const int is_calibration = strcmp(section, "model") == 0 && strcmp(name, "calibration") == 0 && value[0];
+    if (st->dir && ((strcmp(name, "plugin") == 0 && strcmp(section, "model") != 0 && strcmp(section, "cache") != 0 &&
+                     strchr(value, '/')) || is_calibration) && value[0] != '/') {
         if ((size_t)snprintf(joined, sizeof joined, "%s/%s", st->dir, value) >= sizeof joined) {
             st->failed = 1;
             kvh_fail(st->err, "%s:%d: [%s] plugin = %s: path too long", st->file, st->line, section, value);
@@ -489,6 +496,7 @@ static void put_kv(FILE *f, const char *key, const char *value) {
 int kvh_config_write_ini(const kvh_run_config *cfg, FILE *f) {
     fprintf(f, "; kvhost run configuration (normalized)\n[model]\n");
     if (cfg->model) put_kv(f, "spec", cfg->model);
+    if (cfg->calibration) put_kv(f, "calibration", cfg->calibration);
     fprintf(f, "backend = %s\nthreads = %d\n\n[cache]\n", cfg->backend, cfg->threads);
     if (cfg->budget) fprintf(f, "budget = %u\n", (unsigned)cfg->budget);
     fprintf(f, "slack = %u\n", (unsigned)cfg->slack);

@@ -48,6 +48,8 @@ typedef struct kvh_config_section {
 typedef struct kvh_run_config {
     /* [model] */
     char *model;          /* spec: a checkpoint directory or "random:gpt2-medium"; NULL if unset */
+    char *calibration;    /* .kvcal activation statistics for weight formats that need them; NULL if unset. A
+                             relative path in a run file is relative to the run file's folder */
     char backend[8];      /* "cpu" | "cuda" | "auto" (default "auto") */
     int threads;          /* 0 = automatic */
     /* [cache] */
@@ -56,7 +58,7 @@ typedef struct kvh_run_config {
     uint32_t prefill_chunk; /* prompt tokens per prefill forward, with budgets enforced after each; 0 = the
                                whole prompt in one forward (the default, and the papers' setting) */
     kvh_origin model_origin, backend_origin, threads_origin, budget_origin, slack_origin,
-        prefill_chunk_origin; /* line 0 = default */
+        prefill_chunk_origin, calibration_origin; /* line 0 = default */
     /* plugin instances, in the order they appeared */
     kvh_config_section *sections;
     int n_sections, cap_sections;

@@ -14,8 +14,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "calibration.h"
+#include "config.h"
 #include "cpu_features.h"
 #include "helpers/test_util.h"
 #include "kvp/kvp.h"
@@ -284,4 +286,39 @@ Test(smoothquant, session_with_own_statistics_stays_close_to_fp32) {
     free(logits);
     free(ref);
     kvh_model_free(&m);
+}
+
+Test(smoothquant, run_file_calibration_key_is_relative_to_the_run_file) {
+    char dir[512], ini[600];
+    snprintf(dir, sizeof dir, "%s/runs", kvh_test_tmpdir());
+    mkdir(dir, 0700);
+    snprintf(ini, sizeof ini, "%s/sq.ini", dir);
+    FILE *f = fopen(ini, "w");
+    cr_assert_not_null(f);
+    fputs("[model]\ncalibration = stats/tiny.kvcal\n\n[smoothquant]\nalpha = 0.7\n", f);
+    fclose(f);
+    kvh_run_config cfg;
+    kvh_config_defaults(&cfg);
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_config_load_ini(&cfg, ini, &err), 0, "%s", err.msg);
+    char want[700];
+    snprintf(want, sizeof want, "%s/stats/tiny.kvcal", dir);
+    cr_expect_str_eq(cfg.calibration, want);
+    /* written back, and an empty value or a repeated key refused with the line */
+    char *text = NULL;
+    size_t len = 0;
+    FILE *m = open_memstream(&text, &len);
+    cr_assert_eq(kvh_config_write_ini(&cfg, m), 0);
+    fclose(m);
+    cr_expect(strstr(text, "calibration = ") != NULL, "%s", text);
+    free(text);
+    kvh_config_free(&cfg);
+    kvh_config_defaults(&cfg);
+    cr_expect_neq(kvh_config_load_string(&cfg, "[model]\ncalibration =\n", "e.ini", &err), 0);
+    cr_expect(strstr(err.msg, "e.ini:2") && strstr(err.msg, "calibration is empty"), "%s", err.msg);
+    kvh_config_free(&cfg);
+    kvh_config_defaults(&cfg);
+    cr_expect_neq(kvh_config_load_string(&cfg, "[model]\ncalibration = a\ncalibration = b\n", "d.ini", &err), 0);
+    cr_expect(strstr(err.msg, "d.ini:3") && strstr(err.msg, "duplicate key 'calibration'"), "%s", err.msg);
+    kvh_config_free(&cfg);
 }
