@@ -6,7 +6,7 @@
 #
 # usage: sh bench/eval_policies.sh [BUILD_DIR]      (default: build)
 # env:   TOKENS (2048), CTX (1024), BUDGETS ("64 128 256"), THREADS (1), JOBS (1: runs in parallel),
-#        POLICIES (default: window sink h2o pyramid, each only if BUILD_DIR/plugins/NAME.so exists),
+#        POLICIES (default: window sink h2o pyramid tova scissorhands, each only if BUILD_DIR/plugins/NAME.so exists),
 #        OUT (docs/results/eval), FRESH=1 to delete OUT/eval.jsonl first (default: append),
 #        FULL=0 to skip the full-cache rows (when appending policies to a file that has them),
 #        MC_GAMMAS ("0.05 0.4 0.7": minicache retention thresholds; minicache is a store that evicts
@@ -35,7 +35,7 @@ JSONL="$OUT/eval.jsonl"
 [ "${FRESH:-0}" = 1 ] && rm -f "$JSONL"
 
 POL=""
-for p in ${POLICIES:-window sink h2o pyramid minicache}; do
+for p in ${POLICIES:-window sink h2o pyramid tova scissorhands minicache}; do
   if [ -f "$PLUGDIR/$p.so" ]; then POL="$POL $p"; else echo "eval_policies.sh: $PLUGDIR/$p.so not built, skipping $p" >&2; fi
 done
 
