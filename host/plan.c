@@ -419,10 +419,14 @@ static int mul64(uint64_t a, uint64_t b, uint64_t *out, const char *what, kvh_er
     return 0;
 }
 
-static uint64_t weight_bytes(const kvh_plan_prec *p, uint64_t params)
+/* Weight bytes as kvhost's weight formats hold them (docs/weights.md): the matrices — attention, MLP, token
+ * embedding / tied head, an untied head — at the weight precision (int8/int4 with one fp16 scale, and zero
+ * when asymmetric, per group of inputs), everything else (position embeddings, norms, biases) in fp32. */
+static uint64_t weight_bytes(const kvh_plan_prec *p, const kvh_plan_params *pp, const kvh_plan_model *m)
 {
-    /* all parameters at the weight precision; int8/int4 add one fp16 scale (and zero) per group */
-    return kvh_plan_vec_bytes(p, (int64_t)params);
+    const uint64_t tok = (uint64_t)m->vocab * (uint64_t)m->hidden;
+    const uint64_t mats = pp->attention + pp->ffn + pp->lm_head + (pp->embeddings < tok ? pp->embeddings : tok);
+    return kvh_plan_vec_bytes(p, (int64_t)mats) + 4 * (pp->total - mats);
 }
 
 static int64_t fit(uint64_t mem, uint64_t weights, uint64_t per_request)
@@ -565,8 +569,8 @@ int kvh_plan_compute(const kvh_plan_inputs *in, kvh_plan_result *r, kvh_err *err
 
     kvh_plan_params_exact(m, &r->exact);
     kvh_plan_params_simplified(m, &r->simplified);
-    r->weight_bytes_exact = weight_bytes(&in->weight_prec, r->exact.total);
-    r->weight_bytes_simplified = weight_bytes(&in->weight_prec, r->simplified.total);
+    r->weight_bytes_exact = weight_bytes(&in->weight_prec, &r->exact, m);
+    r->weight_bytes_simplified = weight_bytes(&in->weight_prec, &r->simplified, m);
     r->weight_bytes_gpu_exact = (r->weight_bytes_exact + tp - 1) / tp;
     r->weight_bytes_gpu_simplified = (r->weight_bytes_simplified + tp - 1) / tp;
     r->gpu_mem_bytes = (uint64_t)(in->gpu_mem_gb * 1073741824.0);

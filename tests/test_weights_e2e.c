@@ -14,6 +14,7 @@
 #include "helpers/test_util.h"
 #include "kvcache.h"
 #include "model.h"
+#include "plan.h"
 #include "session.h"
 #include "weights.h"
 
@@ -202,5 +203,36 @@ Test(weights_e2e, composes_with_a_policy_and_a_kv_store) {
     }
     free(logits);
     kvh_session_free(s);
+    kvh_model_free(&m);
+}
+
+/* `kvhost plan --weight-prec` counts what the formats really hold (its weight bytes = the session's). */
+Test(weights_e2e, plan_weight_bytes_equal_what_the_formats_hold) {
+    kvh_model_config c = small_config();
+    kvh_model m;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_model_init_random(&m, &c, 2, "random:small", &err), 0, "%s", err.msg);
+    char json[512];
+    snprintf(json, sizeof json,
+             "{\"model_type\": \"gpt2\", \"n_layer\": %d, \"n_embd\": %d, \"n_head\": %d, \"n_inner\": %d, "
+             "\"vocab_size\": %d, \"n_positions\": %d}",
+             c.n_layer, c.n_embd, c.n_head, c.n_inner, c.n_vocab, c.n_positions);
+    const struct {
+        const char *plugin;
+        int prec;
+    } cases[] = {{"f16.so", KVH_PREC_FP16}, {"bf16.so", KVH_PREC_BF16}, {"w8.so", KVH_PREC_INT8}, {"w4.so", KVH_PREC_INT4}};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        kvh_plan_inputs in;
+        kvh_plan_inputs_default(&in);
+        cr_assert_eq(kvh_plan_model_from_json(json, "small", &in.model, &err), 0, "%s", err.msg);
+        in.weight_prec.kind = cases[i].prec;
+        kvh_plan_result r;
+        cr_assert_eq(kvh_plan_compute(&in, &r, &err), 0, "%s", err.msg);
+        kvh_session *s = session_with(&m, cases[i].plugin, NULL, 1);
+        cr_expect_eq(kvh_weights_bytes_held(&m, s->weights), r.weight_bytes_exact, "%s: session %zu, plan %llu",
+                     cases[i].plugin, kvh_weights_bytes_held(&m, s->weights),
+                     (unsigned long long)r.weight_bytes_exact);
+        kvh_session_free(s);
+    }
     kvh_model_free(&m);
 }
