@@ -1,5 +1,5 @@
 #!/bin/sh
-# lorc_eval.sh — docs/results/lorc.md's numbers: lorc.so (LoRC low-rank K/V store) on the tiny model at
+# lorc_eval.sh — docs/results/lorc/README.md's numbers: lorc.so (LoRC low-rank K/V store) on the tiny model at
 # several ranks (uniform and progressive) against the full fp32 cache: streaming NLL, KL(full || lorc),
 # top-1 agreement (kvhost eval --mode stream, TOKENS tokens of War of the Worlds), and KV bytes held
 # after a 1000-token prompt + 24 new tokens (kvhost generate). Appends to OUT/lorc.jsonl.
