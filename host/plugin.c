@@ -329,34 +329,34 @@ static int copy_in(reader *r, void *dst, const void *src, size_t n) {
     return 0;
 }
 
-/* A malloc'd copy of the NUL-terminated string at src, reading at most max + 1 bytes and never across a
- * page boundary it does not need (the string may end right before an unmapped page).
- * Returns 0 (copy in *out), 1 (longer than max bytes) or -1 (unreadable, or out of memory: *oom set). */
+/* A malloc'd copy of the NUL-terminated string at src, of at most max bytes. Memory protection is per
+ * page, so one byte probed through the pipe vouches for the rest of its page; the string is then
+ * measured in place up to its NUL or the page end (never a byte past the NUL: no over-read of what
+ * follows it). Returns 0 (copy in *out), 1 (longer than max bytes) or -1 (unreadable, or out of
+ * memory: *oom set). */
 static int copy_string(reader *r, const char *src, size_t max, char **out, int *oom) {
     *out = NULL;
     *oom = 0;
-    char *buf = malloc(max + 2);
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t len = 0;
+    for (;;) {
+        const char *at = src + len;
+        char probe;
+        if (copy_in(r, &probe, at, 1) != 0) return -1;
+        size_t room = page - (size_t)((uintptr_t)at % page), want = max + 1 - len;
+        if (room > want) room = want;
+        size_t k = strnlen(at, room);
+        len += k;
+        if (k < room) break; /* the NUL */
+        if (len > max) return 1;
+    }
+    char *buf = malloc(len + 1);
     if (!buf) {
         *oom = 1;
         return -1;
     }
-    size_t len = 0;
-    for (;;) {
-        uintptr_t at = (uintptr_t)src + len;
-        size_t k = READ_CHUNK - (size_t)(at % READ_CHUNK); /* to the end of this (4 KiB) page */
-        if (k > max + 1 - len) k = max + 1 - len;
-        if (copy_in(r, buf + len, src + len, k) != 0) {
-            free(buf);
-            return -1;
-        }
-        char *nul = memchr(buf + len, '\0', k);
-        if (nul) break;
-        len += k;
-        if (len > max) {
-            free(buf);
-            return 1;
-        }
-    }
+    memcpy(buf, src, len);
+    buf[len] = '\0';
     *out = buf;
     return 0;
 }
