@@ -89,6 +89,9 @@ def _ints(path, section, key, text, lo):
             continue
         if not re.fullmatch(r"[0-9]+", part):
             raise SweepError(f"{path}: [{section}] {key} = {text}: '{part}' is not a whole number")
+        if len(part) > 18:  # int() of thousands of digits raises ValueError (Python's digit limit)
+            raise SweepError(f"{path}: [{section}] {key} = {text[:40]}...: '{part[:20]}...' has {len(part)} digits, "
+                             "more than any count or length here needs")
         v = int(part)
         if v < lo:
             raise SweepError(f"{path}: [{section}] {key} = {text}: {v} must be >= {lo}")

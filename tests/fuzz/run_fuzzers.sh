@@ -19,7 +19,7 @@ root="$(cd "$here/../.." && pwd)"
 secs="${1:-60}"
 shift || true
 targets=("$@")
-if [ "${#targets[@]}" -eq 0 ]; then targets=(safetensors model_config ini tokenizer jsonl); fi
+if [ "${#targets[@]}" -eq 0 ]; then targets=(safetensors model_config ini tokenizer jsonl vocab model_dir cli); fi
 out="${FUZZ_BUILD:-$root/build-fuzz}"
 cc="${CC:-clang}"
 nice_level="${JOBS_NICE:-19}"
@@ -33,10 +33,16 @@ flags=(-std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover
 build() { # target -> $out/bin/fuzz_<target>
   local t="$1" srcs=() libs=() extra=()
   case "$t" in
-    safetensors)  srcs=(host/safetensors.c); libs=(-lcjson -lm) ;;
+    safetensors)  srcs=(host/safetensors.c host/json_scan.c host/mmap_guard.c); libs=(-lcjson -lm) ;;
     model_config) srcs=(host/model_config.c host/plan.c); libs=(-lcjson -lm) ;;
     ini)          srcs=(host/config.c); libs=(-linih) ;;
-    tokenizer)    srcs=(host/tokenizer.c); libs=(-lpcre2-8 -lcjson)
+    tokenizer|vocab|cli)
+                  case "$t" in
+                    tokenizer|vocab) srcs=(host/tokenizer.c host/json_scan.c); libs=(-lpcre2-8 -lcjson) ;;
+                    cli) srcs=(host/cli.c host/cmd_plan.c host/plan.c host/config.c host/model.c host/model_config.c
+                               host/safetensors.c host/json_scan.c host/mmap_guard.c host/tokenizer.c)
+                         libs=(-linih -lpcre2-8 -lcjson -lm) ;;
+                  esac
                   "$cc" -c -o "$out/bin/embedded_assets.o" "$root/host/embedded_assets.S" \
                     -DKVH_ASSET_VOCAB="\"$root/host/assets/vocab.json\"" \
                     -DKVH_ASSET_MERGES="\"$root/host/assets/merges.txt\""
@@ -45,7 +51,9 @@ build() { # target -> $out/bin/fuzz_<target>
                   # metrics.c takes the commit from a build-time header: a fixed one here
                   mkdir -p "$out/gen" && echo '#define KVH_GIT_COMMIT "fuzz"' > "$out/gen/kvh_commit.h"
                   extra=(-I"$out/gen" -I"$root/tests") ;;
-    *) echo "run_fuzzers: unknown target '$t' (known: safetensors model_config ini tokenizer jsonl)" >&2; return 2 ;;
+    model_dir)    srcs=(host/model.c host/model_config.c host/safetensors.c host/json_scan.c host/mmap_guard.c)
+                  libs=(-lcjson -lm) ;;
+    *) echo "run_fuzzers: unknown target '$t' (known: safetensors model_config ini tokenizer jsonl vocab model_dir cli)" >&2; return 2 ;;
   esac
   local paths=("$here/fuzz_$t.c" "$root/host/util.c")
   for s in "${srcs[@]}"; do paths+=("$root/$s"); done
@@ -58,7 +66,9 @@ for t in "${targets[@]}"; do
   build "$t"
   mkdir -p "$out/work/$t" "$out/crashes/$t"
   echo "== fuzz_$t: running ${secs}s (corpus $here/corpus/$t)"
-  if ! nice -n "$nice_level" "$out/bin/fuzz_$t" -max_total_time="$secs" -timeout=25 -rss_limit_mb=2048 \
+  run_extra=()
+  [ "$t" = cli ] && run_extra=(-close_fd_mask=2) # plan's error lines; libFuzzer's reports still go out
+  if ! nice -n "$nice_level" "$out/bin/fuzz_$t" "${run_extra[@]}" -max_total_time="$secs" -timeout=25 -rss_limit_mb=2048 \
          -max_len=65536 -print_final_stats=1 -artifact_prefix="$out/crashes/$t/" \
          "$out/work/$t" "$here/corpus/$t" > "$out/fuzz_$t.log" 2>&1; then
     echo "== fuzz_$t: FAILED, see $out/fuzz_$t.log and $out/crashes/$t/" >&2
