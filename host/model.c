@@ -342,7 +342,7 @@ static void dir_basename(const char *path, char *out, size_t cap) {
 /* Every weight must be finite: one NaN or infinity makes every logit NaN, and a run would then print
  * token 0 forever or a perplexity of nan with exit 0. Checked once at load, in parallel over pieces of
  * CHUNK_FLOATS; the first bad value in file order is named (tensor, element, row/column). Cost: one read
- * of the weights (~0.1 s per GB here, docs/security.md), which the first forward pass would do anyway. */
+ * of the weights (0.15 s per GB per core here, docs/security.md), which the first forward pass does anyway. */
 static int check_finite(const slot *slots, int n, const char *prefix, const char *path, kvh_err *err) {
     size_t *first = calloc((size_t)n + 1, sizeof *first);
     if (!first) return kvh_fail(err, "%s: out of memory", path);
