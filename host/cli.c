@@ -11,8 +11,10 @@
 
 const char *const kvh_cli_common_help =
     "Model and backend:\n"
-    "  --model SPEC          checkpoint directory (config.json, model.safetensors, vocab.json, merges.txt)\n"
-    "                        or random:gpt2|gpt2-medium|gpt2-large|gpt2-xl[:SEED] (seeded random weights at the\n"
+    "  --model SPEC          checkpoint directory (config.json, model.safetensors or the shards of\n"
+    "                        model.safetensors.index.json, vocab.json, merges.txt), a hub id already in the\n"
+    "                        Hugging Face cache (openai-community/gpt2-medium), or\n"
+    "                        random:gpt2|gpt2-medium|gpt2-large|gpt2-xl[:SEED] (seeded random weights at the\n"
     "                        real shapes; their text is meaningless). Default: " KVH_DEFAULT_MODEL "\n"
     "  --backend NAME        cpu | cuda | auto (default: cpu, or [model] backend of --config)\n"
     "  --threads N           CPU threads (default: all cores)\n"
@@ -203,9 +205,10 @@ int kvh_cli_load_model(const char *spec, kvh_model *model, kvh_tokenizer **tok, 
     if (kvh_model_load(model, spec, err) != 0) return -1;
     int rc;
     if (strncmp(spec, "random:", 7) != 0) {
+        /* model->source: the directory the weights came from (a hub id's cache snapshot, hub.c) */
         char vocab[PATH_MAX], merges[PATH_MAX];
-        snprintf(vocab, sizeof vocab, "%s/vocab.json", spec);
-        snprintf(merges, sizeof merges, "%s/merges.txt", spec);
+        snprintf(vocab, sizeof vocab, "%s/vocab.json", model->source);
+        snprintf(merges, sizeof merges, "%s/merges.txt", model->source);
         if (file_exists(vocab) && file_exists(merges)) {
             rc = kvh_tokenizer_load(tok, vocab, merges, err);
         } else {

@@ -29,8 +29,9 @@ static const char *const generate_usage =
     "  --truncate            keep the most recent prompt tokens when prompt + max-new exceeds n_positions\n"
     "  --stop-eos            stop a sequence at <|endoftext|> (default: generate exactly --max-new tokens)\n"
     "  --temperature T       0 = greedy (default 0)\n"
-    "  --top-k K             sample among the K most likely tokens (0 = off)\n"
-    "  --top-p P             nucleus sampling: smallest set with probability >= P (1 = off)\n"
+    "  --top-k K             sample among the K most likely tokens (0 = off; needs --temperature)\n"
+    "  --top-p P             nucleus sampling: smallest set with probability >= P, renormalized over the\n"
+    "                        top-k set when --top-k is on, as transformers does (1 = off)\n"
     "  --seed S              sampling seed (default 1234); same seed, same output\n"
     "  --quiet               do not print the generated text\n"
     "  --prompt-tokens N     synthetic prompt of N ids ((i*7919+13) %% vocab), for benchmarks\n"
@@ -203,6 +204,9 @@ int kvh_cmd_generate(int argc, char **argv) {
     generate_args a;
     int outcome = kvh_cli_parse_outcome(parse_args(argc, argv, &a, &err), "generate", generate_usage, &err);
     if (outcome >= 0) return outcome;
+    if (a.sampling.temperature == 0.0f && (a.sampling.top_k > 0 || a.sampling.top_p < 1.0f))
+        fprintf(stderr, "kvhost generate: warning: --top-k / --top-p have no effect without --temperature > 0: "
+                "decoding is greedy (transformers warns the same when do_sample is off)\n");
     int status = 1;
     kvh_run_config cfg;
     kvh_model model;

@@ -2,11 +2,13 @@
  * seeded random weights at a preset's shapes, and releasing them.
  * Owns: kvh_model_load / kvh_model_init_random / kvh_model_free / kvh_model_weight_bytes_per_token, the
  * GPT-2 tensor-name map, the single fp32 arena (converted F16/BF16 or random weights).
- * Does not own: config.json parsing and presets (model_config.c), the safetensors container
- * (safetensors.c), the tokenizer, the forward pass.
+ * Does not own: config.json parsing and presets (model_config.c), which files hold the weights
+ * (checkpoint.c: single file or shards), the safetensors container (safetensors.c), the tokenizer,
+ * the forward pass.
  *
  * Storage: F32 tensors whose data is 4-byte aligned point straight into the read-only file mapping
- * (zero-copy); every other tensor is converted into one arena allocated once. Random weights live
+ * (zero-copy) of a single-file checkpoint; every other tensor, and every tensor of a sharded one, is
+ * converted into one arena allocated once. Random weights live
  * entirely in the arena, each tensor starting on a 64-byte boundary. */
 #define _GNU_SOURCE /* madvise(MADV_HUGEPAGE) */
 #include "model.h"
@@ -21,6 +23,8 @@
 #include <sys/stat.h>
 
 #include "mmap_guard.h"
+#include "checkpoint.h"
+#include "hub.h"
 #include "safetensors.h"
 
 #define CONFIG_MAX_BYTES (1u << 20) /* config.json files are ~1 KB; refuse anything above 1 MiB */
@@ -386,8 +390,17 @@ static int check_finite(const slot *slots, int n, const char *prefix, const char
 }
 
 static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
-    char path[4096];
+    char path[4096], snapshot[sizeof m->source];
     struct stat sb;
+    const char *hub_id = NULL;
+    if (stat(dir, &sb) != 0) { /* not here: a hub id already in the Hugging Face cache? (hub.c) */
+        int found = kvh_hub_resolve(dir, snapshot, sizeof snapshot, err);
+        if (found < 0) return -1;
+        if (found > 0) {
+            hub_id = dir;
+            dir = snapshot;
+        }
+    }
     if (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
         return kvh_fail(err, "model '%s': not a directory (expected a Hugging Face GPT-2 directory with "
                         "config.json and model.safetensors, or random:NAME[:SEED] with NAME one of gpt2, "
@@ -401,10 +414,11 @@ static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
     free(text);
     if (rc != 0) return -1;
 
-    if (snprintf(path, sizeof path, "%s/model.safetensors", dir) >= (int)sizeof path)
-        return kvh_fail(err, "model '%s': path too long", dir);
-    kvh_safetensors st;
-    if (kvh_st_open(&st, path, err) != 0) return -1;
+    /* model.safetensors, or the shards of model.safetensors.index.json (checkpoint.c) */
+    kvh_checkpoint ck;
+    if (kvh_checkpoint_open(&ck, dir, err) != 0) return -1;
+    snprintf(path, sizeof path, "%s", ck.path);
+    const bool sharded = ck.n_files > 1; /* shards are copied into the arena, then unmapped */
 
     slot *slots = NULL;
     int n = 0;
@@ -420,7 +434,7 @@ static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
         goto done;
     }
     found = calloc((size_t)n, sizeof *found);
-    used = calloc((size_t)st.n_tensors + 1, sizeof *used);
+    used = calloc((size_t)ck.n_tensors + 1, sizeof *used);
     jobs = calloc((size_t)n, sizeof *jobs);
     scratch = calloc((size_t)n + 1, sizeof *scratch);
     if (!found || !used || !jobs || !scratch) {
@@ -430,13 +444,15 @@ static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
 
     /* "transformer." prefix: checkpoints saved from GPT2LMHeadModel rather than GPT2Model. */
     const char *prefix = "";
-    if (!kvh_st_find(&st, "wte.weight") && kvh_st_find(&st, "transformer.wte.weight")) prefix = "transformer.";
+    if (kvh_checkpoint_find(&ck, "wte.weight") < 0 && kvh_checkpoint_find(&ck, "transformer.wte.weight") >= 0)
+        prefix = "transformer.";
 
     size_t convert_floats = 0;
     for (int i = 0; i < n; i++) {
         char full[SLOT_NAME_MAX + 16];
         snprintf(full, sizeof full, "%s%s", prefix, slots[i].name);
-        const kvh_st_tensor *t = kvh_st_find(&st, full);
+        const int ti = kvh_checkpoint_find(&ck, full);
+        const kvh_st_tensor *t = ti >= 0 ? ck.tensors[ti] : NULL;
         char want[64], got[160];
         shape_str(want, sizeof want, slots[i].n_dims, slots[i].shape);
         if (!t) {
@@ -444,8 +460,8 @@ static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
             goto done;
         }
         if (t->dtype != KVH_ST_F32 && t->dtype != KVH_ST_F16 && t->dtype != KVH_ST_BF16) {
-            kvh_fail(err, "%s: tensor '%s' has dtype %s, which is not usable (F32, F16 or BF16 needed)", path,
-                     full, t->dtype_name);
+            kvh_fail(err, "%s: tensor '%s' has dtype %s, which is not usable (F32, F16 or BF16 needed)",
+                     kvh_checkpoint_file(&ck, ti), full, t->dtype_name);
             goto done;
         }
         bool same = t->n_dims == slots[i].n_dims;
@@ -453,20 +469,22 @@ static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
         if (!same) {
             shape_str(got, sizeof got, t->n_dims, t->shape);
             kvh_fail(err, "%s: tensor '%s' has shape %s, expected %s (n_vocab %d, n_positions %d, n_embd %d, "
-                     "n_inner %d from config.json)", path, full, got, want, m->cfg.n_vocab, m->cfg.n_positions,
+                     "n_inner %d from config.json)", kvh_checkpoint_file(&ck, ti), full, got, want, m->cfg.n_vocab,
+                     m->cfg.n_positions,
                      m->cfg.n_embd, m->cfg.n_inner);
             goto done;
         }
         found[i] = t;
-        used[t - st.tensors] = true;
-        if (t->dtype != KVH_ST_F32 || ((uintptr_t)t->data % sizeof(float)) != 0)
+        used[ti] = true;
+        if (sharded || t->dtype != KVH_ST_F32 || ((uintptr_t)t->data % sizeof(float)) != 0)
             convert_floats += round_up(t->n_elems, ARENA_ALIGN_FLOATS);
         m->n_params += t->n_elems;
     }
-    for (int k = 0; k < st.n_tensors; k++) {
-        if (used[k] || ignorable_tensor(st.tensors[k].name, m->cfg.n_layer)) continue;
+    for (int k = 0; k < ck.n_tensors; k++) {
+        if (used[k] || ignorable_tensor(ck.tensors[k]->name, m->cfg.n_layer)) continue;
         kvh_fail(err, "%s: unexpected tensor '%s' (not a GPT-2 weight for config.json's n_layer = %d; "
-                 "wrong config.json or not a GPT-2 checkpoint?)", path, st.tensors[k].name, m->cfg.n_layer);
+                 "wrong config.json or not a GPT-2 checkpoint?)", kvh_checkpoint_file(&ck, k), ck.tensors[k]->name,
+                 m->cfg.n_layer);
         goto done;
     }
 
@@ -485,7 +503,7 @@ static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
     bool any_mapped = false;
     for (int i = 0; i < n; i++) {
         const kvh_st_tensor *t = found[i];
-        if (t->dtype == KVH_ST_F32 && ((uintptr_t)t->data % sizeof(float)) == 0) {
+        if (!sharded && t->dtype == KVH_ST_F32 && ((uintptr_t)t->data % sizeof(float)) == 0) {
             *slots[i].dst = (const float *)t->data; /* zero-copy into the mapping */
             any_mapped = true;
             continue;
@@ -501,15 +519,16 @@ static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
     if (check_finite(slots, n, prefix, path, err) != 0) goto done;
 
     if (any_mapped) { /* the model keeps the mapping; the header table is no longer needed */
-        m->map_base = st.map_base;
-        m->map_len = st.map_len;
-        st.map_base = NULL;
+        m->map_base = ck.files[0].map_base;
+        m->map_len = ck.files[0].map_len;
+        ck.files[0].map_base = NULL;
     }
-    dir_basename(dir, m->name, sizeof m->name);
+    if (hub_id) snprintf(m->name, sizeof m->name, "%s", strrchr(hub_id, '/') ? strrchr(hub_id, '/') + 1 : hub_id);
+    else dir_basename(dir, m->name, sizeof m->name);
     snprintf(m->source, sizeof m->source, "%s", dir);
     rc = 0;
 done:
-    kvh_st_close(&st); /* unmaps unless the model took the mapping */
+    kvh_checkpoint_close(&ck); /* unmaps unless the model took the mapping */
     free(slots);
     free(found);
     free(used);

@@ -246,6 +246,13 @@ int kvh_st_parse(kvh_safetensors *st, const void *buf, size_t len, const char *p
     memset(st, 0, sizeof *st);
     snprintf(st->path, sizeof st->path, "%s", path);
     const unsigned char *b = buf;
+    /* a git-lfs pointer (a clone without `git lfs pull`): ~130 bytes of text whose first 8 bytes would
+     * read as a header length of 2.3e18 */
+    static const char lfs[] = "version https://git-lfs.github.com/spec/";
+    if (len >= sizeof lfs - 1 && memcmp(b, lfs, sizeof lfs - 1) == 0)
+        return kvh_fail(err, "%s: this is a git-lfs pointer file (%zu bytes of text), not the weights: run "
+                        "`git lfs install && git lfs pull` in the clone, or download with `huggingface-cli "
+                        "download ORG/NAME --local-dir DIR`", path, len);
     if (len < 8)
         return kvh_fail(err, "%s: file is %zu bytes, too short for the 8-byte safetensors header length "
                         "(truncated or not a safetensors file)", path, len);

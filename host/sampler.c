@@ -1,4 +1,5 @@
-/* sampler.c — implementation of sampler.h. Top-k / top-p sort only the candidates they keep. */
+/* sampler.c — implementation of sampler.h. Temperature, then top-k, then top-p over the renormalized
+ * top-k set: the order transformers' generate() composes its warpers in. */
 #include "sampler.h"
 
 #include <math.h>
@@ -102,12 +103,21 @@ int32_t kvh_sampler_next(kvh_sampler *s, const float *logits) {
     if (s->p.top_k > 0 || s->p.top_p < 1.0f) {
         for (int i = 0; i < V; i++) s->order[i] = i;
         sort_by_prob(s->order, V, s->probs);
-        if (s->p.top_k > 0 && s->p.top_k < n_keep) n_keep = s->p.top_k;
+        /* transformers' order (TopKLogitsWarper then TopPLogitsWarper): top-k keeps every token whose
+         * probability is at least the k-th largest (ties at the boundary stay, as with its threshold
+         * compare), then top-p runs on the probabilities renormalized over that set: a token stays while
+         * the mass of the tokens before it is below top_p (the smallest prefix reaching top_p). */
+        if (s->p.top_k > 0 && s->p.top_k < n_keep) {
+            n_keep = s->p.top_k;
+            while (n_keep < V && s->probs[s->order[n_keep]] == s->probs[s->order[n_keep - 1]]) n_keep++;
+        }
         if (s->p.top_p < 1.0f) {
+            double mass = 0.0;
+            for (int i = 0; i < n_keep; i++) mass += s->probs[s->order[i]];
             double cum = 0.0;
             for (int i = 0; i < n_keep; i++) {
                 cum += s->probs[s->order[i]];
-                if (cum >= s->p.top_p) {
+                if (cum >= (double)s->p.top_p * mass) {
                     n_keep = i + 1;
                     break;
                 }

@@ -11,7 +11,8 @@
 typedef struct kvh_sampler_params {
     float temperature; /* 0 = greedy (argmax, lowest id on ties) */
     int top_k;         /* 0 = off */
-    float top_p;       /* 1 = off; keep the smallest set whose probability reaches top_p */
+    float top_p;       /* 1 = off; keep the smallest set whose probability, renormalized over the top-k
+                        * set when top_k is on, reaches top_p (transformers' TopK then TopP warpers) */
     uint64_t seed;
 } kvh_sampler_params;
 

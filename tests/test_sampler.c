@@ -85,3 +85,104 @@ Test(sampler, bad_parameters_are_errors) {
     cr_assert_eq(kvh_sampler_init(&s, &p, 10, 0, &err), -1);
     cr_assert(strstr(err.msg, "--top-k"), "%s", err.msg);
 }
+
+/* ---- issue 20: top-k then top-p as transformers composes them -------------------------------------- */
+
+/* The reference distribution, from the definition and in double precision, independent of sampler.c:
+ * p = softmax(logits / T); keep the k most likely (ties at the k-th value kept); renormalize; keep the
+ * most likely tokens while the renormalized mass before each is < top_p; renormalize again. */
+static int reference(const float *logits, int V, double T, int top_k, double top_p, double *q) {
+    double mx = -INFINITY, z = 0;
+    for (int i = 0; i < V; i++) mx = fmax(mx, logits[i] / T);
+    for (int i = 0; i < V; i++) z += q[i] = exp(logits[i] / T - mx);
+    for (int i = 0; i < V; i++) q[i] /= z;
+    int rank[64];
+    for (int i = 0; i < V; i++) { /* rank by selection: the simplest correct sort */
+        int r = 0;
+        for (int j = 0; j < V; j++) r += q[j] > q[i] || (q[j] == q[i] && j < i);
+        rank[r] = i;
+    }
+    int keep = V;
+    if (top_k > 0 && top_k < V) {
+        keep = top_k;
+        while (keep < V && q[rank[keep]] == q[rank[keep - 1]]) keep++;
+    }
+    double mass = 0;
+    for (int r = 0; r < keep; r++) mass += q[rank[r]];
+    double before = 0;
+    int kept_p = 0;
+    for (int r = 0; r < keep; r++) {
+        if (before / mass >= top_p) break;
+        before += q[rank[r]];
+        kept_p++;
+    }
+    double m2 = 0;
+    for (int r = 0; r < kept_p; r++) m2 += q[rank[r]];
+    double out[64] = {0};
+    for (int r = 0; r < kept_p; r++) out[rank[r]] = q[rank[r]] / m2;
+    memcpy(q, out, (size_t)V * sizeof *q);
+    return kept_p;
+}
+
+/* Chi-square of N draws against q (support only; a draw outside it fails at once); the bound is the
+ * 0.999 quantile by Wilson-Hilferty, so a correct sampler fails with probability 1e-3 for a given seed
+ * (and the seeds are fixed, so the test is deterministic). */
+static void check_distribution(const float *logits, int V, float T, int top_k, float top_p, int expect_support) {
+    double q[64];
+    int support = reference(logits, V, T, top_k, top_p, q);
+    if (expect_support) cr_assert_eq(support, expect_support, "reference keeps %d tokens", support);
+    kvh_sampler s = make(T, top_k, top_p, 2026 + (uint64_t)top_k, V);
+    const int N = 50000;
+    long counts[64] = {0};
+    for (int i = 0; i < N; i++) {
+        int t = kvh_sampler_next(&s, logits);
+        cr_assert(q[t] > 0, "T=%g top_k=%d top_p=%g: sampled token %d, outside the reference support", (double)T,
+                  top_k, (double)top_p, t);
+        counts[t]++;
+    }
+    kvh_sampler_free(&s);
+    double chi2 = 0, tv = 0;
+    for (int i = 0; i < V; i++) {
+        if (q[i] <= 0) continue;
+        double e = q[i] * N;
+        chi2 += (counts[i] - e) * (counts[i] - e) / e;
+        tv += fabs((double)counts[i] / N - q[i]) / 2;
+    }
+    int df = support - 1;
+    if (df == 0) return; /* one token: every draw was checked to be it above */
+    double a = 2.0 / (9.0 * df), crit = df * pow(1 - a + 3.090 * sqrt(a), 3);
+    cr_assert(chi2 < crit, "T=%g top_k=%d top_p=%g: chi-square %.1f >= %.1f (df %d), TV %.4f", (double)T, top_k,
+              (double)top_p, chi2, crit, df, tv);
+    cr_assert(tv < 0.02, "T=%g top_k=%d top_p=%g: total variation %.4f", (double)T, top_k, (double)top_p, tv);
+}
+
+/* The issue's case: top_k=10, top_p=0.5 with a heavy tail. Accumulated over the full vocabulary (the
+ * old sampler) 6 tokens are needed to reach 0.5; renormalized over the top 10 (transformers) 4. */
+Test(sampler, top_k_then_top_p_on_the_renormalized_set) {
+    float logits[20];
+    for (int i = 0; i < 20; i++) logits[i] = 1.0f - 0.12f * (float)i; /* a flat tail holds much of the mass */
+    double q[64];
+    cr_assert_eq(reference(logits, 20, 1.0, 10, 0.5, q), 4, "renormalized: 4 tokens reach 0.5");
+    cr_assert_eq(reference(logits, 20, 1.0, 0, 0.5, q), 6, "full vocabulary: 6 tokens reach 0.5");
+    check_distribution(logits, 20, 1.0f, 10, 0.5f, 4);
+    check_distribution(logits, 20, 1.0f, 0, 0.5f, 6);
+}
+
+Test(sampler, distributions_match_the_definition) {
+    float logits[32];
+    for (int i = 0; i < 32; i++) logits[i] = (float)sin(i * 1.7) * 2.0f + (i % 5 == 0 ? 1.0f : 0.0f);
+    const float temps[] = {0.7f, 1.0f, 1.6f};
+    const int ks[] = {0, 1, 3, 10, 32};
+    const float ps[] = {1.0f, 0.9f, 0.5f, 0.2f};
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 5; b++)
+            for (int c = 0; c < 4; c++) check_distribution(logits, 32, temps[a], ks[b], ps[c], 0);
+}
+
+/* Ties at the k-th value stay in the set, as with transformers' `logits < kth_value` threshold. */
+Test(sampler, top_k_keeps_ties_at_the_boundary) {
+    float logits[6] = {2.0f, 1.0f, 1.0f, 1.0f, -1.0f, -2.0f};
+    double q[64];
+    cr_assert_eq(reference(logits, 6, 1.0, 2, 1.0, q), 4);
+    check_distribution(logits, 6, 1.0f, 2, 1.0f, 4);
+}

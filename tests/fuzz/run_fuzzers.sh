@@ -40,7 +40,8 @@ build() { # target -> $out/bin/fuzz_<target>
                   case "$t" in
                     tokenizer|vocab) srcs=(host/tokenizer.c host/json_scan.c); libs=(-lpcre2-8 -lcjson) ;;
                     cli) srcs=(host/cli.c host/cmd_plan.c host/plan.c host/config.c host/model.c host/model_config.c
-                               host/safetensors.c host/json_scan.c host/mmap_guard.c host/tokenizer.c)
+                               host/safetensors.c host/json_scan.c host/mmap_guard.c host/tokenizer.c
+                               host/checkpoint.c host/hub.c)
                          libs=(-linih -lpcre2-8 -lcjson -lm) ;;
                   esac
                   "$cc" -c -o "$out/bin/embedded_assets.o" "$root/host/embedded_assets.S" \
@@ -51,7 +52,8 @@ build() { # target -> $out/bin/fuzz_<target>
                   # metrics.c takes the commit from a build-time header: a fixed one here
                   mkdir -p "$out/gen" && echo '#define KVH_GIT_COMMIT "fuzz"' > "$out/gen/kvh_commit.h"
                   extra=(-I"$out/gen" -I"$root/tests") ;;
-    model_dir)    srcs=(host/model.c host/model_config.c host/safetensors.c host/json_scan.c host/mmap_guard.c)
+    model_dir)    srcs=(host/model.c host/model_config.c host/safetensors.c host/json_scan.c host/mmap_guard.c
+                        host/checkpoint.c host/hub.c)
                   libs=(-lcjson -lm) ;;
     *) echo "run_fuzzers: unknown target '$t' (known: safetensors model_config ini tokenizer jsonl vocab model_dir cli)" >&2; return 2 ;;
   esac
