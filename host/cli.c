@@ -1,4 +1,5 @@
 /* cli.c — implementation of the common options (cli.h). */
+#define _XOPEN_SOURCE 700 /* access, PATH_MAX (strict C11 otherwise hides them) */
 #include "cli.h"
 
 #include <errno.h>

@@ -117,7 +117,16 @@ int kvh_model_config_parse(const char *json_text, size_t len, const char *path, 
                            kvh_err *err) {
     memset(cfg, 0, sizeof *cfg);
     cJSON *root = cJSON_ParseWithLength(json_text, len);
-    if (!root) return kvh_fail(err, "%s: not valid JSON", path);
+    if (!root) {
+        /* cJSON says NULL both for bad text and for a failed allocation: tell them apart */
+        kvh_json_scan j = {.s = json_text, .len = len};
+        if (kvh_json_skip_value(&j, 64, NULL) == 0) {
+            kvh_json_ws(&j);
+            if (j.at == len) return kvh_fail(err, "%s: out of memory parsing %zu bytes of JSON", path, len);
+            return kvh_fail(err, "%s: not valid JSON: trailing text at byte %zu", path, j.at);
+        }
+        return kvh_fail(err, "%s: not valid JSON: %s at byte %zu", path, j.error, j.at);
+    }
     int rc = -1;
     kvh_model_config c = {0};
     if (!cJSON_IsObject(root)) {

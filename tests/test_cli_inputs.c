@@ -212,3 +212,16 @@ Test(cli_inputs, quant_group_message_names_real_divisors) {
     cr_assert(strstr(err, "no even group"), "%s", err);
     cr_assert_eq(kvq_format_init(&f, 8, 16, 0, 64, err, sizeof err), 0, "%s", err);
 }
+
+Test(cli_inputs, config_json_syntax_errors_named) {
+    kvh_model_config c;
+    kvh_err err = {{0}};
+    /* what cJSON refuses is named by the scanner, with the byte */
+    const char *bad[][2] = {{"{\"n_embd\": }", "at byte 11"}, {"{\"a\": \"\\x\"}", "invalid escape"},
+                            {"[1, 2", "at byte 5"}};
+    for (size_t i = 0; i < 3; i++) {
+        cr_assert_eq(kvh_model_config_parse(bad[i][0], strlen(bad[i][0]), "d/config.json", &c, &err), -1);
+        cr_assert(strstr(err.msg, "d/config.json: not valid JSON") && strstr(err.msg, bad[i][1]), "%s: %s", bad[i][0],
+                  err.msg);
+    }
+}
