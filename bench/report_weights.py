@@ -14,7 +14,7 @@ import json
 import statistics
 import sys
 
-FORMATS = ["fp32", "f16", "bf16", "w8", "w4"]
+FORMATS = ["fp32", "f16", "bf16", "w8", "w4", "smoothquant"]
 
 
 def load_records(path):

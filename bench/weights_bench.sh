@@ -8,7 +8,7 @@
 #   medians over rounds; weight bytes held and peak RSS from the records.
 #   Quality (the tiny trained model, ../shared): `kvhost eval --mode both` on the first 2048 tokens of
 #   War of the Worlds and of WikiText-2 test: teacher-forced perplexity, and streaming KL / top-1 against
-#   the fp32 weights.
+#   the fp32 weights. smoothquant's statistics (kvhost calibrate) come from the other text.
 #
 # usage: bench/weights_bench.sh [BUILD_DIR]      env: ROUNDS (default 3), OUT (default docs/results/weights)
 # Writes OUT/weights.jsonl (raw records, appended) and OUT/README.md (tables, via bench/report_weights.py).
@@ -18,17 +18,28 @@ BUILD=${1:-build}
 ROUNDS=${ROUNDS:-3}
 OUT=${OUT:-docs/results/weights}
 WORK=${KVH_BENCH_DIR:-/tmp/kvh-bench}
-CKPT=$WORK/gpt2-medium-seed1234
+CKPT=${CKPT:-$WORK/gpt2-medium-seed1234}
 TINY=../shared/models/gpt2-tiny-wt
 RUN=$WORK/weights-$(date +%s).jsonl
-FORMATS="fp32 f16 bf16 w8 w4"
+FORMATS="fp32 f16 bf16 w8 w4 smoothquant"
+WOTW=../shared/data/books/war-of-the-worlds.txt
+WIKI=../shared/data/wikitext-2-raw/wiki.test.raw
 mkdir -p "$WORK" "$OUT"
 : > "$RUN"
 [ -x "$BUILD/kvhost" ] || { echo "weights_bench: build kvhost first (make build)" >&2; exit 1; }
 [ -f "$CKPT/model.safetensors" ] ||
   /usr/bin/python3 bench/torch_gpt2.py make-checkpoint "$CKPT" --preset gpt2-medium --seed 1234
 
-plugins_for() { [ "$1" = fp32 ] && echo "" || echo "--plugins $1.so"; }
+# smoothquant needs activation statistics: for speed, of the Medium checkpoint over WikiText; for quality,
+# of the tiny model over the OTHER text than the one evaluated (never calibrate on the evaluation text).
+plugins_for() { # FORMAT [CALIBRATION]
+  case "$1" in
+    fp32) echo "" ;;
+    smoothquant) echo "--plugins smoothquant.so --set model.calibration=$2" ;;
+    *) echo "--plugins $1.so" ;;
+  esac
+}
+"$BUILD/kvhost" calibrate --model "$CKPT" --text-file "$WIKI" --max-tokens 2048 --out "$WORK/medium-wiki.kvcal" > /dev/null
 load() { cut -d' ' -f1 /proc/loadavg; }
 
 for round in $(seq 1 "$ROUNDS"); do
@@ -36,11 +47,11 @@ for round in $(seq 1 "$ROUNDS"); do
     for fmt in $FORMATS; do
       echo "weights_bench: round $round/$ROUNDS, $threads thread(s), $fmt (load $(load))" >&2
       # shellcheck disable=SC2046
-      "$BUILD/kvhost" generate --model "$CKPT" $(plugins_for "$fmt") --prompt-tokens 128 --max-new 128 \
+      "$BUILD/kvhost" generate --model "$CKPT" $(plugins_for "$fmt" "$WORK/medium-wiki.kvcal") --prompt-tokens 128 --max-new 128 \
         --threads "$threads" --warmup 1 --quiet --json "$RUN" \
         --tag bench=weights --tag test=decode --tag format="$fmt" --tag round="$round" --tag load="$(load)"
       # shellcheck disable=SC2046
-      "$BUILD/kvhost" generate --model "$CKPT" $(plugins_for "$fmt") --prompt-tokens 512 --max-new 1 \
+      "$BUILD/kvhost" generate --model "$CKPT" $(plugins_for "$fmt" "$WORK/medium-wiki.kvcal") --prompt-tokens 512 --max-new 1 \
         --threads "$threads" --warmup 1 --quiet --json "$RUN" \
         --tag bench=weights --tag test=prefill --tag format="$fmt" --tag round="$round" --tag load="$(load)"
     done
@@ -48,11 +59,15 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 if [ -d "$TINY" ]; then
+  "$BUILD/kvhost" calibrate --model "$TINY" --text-file "$WIKI" --out "$WORK/tiny-wiki.kvcal" > /dev/null
+  "$BUILD/kvhost" calibrate --model "$TINY" --text-file "$WOTW" --out "$WORK/tiny-wotw.kvcal" > /dev/null
   for fmt in $FORMATS; do
-    for text in ../shared/data/books/war-of-the-worlds.txt ../shared/data/wikitext-2-raw/wiki.test.raw; do
+    for text in "$WOTW" "$WIKI"; do
+      cal=$WORK/tiny-wiki.kvcal
+      [ "$text" = "$WIKI" ] && cal=$WORK/tiny-wotw.kvcal
       echo "weights_bench: quality, $fmt, $(basename "$text")" >&2
       # shellcheck disable=SC2046
-      "$BUILD/kvhost" eval --model "$TINY" $(plugins_for "$fmt") --text-file "$text" --max-tokens 2048 \
+      "$BUILD/kvhost" eval --model "$TINY" $(plugins_for "$fmt" "$cal") --text-file "$text" --max-tokens 2048 \
         --mode both --json "$RUN" --tag bench=weights --tag test=quality --tag format="$fmt" \
         --tag text="$(basename "$text")" > /dev/null
     done
