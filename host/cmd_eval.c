@@ -19,9 +19,9 @@
 static const char *const eval_usage =
     "usage: kvhost eval [--model SPEC] --text-file FILE [options]\n"
     "\n"
-    "Perplexity of a text file. The whole file is tokenized (<|endoftext|> as plain text) and cut into\n"
-    "non-overlapping chunks of --ctx tokens; each chunk starts a fresh sequence and predicts its tokens\n"
-    "after the first.\n"
+    "Perplexity of a text file. The whole file is tokenized (<|endoftext|> as plain text, unless\n"
+    "--eot-token) and cut into non-overlapping chunks of --ctx tokens; each chunk starts a fresh sequence\n"
+    "and predicts its tokens after the first.\n"
     "\n"
     "  --text-file FILE   the text (at most 512 MiB)\n"
     "  --max-tokens N     evaluate only the first N tokens (default: all)\n"
@@ -32,6 +32,8 @@ static const char *const eval_usage =
     "                     beside a plugin-free full-cache run on the same tokens: NLL of both, mean\n"
     "                     KL(P_full || P_policy) and top-1 agreement;\n"
     "                     both: teacher then stream (one record each)\n"
+    "  --eot-token        read a literal <|endoftext|> in the text as the token 50256, as transformers'\n"
+    "                     GPT-2 tokenizer does by default (default: as the 7 tokens of its text)\n"
     "  --tag KEY=VALUE    add KEY: VALUE to the record's \"tags\" object (repeatable)\n"
     "  --progress         print progress per chunk on stderr\n"
     "\n";
@@ -43,6 +45,7 @@ typedef struct eval_args {
     int ctx;         /* 0 = n_positions */
     bool teacher, stream;
     bool progress;
+    bool eot_token; /* --eot-token: "<|endoftext|>" in the text is id 50256 */
     const char *tags[MAX_TAGS];
     int n_tags;
 } eval_args;
@@ -59,6 +62,7 @@ static int parse_args(int argc, char **argv, eval_args *a, kvh_err *err) {
         long n;
         if (strcmp(o, "--help") == 0 || strcmp(o, "-h") == 0) return 1;
         if (strcmp(o, "--progress") == 0) { a->progress = true; i++; continue; }
+        if (strcmp(o, "--eot-token") == 0) { a->eot_token = true; i++; continue; }
         if (o[0] != '-' || !v) return kvh_fail(err, "eval: unknown argument '%s' (see kvhost eval --help)", o);
         if (strcmp(o, "--text-file") == 0) {
             a->text_file = v;
@@ -131,6 +135,7 @@ static int write_record(const eval_args *a, const char *mode, const kvh_eval_res
     }
     cJSON_AddStringToObject(rec, "mode", mode);
     cJSON_AddStringToObject(rec, "text_file", a->text_file);
+    cJSON_AddBoolToObject(rec, "eot_token", a->eot_token);
     cJSON_AddNumberToObject(rec, "file_tokens", (double)file_tokens);
     cJSON_AddNumberToObject(rec, "tokens", (double)r->n_tokens);
     cJSON_AddNumberToObject(rec, "predicted_tokens", (double)r->n_predicted);
@@ -201,7 +206,7 @@ int kvh_cmd_eval(int argc, char **argv) {
         status = 2;
         goto done;
     }
-    if (kvh_tokenizer_encode(tok, text, text_len, 0, &ids, &n_ids, &err) != 0) {
+    if (kvh_tokenizer_encode(tok, text, text_len, a.eot_token ? 1 : 0, &ids, &n_ids, &err) != 0) {
         kvh_fail_prefix(&err, "%s", a.text_file);
         goto fail;
     }

@@ -1,0 +1,114 @@
+#!/bin/sh
+# hf_parity.sh — the command-line side of issue 20 (Hugging Face parity), through the real kvhost:
+# `tokenize` ids and `--decode` (byte-exact round trip, <|endoftext|> as 50256 or as text, bad ids named),
+# `logits` (.npy header, shape, log-probs normalized and equal to logits minus their log-sum-exp), the
+# warning for --top-k/--top-p without a temperature, `eval --eot-token`. When a Python with transformers
+# is at hand (KVH_PEER_PYTHON, or ../peers/venv beside the repository) and ../shared holds the tiny model,
+# also compares kvhost's logits and token ids with transformers'; otherwise says that part is skipped.
+# Sharded checkpoints, .bin, LFS pointers and hub ids are tested in tests/test_checkpoint.c.
+# usage: tests/hf_parity.sh PATH/TO/kvhost   (registered in CMakeLists.txt)
+set -u
+KVH=${1:?usage: hf_parity.sh PATH/TO/kvhost}
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+T=$(mktemp -d)
+trap 'rm -rf "$T"' EXIT
+fails=0
+fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
+ok() { echo "ok   $*"; }
+
+# -- tokenize ----------------------------------------------------------------------------------------
+out=$("$KVH" tokenize --text "The history of the city")
+[ "$out" = "464 2106 286 262 1748" ] && ok "tokenize: GPT-2 ids" || fail "tokenize gave '$out'"
+out=$("$KVH" tokenize --decode --text "[464, 2106, 286, 262, 1748]")
+[ "$out" = "The history of the city" ] && ok "tokenize --decode" || fail "--decode gave '$out'"
+out=$("$KVH" tokenize --text "a<|endoftext|>b")
+[ "$out" = "64 50256 65" ] && ok "<|endoftext|> is 50256" || fail "<|endoftext|> gave '$out'"
+out=$("$KVH" tokenize --eot-text --text "<|endoftext|>")
+[ "$out" = "27 91 437 1659 5239 91 29" ] && ok "--eot-text: as text" || fail "--eot-text gave '$out'"
+printf 'caf\303\251 \342\202\254 \360\237\231\202\n\ttabs  and\r\nbad \377 byte' > "$T/text"
+"$KVH" tokenize --eot-text --text-file "$T/text" > "$T/ids" &&
+  "$KVH" tokenize --decode --text-file "$T/ids" > "$T/back" && cmp -s "$T/text" "$T/back" &&
+  ok "encode/decode round trip is byte-exact (UTF-8, CRLF, an invalid byte)" || fail "round trip differs"
+"$KVH" tokenize --decode --text "464 99999" > /dev/null 2> "$T/err"; rc=$?
+[ "$rc" -eq 1 ] && grep -q "id 99999 (at byte 4) is outside the vocabulary" "$T/err" &&
+  ok "a bad id is named" || { fail "bad id: exit $rc"; cat "$T/err"; }
+"$KVH" tokenize --decode --text "464 abc" > /dev/null 2> "$T/err"; rc=$?
+[ "$rc" -eq 1 ] && grep -q "byte 4 ('a') is not part of an id list" "$T/err" &&
+  ok "a non-id is named" || { fail "non-id: exit $rc"; cat "$T/err"; }
+"$KVH" tokenize > /dev/null 2>&1; [ $? -eq 2 ] && ok "tokenize without input: usage error" || fail "no usage error"
+
+# -- logits ------------------------------------------------------------------------------------------
+MODEL=random:gpt2
+[ -f "$SRC/../shared/models/gpt2-tiny-wt/model.safetensors" ] && MODEL="$SRC/../shared/models/gpt2-tiny-wt"
+echo "model for logits: $MODEL"
+"$KVH" logits --model "$MODEL" --prompt "The history of the city" --out "$T/l.npy" --threads 2 > "$T/out" 2> "$T/err" &&
+  "$KVH" logits --model "$MODEL" --ids "464,2106,286,262,1748" --log-probs --out "$T/lp.npy" --threads 2 >> "$T/out" 2>> "$T/err" ||
+  { fail "logits: $(cat "$T/err")"; }
+grep -q "^ids: 464 2106 286 262 1748$" "$T/out" && ok "logits prints the ids" || fail "logits output: $(cat "$T/out")"
+python3 - "$T/l.npy" "$T/lp.npy" <<'PY' && ok "logits .npy: header, [5, 50257], log-probs = logits - logsumexp" || fail "logits .npy check"
+import math, struct, sys
+def load(p):
+    b = open(p, "rb").read()
+    assert b[:8] == b"\x93NUMPY\x01\x00", b[:8]
+    hl = struct.unpack("<H", b[8:10])[0]
+    assert (10 + hl) % 64 == 0, hl
+    d = eval(b[10:10 + hl].decode("latin1"))
+    assert d["descr"] == "<f4" and d["fortran_order"] is False, d
+    r, c = d["shape"]
+    v = struct.unpack("<%df" % (r * c), b[10 + hl:])
+    return r, c, v
+r, c, l = load(sys.argv[1]); r2, c2, lp = load(sys.argv[2])
+assert (r, c) == (5, 50257) == (r2, c2), (r, c, r2, c2)
+for t in range(r):
+    row = l[t * c:(t + 1) * c]
+    mx = max(row); lse = mx + math.log(sum(math.exp(x - mx) for x in row))
+    assert all(abs(lp[t * c + i] - (row[i] - lse)) < 1e-4 for i in range(0, c, 97)), t
+    assert abs(sum(math.exp(x) for x in lp[t * c:(t + 1) * c]) - 1) < 1e-3, t
+PY
+"$KVH" logits --model random:gpt2 --ids "1 2" --out "$T/nodir/x.npy" > /dev/null 2> "$T/err"; rc=$?
+[ "$rc" -eq 2 ] && [ ! -e "$T/nodir" ] && ok "logits --out in a missing directory: usage error before the run" ||
+  { fail "logits --out bad dir: exit $rc"; cat "$T/err"; }
+
+# -- sampling warning, eval --eot-token --------------------------------------------------------------
+"$KVH" generate --model random:gpt2 --prompt hi --max-new 1 --top-k 5 --quiet --threads 2 > /dev/null 2> "$T/err"
+grep -q "top-k / --top-p have no effect without --temperature" "$T/err" && ok "greedy with --top-k warns" ||
+  fail "no warning: $(cat "$T/err")"
+printf 'Hello.<|endoftext|>The history of the city.' > "$T/eot.txt"
+a=$("$KVH" eval --model random:gpt2 --text-file "$T/eot.txt" --threads 2 2>/dev/null | awk '$1 == "tokens" { print $2 }')
+b=$("$KVH" eval --model random:gpt2 --text-file "$T/eot.txt" --eot-token --threads 2 2>/dev/null | awk '$1 == "tokens" { print $2 }')
+ta=$("$KVH" tokenize --eot-text --text-file "$T/eot.txt" | wc -w)
+tb=$("$KVH" tokenize --text-file "$T/eot.txt" | wc -w)
+[ -n "$a" ] && [ -n "$b" ] && [ "$a" -eq "$ta" ] && [ "$b" -eq "$tb" ] && [ "$b" -lt "$a" ] &&
+  ok "eval --eot-token: <|endoftext|> is one token ($a -> $b tokens, as tokenize counts)" ||
+  fail "eval token counts '$a' and '$b', tokenize '$ta' and '$tb'"
+
+# -- against transformers, when it is here -----------------------------------------------------------
+PY=${KVH_PEER_PYTHON:-$SRC/../peers/venv/bin/python}
+TINY=$SRC/../shared/models/gpt2-tiny-wt
+if [ ! -x "$PY" ] || ! "$PY" -c "import transformers, torch, numpy" 2> /dev/null; then
+  echo "skip: the transformers comparison (no Python with transformers at $PY; set KVH_PEER_PYTHON)"
+elif [ ! -f "$TINY/model.safetensors" ]; then
+  echo "skip: the transformers comparison (../shared/models/gpt2-tiny-wt is absent)"
+else
+  for s in "The history of the city" "  leading spaces, 123 numbers and émoji 🙂" "a<|endoftext|>b"; do
+    "$KVH" tokenize --model "$TINY" --text "$s" >> "$T/kvh_ids"
+  done
+  "$PY" - "$TINY" "$T/l.npy" "$T/kvh_ids" <<'PY' && ok "logits and ids equal transformers' (logits <= 1e-4)" || fail "transformers comparison"
+import sys, numpy as np, torch, transformers
+d, npy, ids = sys.argv[1:4]
+tok = transformers.GPT2TokenizerFast.from_pretrained(d)
+texts = ["The history of the city", "  leading spaces, 123 numbers and émoji 🙂", "a<|endoftext|>b"]
+got = [list(map(int, l.split())) for l in open(ids)]
+for t, g in zip(texts, got):
+    assert tok(t)["input_ids"] == g, (t, tok(t)["input_ids"], g)
+m = transformers.GPT2LMHeadModel.from_pretrained(d).eval()
+with torch.no_grad():
+    ref = m(torch.tensor([[464, 2106, 286, 262, 1748]])).logits[0].numpy()
+diff = float(np.abs(np.load(npy) - ref).max())
+print("max |kvhost - transformers| logit:", diff)
+assert diff <= 1e-4, diff
+PY
+fi
+
+echo "hf_parity: $fails failed"
+[ "$fails" -eq 0 ]
