@@ -82,9 +82,31 @@ tb=$("$KVH" tokenize --text-file "$T/eot.txt" | wc -w)
   ok "eval --eot-token: <|endoftext|> is one token ($a -> $b tokens, as tokenize counts)" ||
   fail "eval token counts '$a' and '$b', tokenize '$ta' and '$tb'"
 
+# -- a hub id from a Hugging Face cache laid out here (the tiny model's files as a snapshot) ----------
+TINY=$SRC/../shared/models/gpt2-tiny-wt
+if [ -f "$TINY/model.safetensors" ]; then
+  snap="$T/hf/hub/models--test-org--tiny/snapshots/0123abcd"
+  mkdir -p "$snap" "$T/hf/hub/models--test-org--tiny/refs"
+  for f in config.json model.safetensors vocab.json merges.txt; do ln -s "$TINY/$f" "$snap/$f"; done
+  echo 0123abcd > "$T/hf/hub/models--test-org--tiny/refs/main"
+  HF_HOME="$T/hf" HF_HUB_CACHE= "$KVH" generate --model test-org/tiny --prompt "The history of the city" --max-new 4 \
+    --threads 2 > "$T/hub_out" 2> "$T/hub_err"; rc=$?
+  "$KVH" generate --model "$TINY" --prompt "The history of the city" --max-new 4 --threads 2 > "$T/dir_out" 2> /dev/null
+  [ "$rc" -eq 0 ] && ! grep -q "no vocab.json" "$T/hub_err" && cmp -s "$T/hub_out" "$T/dir_out" &&
+    ok "--model test-org/tiny: the cached snapshot and its tokenizer, same text as the directory" ||
+    { fail "hub id from the cache: exit $rc"; cat "$T/hub_err"; }
+  out=$(HF_HOME="$T/hf" HF_HUB_CACHE= "$KVH" tokenize --model test-org/tiny --text "hello world")
+  [ "$out" = "31373 995" ] && ok "tokenize --model with a hub id" || fail "tokenize hub id gave '$out'"
+else
+  echo "skip: hub id from a cache (../shared/models/gpt2-tiny-wt is absent)"
+fi
+HF_HOME="$T/empty" HF_HUB_CACHE= "$KVH" generate --model openai-community/gpt2-large --prompt x --max-new 1 \
+  > /dev/null 2> "$T/err"; rc=$?
+[ "$rc" -eq 1 ] && grep -q "huggingface-cli download openai-community/gpt2-large --local-dir" "$T/err" &&
+  ok "an uncached hub id prints the download command" || { fail "uncached hub id: exit $rc"; cat "$T/err"; }
+
 # -- against transformers, when it is here -----------------------------------------------------------
 PY=${KVH_PEER_PYTHON:-$SRC/../peers/venv/bin/python}
-TINY=$SRC/../shared/models/gpt2-tiny-wt
 if [ ! -x "$PY" ] || ! "$PY" -c "import transformers, torch, numpy" 2> /dev/null; then
   echo "skip: the transformers comparison (no Python with transformers at $PY; set KVH_PEER_PYTHON)"
 elif [ ! -f "$TINY/model.safetensors" ]; then
