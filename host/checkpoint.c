@@ -88,6 +88,11 @@ static int open_sharded(kvh_checkpoint *ck, const char *dir, kvh_err *err) {
             kvh_fail(err, "%s: weight_map['%s'] is not a file name string", ck->path, e->string);
             goto done;
         }
+        if (++n_entries > KVH_CK_MAX_ENTRIES) {
+            kvh_fail(err, "%s: weight_map lists more than %d tensors (a GPT-2 of 256 layers has about 3,300)",
+                     ck->path, KVH_CK_MAX_ENTRIES);
+            goto done;
+        }
         if (check_shard_name(ck->path, e->string, e->valuestring, err) != 0) goto done;
         for (const cJSON *d = wm->child; d != e; d = d->next)
             if (strcmp(d->string, e->string) == 0) {
@@ -106,7 +111,6 @@ static int open_sharded(kvh_checkpoint *ck, const char *dir, kvh_err *err) {
             names = grown;
             names[n_names++] = e->valuestring;
         }
-        n_entries++;
     }
     ck->files = calloc((size_t)n_names, sizeof *ck->files);
     if (!ck->files) {

@@ -19,8 +19,10 @@ typedef struct kvh_checkpoint {
     int n_tensors;
 } kvh_checkpoint;
 
-/* Upper bound on model.safetensors.index.json (GPT-2 XL's is 30 KB). */
-enum { KVH_CK_INDEX_MAX_BYTES = 16 << 20 };
+/* Upper bounds on model.safetensors.index.json (GPT-2 XL's is 30 KB and lists 581 tensors; the largest
+ * config.json allows, 256 layers, about 3,300): the checks between index and shards are quadratic in the
+ * number of entries, so a hostile index is refused rather than left to run for hours. */
+enum { KVH_CK_INDEX_MAX_BYTES = 16 << 20, KVH_CK_MAX_ENTRIES = 16384 };
 
 /* Opens the weights of directory dir. On failure *ck is zeroed and nothing stays mapped. */
 int kvh_checkpoint_open(kvh_checkpoint *ck, const char *dir, kvh_err *err);

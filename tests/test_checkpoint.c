@@ -326,3 +326,16 @@ Test(checkpoint, hub_id_from_the_cache_or_a_download_hint) {
     cr_assert_eq(kvh_model_load(&m, "/nonexistent/dir/x", &err), -1);
     cr_assert(strstr(err.msg, "not a directory"), "%s", err.msg);
 }
+
+/* A hostile index with more entries than any GPT-2 has is refused at once (the checks are quadratic). */
+Test(checkpoint, huge_index_refused) {
+    const char *d = broken("huge", NULL);
+    size_t cap = 40u << 20;
+    char *ix = malloc(cap);
+    size_t n = (size_t)sprintf(ix, "{\"weight_map\": {");
+    for (int i = 0; i < 20000; i++) n += (size_t)sprintf(ix + n, "%s\"t%d\": \"model-00001-of-00002.safetensors\"", i ? "," : "", i);
+    sprintf(ix + n, "}}");
+    write_text(d, "model.safetensors.index.json", ix);
+    free(ix);
+    expect_refused(d, "weight_map lists more than 16384 tensors", NULL);
+}
