@@ -31,7 +31,7 @@ typedef struct cpu_workspace {
     int32_t *pos;     /* [Ttot] positions of the new tokens */
     size_t scores_cap;/* per-thread score scratch capacity (floats) */
     float *scores;    /* [threads, scores_cap] */
-    float *panel;     /* [threads, PANEL_COLS * K_max]: weight-format columns unpacked for a GEMM */
+    float *panel;     /* [threads, panel_cap]: weight-format columns unpacked for a GEMM */
     size_t panel_cap; /* floats per thread */
     int n_threads;
 } cpu_workspace;
@@ -77,9 +77,12 @@ static int workspace_reserve(cpu_workspace *w, const kvh_model_config *cfg, size
     return 0;
 }
 
-/* Output columns a thread unpacks from a weight format at a time before handing them to sgemm (prefill):
- * 64 columns x 4096 inputs = 1 MiB of fp32 per thread, reused for every panel. */
-#define PANEL_COLS 64
+/* A thread unpacks a weight format's columns for sgemm (prefill) in panels of up to PANEL_FLOATS fp32
+ * values (8 MiB: 2048 columns of 1024 inputs, 512 of 4096), reused for every panel. Wide panels matter:
+ * sgemm packs the activation rows again on every call, and with 64-column panels that repacking made a
+ * 512-token prefill 25-40% slower than fp32 (docs/results/weights). */
+#define PANEL_FLOATS ((size_t)1 << 21)
+#define PANEL_MIN_COLS 16
 
 /* ---- small kernels ------------------------------------------------------------------------------ */
 
@@ -119,10 +122,11 @@ static void thread_range(int n, int *lo, int *hi) {
 }
 
 /* y[T, N] += x[T, K] · W over output columns [n0, n1) of a weight-format matrix: the plugin's own product
- * for a few rows (decode), else panels of PANEL_COLS columns unpacked to fp32 ([cols, K], output-major)
+ * for a few rows (decode), else panels of columns unpacked to fp32 ([cols, K], output-major, as many as
+ * panel_cap floats hold)
  * and multiplied by sgemm (prefill), which the unpack cost does not dominate at many rows. */
 static void packed_range(const kvh_blas *blas, const kvh_packed_matrix *pm, float *y, size_t ldy, const float *x,
-                         int T, int n0, int n1, float beta, float *panel, int small_max) {
+                         int T, int n0, int n1, float beta, float *panel, size_t panel_cap, int small_max) {
     const int K = (int)pm->info.k;
     if (T <= small_max) {
         if (beta == 0.0f)
@@ -134,8 +138,9 @@ static void packed_range(const kvh_blas *blas, const kvh_packed_matrix *pm, floa
         kvh_plugin_guard_leave();
         return;
     }
-    for (int c0 = n0; c0 < n1; c0 += PANEL_COLS) {
-        const int c1 = c0 + PANEL_COLS < n1 ? c0 + PANEL_COLS : n1;
+    const int cols = (int)(panel_cap / (size_t)K) & ~(PANEL_MIN_COLS - 1);
+    for (int c0 = n0; c0 < n1; c0 += cols) {
+        const int c1 = c0 + cols < n1 ? c0 + cols : n1;
         kvh_plugin_guard_enter(pm->desc->name, pm->file, "unpack", (int)pm->info.layer);
         pm->desc->unpack(pm->state, &pm->info, pm->packed, (uint32_t)c0, (uint32_t)c1, panel);
         kvh_plugin_guard_leave();
@@ -168,7 +173,7 @@ static void linear(const kvh_blas *blas, cpu_workspace *ws, const kvh_packed_mat
                 tid = omp_get_thread_num();
 #endif
                 packed_range(blas, pm, y, (size_t)N, x, T, n0, n1, 1.0f, ws->panel + (size_t)tid * ws->panel_cap,
-                             small_max);
+                             ws->panel_cap, small_max);
             } else if (T == 1)
                 blas->sgemv(CblasRowMajor, CblasTrans, K, w, 1.0f, W + n0, N, x, 1, 1.0f, y + n0, 1);
             else if (T <= small_max) /* sgemm would repack the whole weight: see matmul_small.h */
@@ -194,7 +199,7 @@ static void lm_head(const kvh_blas *blas, cpu_workspace *ws, const kvh_packed_ma
                 tid = omp_get_thread_num();
 #endif
                 packed_range(blas, pm, logits, (size_t)V, xn, R, v0, v1, 0.0f, ws->panel + (size_t)tid * ws->panel_cap,
-                             small_max);
+                             ws->panel_cap, small_max);
             } else if (R == 1)
                 blas->sgemv(CblasRowMajor, CblasNoTrans, v1 - v0, C, 1.0f, wte + (size_t)v0 * C, C, xn, 1, 0.0f,
                             logits + v0, 1);
@@ -450,11 +455,13 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
         if ((size_t)batch->n_tokens[b] > max_T) max_T = (size_t)batch->n_tokens[b];
     size_t block = max_T > 1 ? (max_T < PREFILL_BLOCK ? max_T : PREFILL_BLOCK) : 1;
     if (workspace_reserve(ws, cfg, Ttot, max_ctx * block, err) != 0) return -1;
-    if (be->weights && !ws->panel) { /* weight formats' panels: sized once, for the widest K */
-        const size_t kmax = (size_t)(F > C ? F : C);
-        ws->panel = malloc((size_t)ws->n_threads * PANEL_COLS * kmax * sizeof(float));
+    if (be->weights && !ws->panel) { /* weight formats' panels: sized once; no larger than the widest matrix */
+        const size_t kmax = (size_t)(F > C ? F : C), nmax = (size_t)(V > F ? V : F);
+        size_t cap = PANEL_FLOATS < kmax * nmax ? PANEL_FLOATS : kmax * nmax;
+        if (cap < kmax * PANEL_MIN_COLS) cap = kmax * PANEL_MIN_COLS;
+        ws->panel = malloc((size_t)ws->n_threads * cap * sizeof(float));
         if (!ws->panel) return kvh_fail(err, "cpu backend: out of memory for weight-format panels");
-        ws->panel_cap = PANEL_COLS * kmax;
+        ws->panel_cap = cap;
     }
 
     const kvh_weight_set *wset = be->weights;
