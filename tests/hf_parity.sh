@@ -115,7 +115,7 @@ else
   for s in "The history of the city" "  leading spaces, 123 numbers and émoji 🙂" "a<|endoftext|>b"; do
     "$KVH" tokenize --model "$TINY" --text "$s" >> "$T/kvh_ids"
   done
-  "$PY" - "$TINY" "$T/l.npy" "$T/kvh_ids" <<'PY' && ok "logits and ids equal transformers' (logits <= 1e-4)" || fail "transformers comparison"
+  "$PY" - "$TINY" "$T/l.npy" "$T/kvh_ids" <<'PY' && ok "logits and ids equal transformers' (logits <= 1e-4); the sampler's reference definition equals its warpers" || fail "transformers comparison"
 import sys, numpy as np, torch, transformers
 d, npy, ids = sys.argv[1:4]
 tok = transformers.GPT2TokenizerFast.from_pretrained(d)
@@ -129,6 +129,45 @@ with torch.no_grad():
 diff = float(np.abs(np.load(npy) - ref).max())
 print("max |kvhost - transformers| logit:", diff)
 assert diff <= 1e-4, diff
+
+# The sampling definition tests/test_sampler.c checks kvhost's sampler against (temperature, top-k with
+# ties kept, renormalize, top-p: keep while the mass before a token is < top_p) equals transformers'
+# Temperature -> TopK -> TopP warpers, on random logits and the issue's heavy tail; ties (rounded logits)
+# with top-k alone: which of several tokens tied at the top-p boundary transformers keeps depends on
+# torch.sort's order (kvhost keeps the lower ids), so top-p cases have no ties.
+from transformers.generation.logits_process import (TemperatureLogitsWarper as Tw, TopKLogitsWarper as Kw,
+                                                    TopPLogitsWarper as Pw)
+def definition(l, T, k, p):
+    q = np.exp((l - l.max()) / T); q = q / q.sum()
+    order = sorted(range(len(q)), key=lambda i: (-q[i], i))
+    keep = len(q)
+    if 0 < k < len(q):
+        keep = k
+        while keep < len(q) and q[order[keep]] == q[order[keep - 1]]: keep += 1
+    mass = sum(q[i] for i in order[:keep]); before = 0.0; n = 0
+    for i in order[:keep]:
+        if before / mass >= p: break
+        before += q[i]; n += 1
+    out = np.zeros_like(q); sel = order[:n]; out[sel] = q[sel] / q[sel].sum()
+    return out
+rng = np.random.default_rng(20)
+cases = [(np.array([1 - 0.12 * i for i in range(20)]), 1.0, 10, 0.5)]
+for _ in range(300):
+    V = int(rng.integers(2, 40)); p = float(rng.choice([1.0, 0.95, 0.9, 0.5, 0.2])); l = rng.normal(0, 2, V)
+    if p == 1.0: l = l.round(int(rng.integers(0, 3)))  # rounding makes ties
+    cases.append((l, float(rng.choice([0.5, 0.7, 1.0, 1.6])), int(rng.integers(0, V + 2)), p))
+worst = 0.0
+for l, T, k, p in cases:
+    x = torch.tensor(l, dtype=torch.float64)[None]
+    x = Tw(T)(None, x)
+    if k > 0: x = Kw(top_k=k)(None, x)
+    if p < 1.0: x = Pw(top_p=p)(None, x)
+    hf = torch.softmax(x, -1)[0].numpy()
+    d = definition(l.astype(np.float64), T, k, p)
+    assert ((hf > 0) == (d > 0)).all(), (l, T, k, p, hf, d)
+    worst = max(worst, float(np.abs(hf - d).max()))
+assert worst < 1e-9, worst
+print("sampling definition = transformers' warpers on %d cases (max prob. difference %.1e)" % (len(cases), worst))
 PY
 fi
 
