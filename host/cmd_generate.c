@@ -415,9 +415,7 @@ int kvh_cmd_generate(int argc, char **argv) {
         cJSON *rt = cJSON_AddArrayToObject(rec, "repeat_tokens_per_s");
         for (int i = 0; i < n_repeat_tps; i++) cJSON_AddItemToArray(rt, cJSON_CreateNumber(repeat_tps[i]));
         /* every matrix is read once per decode step: the fp32 ones at 4 bytes, packed ones at their size */
-        size_t per_token = kvh_model_weight_bytes_per_token(&model);
-        if (sess->weights) per_token = per_token - sess->weights->replaced_fp32_bytes + sess->weights->packed_bytes;
-        cJSON_AddNumberToObject(rec, "weight_bytes_per_token", (double)per_token);
+        cJSON_AddNumberToObject(rec, "weight_bytes_per_token", (double)kvh_weights_bytes_per_token(&model, sess->weights));
         cJSON_AddNumberToObject(rec, "kv_bytes_held", (double)res.kv_bytes_held);
         cJSON_AddNumberToObject(rec, "kv_bytes_peak", (double)res.kv_bytes_peak);
         cJSON_AddNumberToObject(rec, "kv_live_bytes", (double)res.kv_live_bytes);

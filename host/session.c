@@ -77,10 +77,11 @@ int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_
             free(settings);
             goto fail;
         }
-        if (s->weights && strcmp(s->backend->ops->name, "cpu") != 0) {
-            kvh_fail(err, "the %s backend does not run weight-format plugins yet (%s holds layer %d's weights). "
-                     "HINT: use --backend cpu, or drop the weight format", s->backend->ops->name,
-                     s->weights->mat[0].desc ? s->weights->mat[0].section : "a weight format", 0);
+        const kvh_packed_matrix *first = kvh_weights_first(s->weights);
+        if (first && strcmp(s->backend->ops->name, "cpu") != 0) {
+            kvh_fail(err, "the %s backend does not run weight-format plugins yet ([%s] holds %s of layer %u). "
+                     "HINT: use --backend cpu, or drop the weight format", s->backend->ops->name, first->section,
+                     kvp_matrix_name(first->info.which), (unsigned)first->info.layer);
             free(settings);
             goto fail;
         }

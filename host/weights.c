@@ -10,11 +10,6 @@
 #include "calibration.h"
 #include "plugin_guard.h"
 
-static const char *matrix_name(uint32_t which) {
-    static const char *const names[] = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"};
-    return which <= KVP_MAT_LM_HEAD ? names[which] : "?";
-}
-
 /* Gives back the whole pages of [p, p + bytes) when they lie in the model's file mapping. */
 static size_t release_if_mapped(const kvh_model *m, const void *p, size_t bytes) {
     if (!m->map_base) return 0;
@@ -40,16 +35,16 @@ static int pack_one(kvh_weight_set *ws, const kvh_model *m, const kvh_calibratio
     kvh_plugin_guard_leave();
     if (bytes == 0)
         return kvh_fail(err, "[%s] weight format '%s' (%s) refuses %s of layer %d (%u x %u): %s", f->section,
-                        f->desc->name, f->file, matrix_name(which), layer, (unsigned)k, (unsigned)n,
+                        f->desc->name, f->file, kvp_matrix_name(which), layer, (unsigned)k, (unsigned)n,
                         kvh_router_weight_error(f->error_ctx));
     /* Sanity: a packed matrix larger than twice its fp32 form is not a weight format, it is a bug. */
     if (bytes / 2 > (size_t)k * n * sizeof(float))
         return kvh_fail(err, "[%s] weight format '%s' (%s) asks %zu bytes for %s of layer %d (%u x %u, %zu bytes in "
                         "fp32): more than twice the fp32 size", f->section, f->desc->name, f->file, bytes,
-                        matrix_name(which), layer, (unsigned)k, (unsigned)n, (size_t)k * n * sizeof(float));
+                        kvp_matrix_name(which), layer, (unsigned)k, (unsigned)n, (size_t)k * n * sizeof(float));
     void *dst = aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!dst)
-        return kvh_fail(err, "out of memory packing %s of layer %d (%zu bytes, [%s])", matrix_name(which), layer, bytes,
+        return kvh_fail(err, "out of memory packing %s of layer %d (%zu bytes, [%s])", kvp_matrix_name(which), layer, bytes,
                         f->section);
     memset(dst, 0, bytes);
     kvh_plugin_guard_enter(f->desc->name, f->file, "pack", layer);
@@ -58,7 +53,7 @@ static int pack_one(kvh_weight_set *ws, const kvh_model *m, const kvh_calibratio
     if (rc != KVP_OK) {
         free(dst);
         return kvh_fail(err, "[%s] weight format '%s' (%s): pack of %s of layer %d failed: %s", f->section,
-                        f->desc->name, f->file, matrix_name(which), layer, kvh_router_weight_error(f->error_ctx));
+                        f->desc->name, f->file, kvp_matrix_name(which), layer, kvh_router_weight_error(f->error_ctx));
     }
     pm->packed = dst;
     pm->bytes = bytes;
@@ -114,6 +109,18 @@ const kvh_packed_matrix *kvh_weights_matrix(const kvh_weight_set *ws, int layer,
 size_t kvh_weights_bytes_held(const kvh_model *m, const kvh_weight_set *ws) {
     const size_t fp32 = m->n_params * sizeof(float);
     return ws ? fp32 - ws->replaced_fp32_bytes + ws->packed_bytes : fp32;
+}
+
+size_t kvh_weights_bytes_per_token(const kvh_model *m, const kvh_weight_set *ws) {
+    const size_t fp32 = kvh_model_weight_bytes_per_token(m);
+    return ws ? fp32 - ws->replaced_fp32_bytes + ws->packed_bytes : fp32;
+}
+
+const kvh_packed_matrix *kvh_weights_first(const kvh_weight_set *ws) {
+    if (!ws) return NULL;
+    for (int i = 0; i < (ws->n_layer + 1) * 4; i++)
+        if (ws->mat[i].packed) return &ws->mat[i];
+    return NULL;
 }
 
 void kvh_weights_free(kvh_weight_set *ws) {

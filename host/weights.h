@@ -59,6 +59,13 @@ const kvh_packed_matrix *kvh_weights_matrix(const kvh_weight_set *ws, int layer,
  * packed ones at their packed size (ws may be NULL: all fp32). */
 size_t kvh_weights_bytes_held(const kvh_model *m, const kvh_weight_set *ws);
 
+/* Weight bytes one decode step reads (kvh_model_weight_bytes_per_token's count, with the packed matrices at
+ * their packed size). */
+size_t kvh_weights_bytes_per_token(const kvh_model *m, const kvh_weight_set *ws);
+
+/* The first packed matrix (layer order), or NULL when ws holds none: for messages. */
+const kvh_packed_matrix *kvh_weights_first(const kvh_weight_set *ws);
+
 void kvh_weights_free(kvh_weight_set *ws);
 
 #endif

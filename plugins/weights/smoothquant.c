@@ -37,11 +37,6 @@ typedef struct sq_state {
     const kvp_host *host;
 } sq_state;
 
-static const char *matrix_name(uint32_t which) {
-    static const char *const names[] = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"};
-    return which <= KVP_MAT_LM_HEAD ? names[which] : "?";
-}
-
 static size_t row_bytes(uint32_t k) { return 8u + k; }
 
 static int sq_create(const kvp_host *host, const kvp_layer_info *layer, kvp_instance *out) {
@@ -74,14 +69,14 @@ static size_t sq_packed_size(void *state, const kvp_weight_info *w) {
     char msg[300];
     if (w->k == 0 || w->k % 32u || w->k > SQ_MAX_K) {
         snprintf(msg, sizeof msg, "%s of layer %u: %u inputs (smoothquant needs a multiple of 32, at most %u)",
-                 matrix_name(w->which), (unsigned)w->layer, (unsigned)w->k, SQ_MAX_K);
+                 kvp_matrix_name(w->which), (unsigned)w->layer, (unsigned)w->k, SQ_MAX_K);
         st->host->set_error(st->host->ctx, msg);
         return 0;
     }
     if (w->struct_size < offsetof(kvp_weight_info, act_absmax) + sizeof w->act_absmax || !w->act_absmax) {
         snprintf(msg, sizeof msg, "%s of layer %u: no calibration statistics. HINT: run `kvhost calibrate --model M "
                  "--text-file F --out stats.kvcal` and set [model] calibration = stats.kvcal",
-                 matrix_name(w->which), (unsigned)w->layer);
+                 kvp_matrix_name(w->which), (unsigned)w->layer);
         st->host->set_error(st->host->ctx, msg);
         return 0;
     }
@@ -102,7 +97,7 @@ static int sq_pack(void *state, const kvp_weight_info *w, const float *src, uint
             if (!isfinite(v)) {
                 char msg[200];
                 snprintf(msg, sizeof msg, "%s of layer %u: weight (input %u, output %u) is %g, not finite",
-                         matrix_name(w->which), (unsigned)w->layer, (unsigned)i, (unsigned)j, (double)v);
+                         kvp_matrix_name(w->which), (unsigned)w->layer, (unsigned)i, (unsigned)j, (double)v);
                 st->host->set_error(st->host->ctx, msg);
                 return KVP_ERROR;
             }

@@ -34,11 +34,6 @@ typedef struct wf_state {
     const kvp_host *host;
 } wf_state;
 
-static const char *matrix_name(uint32_t which) {
-    static const char *const names[] = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"};
-    return which <= KVP_MAT_LM_HEAD ? names[which] : "?";
-}
-
 static int wf_create(const kvp_host *host, const kvp_layer_info *layer, kvp_instance *out) {
     (void)layer;
     wf_state *st = host->alloc(host->ctx, sizeof *st);
@@ -77,10 +72,10 @@ static size_t wf_packed_size(void *state, const kvp_weight_info *w) {
     if (rb == 0) {
         char msg[200];
         if (w->k % 32)
-            snprintf(msg, sizeof msg, "%s of layer %u: %u inputs is not a multiple of 32", matrix_name(w->which),
+            snprintf(msg, sizeof msg, "%s of layer %u: %u inputs is not a multiple of 32", kvp_matrix_name(w->which),
                      (unsigned)w->layer, (unsigned)w->k);
         else
-            snprintf(msg, sizeof msg, "%s of layer %u: group %u does not divide its %u inputs", matrix_name(w->which),
+            snprintf(msg, sizeof msg, "%s of layer %u: group %u does not divide its %u inputs", kvp_matrix_name(w->which),
                      (unsigned)w->layer, (unsigned)st->spec.group, (unsigned)w->k);
         st->host->set_error(st->host->ctx, msg);
         return 0;
@@ -108,7 +103,7 @@ static int wf_pack(void *state, const kvp_weight_info *w, const float *src, uint
                 if (!isfinite(v)) {
                     char msg[200];
                     snprintf(msg, sizeof msg, "%s of layer %u: weight (input %u, output %u) is %g, not finite",
-                             matrix_name(w->which), (unsigned)w->layer, (unsigned)i, (unsigned)(j0 + b), (double)v);
+                             kvp_matrix_name(w->which), (unsigned)w->layer, (unsigned)i, (unsigned)(j0 + b), (double)v);
                     st->host->set_error(st->host->ctx, msg);
                     st->host->free(st->host->ctx, block);
                     return KVP_ERROR;

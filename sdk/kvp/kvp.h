@@ -318,6 +318,12 @@ typedef struct kvp_release_args {
 #define KVP_MAT_MLP_PROJ 3u  /* mlp c_proj: k = F, n = C */
 #define KVP_MAT_LM_HEAD 4u   /* the tied LM head (wte): k = C, n = V */
 
+/* GPT-2's name of a KVP_MAT_* matrix ("attn.c_attn", ...), for messages; "?" for an unknown value. */
+static inline const char *kvp_matrix_name(uint32_t which) {
+    static const char *const names[] = {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj", "lm_head"};
+    return which <= KVP_MAT_LM_HEAD ? names[which] : "?";
+}
+
 /* Layout of the fp32 source handed to pack(). */
 #define KVP_LAYOUT_IN_MAJOR 0u  /* W(i, j) at src[i * n + j]: GPT-2's Conv1D weights */
 #define KVP_LAYOUT_OUT_MAJOR 1u /* W(i, j) at src[j * k + i]: the LM head (wte rows) */
