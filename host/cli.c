@@ -49,30 +49,30 @@ int kvh_cli_parse_u64(const char *text, uint64_t *out) {
     return 0;
 }
 
-int kvh_cli_check_output(const char *path, bool dir_too, kvh_err *err) {
-    if (!path || !*path) return kvh_fail(err, "--json: empty file name");
+int kvh_cli_check_output(const char *option, const char *path, bool dir_too, kvh_err *err) {
+    if (!path || !*path) return kvh_fail(err, "%s: empty file name", option);
     struct stat st;
     bool exists = stat(path, &st) == 0;
-    if (!exists && errno != ENOENT) return kvh_fail(err, "--json %s: cannot use: %s", path, strerror(errno));
+    if (!exists && errno != ENOENT) return kvh_fail(err, "%s %s: cannot use: %s", option, path, strerror(errno));
     if (exists) {
-        if (S_ISDIR(st.st_mode)) return kvh_fail(err, "--json %s: is a directory", path);
+        if (S_ISDIR(st.st_mode)) return kvh_fail(err, "%s %s: is a directory", option, path);
         if (!S_ISREG(st.st_mode) && !S_ISCHR(st.st_mode))
-            return kvh_fail(err, "--json %s: not a regular file (a FIFO or socket would block or fail at the end "
-                            "of the run)", path);
-        if (access(path, W_OK) != 0) return kvh_fail(err, "--json %s: not writable: %s", path, strerror(errno));
+            return kvh_fail(err, "%s %s: not a regular file (a FIFO or socket would block or fail at the end "
+                            "of the run)", option, path);
+        if (access(path, W_OK) != 0) return kvh_fail(err, "%s %s: not writable: %s", option, path, strerror(errno));
         if (!dir_too) return 0;
     }
     char dir[PATH_MAX];
     const char *slash = strrchr(path, '/');
     if (!slash) snprintf(dir, sizeof dir, ".");
     else if (slash == path) snprintf(dir, sizeof dir, "/");
-    else if ((size_t)(slash - path) >= sizeof dir) return kvh_fail(err, "--json %s: path too long", path);
+    else if ((size_t)(slash - path) >= sizeof dir) return kvh_fail(err, "%s %s: path too long", option, path);
     else snprintf(dir, sizeof dir, "%.*s", (int)(slash - path), path);
     struct stat ds;
-    if (stat(dir, &ds) != 0) return kvh_fail(err, "--json %s: directory %s: %s", path, dir, strerror(errno));
-    if (!S_ISDIR(ds.st_mode)) return kvh_fail(err, "--json %s: %s is not a directory", path, dir);
+    if (stat(dir, &ds) != 0) return kvh_fail(err, "%s %s: directory %s: %s", option, path, dir, strerror(errno));
+    if (!S_ISDIR(ds.st_mode)) return kvh_fail(err, "%s %s: %s is not a directory", option, path, dir);
     if (access(dir, W_OK | X_OK) != 0)
-        return kvh_fail(err, "--json %s: cannot create files in %s: %s", path, dir, strerror(errno));
+        return kvh_fail(err, "%s %s: cannot create files in %s: %s", option, path, dir, strerror(errno));
     return 0;
 }
 
@@ -163,7 +163,7 @@ int kvh_cli_common_parse(kvh_cli_common *c, int argc, char **argv, int *i, kvh_e
 
 int kvh_cli_build_config(const kvh_cli_common *c, kvh_run_config *cfg, kvh_err *err) {
     kvh_config_defaults(cfg);
-    if (c->json_path && kvh_cli_check_output(c->json_path, false, err) != 0) return -1;
+    if (c->json_path && kvh_cli_check_output("--json", c->json_path, false, err) != 0) return -1;
     if (c->config_path && kvh_config_load_ini(cfg, c->config_path, err) != 0) return -1;
     if (c->plugins && kvh_config_add_plugins_list(cfg, c->plugins, err) != 0) return -1;
     for (int i = 0; i < c->n_sets; i++)

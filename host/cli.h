@@ -46,8 +46,9 @@ int kvh_cli_common_parse(kvh_cli_common *c, int argc, char **argv, int *i, kvh_e
 /* Checks, before any work is done, that an output file can be written: an existing regular file (or a
  * character device such as /dev/null) that is writable, or a name in an existing writable directory.
  * Creates nothing. With dir_too, the directory must be writable even when the file exists (outputs
- * written to FILE.tmp and renamed). A FIFO, directory or missing directory is refused, naming the path. */
-int kvh_cli_check_output(const char *path, bool dir_too, kvh_err *err);
+ * written to FILE.tmp and renamed). A FIFO, directory or missing directory is refused, naming the option
+ * (e.g. "--json", "--out") and the path. */
+int kvh_cli_check_output(const char *option, const char *path, bool dir_too, kvh_err *err);
 
 /* Parses a whole-string unsigned decimal below 2^64 ("--seed 99999999999999999999" is refused, not
  * clamped). */

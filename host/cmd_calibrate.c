@@ -106,7 +106,7 @@ int kvh_cmd_calibrate(int argc, char **argv) {
         kvh_config_free(&cfg);
         return 2;
     }
-    if (kvh_cli_check_output(a.out, true, &err) != 0) {
+    if (kvh_cli_check_output("--out", a.out, true, &err) != 0) {
         fprintf(stderr, "kvhost calibrate: %s\n", err.msg);
         kvh_config_free(&cfg);
         return 2;

@@ -61,7 +61,7 @@ static int parse_args(int argc, char **argv, logits_args *a, kvh_err *err) {
         return kvh_fail(err, "give one of --prompt, --prompt-file or --ids");
     if (!a->out) return kvh_fail(err, "give --out FILE.npy");
     if (a->common.json_path) return kvh_fail(err, "logits writes no record: --json is not taken here");
-    return kvh_cli_check_output(a->out, true, err);
+    return kvh_cli_check_output("--out", a->out, true, err);
 }
 
 static int parse_id_list(const char *s, int vocab, int32_t **out, size_t *n, kvh_err *err) {

@@ -560,7 +560,7 @@ int kvh_cmd_plan(int argc, char **argv)
         return 0;
     }
     /* before any output: a --json path that cannot be written is reported first, and nothing is created */
-    if (o.json && kvh_cli_check_output(o.json, true, &err)) {
+    if (o.json && kvh_cli_check_output("--json", o.json, true, &err)) {
         fprintf(stderr, "kvhost plan: %s\n", err.msg);
         return 2;
     }

@@ -96,18 +96,18 @@ Test(cli_inputs, json_output_checked_without_creating) {
     mkdir(dir, 0755);
     kvh_err err = {{0}};
     snprintf(path, sizeof path, "%s/new.jsonl", dir);
-    cr_assert_eq(kvh_cli_check_output(path, false, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvh_cli_check_output("--json", path, false, &err), 0, "%s", err.msg);
     cr_assert_neq(access(path, F_OK), 0, "the check created %s", path);
-    cr_assert_eq(kvh_cli_check_output("/dev/null", false, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvh_cli_check_output("--json", "/dev/null", false, &err), 0, "%s", err.msg);
     snprintf(path, sizeof path, "%s/missing/x.jsonl", dir);
-    cr_assert_eq(kvh_cli_check_output(path, false, &err), -1);
+    cr_assert_eq(kvh_cli_check_output("--json", path, false, &err), -1);
     cr_assert(strstr(err.msg, path) && strstr(err.msg, "No such file"), "%s", err.msg);
-    cr_assert_eq(kvh_cli_check_output(dir, false, &err), -1);
+    cr_assert_eq(kvh_cli_check_output("--json", dir, false, &err), -1);
     cr_assert(strstr(err.msg, "is a directory"), "%s", err.msg);
     snprintf(path, sizeof path, "%s/fifo.jsonl", dir);
     unlink(path);
     cr_assert_eq(mkfifo(path, 0644), 0);
-    cr_assert_eq(kvh_cli_check_output(path, false, &err), -1);
+    cr_assert_eq(kvh_cli_check_output("--json", path, false, &err), -1);
     cr_assert(strstr(err.msg, "not a regular file"), "%s", err.msg);
     snprintf(path, sizeof path, "%s/file.txt/x.jsonl", dir);
     FILE *f = fopen(path, "w"); /* parent "directory" is a file */
@@ -116,7 +116,7 @@ Test(cli_inputs, json_output_checked_without_creating) {
     snprintf(file, sizeof file, "%s/file.txt", dir);
     f = fopen(file, "w");
     fclose(f);
-    cr_assert_eq(kvh_cli_check_output(path, false, &err), -1);
+    cr_assert_eq(kvh_cli_check_output("--json", path, false, &err), -1);
     /* the common options run it before anything else */
     kvh_cli_common c;
     memset(&c, 0, sizeof c);
@@ -133,7 +133,7 @@ Test(cli_inputs, json_output_checked_without_creating) {
         f = fopen(path, "w");
         fclose(f);
         chmod(path, 0444);
-        cr_assert_eq(kvh_cli_check_output(path, false, &err), -1);
+        cr_assert_eq(kvh_cli_check_output("--json", path, false, &err), -1);
         cr_assert(strstr(err.msg, "not writable"), "%s", err.msg);
     }
 }
