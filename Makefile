@@ -18,7 +18,7 @@ build: deps $(BUILD)/CMakeCache.txt
 	cmake --build $(BUILD) -j $(JOBS)
 
 # Generates 32 tokens with the embedded default model (seeded random GPT-2 Medium weights: the speed
-# and memory are real, the text is not), then the quick comparison (host/cmd_compare.c): a 256-token
+# and memory are real, the text is not), then the quick comparison (host/cli/cmd_compare.c): a 256-token
 # prompt and 32 new tokens under the plain cache and under the sink plugin with a 64-token budget, so the
 # second run really evicts; printed side by side: KV held, tokens/s, agreement of the greedy tokens.
 demo: build

@@ -2,7 +2,7 @@
 
 Owns: the reading rule the bench tools share. Lines are split on b"\\n"; a line that is not UTF-8 (written
 by a kvhost older than its U+FFFD repair, or edited by hand) is decoded with errors="replace" — the rule
-kvhost's writer applies (host/utf8.h), so such a record reads as a repaired one would — and a warning names
+kvhost's writer applies (host/util/utf8.h), so such a record reads as a repaired one would — and a warning names
 FILE:LINE and the first bad byte. A line that is not a JSON object is the caller's to judge: records()
 skips it with a warning naming FILE:LINE (a report should still come out of a file with one torn line),
 kvbench.py merge refuses it. Standard library only.

@@ -399,7 +399,7 @@ def run_point(kvhost, sweep, point, out, job_id, available, dry=False, peers=Non
 # ---- peers -----------------------------------------------------------------------------------------
 
 def latency_stats(ms):
-    """The decode_step object of a kvhost record, computed the way kvhost does (host/metrics.c: percentiles
+    """The decode_step object of a kvhost record, computed the way kvhost does (host/util/metrics.c: percentiles
     by linear interpolation between the two nearest ranks)."""
     s = sorted(ms)
     n = len(s)

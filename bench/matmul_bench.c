@@ -1,4 +1,4 @@
-/* matmul_bench.c — times the few-row products of host/matmul_small.c against OpenBLAS (sgemv for one
+/* matmul_bench.c — times the few-row products of host/backend/matmul_small.c against OpenBLAS (sgemv for one
  * row, sgemm otherwise) at GPT-2 shapes, one thread, and prints a Markdown table: best of R runs, the
  * weight bytes streamed per second, and the largest difference between the two results.
  * It is how KVH_MATMUL_SMALL_MAX was chosen (docs/results/matmul.md).
@@ -8,9 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "blas.h"
-#include "matmul_small.h"
-#include "util.h"
+#include "backend/blas.h"
+#include "backend/matmul_small.h"
+#include "util/util.h"
 
 typedef struct shape {
     const char *name;

@@ -8,7 +8,7 @@
 #
 # Environment: BUILD (default build; built with `make build` first), VALGRIND_BUILD (used instead when
 # this CPU has AVX-512, which valgrind cannot run: a -DKVH_NATIVE=OFF build, default build-valgrind).
-# kvhost picks its kernels at run time from the CPU's features (host/cpu_features.h), so the run is also
+# kvhost picks its kernels at run time from the CPU's features (host/backend/cpu_features.h), so the run is also
 # capped at AVX2 with KVH_ISA=avx2 (which makes OpenBLAS run its Haswell kernels too).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -29,12 +29,12 @@ expect() {
   fi
 }
 
-# a checkpoint directory: config.json and model.safetensors given, tokenizer files from host/assets
+# a checkpoint directory: config.json and model.safetensors given, tokenizer files from host/model/assets
 mkmodel() {
   mkdir -p "$T/$1"
   cp "$2" "$T/$1/config.json"
   cp "$3" "$T/$1/model.safetensors"
-  cp "$SRC/host/assets/vocab.json" "$SRC/host/assets/merges.txt" "$T/$1/"
+  cp "$SRC/host/model/assets/vocab.json" "$SRC/host/model/assets/merges.txt" "$T/$1/"
 }
 C="$SRC/tests/fuzz/corpus"
 mkmodel huge "$C/model_config/huge-embd.json" "$C/safetensors/small-f32.bin"

@@ -12,10 +12,10 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "checkpoint.h"
-#include "model.h"
+#include "model/checkpoint.h"
+#include "model/model.h"
 #include "helpers/model_fixture.h"
-#include "session.h"
+#include "runtime/session.h"
 #include "helpers/test_util.h"
 
 static const kvh_fx_shape SHAPE = {.V = 257, .P = 64, .C = 32, .NH = 4, .L = 3};

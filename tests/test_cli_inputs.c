@@ -12,11 +12,11 @@
 #include <unistd.h>
 
 #include "../plugins/quant/kvq_format.h"
-#include "cli.h"
-#include "config.h"
+#include "cli/cli.h"
+#include "runtime/config.h"
 #include "helpers/test_util.h"
-#include "model.h"
-#include "plan.h"
+#include "model/model.h"
+#include "plan/plan.h"
 
 int kvh_cmd_plan(int argc, char **argv);
 

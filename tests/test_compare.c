@@ -1,4 +1,4 @@
-/* test_compare.c — the quick comparison (host/cmd_compare.c): the token-agreement measure against
+/* test_compare.c — the quick comparison (host/cli/cmd_compare.c): the token-agreement measure against
  * hand-made sequences, usage errors, and end-to-end runs on the tiny model (skipped without
  * ../shared): a policy whose budget exceeds the sequence agrees 100% with the baseline, a small
  * budget holds fewer KV bytes. Does not test timings. */
@@ -11,8 +11,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "commands.h"
-#include "util.h"
+#include "cli/commands.h"
+#include "util/util.h"
 
 static const char *tiny_model(void) {
     static char path[512];

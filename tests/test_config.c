@@ -1,4 +1,4 @@
-/* test_config.c — host/config.c: INI run files (written to a temp dir) and CLI overrides: defaults,
+/* test_config.c — host/runtime/config.c: INI run files (written to a temp dir) and CLI overrides: defaults,
  * every [model]/[cache] key, plugin sections, layer lists, unknown keys, bad numbers, duplicates,
  * line numbers in messages, --plugins and --set, and the normalized write-back. */
 #define _POSIX_C_SOURCE 200809L
@@ -8,7 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "config.h"
+#include "runtime/config.h"
 
 static char tmpdir[256];
 

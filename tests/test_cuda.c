@@ -25,18 +25,18 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "backend.h"
-#include "config.h"
+#include "backend/backend.h"
+#include "runtime/config.h"
 #include "helpers/test_util.h"
-#include "kvcache.h"
-#include "model.h"
-#include "session.h"
-#include "util.h"
+#include "runtime/kvcache.h"
+#include "model/model.h"
+#include "runtime/session.h"
+#include "util/util.h"
 
 #include "../plugins/quant/kvq_format.h"
 
 #ifdef KVH_HAVE_CUDA
-#include "cuda/quant_format.h"
+#include "backend/cuda/quant_format.h"
 int kvh_backend_cuda_available(char *why, size_t cap);
 #endif
 

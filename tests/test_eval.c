@@ -1,4 +1,4 @@
-/* test_eval.c — perplexity evaluation (host/evaluate.c) and `kvhost eval` (host/cmd_eval.c).
+/* test_eval.c — perplexity evaluation (host/cli/evaluate.c) and `kvhost eval` (host/cli/cmd_eval.c).
  * Checks: NLL/perplexity against an independent computation from raw logits of a --no-cache session;
  * the KL helper against a hand-computed case; streaming without plugins == teacher-forced NLL, KL exactly
  * 0 and 100 % top-1 agreement; a small window budget moves the distribution (KL > 0) while live <=
@@ -11,13 +11,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "commands.h"
-#include "config.h"
-#include "evaluate.h"
+#include "cli/commands.h"
+#include "runtime/config.h"
+#include "cli/evaluate.h"
 #include "helpers/test_util.h"
-#include "model.h"
-#include "session.h"
-#include "tokenizer.h"
+#include "model/model.h"
+#include "runtime/session.h"
+#include "model/tokenizer.h"
 
 static kvh_model_config small_config(void) {
     kvh_model_config c = {.n_vocab = 97, .n_positions = 64, .n_embd = 32, .n_head = 4, .n_layer = 2,

@@ -10,13 +10,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu_features.h"
+#include "backend/cpu_features.h"
 #include "helpers/test_util.h"
-#include "kvcache.h"
-#include "model.h"
-#include "sampler.h"
-#include "session.h"
-#include "util.h"
+#include "runtime/kvcache.h"
+#include "model/model.h"
+#include "model/sampler.h"
+#include "runtime/session.h"
+#include "util/util.h"
 
 /* ---- helpers ---------------------------------------------------------------------------------- */
 

@@ -1,4 +1,4 @@
-/* test_gelu.c — host/gelu.c: every kernel level this CPU can run against a double-precision reference,
+/* test_gelu.c — host/backend/gelu.c: every kernel level this CPU can run against a double-precision reference,
  * the vector levels against each other bit for bit, position independence (masked tails), NaN
  * propagation (so non-finite activations still reach the logits check), and the KVH_ISA cap. */
 #include <criterion/criterion.h>
@@ -6,8 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu_features.h"
-#include "gelu.h"
+#include "backend/cpu_features.h"
+#include "backend/gelu.h"
 #include "helpers/test_util.h"
 
 /* gelu_new in double, in the numerically stable form v / (1 + exp(-2u)) (the tanh form loses all

@@ -11,13 +11,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "config.h"
+#include "runtime/config.h"
 #include "helpers/test_util.h"
-#include "kvcache.h"
-#include "model.h"
-#include "router.h"
-#include "sampler.h"
-#include "session.h"
+#include "runtime/kvcache.h"
+#include "model/model.h"
+#include "runtime/router.h"
+#include "model/sampler.h"
+#include "runtime/session.h"
 
 enum { NH = 2, HS = 4, CTX = 1024, MAXL = 32 };
 

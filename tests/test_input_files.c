@@ -18,14 +18,14 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "config.h"
+#include "runtime/config.h"
 #include "helpers/model_fixture.h"
 #include "helpers/test_util.h"
-#include "model.h"
-#include "plan.h"
-#include "safetensors.h"
-#include "tokenizer.h"
-#include "util.h"
+#include "model/model.h"
+#include "plan/plan.h"
+#include "model/safetensors.h"
+#include "model/tokenizer.h"
+#include "util/util.h"
 
 int kvh_cmd_plan(int argc, char **argv);
 

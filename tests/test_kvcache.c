@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "kvcache.h"
+#include "runtime/kvcache.h"
 
 enum { NH = 2, HS = 4, CTX = 256 };
 

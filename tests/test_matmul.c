@@ -1,4 +1,4 @@
-/* test_matmul.c — host/matmul_small.c: both products (x·W accumulated into y, x·Wtᵀ written) against
+/* test_matmul.c — host/backend/matmul_small.c: both products (x·W accumulated into y, x·Wtᵀ written) against
  * a double-precision reference computed here, for every T the backend sends (2..kvh_matmul_small_max())
  * and beyond, K and N with and without vector tails, column ranges that start and end off the vector
  * grid (as the OpenMP split makes them); the SIMD and portable paths; the header's promise that a row's
@@ -11,7 +11,7 @@
 #include <string.h>
 
 #include "helpers/test_util.h"
-#include "matmul_small.h"
+#include "backend/matmul_small.h"
 
 static float *random_floats(size_t n, uint64_t seed) {
     float *a = malloc(n * sizeof(float));

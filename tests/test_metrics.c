@@ -1,4 +1,4 @@
-/* test_metrics.c — host/metrics.c's JSON Lines writer and the records built on it (issue 14):
+/* test_metrics.c — host/util/metrics.c's JSON Lines writer and the records built on it (issue 14):
  *   jsonl: concurrent appenders (separate processes) while one of them fails — every other writer's
  *          records survive whole; a failed append leaves the file exactly as it was; each failure names
  *          the file;
@@ -20,11 +20,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "commands.h"
+#include "cli/commands.h"
 #include "helpers/json_strict.h"
 #include "helpers/test_util.h"
-#include "metrics.h"
-#include "router.h"
+#include "util/metrics.h"
+#include "runtime/router.h"
 
 /* ---- helpers ------------------------------------------------------------------------------------ */
 

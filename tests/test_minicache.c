@@ -20,13 +20,13 @@
 #include <string.h>
 
 #include "../plugins/minicache/mc_math.h"
-#include "config.h"
+#include "runtime/config.h"
 #include "helpers/test_util.h"
-#include "kvcache.h"
+#include "runtime/kvcache.h"
 #include "kvp/kvp.h"
-#include "model.h"
-#include "sampler.h"
-#include "session.h"
+#include "model/model.h"
+#include "model/sampler.h"
+#include "runtime/session.h"
 
 #define PDIR KVH_BUILD_DIR "/plugins"
 

@@ -15,9 +15,9 @@
 
 #include "helpers/model_fixture.h"
 #include "helpers/test_util.h"
-#include "model.h"
-#include "plugin_guard.h"
-#include "session.h"
+#include "model/model.h"
+#include "runtime/plugin_guard.h"
+#include "runtime/session.h"
 
 /* Runs body() in a child with stderr captured; returns the wait status, stderr text in buf. */
 static int in_child(void (*body)(const char *dir), const char *dir, char *buf, size_t cap) {

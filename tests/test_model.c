@@ -1,4 +1,4 @@
-/* test_model.c — Criterion suite for host/model.c and host/model_config.c.
+/* test_model.c — Criterion suite for host/model/model.c and host/model/model_config.c.
  * Owns: presets and parameter counts, config.json parsing and its errors, loading the shared tiny model
  * (spot values read independently with Python), tiny Hugging Face directories written by the tests
  * (F16 / BF16 / F32, with and without the "transformer." prefix, plus broken variants), random weights
@@ -16,7 +16,7 @@
 #include <omp.h>
 #endif
 
-#include "model.h"
+#include "model/model.h"
 
 #ifndef KVH_SHARED_DIR
 #define KVH_SHARED_DIR "/work/shared"

@@ -10,12 +10,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "evaluate.h"
-#include "generate.h"
+#include "cli/evaluate.h"
+#include "cli/generate.h"
 #include "helpers/model_fixture.h"
 #include "helpers/test_util.h"
-#include "model.h"
-#include "session.h"
+#include "model/model.h"
+#include "runtime/session.h"
 
 static const kvh_fx_shape SHAPE = {.V = 257, .P = 32, .C = 8, .NH = 2, .L = 3};
 

@@ -16,9 +16,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "safetensors.h"
-#include "tokenizer.h"
-#include "util.h"
+#include "model/safetensors.h"
+#include "model/tokenizer.h"
+#include "util/util.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #define SKIP_UNDER_ASAN() cr_skip_test("RLIMIT_AS cannot be combined with AddressSanitizer's shadow memory")

@@ -12,7 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "plan.h"
+#include "plan/plan.h"
 
 #define GIB 1073741824.0
 

@@ -1,4 +1,4 @@
-/* test_plugin_check.c — `kvhost plugins check` (host/plugin_check.c): every bundled policy passes it;
+/* test_plugin_check.c — `kvhost plugins check` (host/runtime/plugin_check.c): every bundled policy passes it;
  * tests/plugins/tp_report.so, which fails on any broken promise of the score-report contract, passes it
  * (so the driver's synthetic attention keeps the contract a real backend keeps); plugins that break a
  * rule fail it with a message naming the plugin, the seed and the rule (victim out of range, duplicate,
@@ -8,7 +8,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "plugin_check.h"
+#include "runtime/plugin_check.h"
 
 #define TPDIR KVH_BUILD_DIR "/tests/plugins"
 

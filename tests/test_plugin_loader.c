@@ -1,4 +1,4 @@
-/* test_plugin_loader.c — host/plugin.c: each purpose-built bad plugin (tests/plugins) fails with an
+/* test_plugin_loader.c — host/runtime/plugin.c: each purpose-built bad plugin (tests/plugins) fails with an
  * error naming the file and the problem (also garbage pointers, over-long and non-UTF-8 strings: the
  * descriptor is read without trusting it); good plugins load, their strings copied into host memory;
  * lookup by name and path; one load per file; parameter value parsing; window.so and sink.so export
@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "plugin.h"
+#include "runtime/plugin.h"
 
 #define TPDIR KVH_BUILD_DIR "/tests/plugins"
 #define PDIR KVH_BUILD_DIR "/plugins"

@@ -9,12 +9,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "config.h"
+#include "runtime/config.h"
 #include "helpers/test_util.h"
-#include "kvcache.h"
-#include "model.h"
-#include "sampler.h"
-#include "session.h"
+#include "runtime/kvcache.h"
+#include "model/model.h"
+#include "model/sampler.h"
+#include "runtime/session.h"
 
 static const char *const kPolicies[] = {"window.so", "sink.so", "h2o.so", "pyramid.so", "tova.so",
                                         "scissorhands.so"};

@@ -9,12 +9,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "config.h"
-#include "evaluate.h"
+#include "runtime/config.h"
+#include "cli/evaluate.h"
 #include "helpers/test_util.h"
-#include "kvcache.h"
-#include "model.h"
-#include "session.h"
+#include "runtime/kvcache.h"
+#include "model/model.h"
+#include "runtime/session.h"
 
 static kvh_model small_model(void) {
     kvh_model_config c = {.n_vocab = 97, .n_positions = 256, .n_embd = 32, .n_head = 4, .n_layer = 3,

@@ -22,14 +22,14 @@
 #include <string.h>
 
 #include "../plugins/quant/kvq_format.h"
-#include "config.h"
+#include "runtime/config.h"
 #include "kvp/kvp.h"
 #include "helpers/test_util.h"
-#include "kvcache.h"
-#include "model.h"
-#include "router.h"
-#include "sampler.h"
-#include "session.h"
+#include "runtime/kvcache.h"
+#include "model/model.h"
+#include "runtime/router.h"
+#include "model/sampler.h"
+#include "runtime/session.h"
 
 #define PDIR KVH_BUILD_DIR "/plugins"
 

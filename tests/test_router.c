@@ -1,4 +1,4 @@
-/* test_router.c — host/router.c against a real kvh_kvcache filled synthetically: per-layer routing and
+/* test_router.c — host/runtime/router.c against a real kvh_kvcache filled synthetically: per-layer routing and
  * settings, parameter and layer-claim errors naming file:line:key, hook failures naming plugin and
  * hook, rejected victim lists leaving the cache intact, compaction keeping K/V/pos/scores aligned,
  * per-head budgets, the live <= budget + slack invariant over a long run, the JSON description. */
@@ -9,9 +9,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "config.h"
-#include "kvcache.h"
-#include "router.h"
+#include "runtime/config.h"
+#include "runtime/kvcache.h"
+#include "runtime/router.h"
 
 #define TPDIR KVH_BUILD_DIR "/tests/plugins"
 enum { L = 4, NH = 3, HS = 5, CTX = 1024, NSEQ = 2 };

@@ -1,4 +1,4 @@
-/* test_safetensors.c — Criterion suite for host/safetensors.c.
+/* test_safetensors.c — Criterion suite for host/model/safetensors.c.
  * Owns: malformed-file checks (each asserts the error names the file, the tensor and the problem), a
  * valid file with F32/F16/BF16/I8 tensors whose converted values are compared with numbers worked out
  * by hand from the IEEE bit patterns. Files are written by the tests into a fresh temp directory. */
@@ -10,7 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "safetensors.h"
+#include "model/safetensors.h"
 
 static char g_dir[256];
 

@@ -5,7 +5,7 @@
 #include <math.h>
 #include <string.h>
 
-#include "sampler.h"
+#include "model/sampler.h"
 
 static kvh_sampler make(float temperature, int top_k, float top_p, uint64_t seed, int V) {
     kvh_sampler s;

@@ -17,13 +17,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "config.h"
+#include "runtime/config.h"
 #include "helpers/test_util.h"
-#include "kvcache.h"
-#include "model.h"
-#include "router.h"
-#include "sampler.h"
-#include "session.h"
+#include "runtime/kvcache.h"
+#include "model/model.h"
+#include "runtime/router.h"
+#include "model/sampler.h"
+#include "runtime/session.h"
 
 /* ---- sessions on a small random model --------------------------------------------------------- */
 

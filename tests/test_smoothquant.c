@@ -1,5 +1,5 @@
 /* test_smoothquant.c — smoothquant.so (SmoothQuant W8A8, plugins/weights/smoothquant.c), the calibration
- * statistics and their file (host/calibration.c), through the real plugin and session:
+ * statistics and their file (host/runtime/calibration.c), through the real plugin and session:
  *   - the product against the exact fp32 product, within the error int8 weights and int8 activations allow;
  *   - the VNNI and portable kernels agree bit for bit (both are integer sums);
  *   - the paper's claim on a synthetic case: with an outlier input channel, smoothing by the calibration
@@ -16,13 +16,13 @@
 #include <string.h>
 #include <sys/stat.h>
 
-#include "calibration.h"
-#include "config.h"
-#include "cpu_features.h"
+#include "runtime/calibration.h"
+#include "runtime/config.h"
+#include "backend/cpu_features.h"
 #include "helpers/test_util.h"
 #include "kvp/kvp.h"
-#include "session.h"
-#include "weights.h"
+#include "runtime/session.h"
+#include "runtime/weights.h"
 
 #define PDIR KVH_BUILD_DIR "/plugins"
 

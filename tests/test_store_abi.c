@@ -10,11 +10,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "config.h"
-#include "kvcache.h"
-#include "model.h"
-#include "sampler.h"
-#include "session.h"
+#include "runtime/config.h"
+#include "runtime/kvcache.h"
+#include "model/model.h"
+#include "model/sampler.h"
+#include "runtime/session.h"
 
 #define TPDIR KVH_BUILD_DIR "/tests/plugins"
 enum { NSEQ = 2, NEW = 30 };

@@ -1,4 +1,4 @@
-/* test_tokenizer.c — Criterion suite for host/tokenizer.c (GPT-2 byte-level BPE).
+/* test_tokenizer.c — Criterion suite for host/model/tokenizer.c (GPT-2 byte-level BPE).
  * Owns: checks of encode/decode against fixtures from two independent references (HF transformers and a
  * port of OpenAI encoder.py, tests/tools/gen_tokenizer_fixtures.py), whole-file checks on ../shared
  * data, golden prompts, byte round trips, and load-error messages. Does not own: the fixtures' content. */
@@ -12,11 +12,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "tokenizer.h"
+#include "model/tokenizer.h"
 
 #define FIXTURES KVH_TEST_DATA_DIR "/tokenizer/fixtures.json"
-#define ASSET_VOCAB KVH_SOURCE_DIR "/host/assets/vocab.json"
-#define ASSET_MERGES KVH_SOURCE_DIR "/host/assets/merges.txt"
+#define ASSET_VOCAB KVH_SOURCE_DIR "/host/model/assets/vocab.json"
+#define ASSET_MERGES KVH_SOURCE_DIR "/host/model/assets/merges.txt"
 
 static kvh_tokenizer *load_embedded(void) {
     kvh_err err = {{0}};

@@ -8,12 +8,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "generate.h"
+#include "cli/generate.h"
 #include "helpers/model_fixture.h"
 #include "helpers/test_util.h"
-#include "model.h"
-#include "session.h"
-#include "tokenizer.h"
+#include "model/model.h"
+#include "runtime/session.h"
+#include "model/tokenizer.h"
 
 enum { TOK_V = 257, MODEL_V = 320 };
 

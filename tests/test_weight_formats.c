@@ -16,7 +16,7 @@
 #include <string.h>
 
 #include "../plugins/weights/wformat.h"
-#include "cpu_features.h"
+#include "backend/cpu_features.h"
 #include "helpers/test_util.h"
 #include "kvp/kvp.h"
 

@@ -12,11 +12,11 @@
 #include <string.h>
 
 #include "helpers/test_util.h"
-#include "kvcache.h"
-#include "model.h"
-#include "plan.h"
-#include "session.h"
-#include "weights.h"
+#include "runtime/kvcache.h"
+#include "model/model.h"
+#include "plan/plan.h"
+#include "runtime/session.h"
+#include "runtime/weights.h"
 
 static kvh_model_config small_config(void) {
     /* widths are multiples of 32, as the formats need; vocab odd, so LM-head ranges end off the grid */

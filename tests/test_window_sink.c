@@ -8,9 +8,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "config.h"
-#include "kvcache.h"
-#include "router.h"
+#include "runtime/config.h"
+#include "runtime/kvcache.h"
+#include "runtime/router.h"
 
 enum { L = 2, NH = 2, HS = 4, CTX = 1024, NSEQ = 1 };
 

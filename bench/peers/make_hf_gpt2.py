@@ -9,7 +9,7 @@ all three engines run the very same weights.
 DIR gets config.json, model.safetensors (F32, Hugging Face tensor names: wte.weight, wpe.weight,
 h.N.{ln_1,attn.c_attn,attn.c_proj,ln_2,mlp.c_fc,mlp.c_proj}.{weight,bias}, ln_f.*; Conv1D input-major;
 the LM head tied to wte; no h.N.attn.bias buffers), vocab.json + merges.txt (the GPT-2 tokenizer, copied from
-TOKDIR: default ../shared/data/gpt2-tokenizer beside the repository, else the repository's host/assets),
+TOKDIR: default ../shared/data/gpt2-tokenizer beside the repository, else the repository's host/model/assets),
 tokenizer_config.json, and RANDOM_WEIGHTS.txt. The tensors are the ones `bench/torch_gpt2.py make-checkpoint`
 writes for the same preset and seed (same generator, same order), so a checkpoint from either is the same.
 

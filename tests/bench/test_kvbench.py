@@ -297,7 +297,7 @@ class PeerSections(unittest.TestCase):
         self.assertError(base + "[p]\npeer = torch-eager\nmodels = zz\n", "[p]", "zz")
 
     def test_latency_stats_like_kvhost(self):
-        # kvhost (host/metrics.c): percentile at rank q*(n-1), linear between neighbours
+        # kvhost (host/util/metrics.c): percentile at rank q*(n-1), linear between neighbours
         st = kvbench.latency_stats([4.0, 1.0, 3.0, 2.0, 10.0])
         self.assertEqual(st["n"], 5)
         self.assertAlmostEqual(st["median_ms"], 3.0)

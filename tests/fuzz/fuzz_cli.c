@@ -1,4 +1,4 @@
-/* fuzz_cli.c — fuzz target for the command-line option parsers (host/cli.c, host/cmd_plan.c, host/plan.c):
+/* fuzz_cli.c — fuzz target for the command-line option parsers (host/cli/cli.c, host/cli/cmd_plan.c, host/plan/plan.c):
  * the input, split at NUL bytes, is an argument vector. It goes through the common-option parser (as
  * every command's loop calls it, skipping what it does not consume) and then, whole, through
  * `kvhost plan` (option parsing, model shapes, the arithmetic; stdout to /dev/null). Invariants: the
@@ -11,7 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cli.h"
+#include "cli/cli.h"
 
 int kvh_cmd_plan(int argc, char **argv);
 

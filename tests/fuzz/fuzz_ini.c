@@ -1,4 +1,4 @@
-/* fuzz_ini.c — fuzz target for the INI run-file layer (host/config.c).
+/* fuzz_ini.c — fuzz target for the INI run-file layer (host/runtime/config.c).
  * Owns: loading arbitrary text with kvh_config_load_string and, when it loads, checking the normalized
  * write-back: kvh_config_write_ini's text must load again, and writing that second configuration must
  * give the same text byte for byte (so a saved run reproduces the run). Plugins are never loaded: the
@@ -9,7 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "config.h"
+#include "runtime/config.h"
 
 #define CHECK(cond)                                                                       \
     do {                                                                                  \

@@ -1,4 +1,4 @@
-/* fuzz_jsonl.c — fuzz target for the JSON Lines record writer's text (kvh_jsonl_format, host/metrics.c).
+/* fuzz_jsonl.c — fuzz target for the JSON Lines record writer's text (kvh_jsonl_format, host/util/metrics.c).
  * Owns: building a record from arbitrary bytes — keys and string values of any bytes but NUL, nested
  * objects and arrays, numbers from raw 8-byte patterns (NaN, infinities, subnormals) — and checking
  * the line: exactly one '\n', at the end; strict RFC 8259 JSON (tests/helpers/json_strict.c, not
@@ -19,8 +19,8 @@
 #include <cjson/cJSON.h>
 
 #include "helpers/json_strict.h"
-#include "metrics.h"
-#include "utf8.h"
+#include "util/metrics.h"
+#include "util/utf8.h"
 
 #define CHECK(cond)                                                                          \
     do {                                                                                     \

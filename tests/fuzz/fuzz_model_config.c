@@ -1,6 +1,6 @@
 /* fuzz_model_config.c — fuzz target for the two config.json parsers: the loader's
- * kvh_model_config_parse (host/model_config.c) and `kvhost plan`'s kvh_plan_model_from_json
- * (host/plan.c). Owns: feeding arbitrary text to both and checking that an accepted config passes its
+ * kvh_model_config_parse (host/model/model_config.c) and `kvhost plan`'s kvh_plan_model_from_json
+ * (host/plan/plan.c). Owns: feeding arbitrary text to both and checking that an accepted config passes its
  * check function and that its parameter count is computed without overflow (UBSan catches signed
  * overflow in the plan's int64 arithmetic). Does not own the parsers. Built with libFuzzer or with
  * replay_main.c (see tests/fuzz/CMakeLists.txt). */
@@ -9,8 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "model.h"
-#include "plan.h"
+#include "model/model.h"
+#include "plan/plan.h"
 
 #define CHECK(cond)                                                                                \
     do {                                                                                           \

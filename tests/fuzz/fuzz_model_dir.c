@@ -1,5 +1,5 @@
 /* fuzz_model_dir.c — fuzz target for model binding: kvh_model_load over a crafted Hugging Face directory
- * (host/model.c, model_config.c, safetensors.c, json_scan.c). The input is split at its first NUL byte:
+ * (host/model/model.c, model_config.c, safetensors.c, json_scan.c). The input is split at its first NUL byte:
  * config.json before, model.safetensors after; both are written into one scratch directory (made once
  * per process) and the directory is loaded. Invariants when it loads: every weight pointer is set, the
  * parameter count matches the config, every weight is finite (the loader's promise), and the first and
@@ -12,7 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "model.h"
+#include "model/model.h"
 
 #define CHECK(cond)                                                                               \
     do {                                                                                          \

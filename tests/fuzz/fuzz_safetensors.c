@@ -1,4 +1,4 @@
-/* fuzz_safetensors.c — fuzz target for the safetensors container parser (host/safetensors.c).
+/* fuzz_safetensors.c — fuzz target for the safetensors container parser (host/model/safetensors.c).
  * Owns: feeding arbitrary bytes to kvh_st_parse and checking what a successful parse promises: every
  * tensor's bytes lie inside the buffer, byte counts match shape x dtype, lookups find every name, and
  * converting a (small) tensor to fp32 reads only its own bytes. Does not own: the parser itself.
@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "safetensors.h"
+#include "model/safetensors.h"
 
 #define CHECK(cond)                                                                              \
     do {                                                                                         \

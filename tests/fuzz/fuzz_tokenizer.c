@@ -1,4 +1,4 @@
-/* fuzz_tokenizer.c — fuzz target for the GPT-2 byte-level BPE tokenizer (host/tokenizer.c).
+/* fuzz_tokenizer.c — fuzz target for the GPT-2 byte-level BPE tokenizer (host/model/tokenizer.c).
  * Owns: encoding arbitrary bytes and checking that decoding gives back exactly the same bytes (with
  * and without the <|endoftext|> special), and that every id is in range. The embedded GPT-2 tokenizer
  * is loaded once (static) and kept for the process. Does not own the tokenizer. */
@@ -7,7 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "tokenizer.h"
+#include "model/tokenizer.h"
 
 #define CHECK(cond)                                                                             \
     do {                                                                                        \

@@ -1,5 +1,5 @@
-/* fuzz_vocab.c — fuzz target for the tokenizer files' loaders (vocab.json and merges.txt, host/tokenizer.c
- * with host/json_scan.c). The input is split at its first NUL byte: vocab.json before, merges.txt after.
+/* fuzz_vocab.c — fuzz target for the tokenizer files' loaders (vocab.json and merges.txt, host/model/tokenizer.c
+ * with host/util/json_scan.c). The input is split at its first NUL byte: vocab.json before, merges.txt after.
  * Invariants when the pair loads: every byte has a token, so encode then decode gives back a fixed text
  * byte for byte (with and without <|endoftext|> as a special), and every id is below the vocabulary size.
  * When it does not load, the message is non-empty. Does not own the tokenizer. */
@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "tokenizer.h"
+#include "model/tokenizer.h"
 
 #define CHECK(cond)                                                                           \
     do {                                                                                      \

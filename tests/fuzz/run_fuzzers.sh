@@ -28,36 +28,36 @@ mkdir -p "$out/bin"
 flags=(-std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
        -fno-omit-frame-pointer -I"$root/host" -I"$root/sdk" -DKVH_VERSION='"fuzz"'
        -DKVH_PLUGIN_BUILD_DIR='"/nonexistent"' -DKVH_PLUGIN_INSTALL_DIR='"/nonexistent"'
-       -DKVH_SOURCE_DIR="\"$root\"" -DKVH_ASSET_DIR="\"$root/host/assets\"")
+       -DKVH_SOURCE_DIR="\"$root\"" -DKVH_ASSET_DIR="\"$root/host/model/assets\"")
 
 build() { # target -> $out/bin/fuzz_<target>
   local t="$1" srcs=() libs=() extra=()
   case "$t" in
-    safetensors)  srcs=(host/safetensors.c host/json_scan.c host/mmap_guard.c); libs=(-lcjson -lm) ;;
-    model_config) srcs=(host/model_config.c host/plan.c); libs=(-lcjson -lm) ;;
-    ini)          srcs=(host/config.c); libs=(-linih) ;;
+    safetensors)  srcs=(host/model/safetensors.c host/util/json_scan.c host/util/mmap_guard.c); libs=(-lcjson -lm) ;;
+    model_config) srcs=(host/model/model_config.c host/plan/plan.c); libs=(-lcjson -lm) ;;
+    ini)          srcs=(host/runtime/config.c); libs=(-linih) ;;
     tokenizer|vocab|cli)
                   case "$t" in
-                    tokenizer|vocab) srcs=(host/tokenizer.c host/json_scan.c); libs=(-lpcre2-8 -lcjson) ;;
-                    cli) srcs=(host/cli.c host/cmd_plan.c host/plan.c host/config.c host/model.c host/model_config.c
-                               host/safetensors.c host/json_scan.c host/mmap_guard.c host/tokenizer.c
-                               host/checkpoint.c host/hub.c)
+                    tokenizer|vocab) srcs=(host/model/tokenizer.c host/util/json_scan.c); libs=(-lpcre2-8 -lcjson) ;;
+                    cli) srcs=(host/cli/cli.c host/cli/cmd_plan.c host/plan/plan.c host/runtime/config.c host/model/model.c host/model/model_config.c
+                               host/model/safetensors.c host/util/json_scan.c host/util/mmap_guard.c host/model/tokenizer.c
+                               host/model/checkpoint.c host/model/hub.c)
                          libs=(-linih -lpcre2-8 -lcjson -lm) ;;
                   esac
-                  "$cc" -c -o "$out/bin/embedded_assets.o" "$root/host/embedded_assets.S" \
-                    -DKVH_ASSET_VOCAB="\"$root/host/assets/vocab.json\"" \
-                    -DKVH_ASSET_MERGES="\"$root/host/assets/merges.txt\""
+                  "$cc" -c -o "$out/bin/embedded_assets.o" "$root/host/model/embedded_assets.S" \
+                    -DKVH_ASSET_VOCAB="\"$root/host/model/assets/vocab.json\"" \
+                    -DKVH_ASSET_MERGES="\"$root/host/model/assets/merges.txt\""
                   libs+=("$out/bin/embedded_assets.o") ;;
-    jsonl)        srcs=(host/metrics.c host/utf8.c tests/helpers/json_strict.c); libs=(-lcjson -lm)
+    jsonl)        srcs=(host/util/metrics.c host/util/utf8.c tests/helpers/json_strict.c); libs=(-lcjson -lm)
                   # metrics.c takes the commit from a build-time header: a fixed one here
                   mkdir -p "$out/gen" && echo '#define KVH_GIT_COMMIT "fuzz"' > "$out/gen/kvh_commit.h"
                   extra=(-I"$out/gen" -I"$root/tests") ;;
-    model_dir)    srcs=(host/model.c host/model_config.c host/safetensors.c host/json_scan.c host/mmap_guard.c
-                        host/checkpoint.c host/hub.c)
+    model_dir)    srcs=(host/model/model.c host/model/model_config.c host/model/safetensors.c host/util/json_scan.c host/util/mmap_guard.c
+                        host/model/checkpoint.c host/model/hub.c)
                   libs=(-lcjson -lm) ;;
     *) echo "run_fuzzers: unknown target '$t' (known: safetensors model_config ini tokenizer jsonl vocab model_dir cli)" >&2; return 2 ;;
   esac
-  local paths=("$here/fuzz_$t.c" "$root/host/util.c")
+  local paths=("$here/fuzz_$t.c" "$root/host/util/util.c")
   for s in "${srcs[@]}"; do paths+=("$root/$s"); done
   "$cc" "${flags[@]}" "${extra[@]}" -o "$out/bin/fuzz_$t" "${paths[@]}" "${libs[@]}"
 }

@@ -59,7 +59,7 @@ static int hex4(cur *c, unsigned *v) {
     return 0;
 }
 
-/* One UTF-8 sequence (Unicode table 3-7), written out independently of host/utf8.c. */
+/* One UTF-8 sequence (Unicode table 3-7), written out independently of host/util/utf8.c. */
 static int utf8_seq(cur *c) {
     const unsigned char *u = c->s + c->i;
     size_t left = c->n - c->i;

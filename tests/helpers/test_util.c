@@ -10,7 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "config.h"
+#include "runtime/config.h"
 
 double kvh_test_compare(const char *what, const float *a, const float *b, size_t n, double tol) {
     double max_diff = 0.0;

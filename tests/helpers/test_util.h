@@ -7,7 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "session.h"
+#include "runtime/session.h"
 
 /* Compares a and b element-wise. Returns the max |a-b|; when it exceeds tol, prints the first few
  * mismatches (index, a, b, diff) with `what` to stderr so a failing assertion explains itself. */

@@ -1,0 +1,426 @@
+/* kvcache.c — implementation of the KV cache declared in kvcache.h. */
+#include "runtime/kvcache.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvp/kvp.h"
+
+#include "runtime/plugin_guard.h"
+
+static void *host_alloc(void *ctx, size_t bytes) {
+    (void)ctx;
+    return malloc(bytes ? bytes : 1);
+}
+static void host_free(void *ctx, void *p) {
+    (void)ctx;
+    free(p);
+}
+static void host_copy(void *ctx, void *dst, const void *src, size_t bytes) {
+    (void)ctx;
+    memcpy(dst, src, bytes);
+}
+
+kvh_kv_memory kvh_kv_memory_host(void) {
+    kvh_kv_memory m = {.ctx = NULL, .alloc = host_alloc, .free = host_free, .copy = host_copy};
+    return m;
+}
+
+uint32_t kvh_kvcache_k_slot_bytes(const kvh_kvcache *c, int l) {
+    uint32_t b = c->layer[l].k_slot_bytes;
+    return b ? b : (uint32_t)c->head_dim * (uint32_t)sizeof(float);
+}
+
+uint32_t kvh_kvcache_v_slot_bytes(const kvh_kvcache *c, int l) {
+    uint32_t b = c->layer[l].v_slot_bytes;
+    return b ? b : (uint32_t)c->head_dim * (uint32_t)sizeof(float);
+}
+
+/* Bytes one slot of a head costs: K and V data plus the metadata kept for its layer. */
+static size_t slot_bytes(const kvh_kvcache *c, int l) {
+    const kvh_layer_policy_settings *ls = &c->layer[l];
+    size_t b = (size_t)kvh_kvcache_k_slot_bytes(c, l) + kvh_kvcache_v_slot_bytes(c, l) + sizeof(int32_t);
+    if (ls->track_scores) b += sizeof(float);
+    if (ls->obs_scores) b += sizeof(float);
+    b += ls->slot_meta_bytes;
+    return b;
+}
+
+int kvh_kvcache_init(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int head_dim, int n_ctx,
+                     const kvh_layer_policy_settings *settings, size_t bytes_limit, kvh_err *err) {
+    kvh_kv_memory host = kvh_kv_memory_host();
+    return kvh_kvcache_init_mem(c, n_seq, n_layer, n_head, head_dim, n_ctx, settings, bytes_limit, &host, err);
+}
+
+int kvh_kvcache_init_mem(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int head_dim, int n_ctx,
+                         const kvh_layer_policy_settings *settings, size_t bytes_limit, const kvh_kv_memory *mem,
+                         kvh_err *err) {
+    memset(c, 0, sizeof *c);
+    c->mem = *mem;
+    if (n_seq < 1 || n_layer < 1 || n_head < 1 || head_dim < 1 || n_ctx < 1)
+        return kvh_fail(err, "kv cache: invalid shape (seq %d, layers %d, heads %d, head_dim %d, ctx %d)", n_seq,
+                        n_layer, n_head, head_dim, n_ctx);
+    c->n_seq = n_seq;
+    c->n_layer = n_layer;
+    c->n_head = n_head;
+    c->head_dim = head_dim;
+    c->n_ctx = n_ctx;
+    c->bytes_limit = bytes_limit;
+    c->layer = calloc((size_t)n_layer, sizeof *c->layer);
+    c->heads = calloc((size_t)n_seq * (size_t)n_layer * (size_t)n_head, sizeof *c->heads);
+    c->next_pos = calloc((size_t)n_seq, sizeof *c->next_pos);
+    uint32_t max_slack = 0;
+    for (int l = 0; l < n_layer; l++) {
+        if (settings) {
+            c->layer[l] = settings[l];
+        } else {
+            c->layer[l].budget = KVH_BUDGET_UNLIMITED;
+        }
+        if (c->layer[l].decode_scores || c->layer[l].prefill_scores) c->layer[l].track_scores = true;
+        if (c->layer[l].slack > max_slack) max_slack = c->layer[l].slack;
+    }
+    /* A head never holds more than n_ctx tokens: positions are unique and below n_ctx. */
+    c->scratch_len = (uint32_t)n_ctx + max_slack + 1;
+    c->scratch_victims = malloc(c->scratch_len * sizeof *c->scratch_victims);
+    c->scratch_mark = calloc(c->scratch_len, 1);
+    if (!c->layer || !c->heads || !c->next_pos || !c->scratch_victims || !c->scratch_mark) {
+        kvh_kvcache_free(c);
+        return kvh_fail(err, "kv cache: out of memory for %d sequences x %d layers x %d heads", n_seq, n_layer,
+                        n_head);
+    }
+    size_t nh = (size_t)n_seq * (size_t)n_layer * (size_t)n_head;
+    for (size_t i = 0; i < nh; i++) {
+        int l = (int)((i / (size_t)n_head) % (size_t)n_layer);
+        c->heads[i].budget = c->layer[l].budget;
+    }
+    return 0;
+}
+
+static void head_release(kvh_kvcache *c, kvh_head_cache *hc) {
+    if (hc->k) c->mem.free(c->mem.ctx, hc->k);
+    if (hc->v) c->mem.free(c->mem.ctx, hc->v);
+    free(hc->pos);
+    free(hc->score);
+    free(hc->obs_score);
+    free(hc->meta);
+    hc->meta = NULL;
+    hc->report = NULL;
+    hc->k = hc->v = NULL;
+    hc->pos = NULL;
+    hc->score = hc->obs_score = NULL;
+    hc->n = hc->cap = 0;
+}
+
+void kvh_kvcache_free(kvh_kvcache *c) {
+    if (c->heads) {
+        size_t nh = (size_t)c->n_seq * (size_t)c->n_layer * (size_t)c->n_head;
+        for (size_t i = 0; i < nh; i++) head_release(c, &c->heads[i]);
+    }
+    if (c->report_buf)
+        for (size_t i = 0; i < (size_t)c->n_seq * (size_t)c->n_head; i++) free(c->report_buf[i]);
+    free(c->report_buf);
+    free(c->report_floats);
+    free(c->heads);
+    free(c->layer);
+    free(c->next_pos);
+    free(c->scratch_victims);
+    free(c->scratch_mark);
+    memset(c, 0, sizeof *c);
+}
+
+/* Tells the layer's store (ABI 1.2 release hook) that slots of head (s, l, h) are about to go. */
+static void store_release(kvh_kvcache *c, int s, int l, int h, const uint32_t *slots, uint32_t n_slots) {
+    const kvh_layer_policy_settings *ls = &c->layer[l];
+    if (!ls->store || !ls->store->release || n_slots == 0) return;
+    kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+    kvp_release_args a = {.struct_size = sizeof a,
+                          .seq = (uint32_t)s,
+                          .head = (uint32_t)h,
+                          .n_live = hc->n,
+                          .pos = hc->pos,
+                          .k_slots = hc->k,
+                          .v_slots = hc->v,
+                          .slots = slots,
+                          .n_slots = n_slots};
+    kvh_plugin_guard_enter(ls->store->name, kvh_plugin_site_of(ls->store_fail_ctx)->file, "release", l);
+    ls->store->release(ls->store_state, &a);
+    kvh_plugin_guard_leave();
+}
+
+int kvh_kvcache_store_grow(kvh_kvcache *c, size_t bytes) {
+    if (c->bytes_limit && (c->bytes_held > c->bytes_limit || bytes > c->bytes_limit - c->bytes_held)) return -1;
+    c->bytes_held += bytes;
+    c->store_bytes += bytes;
+    if (c->bytes_held > c->bytes_peak) c->bytes_peak = c->bytes_held;
+    return 0;
+}
+
+void kvh_kvcache_store_shrink(kvh_kvcache *c, size_t bytes) {
+    if (bytes > c->store_bytes) bytes = c->store_bytes;
+    c->store_bytes -= bytes;
+    c->bytes_held -= bytes;
+}
+
+void kvh_kvcache_reset_seq(kvh_kvcache *c, int s) {
+    for (int l = 0; l < c->n_layer; l++) {
+        size_t per_slot = slot_bytes(c, l);
+        for (int h = 0; h < c->n_head; h++) {
+            kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+            if (c->layer[l].store && c->layer[l].store->release && hc->n > 0 && hc->n <= c->scratch_len) {
+                for (uint32_t i = 0; i < hc->n; i++) c->scratch_victims[i] = i;
+                store_release(c, s, l, h, c->scratch_victims, hc->n);
+            }
+            c->bytes_held -= (size_t)hc->cap * per_slot;
+            head_release(c, hc);
+            hc->budget = c->layer[l].budget;
+        }
+    }
+    c->next_pos[s] = 0;
+}
+
+/* Reallocates one head to new_cap slots (>= n). Returns 0 or -1 (head unchanged) on allocation failure. */
+static int head_resize(kvh_kvcache *c, int l, kvh_head_cache *hc, uint32_t new_cap) {
+    const kvh_layer_policy_settings *ls = &c->layer[l];
+    const size_t kb = kvh_kvcache_k_slot_bytes(c, l), vb = kvh_kvcache_v_slot_bytes(c, l);
+    /* slot data: allocate the new blocks, move the live slots, then free the old ones */
+    void *k = c->mem.alloc(c->mem.ctx, (size_t)new_cap * kb);
+    void *v = k ? c->mem.alloc(c->mem.ctx, (size_t)new_cap * vb) : NULL;
+    if (!k || !v) {
+        if (k) c->mem.free(c->mem.ctx, k);
+        return -1;
+    }
+    if (hc->n) {
+        c->mem.copy(c->mem.ctx, k, hc->k, (size_t)hc->n * kb);
+        c->mem.copy(c->mem.ctx, v, hc->v, (size_t)hc->n * vb);
+    }
+    if (hc->k) c->mem.free(c->mem.ctx, hc->k);
+    if (hc->v) c->mem.free(c->mem.ctx, hc->v);
+    hc->k = k;
+    hc->v = v;
+    int32_t *pos = realloc(hc->pos, (size_t)new_cap * sizeof(int32_t));
+    if (!pos && new_cap) return -1;
+    hc->pos = pos;
+    if (ls->track_scores) {
+        float *sc = realloc(hc->score, (size_t)new_cap * sizeof(float));
+        if (!sc && new_cap) return -1;
+        hc->score = sc;
+    }
+    if (ls->obs_scores) {
+        float *ob = realloc(hc->obs_score, (size_t)new_cap * sizeof(float));
+        if (!ob && new_cap) return -1;
+        hc->obs_score = ob;
+    }
+    if (ls->slot_meta_bytes) {
+        unsigned char *mt = realloc(hc->meta, (size_t)new_cap * ls->slot_meta_bytes);
+        if (!mt && new_cap) return -1;
+        hc->meta = mt;
+    }
+    size_t per_slot = slot_bytes(c, l);
+    c->bytes_held = c->bytes_held - (size_t)hc->cap * per_slot + (size_t)new_cap * per_slot;
+    if (c->bytes_held > c->bytes_peak) c->bytes_peak = c->bytes_held;
+    hc->cap = new_cap;
+    return 0;
+}
+
+/* Points every head of (s, l) at its (seq, head) report buffer, grown to hold the column sums and
+ * report_rows rows over the head's live slots after `extra` more arrive. One buffer per (seq, head)
+ * serves every layer: layers run one after another and a report is consumed before the next layer. */
+static int report_reserve(kvh_kvcache *c, int s, int l, uint32_t extra, kvh_err *err) {
+    const kvh_layer_policy_settings *ls = &c->layer[l];
+    if (!c->report_buf) {
+        c->report_buf = calloc((size_t)c->n_seq * (size_t)c->n_head, sizeof *c->report_buf);
+        c->report_floats = calloc((size_t)c->n_seq * (size_t)c->n_head, sizeof *c->report_floats);
+        if (!c->report_buf || !c->report_floats) return kvh_fail(err, "kv cache: out of memory for score reports");
+    }
+    for (int h = 0; h < c->n_head; h++) {
+        kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+        const size_t i = (size_t)s * (size_t)c->n_head + (size_t)h;
+        const size_t need = ((size_t)hc->n + extra) * (1 + (size_t)ls->report_rows);
+        if (need > c->report_floats[i]) {
+            const size_t grow = (need - c->report_floats[i]) * sizeof(float);
+            if (c->bytes_limit && c->bytes_held + grow > c->bytes_limit)
+                return kvh_fail(err, "kv cache: score reports need %zu more bytes (sequence %d layer %d) but the memory "
+                                "limit of %zu bytes is reached (%zu held)", grow, s, l, c->bytes_limit, c->bytes_held);
+            float *b = realloc(c->report_buf[i], need * sizeof(float));
+            if (!b) return kvh_fail(err, "kv cache: out of memory for the score report of sequence %d head %d", s, h);
+            c->report_buf[i] = b;
+            c->report_floats[i] = need;
+            c->bytes_held += grow;
+            if (c->bytes_held > c->bytes_peak) c->bytes_peak = c->bytes_held;
+        }
+        hc->report = c->report_buf[i];
+    }
+    return 0;
+}
+
+int kvh_kvcache_reserve(kvh_kvcache *c, int s, int l, uint32_t extra, kvh_err *err) {
+    const kvh_layer_policy_settings *ls = &c->layer[l];
+    size_t per_slot = slot_bytes(c, l);
+    for (int h = 0; h < c->n_head; h++) {
+        kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+        uint64_t need = (uint64_t)hc->n + extra;
+        if (need <= hc->cap) continue;
+        if (need > (uint64_t)c->n_ctx)
+            return kvh_fail(err, "kv cache: sequence %d layer %d head %d would hold %llu tokens, more than n_positions %d",
+                            s, l, h, (unsigned long long)need, c->n_ctx);
+        /* Grow geometrically, but never past what the head may ever hold (budget + slack, n_ctx). */
+        uint64_t want = hc->cap < 16 ? 16 : (uint64_t)hc->cap * 2;
+        if (want < need) want = need;
+        uint64_t ceiling = (uint64_t)c->n_ctx;
+        if (hc->budget != KVH_BUDGET_UNLIMITED) {
+            uint64_t bs = (uint64_t)hc->budget + ls->slack;
+            /* A prefill block may exceed budget + slack before its first eviction. */
+            if (bs < need) bs = need;
+            if (bs < ceiling) ceiling = bs;
+        }
+        if (want > ceiling) want = ceiling;
+        size_t grow = (size_t)(want - hc->cap) * per_slot;
+        if (c->bytes_limit && c->bytes_held + grow > c->bytes_limit)
+            return kvh_fail(err,
+                            "kv cache: needs %zu more bytes (sequence %d layer %d) but the memory limit of %zu bytes "
+                            "is reached (%zu held)",
+                            grow, s, l, c->bytes_limit, c->bytes_held);
+        if (head_resize(c, l, hc, (uint32_t)want) != 0)
+            return kvh_fail(err, "kv cache: out of memory growing sequence %d layer %d head %d to %llu slots", s, l, h,
+                            (unsigned long long)want);
+    }
+    return ls->report ? report_reserve(c, s, l, extra, err) : 0;
+}
+
+void kvh_kvcache_append_meta(kvh_kvcache *c, int s, int l, int T, const int32_t *pos) {
+    for (int h = 0; h < c->n_head; h++) {
+        kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+        for (int t = 0; t < T; t++) {
+            uint32_t slot = hc->n + (uint32_t)t;
+            hc->pos[slot] = pos[t];
+            if (hc->score) hc->score[slot] = 0.0f;
+            if (hc->obs_score) hc->obs_score[slot] = 0.0f;
+        }
+        if (hc->meta) memset(hc->meta + (size_t)hc->n * c->layer[l].slot_meta_bytes, 0, (size_t)T * c->layer[l].slot_meta_bytes);
+        hc->n += (uint32_t)T;
+    }
+}
+
+void kvh_kvcache_append(kvh_kvcache *c, int s, int l, int T, const float *k_rows, const float *v_rows,
+                        size_t row_stride, const int32_t *pos) {
+    const int HS = c->head_dim;
+    kvh_kvcache_append_meta(c, s, l, T, pos);
+    for (int h = 0; h < c->n_head; h++) {
+        kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+        float *k = hc->k, *v = hc->v;
+        uint32_t first = hc->n - (uint32_t)T;
+        for (int t = 0; t < T; t++) {
+            uint32_t slot = first + (uint32_t)t;
+            memcpy(k + (size_t)slot * HS, k_rows + (size_t)t * row_stride + (size_t)h * HS, (size_t)HS * sizeof(float));
+            memcpy(v + (size_t)slot * HS, v_rows + (size_t)t * row_stride + (size_t)h * HS, (size_t)HS * sizeof(float));
+        }
+    }
+}
+
+int kvh_kvcache_validate_victims(kvh_kvcache *c, uint32_t n_live, uint32_t budget, const uint32_t *victims,
+                                 uint32_t n_victims, kvh_err *err) {
+    uint32_t need = n_live > budget ? n_live - budget : 0;
+    if (n_victims < need)
+        return kvh_fail(err, "returned %u victims, at least %u needed to reach budget %u from %u live slots", n_victims,
+                        need, budget, n_live);
+    if (n_victims > n_live) return kvh_fail(err, "returned %u victims but only %u slots are live", n_victims, n_live);
+    if (n_live > c->scratch_len) return kvh_fail(err, "%u live slots exceed the cache's scratch", n_live);
+    int rc = 0;
+    uint32_t i;
+    for (i = 0; i < n_victims; i++) {
+        uint32_t v = victims[i];
+        if (v >= n_live) {
+            rc = kvh_fail(err, "victim #%u is slot %u, out of range (n_live %u)", i, v, n_live);
+            break;
+        }
+        if (c->scratch_mark[v]) {
+            rc = kvh_fail(err, "victim #%u is slot %u, listed twice", i, v);
+            break;
+        }
+        c->scratch_mark[v] = 1;
+    }
+    /* clear the marks we set (only entries 0..i-1 were marked) */
+    for (uint32_t j = 0; j < i; j++) c->scratch_mark[victims[j]] = 0;
+    return rc;
+}
+
+static void move_slot(kvh_kvcache *c, int l, kvh_head_cache *hc, size_t kb, size_t vb, uint32_t from, uint32_t to) {
+    c->mem.copy(c->mem.ctx, (char *)hc->k + (size_t)to * kb, (char *)hc->k + (size_t)from * kb, kb);
+    c->mem.copy(c->mem.ctx, (char *)hc->v + (size_t)to * vb, (char *)hc->v + (size_t)from * vb, vb);
+    hc->pos[to] = hc->pos[from];
+    if (hc->score) hc->score[to] = hc->score[from];
+    if (hc->obs_score) hc->obs_score[to] = hc->obs_score[from];
+    if (hc->meta) {
+        const size_t mb = c->layer[l].slot_meta_bytes;
+        memcpy(hc->meta + (size_t)to * mb, hc->meta + (size_t)from * mb, mb);
+    }
+}
+
+void kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *victims, uint32_t n_victims) {
+    store_release(c, s, l, h, victims, n_victims);
+    kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+    const size_t kb = kvh_kvcache_k_slot_bytes(c, l), vb = kvh_kvcache_v_slot_bytes(c, l);
+    unsigned char *dead = c->scratch_mark;
+    for (uint32_t i = 0; i < n_victims; i++) dead[victims[i]] = 1;
+    /* Fill holes below the new live count with survivors from above it: each survivor moves once. */
+    uint32_t new_n = hc->n - n_victims;
+    uint32_t src = hc->n;
+    for (uint32_t hole = 0; hole < new_n; hole++) {
+        if (!dead[hole]) continue;
+        do {
+            src--;
+        } while (dead[src]);
+        move_slot(c, l, hc, kb, vb, src, hole);
+    }
+    for (uint32_t i = 0; i < n_victims; i++) dead[victims[i]] = 0;
+    hc->n = new_n;
+}
+
+void kvh_kvcache_shrink(kvh_kvcache *c, int s, int l, int h) {
+    kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+    const kvh_layer_policy_settings *ls = &c->layer[l];
+    if (hc->budget == KVH_BUDGET_UNLIMITED) return;
+    /* Keep exactly what the head may grow back to before its next eviction. */
+    uint64_t keep = (uint64_t)hc->budget + ls->slack;
+    if (keep < hc->n) keep = hc->n;
+    if (keep > (uint64_t)c->n_ctx) keep = (uint64_t)c->n_ctx;
+    if (keep >= hc->cap) return;
+    /* A failed shrink keeps the larger block, which is still valid. */
+    (void)head_resize(c, l, hc, (uint32_t)keep);
+}
+
+size_t kvh_kvcache_live_tokens(const kvh_kvcache *c) {
+    size_t total = 0;
+    size_t nh = (size_t)c->n_seq * (size_t)c->n_layer * (size_t)c->n_head;
+    for (size_t i = 0; i < nh; i++) total += c->heads[i].n;
+    return total;
+}
+
+uint32_t kvh_kvcache_max_live(const kvh_kvcache *c, int l) {
+    uint32_t mx = 0;
+    for (int s = 0; s < c->n_seq; s++)
+        for (int h = 0; h < c->n_head; h++) {
+            uint32_t n = c->heads[kvh_kvcache_head_index(c, s, l, h)].n;
+            if (n > mx) mx = n;
+        }
+    return mx;
+}
+
+size_t kvh_kvcache_live_kv_bytes(const kvh_kvcache *c) {
+    size_t total = 0;
+    for (int s = 0; s < c->n_seq; s++)
+        for (int l = 0; l < c->n_layer; l++) {
+            size_t per = (size_t)kvh_kvcache_k_slot_bytes(c, l) + kvh_kvcache_v_slot_bytes(c, l);
+            for (int h = 0; h < c->n_head; h++) total += (size_t)c->heads[kvh_kvcache_head_index(c, s, l, h)].n * per;
+        }
+    return total;
+}
+
+bool kvh_kvcache_over_budget(const kvh_kvcache *c, int s, int l) {
+    const uint32_t slack = c->layer[l].slack;
+    for (int h = 0; h < c->n_head; h++) {
+        const kvh_head_cache *hc = &c->heads[kvh_kvcache_head_index(c, s, l, h)];
+        if (hc->budget != KVH_BUDGET_UNLIMITED && (uint64_t)hc->n > (uint64_t)hc->budget + slack) return true;
+    }
+    return false;
+}

@@ -1,0 +1,172 @@
+/* kvcache.h — the per-sequence, per-layer, per-head KV cache: slot data and slot metadata.
+ * Owns: slot storage (K and V slots of a fixed byte size per layer, position, score accumulators)
+ * ragged per head, growth on demand up to the head's cap, dense compaction after eviction (data and
+ * metadata kept in step), validation of victim lists, and the byte accounting (bytes held, peak).
+ * Does not own: deciding who is evicted (policy plugins via router.h), how a token is encoded into a
+ * slot or attended (the backend, or a store plugin), where K/V memory lives: that is a kvh_kv_memory
+ * (host malloc by default; a GPU backend passes device memory, the metadata always stays on the host).
+ *
+ * Layout: for sequence s, layer l, head h: K slot i at k + i * k_slot_bytes (dense fp32 by default:
+ * head_dim floats), V likewise, pos[i], score[i], obs_score[i]; live slots are 0..n-1. Eviction fills
+ * each hole with the last live slot, so slot order is not chronological; GPT-2 bakes positions into K,
+ * so attention does not care. */
+#ifndef KVH_KVCACHE_H
+#define KVH_KVCACHE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "util/util.h"
+
+#define KVH_BUDGET_UNLIMITED UINT32_MAX
+
+/* Where K/V slot data lives. copy() moves bytes inside that memory (never across to the host). */
+typedef struct kvh_kv_memory {
+    void *ctx;
+    void *(*alloc)(void *ctx, size_t bytes); /* NULL on failure */
+    void (*free)(void *ctx, void *p);
+    void (*copy)(void *ctx, void *dst, const void *src, size_t bytes);
+} kvh_kv_memory;
+
+typedef struct kvh_head_cache {
+    void *k;           /* [cap] K slots of the layer's k_slot_bytes (dense: [cap, HS] floats) */
+    void *v;           /* [cap] V slots */
+    int32_t *pos;      /* [cap] absolute positions */
+    float *score;      /* [cap] accumulated attention, NULL unless the layer tracks scores */
+    float *obs_score;  /* [cap] observation-window scores, NULL unless the layer tracks them */
+    unsigned char *meta; /* [cap * slot_meta_bytes] policy metadata (ABI 1.3), NULL unless declared */
+    float *report;     /* this step's probabilities for the policy's score_report (kvh_report_col /
+                        * kvh_report_row): the cache's per-(seq, head) report buffer, shared by all
+                        * layers (they run one after another), pointed at by kvh_kvcache_reserve on
+                        * layers whose policy asked; NULL elsewhere. Not owned by the head. */
+    uint32_t n;        /* live slots */
+    uint32_t cap;      /* allocated slots */
+    uint32_t budget;   /* target live count after eviction (KVH_BUDGET_UNLIMITED: keep all) */
+} kvh_head_cache;
+
+struct kvh_kvcache;
+
+/* Per-layer settings, identical for every sequence. */
+typedef struct kvh_layer_policy_settings {
+    uint32_t budget;        /* per-head budget (KVH_BUDGET_UNLIMITED: keep all) */
+    uint32_t slack;         /* heads grow to budget + slack before eviction */
+    bool track_scores;      /* score[] kept (decode and/or prefill sums) */
+    bool decode_scores;     /* add decode attention probabilities to score[] */
+    bool prefill_scores;    /* add prefill column sums to score[] */
+    bool obs_scores;        /* obs_score[] kept */
+    uint32_t obs_window;    /* last queries of a prefill block summed into obs_score[] */
+    /* ---- policy hooks of ABI 1.3, filled by the router (0 / NULL elsewhere) ---- */
+    uint32_t slot_meta_bytes; /* per-slot policy metadata kept beside pos[] */
+    bool report;            /* the backend fills head->report and calls policy_report after attention */
+    uint32_t report_rows;   /* rows of a prefill block's last queries kept (>= 1 when report) */
+    /* Called by the backend for one (seq, layer) after the T new tokens' slots are written (insert
+     * hook), and after the layer's attention for every head (score_report hook; qpos[T] are the
+     * queries' positions). Return 0, or -1 with err naming plugin, file, layer, seq, head and hook. */
+    int (*policy_insert)(void *ctx, struct kvh_kvcache *c, int seq, int layer, int T, kvh_err *err);
+    int (*policy_report)(void *ctx, struct kvh_kvcache *c, int seq, int layer, int T, const int32_t *qpos,
+                         kvh_err *err);
+    void *policy_ctx;
+    uint32_t k_slot_bytes;  /* bytes of one token's K in one head; 0 = dense fp32 (head_dim * 4) */
+    uint32_t v_slot_bytes;  /* same for V */
+    const struct kvp_descriptor *store; /* store plugin holding this layer (NULL: dense fp32) */
+    void *store_state;      /* its per-layer state */
+    /* Formats a failed store hook (append) as "plugin 'x' (x.so) layer L seq S head H: append failed: <its
+     * message>" into err and returns -1. Filled by the router next to `store`. */
+    int (*store_fail)(void *ctx, int seq, int head, const char *hook, kvh_err *err);
+    void *store_fail_ctx;   /* also the ctx of store_param */
+    /* The store's parameter values as parsed by the host (e.g. "bits"), for backends that implement a
+     * known store format natively (the CUDA backend's int8/int4 kernels). Unknown names give 0. */
+    double (*store_param)(void *ctx, const char *name);
+} kvh_layer_policy_settings;
+
+typedef struct kvh_kvcache {
+    int n_seq, n_layer, n_head, head_dim, n_ctx;
+    kvh_layer_policy_settings *layer; /* [L] */
+    kvh_head_cache *heads;            /* [n_seq * L * NH], index kvh_kvcache_head_index */
+    int32_t *next_pos;                /* [n_seq] position of the next token of each sequence */
+    size_t bytes_held;                /* bytes allocated for slots right now (data + metadata) */
+    size_t bytes_peak;                /* largest bytes_held seen */
+    size_t bytes_limit;               /* 0 = none; growth beyond it fails (emulates a smaller memory) */
+    size_t store_bytes;               /* part of bytes_held: memory store plugins hold outside the slots */
+    float **report_buf;               /* [n_seq * NH] score-report buffers (ABI 1.3), counted in bytes_held */
+    size_t *report_floats;            /* [n_seq * NH] their sizes */
+    uint32_t *scratch_victims;        /* [n_ctx + max slack] scratch for victim lists */
+    unsigned char *scratch_mark;      /* [same] scratch for validation */
+    uint32_t scratch_len;
+    kvh_kv_memory mem;                /* where slot data lives */
+} kvh_kvcache;
+
+/* Host memory: malloc / free / memcpy. */
+kvh_kv_memory kvh_kv_memory_host(void);
+
+/* Creates an empty cache in host memory. settings[L] may be NULL (keep all, no scores, dense fp32). */
+int kvh_kvcache_init(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int head_dim, int n_ctx,
+                     const kvh_layer_policy_settings *settings, size_t bytes_limit, kvh_err *err);
+/* Same with slot data in `mem` (e.g. device memory). */
+int kvh_kvcache_init_mem(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int head_dim, int n_ctx,
+                         const kvh_layer_policy_settings *settings, size_t bytes_limit, const kvh_kv_memory *mem,
+                         kvh_err *err);
+void kvh_kvcache_free(kvh_kvcache *c);
+/* Empties sequence s (keeps nothing, frees its slots, next_pos = 0). Stores with a release hook are
+ * told every live slot goes. */
+void kvh_kvcache_reset_seq(kvh_kvcache *c, int s);
+
+static inline size_t kvh_kvcache_head_index(const kvh_kvcache *c, int s, int l, int h) {
+    return ((size_t)s * (size_t)c->n_layer + (size_t)l) * (size_t)c->n_head + (size_t)h;
+}
+static inline kvh_head_cache *kvh_kvcache_head(kvh_kvcache *c, int s, int l, int h) {
+    return &c->heads[kvh_kvcache_head_index(c, s, l, h)];
+}
+
+/* Makes room for `extra` more slots in every head of (s, l). Fails when the byte limit would be
+ * exceeded ("KV cache needs N bytes, limit is M") or memory runs out. */
+int kvh_kvcache_reserve(kvh_kvcache *c, int s, int l, uint32_t extra, kvh_err *err);
+
+/* Appends T tokens' metadata to every head of (s, l) (positions, zero scores, n += T) and returns the
+ * first new slot index; the caller writes the slot data (backend or store encode). Call reserve first.
+ * All heads of a layer hold the same count after an append only when they did before: the returned
+ * slot is per head, so use kvh_kvcache_head(c, s, l, h)->n - T for each head. */
+void kvh_kvcache_append_meta(kvh_kvcache *c, int s, int l, int T, const int32_t *pos);
+
+/* Host-memory dense fp32 convenience: appends T tokens to every head of (s, l). k_rows/v_rows point at
+ * row 0 of a [T, row_stride] matrix whose head h occupies columns h*HS..h*HS+HS-1. */
+void kvh_kvcache_append(kvh_kvcache *c, int s, int l, int T, const float *k_rows, const float *v_rows,
+                        size_t row_stride, const int32_t *pos);
+
+/* Checks a victim list for head (n_live slots, must reach `budget`): every index < n_live, no duplicates,
+ * count >= n_live - budget, count <= n_live. On failure names the problem (first bad index). */
+int kvh_kvcache_validate_victims(kvh_kvcache *c, uint32_t n_live, uint32_t budget, const uint32_t *victims,
+                                 uint32_t n_victims, kvh_err *err);
+/* Removes the (validated) victims from head (s, l, h), keeping K, V, pos and scores in step. A store
+ * with a release hook (ABI 1.2) is told which slots go first. */
+void kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *victims, uint32_t n_victims);
+/* Gives memory back when a head holds far fewer slots than its capacity (after eviction). */
+void kvh_kvcache_shrink(kvh_kvcache *c, int s, int l, int h);
+
+/* Memory a store plugin holds outside the slots (its host->alloc calls), counted in bytes_held and
+ * bytes_peak. grow fails (-1, nothing counted) when bytes_limit would be passed. */
+int kvh_kvcache_store_grow(kvh_kvcache *c, size_t bytes);
+void kvh_kvcache_store_shrink(kvh_kvcache *c, size_t bytes);
+
+/* True when some head of (s, l) holds more than budget + slack slots (a policy must evict). */
+bool kvh_kvcache_over_budget(const kvh_kvcache *c, int s, int l);
+
+/* Live-token statistics for records and invariant checks. */
+size_t kvh_kvcache_live_tokens(const kvh_kvcache *c);          /* sum of n over all heads */
+uint32_t kvh_kvcache_max_live(const kvh_kvcache *c, int l);    /* max n over sequences and heads of l */
+/* Bytes of K and V data in live slots (what a perfectly tight store would hold). */
+size_t kvh_kvcache_live_kv_bytes(const kvh_kvcache *c);
+/* The score-report buffer of a head during one step of T queries (kvh_layer_policy_settings.report):
+ * column sums over the T queries, then the rows of the last min(T, report_rows) queries. A decode step
+ * (T == 1) keeps only its row, which is then also the column sum. n = the head's live count. */
+static inline float *kvh_report_col(kvh_head_cache *hc) { return hc->report; }
+static inline float *kvh_report_row(kvh_head_cache *hc, int T, uint32_t r) {
+    return T == 1 ? hc->report : hc->report + (size_t)(1 + r) * hc->n;
+}
+
+/* Slot sizes of layer l (resolving the dense default). */
+uint32_t kvh_kvcache_k_slot_bytes(const kvh_kvcache *c, int l);
+uint32_t kvh_kvcache_v_slot_bytes(const kvh_kvcache *c, int l);
+
+#endif
