@@ -26,11 +26,13 @@ static void fill(kvh_kvcache *c, int l, int T, int first_pos) {
     kvh_kvcache_append(c, 0, l, T, k, v, NH * HS, pos);
 }
 
-Test(kvcache, random_evictions_keep_slots_aligned) {
+/* Random appends and evictions in one layout (block_slots 0: contiguous; else paged). */
+static void random_evictions(uint32_t block_slots) {
     kvh_layer_policy_settings st = {.budget = 64, .slack = 16, .track_scores = true, .decode_scores = true};
     kvh_kvcache c;
     kvh_err err = {{0}};
     cr_assert_eq(kvh_kvcache_init(&c, 1, 1, NH, HS, CTX, &st, 0, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvh_kvcache_set_paging(&c, block_slots, &err), 0, "%s", err.msg);
     srand(5);
     int next_pos = 0;
     for (int round = 0; round < 40; round++) {
@@ -50,14 +52,15 @@ Test(kvcache, random_evictions_keep_slots_aligned) {
                 else keep_pos[hc->pos[i]] = 1;
             }
             cr_assert_eq(kvh_kvcache_validate_victims(&c, n, n - nv, victims, nv, &err), 0, "%s", err.msg);
-            kvh_kvcache_remove(&c, 0, 0, h, victims, nv);
+            cr_assert_eq(kvh_kvcache_remove(&c, 0, 0, h, victims, nv, &err), 0, "%s", err.msg);
             cr_assert_eq(hc->n, n - nv);
+            if (block_slots) cr_assert_eq(hc->n_blk, (hc->n + block_slots - 1) / block_slots, "empty blocks kept");
             unsigned char seen[CTX] = {0};
             for (uint32_t i = 0; i < hc->n; i++) {
                 int32_t p = hc->pos[i];
                 cr_assert(keep_pos[p] && !seen[p], "slot %u holds position %d, which should not be there", i, p);
                 seen[p] = 1;
-                const float *k = (const float *)hc->k + (size_t)i * HS, *v = (const float *)hc->v + (size_t)i * HS;
+                const float *k = (const float *)kvh_slot_k(&c, 0, hc, i), *v = (const float *)kvh_slot_v(&c, 0, hc, i);
                 for (int d = 0; d < HS; d++) {
                     cr_assert_eq(k[d], (float)(p * 100 + h * 10 + d), "K of position %d moved without it", p);
                     cr_assert_eq(v[d], -(float)(p * 100 + h * 10 + d), "V of position %d moved without it", p);
@@ -68,6 +71,12 @@ Test(kvcache, random_evictions_keep_slots_aligned) {
         }
     }
     kvh_kvcache_free(&c);
+}
+
+Test(kvcache, random_evictions_keep_slots_aligned) { random_evictions(0); }
+Test(kvcache, random_evictions_keep_slots_aligned_paged) {
+    const uint32_t sizes[] = {1, 4, 16, 64};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) random_evictions(sizes[i]);
 }
 
 Test(kvcache, victim_validation_names_the_problem) {
@@ -104,7 +113,7 @@ Test(kvcache, bytes_held_match_allocations_and_shrink_after_eviction) {
         kvh_head_cache *hc = kvh_kvcache_head(&c, 0, 0, h);
         uint32_t victims[100];
         for (uint32_t i = 0; i < 68; i++) victims[i] = i;
-        kvh_kvcache_remove(&c, 0, 0, h, victims, 68);
+        cr_assert_eq(kvh_kvcache_remove(&c, 0, 0, h, victims, 68, &err), 0, "%s", err.msg);
         kvh_kvcache_shrink(&c, 0, 0, h);
         cr_assert_eq(hc->n, 32u);
         cr_assert_eq(hc->cap, 40u, "after eviction a head keeps budget + slack slots, not %u", hc->cap);

@@ -33,6 +33,8 @@ typedef struct cpu_workspace {
     float *scores;    /* [threads, scores_cap] */
     float *panel;     /* [threads, panel_cap]: weight-format columns unpacked for a GEMM */
     size_t panel_cap; /* floats per thread */
+    char *gather;     /* [threads, gather_cap]: a paged head's K and V slots as contiguous runs */
+    size_t gather_cap;/* bytes per thread */
     int n_threads;
 } cpu_workspace;
 
@@ -45,6 +47,7 @@ static void workspace_free(cpu_workspace *w) {
     free(w->pos);
     free(w->scores);
     free(w->panel);
+    free(w->gather);
     memset(w, 0, sizeof *w);
 }
 
@@ -74,6 +77,23 @@ static int workspace_reserve(cpu_workspace *w, const kvh_model_config *cfg, size
         w->scores = s;
         w->scores_cap = score_floats;
     }
+    return 0;
+}
+
+/* Paged caches: room for one head's slots (max_ctx of the widest layer's K + V) per thread. */
+static int workspace_reserve_gather(cpu_workspace *w, const kvh_kvcache *cache, size_t max_ctx, kvh_err *err) {
+    if (!cache->block_slots) return 0;
+    size_t widest = 0;
+    for (int l = 0; l < cache->n_layer; l++) {
+        size_t b = (size_t)kvh_kvcache_k_slot_bytes(cache, l) + kvh_kvcache_v_slot_bytes(cache, l);
+        if (b > widest) widest = b;
+    }
+    const size_t need = max_ctx * widest;
+    if (need <= w->gather_cap) return 0;
+    char *g = realloc(w->gather, need * (size_t)w->n_threads);
+    if (!g) return kvh_fail(err, "cpu backend: out of memory for paged-attention scratch (%zu bytes)", need);
+    w->gather = g;
+    w->gather_cap = need;
     return 0;
 }
 
@@ -260,16 +280,23 @@ static float exp_and_sum(float *x, uint32_t n, float mx) {
 }
 
 /* Attention of T queries through a store plugin: it reads K/V in their stored form. */
-static void attend_head_store(const float *q, size_t q_stride, const int32_t *qpos, int T, kvh_head_cache *hc, int HS,
-                              const kvh_layer_policy_settings *ls, bool in_prefill, float *out, size_t out_stride,
-                              float *probs) {
+static void attend_head_store(const kvh_kvcache *cache, int l, const float *q, size_t q_stride, const int32_t *qpos,
+                              int T, kvh_head_cache *hc, int HS, const kvh_layer_policy_settings *ls, bool in_prefill,
+                              float *out, size_t out_stride, float *probs, char *gather) {
+    const void *k_slots = hc->k, *v_slots = hc->v;
+    if (cache->block_slots) { /* the hook reads one run of slots: hand it a contiguous copy */
+        const size_t kb = kvh_kvcache_k_slot_bytes(cache, l);
+        kvh_kvcache_gather(cache, l, hc, gather, gather + (size_t)hc->n * kb);
+        k_slots = gather;
+        v_slots = gather + (size_t)hc->n * kb;
+    }
     kvp_attend_args a = {.struct_size = sizeof a,
                          .head_dim = (uint32_t)HS,
                          .n = hc->n,
                          .scale = 1.0f / sqrtf((float)HS),
                          .pos = hc->pos,
-                         .k_slots = hc->k,
-                         .v_slots = hc->v,
+                         .k_slots = k_slots,
+                         .v_slots = v_slots,
                          .probs = probs};
     kvh_plugin_guard_enter(ls->store->name, kvh_plugin_site_of(ls->store_fail_ctx)->file, "attend",
                            kvh_plugin_site_of(ls->store_fail_ctx)->layer);
@@ -286,34 +313,49 @@ static void attend_head_store(const float *q, size_t q_stride, const int32_t *qp
 /* Attention of T new queries (rows of q with stride q_stride, positions qpos[T]) over one head's cache.
  * Slots whose position is beyond a query's position are masked (causal). Writes out rows (stride
  * out_stride). scores: scratch of n floats. Adds probabilities to the head's accumulators as asked. */
-static void attend_head(const float *q, size_t q_stride, const int32_t *qpos, int T, kvh_head_cache *hc, int HS,
-                        const kvh_layer_policy_settings *ls, bool in_prefill, float *out, size_t out_stride,
-                        float *scores) {
+static void attend_head(const kvh_kvcache *cache, int l, const float *q, size_t q_stride, const int32_t *qpos, int T,
+                        kvh_head_cache *hc, int HS, const kvh_layer_policy_settings *ls, bool in_prefill, float *out,
+                        size_t out_stride, float *scores) {
     const float scale = 1.0f / sqrtf((float)HS);
-    const uint32_t n = hc->n;
-    const float *K = hc->k, *Vd = hc->v;
+    const uint32_t n = hc->n, spans = kvh_head_spans(cache, hc);
     for (int t = 0; t < T; t++) {
         const float *qt = q + (size_t)t * q_stride;
         const int32_t p = qpos[t];
         float mx = -INFINITY;
-        for (uint32_t j = 0; j < n; j++) {
-            if (hc->pos[j] > p) {
-                scores[j] = -INFINITY;
-                continue;
+        /* Slots in spans (one for contiguous slots, a block each when paged), in slot order, so both
+         * layouts do the same arithmetic in the same order. */
+        for (uint32_t b = 0, j0 = 0; b < spans; b++) {
+            const char *kc, *vc;
+            const uint32_t cnt = kvh_head_span(cache, l, hc, b, &kc, &vc);
+            const float *K = (const float *)kc;
+            for (uint32_t i = 0; i < cnt; i++) {
+                const uint32_t j = j0 + i;
+                if (hc->pos[j] > p) {
+                    scores[j] = -INFINITY;
+                    continue;
+                }
+                const float s = kvh_dot_lanes8(qt, K + (size_t)i * HS, HS) * scale;
+                scores[j] = s;
+                if (s > mx) mx = s;
             }
-            const float s = kvh_dot_lanes8(qt, K + (size_t)j * HS, HS) * scale;
-            scores[j] = s;
-            if (s > mx) mx = s;
+            j0 += cnt;
         }
         const float inv = exp_and_sum(scores, n, mx);
         float *o = out + (size_t)t * out_stride;
         for (int d = 0; d < HS; d++) o[d] = 0.0f;
-        for (uint32_t j = 0; j < n; j++) {
-            const float pj = scores[j] * inv;
-            scores[j] = pj;
-            if (pj == 0.0f) continue;
-            const float *vj = Vd + (size_t)j * HS;
-            for (int d = 0; d < HS; d++) o[d] += pj * vj[d];
+        for (uint32_t b = 0, j0 = 0; b < spans; b++) {
+            const char *kc, *vc;
+            const uint32_t cnt = kvh_head_span(cache, l, hc, b, &kc, &vc);
+            const float *Vd = (const float *)vc;
+            for (uint32_t i = 0; i < cnt; i++) {
+                const uint32_t j = j0 + i;
+                const float pj = scores[j] * inv;
+                scores[j] = pj;
+                if (pj == 0.0f) continue;
+                const float *vj = Vd + (size_t)i * HS;
+                for (int d = 0; d < HS; d++) o[d] += pj * vj[d];
+            }
+            j0 += cnt;
         }
         accumulate_scores(hc, ls, in_prefill, t, T, scores);
     }
@@ -326,11 +368,19 @@ static void attend_head(const float *q, size_t q_stride, const int32_t *qpos, in
  * S = scale * Q K^T (rows: queries, columns: slots), causal mask by position, row softmax (probabilities
  * go to the score accumulators as in attend_head), then O = P V. Same result as attend_head up to fp32
  * summation order; it never holds more than PREFILL_BLOCK x n scores. */
-static void attend_head_gemm(const kvh_blas *blas, const float *q, size_t q_stride, const int32_t *qpos, int T, kvh_head_cache *hc, int HS,
-                             const kvh_layer_policy_settings *ls, float *out, size_t out_stride, float *scratch) {
+static void attend_head_gemm(const kvh_blas *blas, const kvh_kvcache *cache, int l, const float *q, size_t q_stride,
+                             const int32_t *qpos, int T, kvh_head_cache *hc, int HS, const kvh_layer_policy_settings *ls,
+                             float *out, size_t out_stride, float *scratch, char *gather) {
     const float scale = 1.0f / sqrtf((float)HS);
     const int n = (int)hc->n;
     const float *K = hc->k, *Vd = hc->v;
+    if (cache->block_slots) {
+        /* Paged: the GEMMs want K and V as matrices; a copy costs n*HS against the T*n*HS of the products. */
+        const size_t kb = kvh_kvcache_k_slot_bytes(cache, l);
+        kvh_kvcache_gather(cache, l, hc, gather, gather + (size_t)n * kb);
+        K = (const float *)gather;
+        Vd = (const float *)(gather + (size_t)n * kb);
+    }
     for (int t0 = 0; t0 < T; t0 += PREFILL_BLOCK) {
         const int tb = T - t0 < PREFILL_BLOCK ? T - t0 : PREFILL_BLOCK;
         blas->sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, tb, n, HS, scale, q + (size_t)t0 * q_stride,
@@ -356,14 +406,22 @@ static void attend_head_gemm(const kvh_blas *blas, const float *q, size_t q_stri
  * of (s, l): a plain copy for the dense fp32 layout, the store's append hook (ABI 1.2) or its per-row
  * encoder otherwise. */
 static int write_new_slots(kvh_kvcache *cache, int s, int l, int T, const float *k_rows, const float *v_rows,
-                           size_t row_stride, kvh_err *err) {
+                           size_t row_stride, char *gather, kvh_err *err) {
     const int HS = cache->head_dim;
     const kvh_layer_policy_settings *ls = &cache->layer[l];
-    const size_t kb = kvh_kvcache_k_slot_bytes(cache, l), vb = kvh_kvcache_v_slot_bytes(cache, l);
+    const size_t kb = kvh_kvcache_k_slot_bytes(cache, l);
     for (int h = 0; h < cache->n_head; h++) {
         kvh_head_cache *hc = kvh_kvcache_head(cache, s, l, h);
         uint32_t first = hc->n - (uint32_t)T;
         if (ls->store && ls->store->append) {
+            /* Paged: the hook sees the head's slots as one run (it may rewrite earlier ones: KIVI's groups),
+             * which goes back into the blocks afterwards. */
+            void *k_slots = hc->k, *v_slots = hc->v;
+            if (cache->block_slots) {
+                k_slots = gather;
+                v_slots = gather + (size_t)hc->n * kb;
+                kvh_kvcache_gather(cache, l, hc, k_slots, v_slots);
+            }
             kvp_append_args a = {.struct_size = sizeof a,
                                  .seq = (uint32_t)s,
                                  .head = (uint32_t)h,
@@ -374,8 +432,8 @@ static int write_new_slots(kvh_kvcache *cache, int s, int l, int T, const float 
                                  .k_rows = k_rows + (size_t)h * HS,
                                  .v_rows = v_rows + (size_t)h * HS,
                                  .row_stride = row_stride,
-                                 .k_slots = hc->k,
-                                 .v_slots = hc->v};
+                                 .k_slots = k_slots,
+                                 .v_slots = v_slots};
             kvh_plugin_guard_enter(ls->store->name, kvh_plugin_site_of(ls->store_fail_ctx)->file, "append", l);
             int rc = ls->store->append(ls->store_state, &a);
             kvh_plugin_guard_leave();
@@ -383,13 +441,14 @@ static int write_new_slots(kvh_kvcache *cache, int s, int l, int T, const float 
                 if (ls->store_fail) return ls->store_fail(ls->store_fail_ctx, s, h, "append", err);
                 return kvh_fail(err, "store '%s' layer %d seq %d head %d: append failed", ls->store->name, l, s, h);
             }
+            if (cache->block_slots && kvh_kvcache_scatter(cache, l, hc, 0, k_slots, v_slots, err) != 0) return -1;
             continue;
         }
         for (int t = 0; t < T; t++) {
             const float *kr = k_rows + (size_t)t * row_stride + (size_t)h * HS;
             const float *vr = v_rows + (size_t)t * row_stride + (size_t)h * HS;
-            char *kd = (char *)hc->k + (size_t)(first + (uint32_t)t) * kb;
-            char *vd = (char *)hc->v + (size_t)(first + (uint32_t)t) * vb;
+            char *kd = kvh_slot_k(cache, l, hc, first + (uint32_t)t);
+            char *vd = kvh_slot_v(cache, l, hc, first + (uint32_t)t);
             if (ls->store) {
                 kvh_plugin_guard_enter(ls->store->name, kvh_plugin_site_of(ls->store_fail_ctx)->file, "encode", l);
                 ls->store->encode(ls->store_state, KVP_WHICH_K, kr, kd);
@@ -455,6 +514,7 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
         if ((size_t)batch->n_tokens[b] > max_T) max_T = (size_t)batch->n_tokens[b];
     size_t block = max_T > 1 ? (max_T < PREFILL_BLOCK ? max_T : PREFILL_BLOCK) : 1;
     if (workspace_reserve(ws, cfg, Ttot, max_ctx * block, err) != 0) return -1;
+    if (workspace_reserve_gather(ws, cache, max_ctx, err) != 0) return -1;
     if (be->weights && !ws->panel) { /* weight formats' panels: sized once; no larger than the widest matrix */
         const size_t kmax = (size_t)(F > C ? F : C), nmax = (size_t)(V > F ? V : F);
         size_t cap = PANEL_FLOATS < kmax * nmax ? PANEL_FLOATS : kmax * nmax;
@@ -512,7 +572,7 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
             if (kvh_kvcache_reserve(cache, s, l, (uint32_t)T, err) != 0) return -1;
             kvh_kvcache_append_meta(cache, s, l, T, ws->pos + row0);
             if (write_new_slots(cache, s, l, T, ws->qkv + row0 * 3 * C + C, ws->qkv + row0 * 3 * C + 2 * C,
-                                (size_t)3 * C, err) != 0)
+                                (size_t)3 * C, ws->gather, err) != 0)
                 return -1;
             if (ls->policy_insert && ls->policy_insert(ls->policy_ctx, cache, s, l, T, err) != 0) return -1;
             row0 += (size_t)T;
@@ -526,6 +586,7 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
             tid = omp_get_thread_num();
 #endif
             float *scratch = ws->scores + (size_t)tid * ws->scores_cap;
+            char *gather = ws->gather ? ws->gather + (size_t)tid * ws->gather_cap : NULL;
 #pragma omp for schedule(dynamic, 1)
             for (int item = 0; item < n_items; item++) {
                 int b = item / NH, h = item % NH;
@@ -535,14 +596,14 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
                 int T = batch->n_tokens[b];
                 kvh_head_cache *hc = kvh_kvcache_head(cache, s, l, h);
                 if (ls->store)
-                    attend_head_store(ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls,
-                                      T > 1, ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
+                    attend_head_store(cache, l, ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc,
+                                      HS, ls, T > 1, ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch, gather);
                 else if (T > 1)
-                    attend_head_gemm(blas, ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls,
-                                     ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
+                    attend_head_gemm(blas, cache, l, ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T,
+                                     hc, HS, ls, ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch, gather);
                 else
-                    attend_head(ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS, ls, T > 1,
-                                ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
+                    attend_head(cache, l, ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc, HS,
+                                ls, T > 1, ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch);
             }
         }
         if (ls->report) { /* the policy sees this step's rows before any eviction (kvp.h: call order) */

@@ -33,6 +33,9 @@ void kvh_config_defaults(kvh_run_config *cfg) {
     memset(cfg, 0, sizeof *cfg);
     snprintf(cfg->backend, sizeof cfg->backend, "auto");
     cfg->slack = KVH_CONFIG_DEFAULT_SLACK;
+    cfg->max_seqs = KVH_CONFIG_DEFAULT_MAX_SEQS;
+    cfg->step_tokens = KVH_CONFIG_DEFAULT_STEP_TOKENS;
+    cfg->prefix_sharing = 1;
 }
 
 static void section_free(kvh_config_section *s) {
@@ -159,6 +162,39 @@ static int set_key(kvh_run_config *cfg, const char *section, const char *key, co
     char at[300];
     kvh_origin_format(where, at, sizeof at);
     long long x;
+    if (strcmp(section, "engine") == 0) {
+        kvh_origin *o = NULL;
+        if (strcmp(key, "max_tokens") == 0) o = &cfg->max_tokens_origin;
+        else if (strcmp(key, "max_seqs") == 0) o = &cfg->max_seqs_origin;
+        else if (strcmp(key, "step_tokens") == 0) o = &cfg->step_tokens_origin;
+        else if (strcmp(key, "prefix_sharing") == 0) o = &cfg->prefix_sharing_origin;
+        else
+            return kvh_fail(err, "%s: [engine] unknown key '%s' (known keys: max_tokens, max_seqs, step_tokens, "
+                            "prefix_sharing)", at, key);
+        if (dup_check && o->line > 0 && strcmp(o->file, where->file) == 0)
+            return kvh_fail(err, "%s: [engine] duplicate key '%s' (already set at line %d)", at, key, o->line);
+        if (o == &cfg->max_tokens_origin) {
+            if (parse_int(value, 0, 1ll << 31, &x) != 0)
+                return kvh_fail(err, "%s: [engine] max_tokens = %s: expected an integer in 0..2^31 (0 = no limit)", at,
+                                value);
+            cfg->max_tokens = (uint32_t)x;
+        } else if (o == &cfg->max_seqs_origin) {
+            if (parse_int(value, 1, 4096, &x) != 0)
+                return kvh_fail(err, "%s: [engine] max_seqs = %s: expected an integer in 1..4096", at, value);
+            cfg->max_seqs = (uint32_t)x;
+        } else if (o == &cfg->step_tokens_origin) {
+            if (parse_int(value, 1, 1 << 20, &x) != 0)
+                return kvh_fail(err, "%s: [engine] step_tokens = %s: expected an integer in 1..2^20", at, value);
+            cfg->step_tokens = (uint32_t)x;
+        } else {
+            if (strcmp(value, "on") == 0 || strcmp(value, "1") == 0 || strcmp(value, "true") == 0) cfg->prefix_sharing = 1;
+            else if (strcmp(value, "off") == 0 || strcmp(value, "0") == 0 || strcmp(value, "false") == 0)
+                cfg->prefix_sharing = 0;
+            else return kvh_fail(err, "%s: [engine] prefix_sharing = %s: expected on or off", at, value);
+        }
+        *o = *where;
+        return 0;
+    }
     if (strcmp(section, "model") == 0 || strcmp(section, "cache") == 0) {
         kvh_origin *o = NULL;
         int is_model = section[0] == 'm';
@@ -169,9 +205,10 @@ static int set_key(kvh_run_config *cfg, const char *section, const char *key, co
         else if (!is_model && strcmp(key, "budget") == 0) o = &cfg->budget_origin;
         else if (!is_model && strcmp(key, "slack") == 0) o = &cfg->slack_origin;
         else if (!is_model && strcmp(key, "prefill_chunk") == 0) o = &cfg->prefill_chunk_origin;
+        else if (!is_model && strcmp(key, "block_size") == 0) o = &cfg->block_size_origin;
         else
             return kvh_fail(err, "%s: [%s] unknown key '%s' (known keys: %s)", at, section, key,
-                            is_model ? "spec, backend, threads, calibration" : "budget, slack, prefill_chunk");
+                            is_model ? "spec, backend, threads, calibration" : "budget, slack, prefill_chunk, block_size");
         if (dup_check && o->line > 0 && strcmp(o->file, where->file) == 0) {
             return kvh_fail(err, "%s: [%s] duplicate key '%s' (already set at line %d)", at, section, key, o->line);
         }
@@ -194,6 +231,11 @@ static int set_key(kvh_run_config *cfg, const char *section, const char *key, co
             if (cache_uint(at, "budget", value, 1, 1ll << 30, "budget must be >= 1; omit it to keep every token",
                            &cfg->budget, err) != 0)
                 return -1;
+        } else if (o == &cfg->block_size_origin) {
+            if (parse_int(value, 0, 4096, &x) != 0 || (x & (x - 1)) != 0)
+                return kvh_fail(err, "%s: [cache] block_size = %s: expected 0 (contiguous slots) or a power of two up to "
+                                "4096", at, value);
+            cfg->block_size = (uint32_t)x;
         } else if (o == &cfg->prefill_chunk_origin) {
             if (cache_uint(at, "prefill_chunk", value, 0, 1ll << 20, "must be >= 1 (or 0 for the whole prompt at once)",
                            &cfg->prefill_chunk, err) != 0)
@@ -264,7 +306,7 @@ typedef struct ini_state {
     int line;         /* line number of the chunk last handed to inih */
     int at_line_start;
     int failed;
-    int seen_model, seen_cache; /* header line, 0 = not seen in this file */
+    int seen_model, seen_cache, seen_engine; /* header line, 0 = not seen in this file */
     kvh_err *err;
 } ini_state;
 
@@ -326,8 +368,8 @@ static char *line_reader(char *buf, int num, void *stream) {
         name[n] = '\0';
         kvh_origin where;
         origin_set(&where, st->file, st->line);
-        if (strcmp(name, "model") == 0 || strcmp(name, "cache") == 0) {
-            int *seen = name[0] == 'm' ? &st->seen_model : &st->seen_cache;
+        if (strcmp(name, "model") == 0 || strcmp(name, "cache") == 0 || strcmp(name, "engine") == 0) {
+            int *seen = name[0] == 'm' ? &st->seen_model : name[0] == 'c' ? &st->seen_cache : &st->seen_engine;
             if (*seen) {
                 st->failed = 1;
                 kvh_fail(st->err, "%s:%d: duplicate section [%s] (first at line %d)", st->file, st->line, name, *seen);
@@ -359,6 +401,7 @@ static int key_handler(void *user, const char *section, const char *name, const 
     /* [model] calibration = FILE likewise means next to the run file (it is always a path). */
     const int is_calibration = strcmp(section, "model") == 0 && strcmp(name, "calibration") == 0 && value[0];
     if (st->dir && ((strcmp(name, "plugin") == 0 && strcmp(section, "model") != 0 && strcmp(section, "cache") != 0 &&
+                     strcmp(section, "engine") != 0 &&
                      strchr(value, '/')) || is_calibration) && value[0] != '/') {
         if ((size_t)snprintf(joined, sizeof joined, "%s/%s", st->dir, value) >= sizeof joined) {
             st->failed = 1;
@@ -467,7 +510,8 @@ int kvh_config_set(kvh_run_config *cfg, const char *assignment, kvh_err *err) {
     kvh_origin where;
     origin_set(&where, "--set", 0);
     int rc = 0;
-    if (strcmp(section, "model") != 0 && strcmp(section, "cache") != 0 && !kvh_config_find_section(cfg, section)) {
+    if (strcmp(section, "model") != 0 && strcmp(section, "cache") != 0 && strcmp(section, "engine") != 0 &&
+        !kvh_config_find_section(cfg, section)) {
         char names[512] = "";
         size_t u = 0;
         for (int i = 0; i < cfg->n_sections && u < sizeof names; i++) {
@@ -501,6 +545,12 @@ int kvh_config_write_ini(const kvh_run_config *cfg, FILE *f) {
     if (cfg->budget) fprintf(f, "budget = %u\n", (unsigned)cfg->budget);
     fprintf(f, "slack = %u\n", (unsigned)cfg->slack);
     if (cfg->prefill_chunk) fprintf(f, "prefill_chunk = %u\n", (unsigned)cfg->prefill_chunk);
+    if (kvh_origin_given(&cfg->block_size_origin)) fprintf(f, "block_size = %u\n", (unsigned)cfg->block_size);
+    if (kvh_origin_given(&cfg->max_tokens_origin) || kvh_origin_given(&cfg->max_seqs_origin) ||
+        kvh_origin_given(&cfg->step_tokens_origin) || kvh_origin_given(&cfg->prefix_sharing_origin))
+        fprintf(f, "\n[engine]\nmax_tokens = %u\nmax_seqs = %u\nstep_tokens = %u\nprefix_sharing = %s\n",
+                (unsigned)cfg->max_tokens, (unsigned)cfg->max_seqs, (unsigned)cfg->step_tokens,
+                cfg->prefix_sharing ? "on" : "off");
     for (int i = 0; i < cfg->n_sections; i++) {
         const kvh_config_section *s = &cfg->sections[i];
         fprintf(f, "\n[%s]\n", s->name);

@@ -57,8 +57,16 @@ typedef struct kvh_run_config {
     uint32_t slack;       /* default KVH_CONFIG_DEFAULT_SLACK */
     uint32_t prefill_chunk; /* prompt tokens per prefill forward, with budgets enforced after each; 0 = the
                                whole prompt in one forward (the default, and the papers' setting) */
+    uint32_t block_size;  /* slots per KV block (paged layout, a power of two); 0 = contiguous slots. Unset
+                             (origin line 0 and not from --set): the command's default (replay: 16, else 0) */
+    /* [engine] (kvhost replay / serve) */
+    uint32_t max_tokens;  /* global budget: KV tokens held by all sequences together; 0 = no limit */
+    uint32_t max_seqs;    /* sequences running at once; default KVH_CONFIG_DEFAULT_MAX_SEQS */
+    uint32_t step_tokens; /* prompt tokens prefilled per engine step (all requests together); default 256 */
+    int prefix_sharing;   /* 1 (default): reuse cached prompt blocks; 0: never */
     kvh_origin model_origin, backend_origin, threads_origin, budget_origin, slack_origin,
-        prefill_chunk_origin, calibration_origin; /* line 0 = default */
+        prefill_chunk_origin, calibration_origin, block_size_origin, max_tokens_origin, max_seqs_origin,
+        step_tokens_origin, prefix_sharing_origin; /* line 0 (file "") = default */
     /* plugin instances, in the order they appeared */
     kvh_config_section *sections;
     int n_sections, cap_sections;
@@ -66,6 +74,10 @@ typedef struct kvh_run_config {
 
 /* Defaults: no model, backend auto, threads 0, no budget, slack 32, no plugins. Owns nothing yet. */
 void kvh_config_defaults(kvh_run_config *cfg);
+#define KVH_CONFIG_DEFAULT_MAX_SEQS 64
+#define KVH_CONFIG_DEFAULT_STEP_TOKENS 256
+/* True when a key was given (a file line or --set), not left at its default. */
+static inline int kvh_origin_given(const kvh_origin *o) { return o->line > 0 || o->file[0] != '\0'; }
 void kvh_config_free(kvh_run_config *cfg);
 
 /* Reads an INI run file into cfg (on top of what is there). Errors name file, line and key:

@@ -26,24 +26,245 @@ kvh_kv_memory kvh_kv_memory_host(void) {
     return m;
 }
 
-uint32_t kvh_kvcache_k_slot_bytes(const kvh_kvcache *c, int l) {
-    uint32_t b = c->layer[l].k_slot_bytes;
-    return b ? b : (uint32_t)c->head_dim * (uint32_t)sizeof(float);
-}
-
-uint32_t kvh_kvcache_v_slot_bytes(const kvh_kvcache *c, int l) {
-    uint32_t b = c->layer[l].v_slot_bytes;
-    return b ? b : (uint32_t)c->head_dim * (uint32_t)sizeof(float);
-}
-
-/* Bytes one slot of a head costs: K and V data plus the metadata kept for its layer. */
+/* Bytes one slot of a head's capacity costs: the metadata kept for its layer, plus the K and V data in
+ * the contiguous layout (paged: data is counted per block by the pool). */
 static size_t slot_bytes(const kvh_kvcache *c, int l) {
     const kvh_layer_policy_settings *ls = &c->layer[l];
-    size_t b = (size_t)kvh_kvcache_k_slot_bytes(c, l) + kvh_kvcache_v_slot_bytes(c, l) + sizeof(int32_t);
+    size_t b = sizeof(int32_t);
+    if (!c->block_slots) b += (size_t)kvh_kvcache_k_slot_bytes(c, l) + kvh_kvcache_v_slot_bytes(c, l);
     if (ls->track_scores) b += sizeof(float);
     if (ls->obs_scores) b += sizeof(float);
     b += ls->slot_meta_bytes;
     return b;
+}
+
+/* ---- block pools (paged layout) ------------------------------------------------------------------- */
+
+static int head_resize(kvh_kvcache *c, int l, kvh_head_cache *hc, uint32_t new_cap);
+
+static void count_held(kvh_kvcache *c, size_t add) {
+    c->bytes_held += add;
+    if (c->bytes_held > c->bytes_peak) c->bytes_peak = c->bytes_held;
+}
+
+/* A fresh block (reference count 1) of layer l, or -1 when the memory limit or memory runs out. */
+static int pool_alloc(kvh_kvcache *c, int l, uint32_t *id_out) {
+    kvh_block_pool *p = &c->pool[l];
+    if (c->bytes_limit && (c->bytes_held > c->bytes_limit || p->block_bytes > c->bytes_limit - c->bytes_held))
+        return -1;
+    uint32_t id;
+    if (p->n_free) {
+        id = p->free_ids[--p->n_free];
+    } else {
+        if (p->n_ids == p->cap_ids) {
+            uint32_t nc = p->cap_ids ? p->cap_ids * 2 : 64;
+            char **b = realloc(p->base, nc * sizeof *b);
+            if (!b) return -1;
+            p->base = b;
+            uint32_t *r = realloc(p->ref, nc * sizeof *r);
+            if (!r) return -1;
+            p->ref = r;
+            uint32_t *f = realloc(p->free_ids, nc * sizeof *f);
+            if (!f) return -1;
+            p->free_ids = f;
+            p->cap_ids = nc;
+        }
+        char *mem = malloc(p->block_bytes);
+        if (!mem) return -1;
+        id = p->n_ids++;
+        p->base[id] = mem;
+    }
+    p->ref[id] = 1;
+    p->in_use++;
+    count_held(c, p->block_bytes);
+    *id_out = id;
+    return 0;
+}
+
+void kvh_block_ref(kvh_kvcache *c, int l, uint32_t id) {
+    kvh_block_pool *p = &c->pool[l];
+    if (p->ref[id] == 1) p->shared++;
+    p->ref[id]++;
+}
+
+void kvh_block_unref(kvh_kvcache *c, int l, uint32_t id) {
+    kvh_block_pool *p = &c->pool[l];
+    if (p->ref[id] == 2) p->shared--;
+    if (--p->ref[id] == 0) {
+        p->in_use--;
+        c->bytes_held -= p->block_bytes;
+        p->free_ids[p->n_free++] = id;
+    }
+}
+
+int kvh_kvcache_set_paging(kvh_kvcache *c, uint32_t block_slots, kvh_err *err) {
+    if (block_slots == 0) return 0;
+    if (block_slots > 4096 || (block_slots & (block_slots - 1)))
+        return kvh_fail(err, "kv cache: block size %u is not a power of two between 1 and 4096", block_slots);
+    kvh_kv_memory host = kvh_kv_memory_host();
+    if (c->mem.alloc != host.alloc)
+        return kvh_fail(err, "kv cache: the paged layout needs host memory; this backend keeps K/V elsewhere "
+                        "(set [cache] block_size = 0)");
+    if (c->bytes_held) return kvh_fail(err, "kv cache: paging can only be switched on an empty cache");
+    c->pool = calloc((size_t)c->n_layer, sizeof *c->pool);
+    if (!c->pool) return kvh_fail(err, "kv cache: out of memory for block pools");
+    c->block_slots = block_slots;
+    c->block_shift = 0;
+    while ((1u << c->block_shift) < block_slots) c->block_shift++;
+    for (int l = 0; l < c->n_layer; l++)
+        c->pool[l].block_bytes =
+            (size_t)block_slots * ((size_t)kvh_kvcache_k_slot_bytes(c, l) + kvh_kvcache_v_slot_bytes(c, l));
+    return 0;
+}
+
+/* Makes sure head hc of layer l has blocks for `slots` slots. On failure the blocks already taken stay
+ * (the head is still valid, with spare capacity) and -1 is returned. */
+static int head_blocks_ensure(kvh_kvcache *c, int l, kvh_head_cache *hc, uint64_t slots) {
+    const uint32_t need = (uint32_t)((slots + c->block_slots - 1) >> c->block_shift);
+    if (need > hc->blk_cap) {
+        uint32_t nc = hc->blk_cap ? hc->blk_cap * 2 : 4;
+        if (nc < need) nc = need;
+        uint32_t *b = realloc(hc->blk, (size_t)nc * sizeof *b);
+        if (!b) return -1;
+        hc->blk = b;
+        hc->blk_cap = nc;
+    }
+    while (hc->n_blk < need) {
+        uint32_t id;
+        if (pool_alloc(c, l, &id) != 0) return -1;
+        hc->blk[hc->n_blk++] = id;
+    }
+    return 0;
+}
+
+/* Returns the blocks beyond the head's live slots to the pool. */
+static void head_blocks_trim(kvh_kvcache *c, int l, kvh_head_cache *hc) {
+    const uint32_t need = (hc->n + c->block_slots - 1) >> c->block_shift;
+    while (hc->n_blk > need) kvh_block_unref(c, l, hc->blk[--hc->n_blk]);
+}
+
+int kvh_kvcache_make_private(kvh_kvcache *c, int l, kvh_head_cache *hc, uint32_t first_slot, uint32_t end_slot,
+                             kvh_err *err) {
+    if (!c->block_slots || end_slot <= first_slot) return 0;
+    kvh_block_pool *p = &c->pool[l];
+    uint32_t last = (end_slot - 1) >> c->block_shift;
+    if (last >= hc->n_blk) last = hc->n_blk ? hc->n_blk - 1 : 0;
+    for (uint32_t b = first_slot >> c->block_shift; b <= last && b < hc->n_blk; b++) {
+        const uint32_t old = hc->blk[b];
+        if (p->ref[old] <= 1) continue;
+        uint32_t id;
+        if (pool_alloc(c, l, &id) != 0)
+            return kvh_fail(err, "kv cache: a private copy of a shared block (layer %d) needs %zu bytes but the memory "
+                            "limit of %zu bytes is reached (%zu held)", l, p->block_bytes, c->bytes_limit, c->bytes_held);
+        memcpy(p->base[id], p->base[old], p->block_bytes);
+        kvh_block_unref(c, l, old);
+        hc->blk[b] = id;
+        c->cow_copies++;
+    }
+    return 0;
+}
+
+int kvh_kvcache_attach_blocks(kvh_kvcache *c, int s, int l, int h, const uint32_t *ids, uint32_t n_blocks,
+                              const int32_t *pos, kvh_err *err) {
+    kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+    if (!c->block_slots) return kvh_fail(err, "kv cache: shared blocks need the paged layout");
+    if (hc->n || hc->n_blk) return kvh_fail(err, "kv cache: blocks can only be attached to an empty head");
+    const uint64_t slots = (uint64_t)n_blocks << c->block_shift;
+    if (slots > (uint64_t)c->n_ctx) return kvh_fail(err, "kv cache: %u shared blocks exceed n_positions", n_blocks);
+    if (slots > hc->cap) {
+        const size_t grow = (size_t)(slots - hc->cap) * slot_bytes(c, l);
+        if (c->bytes_limit && c->bytes_held + grow > c->bytes_limit)
+            return kvh_fail(err, "kv cache: the metadata of %llu shared slots needs %zu bytes but the memory limit of %zu "
+                            "bytes is reached (%zu held)", (unsigned long long)slots, grow, c->bytes_limit, c->bytes_held);
+        if (head_resize(c, l, hc, (uint32_t)slots) != 0)
+            return kvh_fail(err, "kv cache: out of memory for the metadata of sequence %d layer %d head %d", s, l, h);
+    }
+    if (n_blocks > hc->blk_cap) {
+        uint32_t *b = realloc(hc->blk, (size_t)n_blocks * sizeof *b);
+        if (!b) return kvh_fail(err, "kv cache: out of memory for a block table");
+        hc->blk = b;
+        hc->blk_cap = n_blocks;
+    }
+    for (uint32_t b = 0; b < n_blocks; b++) {
+        kvh_block_ref(c, l, ids[b]);
+        hc->blk[b] = ids[b];
+    }
+    hc->n_blk = n_blocks;
+    for (uint32_t i = 0; i < (uint32_t)slots; i++) {
+        hc->pos[i] = pos[i];
+        if (hc->score) hc->score[i] = 0.0f;
+        if (hc->obs_score) hc->obs_score[i] = 0.0f;
+    }
+    if (hc->meta) memset(hc->meta, 0, (size_t)slots * c->layer[l].slot_meta_bytes);
+    hc->n = (uint32_t)slots;
+    return 0;
+}
+
+void kvh_kvcache_gather(const kvh_kvcache *c, int l, const kvh_head_cache *hc, void *k_out, void *v_out) {
+    const size_t kb = kvh_kvcache_k_slot_bytes(c, l), vb = kvh_kvcache_v_slot_bytes(c, l);
+    const uint32_t spans = kvh_head_spans(c, hc);
+    for (uint32_t b = 0; b < spans; b++) {
+        const char *k, *v;
+        const uint32_t cnt = kvh_head_span(c, l, hc, b, &k, &v);
+        const size_t first = (size_t)b << c->block_shift;
+        memcpy((char *)k_out + first * kb, k, cnt * kb);
+        memcpy((char *)v_out + first * vb, v, cnt * vb);
+    }
+}
+
+int kvh_kvcache_scatter(kvh_kvcache *c, int l, kvh_head_cache *hc, uint32_t first, const void *k_in,
+                        const void *v_in, kvh_err *err) {
+    if (!c->block_slots) return 0;
+    const size_t kb = kvh_kvcache_k_slot_bytes(c, l), vb = kvh_kvcache_v_slot_bytes(c, l);
+    const kvh_block_pool *p = &c->pool[l];
+    const uint32_t spans = kvh_head_spans(c, hc);
+    for (uint32_t b = first >> c->block_shift; b < spans; b++) {
+        const uint32_t s0 = b << c->block_shift;
+        const uint32_t from = s0 > first ? s0 : first;
+        uint32_t end = s0 + c->block_slots;
+        if (end > hc->n) end = hc->n;
+        const char *ks = (const char *)k_in + (size_t)from * kb, *vs = (const char *)v_in + (size_t)from * vb;
+        if (p->ref[hc->blk[b]] > 1) {
+            /* Shared: only a block whose bytes really change gets its own copy. */
+            if (memcmp(kvh_slot_k(c, l, hc, from), ks, (end - from) * kb) == 0 &&
+                memcmp(kvh_slot_v(c, l, hc, from), vs, (end - from) * vb) == 0)
+                continue;
+            if (kvh_kvcache_make_private(c, l, hc, s0, s0 + 1, err) != 0) return -1;
+        }
+        memcpy(kvh_slot_k(c, l, hc, from), ks, (end - from) * kb);
+        memcpy(kvh_slot_v(c, l, hc, from), vs, (end - from) * vb);
+    }
+    return 0;
+}
+
+void kvh_kvcache_paging_stats_get(const kvh_kvcache *c, kvh_kvcache_paging_stats *out) {
+    memset(out, 0, sizeof *out);
+    if (!c->block_slots) return;
+    for (int l = 0; l < c->n_layer; l++) {
+        const kvh_block_pool *p = &c->pool[l];
+        out->blocks_in_use += p->in_use;
+        out->blocks_shared += p->shared;
+        out->blocks_free += p->n_free;
+        out->block_bytes_in_use += p->in_use * p->block_bytes;
+        out->pool_bytes += (size_t)p->n_ids * p->block_bytes;
+    }
+    /* Slots of in-use blocks, each block once: live slots of shared blocks are counted once by
+     * counting only the heads' private tail blocks as partly empty (shared blocks are always full). */
+    size_t live = 0, slots_held = 0;
+    const size_t nh = (size_t)c->n_seq * (size_t)c->n_layer * (size_t)c->n_head;
+    for (size_t i = 0; i < nh; i++) {
+        const kvh_head_cache *hc = &c->heads[i];
+        if (!hc->n_blk) continue;
+        const int l = (int)((i / (size_t)c->n_head) % (size_t)c->n_layer);
+        const uint32_t tail = hc->blk[hc->n_blk - 1];
+        const uint32_t in_tail = hc->n - ((hc->n_blk - 1) << c->block_shift);
+        if (c->pool[l].ref[tail] == 1) {
+            slots_held += c->block_slots;
+            live += in_tail <= c->block_slots ? in_tail : c->block_slots;
+        }
+    }
+    out->slots_total = slots_held;
+    out->slots_unused = slots_held - live;
 }
 
 int kvh_kvcache_init(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int head_dim, int n_ctx,
@@ -96,9 +317,13 @@ int kvh_kvcache_init_mem(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int
     return 0;
 }
 
-static void head_release(kvh_kvcache *c, kvh_head_cache *hc) {
+static void head_release(kvh_kvcache *c, int l, kvh_head_cache *hc) {
     if (hc->k) c->mem.free(c->mem.ctx, hc->k);
     if (hc->v) c->mem.free(c->mem.ctx, hc->v);
+    while (hc->n_blk) kvh_block_unref(c, l, hc->blk[--hc->n_blk]);
+    free(hc->blk);
+    hc->blk = NULL;
+    hc->blk_cap = 0;
     free(hc->pos);
     free(hc->score);
     free(hc->obs_score);
@@ -114,8 +339,19 @@ static void head_release(kvh_kvcache *c, kvh_head_cache *hc) {
 void kvh_kvcache_free(kvh_kvcache *c) {
     if (c->heads) {
         size_t nh = (size_t)c->n_seq * (size_t)c->n_layer * (size_t)c->n_head;
-        for (size_t i = 0; i < nh; i++) head_release(c, &c->heads[i]);
+        for (size_t i = 0; i < nh; i++) head_release(c, (int)((i / (size_t)c->n_head) % (size_t)c->n_layer), &c->heads[i]);
     }
+    if (c->pool) {
+        for (int l = 0; l < c->n_layer; l++) {
+            kvh_block_pool *p = &c->pool[l];
+            for (uint32_t i = 0; i < p->n_ids; i++) free(p->base[i]);
+            free(p->base);
+            free(p->ref);
+            free(p->free_ids);
+        }
+        free(c->pool);
+    }
+    free(c->gather_buf);
     if (c->report_buf)
         for (size_t i = 0; i < (size_t)c->n_seq * (size_t)c->n_head; i++) free(c->report_buf[i]);
     free(c->report_buf);
@@ -133,13 +369,28 @@ static void store_release(kvh_kvcache *c, int s, int l, int h, const uint32_t *s
     const kvh_layer_policy_settings *ls = &c->layer[l];
     if (!ls->store || !ls->store->release || n_slots == 0) return;
     kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+    const void *k_slots = hc->k, *v_slots = hc->v;
+    if (c->block_slots) {
+        /* The hook reads the slots (handles) as one run: hand it a contiguous copy. */
+        const size_t kb = kvh_kvcache_k_slot_bytes(c, l), vb = kvh_kvcache_v_slot_bytes(c, l);
+        const size_t need = (size_t)hc->n * (kb + vb);
+        if (need > c->gather_bytes) {
+            void *g = realloc(c->gather_buf, need);
+            if (!g) return; /* the store is then not told; its memory is freed at reset / destroy */
+            c->gather_buf = g;
+            c->gather_bytes = need;
+        }
+        kvh_kvcache_gather(c, l, hc, c->gather_buf, (char *)c->gather_buf + (size_t)hc->n * kb);
+        k_slots = c->gather_buf;
+        v_slots = (char *)c->gather_buf + (size_t)hc->n * kb;
+    }
     kvp_release_args a = {.struct_size = sizeof a,
                           .seq = (uint32_t)s,
                           .head = (uint32_t)h,
                           .n_live = hc->n,
                           .pos = hc->pos,
-                          .k_slots = hc->k,
-                          .v_slots = hc->v,
+                          .k_slots = k_slots,
+                          .v_slots = v_slots,
                           .slots = slots,
                           .n_slots = n_slots};
     kvh_plugin_guard_enter(ls->store->name, kvh_plugin_site_of(ls->store_fail_ctx)->file, "release", l);
@@ -171,7 +422,7 @@ void kvh_kvcache_reset_seq(kvh_kvcache *c, int s) {
                 store_release(c, s, l, h, c->scratch_victims, hc->n);
             }
             c->bytes_held -= (size_t)hc->cap * per_slot;
-            head_release(c, hc);
+            head_release(c, l, hc);
             hc->budget = c->layer[l].budget;
         }
     }
@@ -182,6 +433,7 @@ void kvh_kvcache_reset_seq(kvh_kvcache *c, int s) {
 static int head_resize(kvh_kvcache *c, int l, kvh_head_cache *hc, uint32_t new_cap) {
     const kvh_layer_policy_settings *ls = &c->layer[l];
     const size_t kb = kvh_kvcache_k_slot_bytes(c, l), vb = kvh_kvcache_v_slot_bytes(c, l);
+    if (c->block_slots) goto metadata; /* paged: slot data lives in blocks, see head_blocks_ensure */
     /* slot data: allocate the new blocks, move the live slots, then free the old ones */
     void *k = c->mem.alloc(c->mem.ctx, (size_t)new_cap * kb);
     void *v = k ? c->mem.alloc(c->mem.ctx, (size_t)new_cap * vb) : NULL;
@@ -197,6 +449,7 @@ static int head_resize(kvh_kvcache *c, int l, kvh_head_cache *hc, uint32_t new_c
     if (hc->v) c->mem.free(c->mem.ctx, hc->v);
     hc->k = k;
     hc->v = v;
+metadata:;
     int32_t *pos = realloc(hc->pos, (size_t)new_cap * sizeof(int32_t));
     if (!pos && new_cap) return -1;
     hc->pos = pos;
@@ -253,36 +506,57 @@ static int report_reserve(kvh_kvcache *c, int s, int l, uint32_t extra, kvh_err 
     return 0;
 }
 
+/* Paged layout: blocks for `need` slots of head hc and a private tail block, within the byte limit. */
+static int reserve_blocks(kvh_kvcache *c, int s, int l, int h, kvh_head_cache *hc, uint64_t need, kvh_err *err) {
+    const kvh_block_pool *p = &c->pool[l];
+    const uint64_t blocks = (need + c->block_slots - 1) >> c->block_shift;
+    /* Appending writes from slot n on: a shared block holding it is copied first. */
+    const bool tail_shared = (hc->n & (c->block_slots - 1)) && p->ref[hc->blk[hc->n >> c->block_shift]] > 1;
+    const uint64_t fresh = (blocks > hc->n_blk ? blocks - hc->n_blk : 0) + (tail_shared ? 1 : 0);
+    if (!fresh) return 0;
+    const size_t grow = (size_t)fresh * p->block_bytes;
+    if (c->bytes_limit && c->bytes_held + grow > c->bytes_limit)
+        return kvh_fail(err,
+                        "kv cache: needs %zu more bytes (sequence %d layer %d) but the memory limit of %zu bytes "
+                        "is reached (%zu held)",
+                        grow, s, l, c->bytes_limit, c->bytes_held);
+    if (head_blocks_ensure(c, l, hc, need) != 0)
+        return kvh_fail(err, "kv cache: out of memory for the blocks of sequence %d layer %d head %d", s, l, h);
+    return kvh_kvcache_make_private(c, l, hc, hc->n, hc->n + 1, err);
+}
+
 int kvh_kvcache_reserve(kvh_kvcache *c, int s, int l, uint32_t extra, kvh_err *err) {
     const kvh_layer_policy_settings *ls = &c->layer[l];
     size_t per_slot = slot_bytes(c, l);
     for (int h = 0; h < c->n_head; h++) {
         kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
         uint64_t need = (uint64_t)hc->n + extra;
-        if (need <= hc->cap) continue;
         if (need > (uint64_t)c->n_ctx)
             return kvh_fail(err, "kv cache: sequence %d layer %d head %d would hold %llu tokens, more than n_positions %d",
                             s, l, h, (unsigned long long)need, c->n_ctx);
-        /* Grow geometrically, but never past what the head may ever hold (budget + slack, n_ctx). */
-        uint64_t want = hc->cap < 16 ? 16 : (uint64_t)hc->cap * 2;
-        if (want < need) want = need;
-        uint64_t ceiling = (uint64_t)c->n_ctx;
-        if (hc->budget != KVH_BUDGET_UNLIMITED) {
-            uint64_t bs = (uint64_t)hc->budget + ls->slack;
-            /* A prefill block may exceed budget + slack before its first eviction. */
-            if (bs < need) bs = need;
-            if (bs < ceiling) ceiling = bs;
+        if (need > hc->cap) {
+            /* Grow geometrically, but never past what the head may ever hold (budget + slack, n_ctx). */
+            uint64_t want = hc->cap < 16 ? 16 : (uint64_t)hc->cap * 2;
+            if (want < need) want = need;
+            uint64_t ceiling = (uint64_t)c->n_ctx;
+            if (hc->budget != KVH_BUDGET_UNLIMITED) {
+                uint64_t bs = (uint64_t)hc->budget + ls->slack;
+                /* A prefill block may exceed budget + slack before its first eviction. */
+                if (bs < need) bs = need;
+                if (bs < ceiling) ceiling = bs;
+            }
+            if (want > ceiling) want = ceiling;
+            size_t grow = (size_t)(want - hc->cap) * per_slot;
+            if (c->bytes_limit && c->bytes_held + grow > c->bytes_limit)
+                return kvh_fail(err,
+                                "kv cache: needs %zu more bytes (sequence %d layer %d) but the memory limit of %zu bytes "
+                                "is reached (%zu held)",
+                                grow, s, l, c->bytes_limit, c->bytes_held);
+            if (head_resize(c, l, hc, (uint32_t)want) != 0)
+                return kvh_fail(err, "kv cache: out of memory growing sequence %d layer %d head %d to %llu slots", s, l,
+                                h, (unsigned long long)want);
         }
-        if (want > ceiling) want = ceiling;
-        size_t grow = (size_t)(want - hc->cap) * per_slot;
-        if (c->bytes_limit && c->bytes_held + grow > c->bytes_limit)
-            return kvh_fail(err,
-                            "kv cache: needs %zu more bytes (sequence %d layer %d) but the memory limit of %zu bytes "
-                            "is reached (%zu held)",
-                            grow, s, l, c->bytes_limit, c->bytes_held);
-        if (head_resize(c, l, hc, (uint32_t)want) != 0)
-            return kvh_fail(err, "kv cache: out of memory growing sequence %d layer %d head %d to %llu slots", s, l, h,
-                            (unsigned long long)want);
+        if (c->block_slots && reserve_blocks(c, s, l, h, hc, need, err) != 0) return -1;
     }
     return ls->report ? report_reserve(c, s, l, extra, err) : 0;
 }
@@ -307,12 +581,11 @@ void kvh_kvcache_append(kvh_kvcache *c, int s, int l, int T, const float *k_rows
     kvh_kvcache_append_meta(c, s, l, T, pos);
     for (int h = 0; h < c->n_head; h++) {
         kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
-        float *k = hc->k, *v = hc->v;
         uint32_t first = hc->n - (uint32_t)T;
         for (int t = 0; t < T; t++) {
             uint32_t slot = first + (uint32_t)t;
-            memcpy(k + (size_t)slot * HS, k_rows + (size_t)t * row_stride + (size_t)h * HS, (size_t)HS * sizeof(float));
-            memcpy(v + (size_t)slot * HS, v_rows + (size_t)t * row_stride + (size_t)h * HS, (size_t)HS * sizeof(float));
+            memcpy(kvh_slot_k(c, l, hc, slot), k_rows + (size_t)t * row_stride + (size_t)h * HS, (size_t)HS * sizeof(float));
+            memcpy(kvh_slot_v(c, l, hc, slot), v_rows + (size_t)t * row_stride + (size_t)h * HS, (size_t)HS * sizeof(float));
         }
     }
 }
@@ -345,8 +618,8 @@ int kvh_kvcache_validate_victims(kvh_kvcache *c, uint32_t n_live, uint32_t budge
 }
 
 static void move_slot(kvh_kvcache *c, int l, kvh_head_cache *hc, size_t kb, size_t vb, uint32_t from, uint32_t to) {
-    c->mem.copy(c->mem.ctx, (char *)hc->k + (size_t)to * kb, (char *)hc->k + (size_t)from * kb, kb);
-    c->mem.copy(c->mem.ctx, (char *)hc->v + (size_t)to * vb, (char *)hc->v + (size_t)from * vb, vb);
+    c->mem.copy(c->mem.ctx, kvh_slot_k(c, l, hc, to), kvh_slot_k(c, l, hc, from), kb);
+    c->mem.copy(c->mem.ctx, kvh_slot_v(c, l, hc, to), kvh_slot_v(c, l, hc, from), vb);
     hc->pos[to] = hc->pos[from];
     if (hc->score) hc->score[to] = hc->score[from];
     if (hc->obs_score) hc->obs_score[to] = hc->obs_score[from];
@@ -356,14 +629,22 @@ static void move_slot(kvh_kvcache *c, int l, kvh_head_cache *hc, size_t kb, size
     }
 }
 
-void kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *victims, uint32_t n_victims) {
-    store_release(c, s, l, h, victims, n_victims);
+int kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *victims, uint32_t n_victims,
+                       kvh_err *err) {
     kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
     const size_t kb = kvh_kvcache_k_slot_bytes(c, l), vb = kvh_kvcache_v_slot_bytes(c, l);
+    uint32_t new_n = hc->n - n_victims;
+    if (c->block_slots) {
+        /* Holes below new_n are written: their shared blocks become private first (before anything
+         * changes, so a refused copy leaves the head as it was). */
+        for (uint32_t i = 0; i < n_victims; i++)
+            if (victims[i] < new_n && kvh_kvcache_make_private(c, l, hc, victims[i], victims[i] + 1, err) != 0)
+                return -1;
+    }
+    store_release(c, s, l, h, victims, n_victims);
     unsigned char *dead = c->scratch_mark;
     for (uint32_t i = 0; i < n_victims; i++) dead[victims[i]] = 1;
     /* Fill holes below the new live count with survivors from above it: each survivor moves once. */
-    uint32_t new_n = hc->n - n_victims;
     uint32_t src = hc->n;
     for (uint32_t hole = 0; hole < new_n; hole++) {
         if (!dead[hole]) continue;
@@ -374,6 +655,8 @@ void kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *vic
     }
     for (uint32_t i = 0; i < n_victims; i++) dead[victims[i]] = 0;
     hc->n = new_n;
+    if (c->block_slots) head_blocks_trim(c, l, hc);
+    return 0;
 }
 
 void kvh_kvcache_shrink(kvh_kvcache *c, int s, int l, int h) {

@@ -6,10 +6,19 @@
  * slot or attended (the backend, or a store plugin), where K/V memory lives: that is a kvh_kv_memory
  * (host malloc by default; a GPU backend passes device memory, the metadata always stays on the host).
  *
- * Layout: for sequence s, layer l, head h: K slot i at k + i * k_slot_bytes (dense fp32 by default:
- * head_dim floats), V likewise, pos[i], score[i], obs_score[i]; live slots are 0..n-1. Eviction fills
- * each hole with the last live slot, so slot order is not chronological; GPT-2 bakes positions into K,
- * so attention does not care. */
+ * Layout: for sequence s, layer l, head h: slot i has K and V data (dense fp32 by default: head_dim
+ * floats each), pos[i], score[i], obs_score[i]; live slots are 0..n-1. Eviction fills each hole with the
+ * last live slot, so slot order is not chronological; GPT-2 bakes positions into K, so attention does not
+ * care. Where slot data lives depends on the cache's paging (kvh_kvcache_set_paging):
+ *   contiguous (block_slots 0, the default and what device memory uses): K slot i at k + i * k_slot_bytes,
+ *     V likewise, one allocation each per head, regrown geometrically;
+ *   paged (block_slots B, a power of two): slot i in block blk[i / B] of the layer's block pool, K at
+ *     base + (i % B) * k_slot_bytes, V at base + B * k_slot_bytes + (i % B) * v_slot_bytes. Blocks are
+ *     reference counted: a full block of prompt tokens can be shared by several sequences (prefix
+ *     sharing), and a head about to write into a shared block takes a private copy first (copy-on-write).
+ * Metadata (pos, scores, policy metadata) is always per head and contiguous. Use kvh_slot_k / kvh_slot_v
+ * (or kvh_head_span for a run of slots) rather than the k / v pointers, which only the contiguous layout
+ * has. */
 #ifndef KVH_KVCACHE_H
 #define KVH_KVCACHE_H
 
@@ -30,8 +39,10 @@ typedef struct kvh_kv_memory {
 } kvh_kv_memory;
 
 typedef struct kvh_head_cache {
-    void *k;           /* [cap] K slots of the layer's k_slot_bytes (dense: [cap, HS] floats) */
-    void *v;           /* [cap] V slots */
+    void *k;           /* contiguous layout: [cap] K slots of the layer's k_slot_bytes (dense: [cap, HS] floats) */
+    void *v;           /* contiguous layout: [cap] V slots */
+    uint32_t *blk;     /* paged layout: [blk_cap] block ids in the layer's pool, n_blk of them in use */
+    uint32_t n_blk, blk_cap;
     int32_t *pos;      /* [cap] absolute positions */
     float *score;      /* [cap] accumulated attention, NULL unless the layer tracks scores */
     float *obs_score;  /* [cap] observation-window scores, NULL unless the layer tracks them */
@@ -46,6 +57,18 @@ typedef struct kvh_head_cache {
 } kvh_head_cache;
 
 struct kvh_kvcache;
+
+/* Fixed-size blocks of one layer's slot data (paged layout). A block id is an index into base[]; ref[]
+ * counts the heads and prefix-cache entries holding it. Freed blocks go to free_ids and are reused. */
+typedef struct kvh_block_pool {
+    size_t block_bytes;   /* block_slots * (k_slot_bytes + v_slot_bytes) */
+    char **base;          /* [n_ids] block memory */
+    uint32_t *ref;        /* [n_ids] holders; 0 = on the free list */
+    uint32_t *free_ids;   /* [n_free] ids whose memory is kept for reuse */
+    uint32_t n_free, n_ids, cap_ids;
+    size_t in_use;        /* blocks with ref > 0 */
+    size_t shared;        /* blocks with ref > 1 */
+} kvh_block_pool;
 
 /* Per-layer settings, identical for every sequence. */
 typedef struct kvh_layer_policy_settings {
@@ -95,6 +118,13 @@ typedef struct kvh_kvcache {
     unsigned char *scratch_mark;      /* [same] scratch for validation */
     uint32_t scratch_len;
     kvh_kv_memory mem;                /* where slot data lives */
+    /* ---- paged layout (kvh_kvcache_set_paging; 0 / NULL: contiguous) ---- */
+    uint32_t block_slots;             /* slots per block, a power of two */
+    uint32_t block_shift;             /* log2(block_slots) */
+    kvh_block_pool *pool;             /* [L] one pool per layer (slot sizes differ between layers) */
+    size_t cow_copies;                /* blocks copied because a head wrote into a shared one */
+    void *gather_buf;                 /* paged: one head's slots as contiguous runs for store release hooks */
+    size_t gather_bytes;
 } kvh_kvcache;
 
 /* Host memory: malloc / free / memcpy. */
@@ -108,6 +138,9 @@ int kvh_kvcache_init_mem(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int
                          const kvh_layer_policy_settings *settings, size_t bytes_limit, const kvh_kv_memory *mem,
                          kvh_err *err);
 void kvh_kvcache_free(kvh_kvcache *c);
+/* Switches an empty cache in host memory to the paged layout with block_slots slots per block (a power
+ * of two, 1..4096). 0 keeps the contiguous layout. Fails on device memory or a non-empty cache. */
+int kvh_kvcache_set_paging(kvh_kvcache *c, uint32_t block_slots, kvh_err *err);
 /* Empties sequence s (keeps nothing, frees its slots, next_pos = 0). Stores with a release hook are
  * told every live slot goes. */
 void kvh_kvcache_reset_seq(kvh_kvcache *c, int s);
@@ -139,8 +172,11 @@ void kvh_kvcache_append(kvh_kvcache *c, int s, int l, int T, const float *k_rows
 int kvh_kvcache_validate_victims(kvh_kvcache *c, uint32_t n_live, uint32_t budget, const uint32_t *victims,
                                  uint32_t n_victims, kvh_err *err);
 /* Removes the (validated) victims from head (s, l, h), keeping K, V, pos and scores in step. A store
- * with a release hook (ABI 1.2) is told which slots go first. */
-void kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *victims, uint32_t n_victims);
+ * with a release hook (ABI 1.2) is told which slots go first. Paged: shared blocks that compaction writes
+ * into are copied first, and blocks left empty go back to the pool; fails only when such a copy does not
+ * fit the memory limit (the head is then unchanged). */
+int kvh_kvcache_remove(kvh_kvcache *c, int s, int l, int h, const uint32_t *victims, uint32_t n_victims,
+                       kvh_err *err);
 /* Gives memory back when a head holds far fewer slots than its capacity (after eviction). */
 void kvh_kvcache_shrink(kvh_kvcache *c, int s, int l, int h);
 
@@ -166,7 +202,75 @@ static inline float *kvh_report_row(kvh_head_cache *hc, int T, uint32_t r) {
 }
 
 /* Slot sizes of layer l (resolving the dense default). */
-uint32_t kvh_kvcache_k_slot_bytes(const kvh_kvcache *c, int l);
-uint32_t kvh_kvcache_v_slot_bytes(const kvh_kvcache *c, int l);
+static inline uint32_t kvh_kvcache_k_slot_bytes(const kvh_kvcache *c, int l) {
+    uint32_t b = c->layer[l].k_slot_bytes;
+    return b ? b : (uint32_t)c->head_dim * (uint32_t)sizeof(float);
+}
+static inline uint32_t kvh_kvcache_v_slot_bytes(const kvh_kvcache *c, int l) {
+    uint32_t b = c->layer[l].v_slot_bytes;
+    return b ? b : (uint32_t)c->head_dim * (uint32_t)sizeof(float);
+}
+
+/* K / V data of slot i of a head of layer l, in either layout. */
+static inline char *kvh_slot_k(const kvh_kvcache *c, int l, const kvh_head_cache *hc, uint32_t i) {
+    if (!c->block_slots) return (char *)hc->k + (size_t)i * kvh_kvcache_k_slot_bytes(c, l);
+    return c->pool[l].base[hc->blk[i >> c->block_shift]] +
+           (size_t)(i & (c->block_slots - 1)) * kvh_kvcache_k_slot_bytes(c, l);
+}
+static inline char *kvh_slot_v(const kvh_kvcache *c, int l, const kvh_head_cache *hc, uint32_t i) {
+    const size_t kb = kvh_kvcache_k_slot_bytes(c, l);
+    if (!c->block_slots) return (char *)hc->v + (size_t)i * kvh_kvcache_v_slot_bytes(c, l);
+    return c->pool[l].base[hc->blk[i >> c->block_shift]] + (size_t)c->block_slots * kb +
+           (size_t)(i & (c->block_slots - 1)) * kvh_kvcache_v_slot_bytes(c, l);
+}
+/* Slots are stored in spans of consecutive K and V slots: span b holds slots first..first+count-1 with
+ * K at *k and V at *v. The contiguous layout has one span; the paged layout one per block. Returns the
+ * number of spans covering the head's n live slots. */
+static inline uint32_t kvh_head_spans(const kvh_kvcache *c, const kvh_head_cache *hc) {
+    if (!c->block_slots) return hc->n ? 1u : 0u;
+    return (hc->n + c->block_slots - 1) >> c->block_shift;
+}
+static inline uint32_t kvh_head_span(const kvh_kvcache *c, int l, const kvh_head_cache *hc, uint32_t b,
+                                     const char **k, const char **v) {
+    if (!c->block_slots) {
+        *k = (const char *)hc->k;
+        *v = (const char *)hc->v;
+        return hc->n;
+    }
+    const uint32_t first = b << c->block_shift, left = hc->n - first;
+    const char *base = c->pool[l].base[hc->blk[b]];
+    *k = base;
+    *v = base + (size_t)c->block_slots * kvh_kvcache_k_slot_bytes(c, l);
+    return left < c->block_slots ? left : c->block_slots;
+}
+
+/* Copies the head's n live K slots into k_out and V slots into v_out as one contiguous run each (what a
+ * store plugin's hooks expect), and back: scatter writes slots first..n-1 of the runs into the head's
+ * blocks, taking private copies of shared blocks whose bytes change. Contiguous layout: no-ops. */
+void kvh_kvcache_gather(const kvh_kvcache *c, int l, const kvh_head_cache *hc, void *k_out, void *v_out);
+int kvh_kvcache_scatter(kvh_kvcache *c, int l, kvh_head_cache *hc, uint32_t first, const void *k_in,
+                        const void *v_in, kvh_err *err);
+
+/* ---- prefix sharing (paged layout) ---- */
+/* Makes blocks [0, n_blocks) of head (s, l, h) private: a block another holder also references is
+ * copied first. Used before writing into a head's slots. */
+int kvh_kvcache_make_private(kvh_kvcache *c, int l, kvh_head_cache *hc, uint32_t first_slot, uint32_t end_slot,
+                             kvh_err *err);
+/* A reference on block `id` of layer l's pool (prefix cache entries hold blocks this way). */
+void kvh_block_ref(kvh_kvcache *c, int l, uint32_t id);
+void kvh_block_unref(kvh_kvcache *c, int l, uint32_t id);
+/* Gives the empty head (s, l, h) the n_blocks full blocks ids[] (taking a reference on each), with
+ * positions pos[n_blocks * block_slots] and zero scores / metadata: the head then holds those slots. */
+int kvh_kvcache_attach_blocks(kvh_kvcache *c, int s, int l, int h, const uint32_t *ids, uint32_t n_blocks,
+                              const int32_t *pos, kvh_err *err);
+
+/* Paged layout figures for records: blocks in use, of them shared, kept free in the pools, and slots in
+ * in-use blocks that hold no live token (internal fragmentation). Contiguous: zeros. */
+typedef struct kvh_kvcache_paging_stats {
+    size_t blocks_in_use, blocks_shared, blocks_free, slots_unused, slots_total;
+    size_t block_bytes_in_use; /* data bytes of in-use blocks (each shared block once) */
+    size_t pool_bytes;         /* data bytes the pools hold, free blocks included */
+} kvh_kvcache_paging_stats;
+void kvh_kvcache_paging_stats_get(const kvh_kvcache *c, kvh_kvcache_paging_stats *out);
 
 #endif

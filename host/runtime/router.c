@@ -781,7 +781,9 @@ int kvh_router_enforce(kvh_router *r, kvh_kvcache *c, int seq, int layer, int in
                             x->g->plugin->file_name, layer, seq, h, (int)newest);
                     break;
                 }
-        kvh_kvcache_remove(c, seq, layer, h, victims, n_victims);
+        if (kvh_kvcache_remove(c, seq, layer, h, victims, n_victims, err) != 0)
+            return kvh_fail_prefix(err, "plugin '%s' (%s) layer %d seq %d head %d: evicting", d->name,
+                                   x->g->plugin->file_name, layer, seq, h);
         kvh_kvcache_shrink(c, seq, layer, h);
     }
     return 0;

@@ -105,6 +105,13 @@ int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_
                                   &mem, err);
     free(settings);
     if (rc != 0) goto fail;
+    const uint32_t block_slots = cfg && kvh_origin_given(&cfg->block_size_origin) ? cfg->block_size : opt->block_slots;
+    if (block_slots && s->backend->ops->kv_memory) {
+        kvh_fail(err, "[cache] block_size = %u: the %s backend keeps each head's slots contiguous (paged KV memory is "
+                 "CPU-only for now); set block_size = 0", (unsigned)block_slots, s->backend->ops->name);
+        goto fail;
+    }
+    if (kvh_kvcache_set_paging(&s->cache, block_slots, err) != 0) goto fail;
     if (s->router && kvh_router_bind_cache(s->router, &s->cache, err) != 0) goto fail;
     if (opt->no_cache) {
         s->history = calloc((size_t)opt->n_seq, sizeof *s->history);

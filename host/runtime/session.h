@@ -25,6 +25,7 @@ typedef struct kvh_session_options {
     size_t kv_mem_limit;  /* 0 = none: KV growth beyond it fails (emulates a smaller memory) */
     const char *plugin_path; /* extra plugin directories (':'-separated), may be NULL */
     const char *calibration; /* .kvcal statistics for weight formats that need them ([model] calibration), or NULL */
+    uint32_t block_slots; /* KV block size when the run file does not set [cache] block_size (0: contiguous) */
 } kvh_session_options;
 
 typedef struct kvh_session {

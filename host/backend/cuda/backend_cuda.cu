@@ -697,7 +697,7 @@ static int cuda_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *ba
             for (int h = 0; h < NH; h++) {
                 kvh_head_cache *hc = kvh_kvcache_head(cache, batch->seq[b], l, h);
                 cuda_head *d = &hh[((size_t)l * B + b) * NH + h];
-                d->k = hc->k;
+                d->k = hc->k; /* the CUDA backend keeps the contiguous layout (session.c refuses paging) */
                 d->v = hc->v;
                 d->n = hc->n;
                 d->first = hc->n - (uint32_t)batch->n_tokens[b];
