@@ -10,6 +10,7 @@
 #   --max-tokens A:B     max_tokens, uniform (default 32:128)
 #   --prefix-share S     share of requests with a common prefix (default 0)
 #   --prefix-len L       its length in tokens (default 0)
+#   --dist D             uniform (default) or lognormal lengths (as `kvhost trace --dist`)
 #   --seed S             trace seed (default 1; the same seed for every rate)
 #   --threads T          threads for every system (default 2)
 #   --parallel N         llama-server slots (default 8)
@@ -32,7 +33,7 @@ set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 RATES=0.5,1,2 REQUESTS=100 PLEN=64:256 MTOK=32:128 PSHARE=0 PLENPFX=0 SEED=1 THREADS=2 PARALLEL=8 BATCH=8
-DISPATCH=full SYSTEMS=kvhost,llama-server,transformers OUT_DIR=$REPO/docs/results/engine CDF_RATE="" REPORT=1
+DIST=uniform DISPATCH=full SYSTEMS=kvhost,llama-server,transformers OUT_DIR=$REPO/docs/results/engine CDF_RATE="" REPORT=1
 KVHOST=${KVHOST:-$REPO/build/kvhost}
 MODEL=${MODEL:-/work/peers/models/gpt2-medium-seed1234}
 GGUF=${GGUF:-/work/peers/gguf/gpt2-medium-seed1234-f32.gguf}
@@ -49,6 +50,7 @@ while [ $# -gt 0 ]; do
     --prefix-share) PSHARE=$2; shift 2 ;;
     --prefix-len) PLENPFX=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
+    --dist) DIST=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
     --parallel) PARALLEL=$2; shift 2 ;;
     --batch) BATCH=$2; shift 2 ;;
@@ -90,9 +92,11 @@ fi
 for s in "${SKIPPED[@]}"; do note "skipping $s"; done
 
 # ---- the trace of one rate
-kvhost_trace() {  # RATE OUT; the flags of `kvhost trace` (docs/trace.md)
-  "$KVHOST" trace --requests "$REQUESTS" --rate "$1" --prompt-len "$PLEN" --max-tokens "$MTOK" \
-    --prefix-share "$PSHARE" --prefix-len "$PLENPFX" --seed "$SEED" --out "$2"
+kvhost_trace() {  # RATE OUT; the flags of `kvhost trace --help` (host/cli/cmd_trace.c)
+  local share=()
+  if [ "$PLENPFX" != 0 ] && [ "$PSHARE" != 0 ]; then share=(--shared-share "$PSHARE" --shared-len "$PLENPFX"); fi
+  "$KVHOST" trace --requests "$REQUESTS" --rate "$1" --prompt-len "$PLEN" --output-len "$MTOK" --dist "$DIST" \
+    "${share[@]}" --seed "$SEED" --out "$2"
 }
 make_trace() {  # RATE OUT -> prints the generator used
   if [ "$HAS_TRACE" = 1 ]; then
@@ -101,7 +105,7 @@ make_trace() {  # RATE OUT -> prints the generator used
     rm -f "$2.err"
   fi
   "$PYTHON" "$HERE/gen_trace.py" --requests "$REQUESTS" --rate "$1" --prompt-len "$PLEN" --max-tokens "$MTOK" \
-    --prefix-share "$PSHARE" --prefix-len "$PLENPFX" --seed "$SEED" --out "$2" || return 1
+    --prefix-share "$PSHARE" --prefix-len "$PLENPFX" --dist "$DIST" --seed "$SEED" --out "$2" || return 1
   echo "bench/engine/gen_trace.py"
 }
 
@@ -110,7 +114,7 @@ skipped_json=$(printf '%s\n' "${SKIPPED[@]}" | "$PYTHON" -c 'import json,sys; pr
 import json, os, sys, datetime
 rec = {"command": "engine_bench_start", "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
        "rates": [float(r) for r in "$RATES".split(",")], "requests": $REQUESTS, "prompt_len": "$PLEN",
-       "max_tokens": "$MTOK", "prefix_share": $PSHARE, "prefix_len": $PLENPFX, "seed": $SEED, "threads": $THREADS,
+       "max_tokens": "$MTOK", "prefix_share": $PSHARE, "prefix_len": $PLENPFX, "dist": "$DIST", "trace_generator": "$( [ "$HAS_TRACE" = 1 ] && echo "kvhost trace (gen_trace.py on failure)" || echo bench/engine/gen_trace.py)", "seed": $SEED, "threads": $THREADS,
        "llama_parallel": $PARALLEL, "hf_batch": $BATCH, "hf_dispatch": "$DISPATCH", "systems": "$SYSTEMS".split(","),
        "kvhost": "$KVHOST", "model": "$MODEL", "gguf": "$GGUF", "kvhost_extra_args": $(printf '%s\n' "${EXTRA[@]:-}" | "$PYTHON" -c 'import json,sys; print(json.dumps([l.rstrip("\n") for l in sys.stdin if l.strip()]))'),
        "skipped": $skipped_json, "load1": round(os.getloadavg()[0], 2)}
