@@ -19,7 +19,7 @@ root="$(cd "$here/../.." && pwd)"
 secs="${1:-60}"
 shift || true
 targets=("$@")
-if [ "${#targets[@]}" -eq 0 ]; then targets=(safetensors model_config ini tokenizer jsonl vocab model_dir cli); fi
+if [ "${#targets[@]}" -eq 0 ]; then targets=(safetensors model_config ini tokenizer jsonl vocab model_dir cli trace); fi
 out="${FUZZ_BUILD:-$root/build-fuzz}"
 cc="${CC:-clang}"
 nice_level="${JOBS_NICE:-19}"
@@ -36,9 +36,11 @@ build() { # target -> $out/bin/fuzz_<target>
     safetensors)  srcs=(host/model/safetensors.c host/util/json_scan.c host/util/mmap_guard.c); libs=(-lcjson -lm) ;;
     model_config) srcs=(host/model/model_config.c host/plan/plan.c); libs=(-lcjson -lm) ;;
     ini)          srcs=(host/runtime/config.c); libs=(-linih) ;;
-    tokenizer|vocab|cli)
+    tokenizer|vocab|cli|trace)
                   case "$t" in
                     tokenizer|vocab) srcs=(host/model/tokenizer.c host/util/json_scan.c); libs=(-lpcre2-8 -lcjson) ;;
+                    trace) srcs=(host/engine/trace.c host/model/tokenizer.c host/util/json_scan.c host/util/utf8.c)
+                           libs=(-lpcre2-8 -lcjson -lm) ;;
                     cli) srcs=(host/cli/cli.c host/cli/cmd_plan.c host/plan/plan.c host/runtime/config.c host/model/model.c host/model/model_config.c
                                host/model/safetensors.c host/util/json_scan.c host/util/mmap_guard.c host/model/tokenizer.c
                                host/model/checkpoint.c host/model/hub.c)
@@ -55,7 +57,7 @@ build() { # target -> $out/bin/fuzz_<target>
     model_dir)    srcs=(host/model/model.c host/model/model_config.c host/model/safetensors.c host/util/json_scan.c host/util/mmap_guard.c
                         host/model/checkpoint.c host/model/hub.c)
                   libs=(-lcjson -lm) ;;
-    *) echo "run_fuzzers: unknown target '$t' (known: safetensors model_config ini tokenizer jsonl vocab model_dir cli)" >&2; return 2 ;;
+    *) echo "run_fuzzers: unknown target '$t' (known: safetensors model_config ini tokenizer jsonl vocab model_dir cli trace)" >&2; return 2 ;;
   esac
   local paths=("$here/fuzz_$t.c" "$root/host/util/util.c")
   for s in "${srcs[@]}"; do paths+=("$root/$s"); done
