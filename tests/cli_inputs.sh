@@ -4,7 +4,8 @@
 # vocab.json and `plan --model`, each refused at once (a hang is caught by `timeout` and fails the test);
 # prompts from a pipe, /dev/stdin and a FIFO equal the same text given with --prompt; a --json path that
 # cannot be written is refused before the model loads and nothing is created; --seed beyond 2^64;
-# non-finite weights, repeated config.json keys and a padded vocabulary through the real command.
+# non-finite weights, repeated config.json keys and a padded vocabulary through the real command; trace
+# files for `kvhost trace --check` from a directory, /dev/zero, a pipe and a FIFO, and its --out (issue 15).
 # usage: tests/cli_inputs.sh PATH/TO/kvhost        (registered in CTest by tests/fuzz/CMakeLists.txt)
 set -u
 KVH=${1:?usage: cli_inputs.sh PATH/TO/kvhost}
@@ -134,6 +135,42 @@ expect ini-threads-4096 2 "threads = 4096: expected an integer in 0..1024" -- ge
   --prompt hi --max-new 1 --quiet --config "$T/threads.ini"
 expect cli-threads-4096 2 "from 1 to 1024" -- generate --model "$T/tiny" --prompt hi --max-new 1 --quiet \
   --threads 4096
+
+# ---- trace files (issue 15): kvhost trace --check and --out ----------------------------------------
+# expect_out NAME FRAGMENT -- kvhost args... : exit 0 and FRAGMENT on stdout
+expect_out() {
+  name=$1 frag=$2
+  shift 3
+  $TO "$KVH" "$@" > "$T/out" 2> "$T/err" < "${STDIN:-/dev/null}"
+  rc=$?
+  if [ "$rc" -ne 0 ] || ! grep -qF -- "$frag" "$T/out"; then
+    echo "FAIL $name: exit $rc (want 0), stdout lacks '$frag':"; sed 's/^/    /' "$T/err" | head -5
+    fails=$((fails + 1))
+  else
+    echo "ok   $name: exit 0, '$frag'"
+  fi
+}
+expect trace-check-dir 1 "not a file or a stream (it is a directory)" -- trace --check "$T"
+expect trace-check-devzero 1 "/dev/zero:1: the line is longer than 16 MiB" -- trace --check /dev/zero
+printf '{"arrival": 0, "prompt": "hi", "max_tokens": 2}\n{"arrival": 1, "prompt_tokens": 4, "max_tokens": -3}\n' > "$T/bad.jsonl"
+expect trace-check-bad-line 1 "bad.jsonl:2: key 'max_tokens': must be an integer >= 1 (got -3)" -- trace --check "$T/bad.jsonl"
+printf '{"arrival": 0, "prompt": "hi", "max_tokens": 2}\n' > "$T/good.jsonl"
+STDIN="$T/good.jsonl"
+expect_out trace-check-stdin "/dev/stdin: ok, 1 requests" -- trace --check /dev/stdin
+STDIN=
+mkfifo "$T/t.fifo"; (cat "$T/good.jsonl" > "$T/t.fifo") &
+expect_out trace-check-fifo "t.fifo: ok, 1 requests" -- trace --check "$T/t.fifo"; wait
+expect trace-out-missing-dir 2 "--out $T/nodir/t.jsonl" -- trace --requests 3 --rate 1 --prompt-len 4 \
+  --output-len 2 --out "$T/nodir/t.jsonl"
+if [ -e "$T/nodir" ]; then echo "FAIL trace-out-missing-dir: something was created"; fails=$((fails + 1)); fi
+expect trace-usage 2 "give --requests, --rate, --prompt-len and --output-len" -- trace --requests 3
+expect trace-context 2 "exceed the model's 1024 positions" -- trace --requests 3 --rate 1 --prompt-len 1000 \
+  --output-len 100 --out "$T/t.jsonl"
+expect_out trace-out "50 requests" -- trace --requests 50 --rate 5 --prompt-len 8:64 --output-len 4 --shared-share 0.5 \
+  --shared-len 8 --out "$T/t.jsonl"
+if [ -e "$T/t.jsonl.tmp" ] || [ "$(wc -l < "$T/t.jsonl")" -ne 50 ] || ! "$KVH" trace --check "$T/t.jsonl" > /dev/null; then
+  echo "FAIL trace-out: $T/t.jsonl is not 50 checked lines (or the .tmp file stayed)"; fails=$((fails + 1))
+fi
 
 # ---- model contents (defects 8, 9, 13) -------------------------------------------------------------
 for t in wte.weight h.0.attn.c_attn.weight h.0.mlp.c_proj.bias ln_f.weight; do
