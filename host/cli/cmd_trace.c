@@ -49,7 +49,7 @@ static const char *const trace_usage =
 typedef struct trace_args {
     kvh_trace_gen_options gen;
     const char *out, *check;
-    bool have_requests, have_rate, have_prompt, have_output, have_share, have_shared_len;
+    bool have_requests, have_rate, have_prompt, have_output, have_share, have_shared_len, have_other;
     int vocab, context;
 } trace_args;
 
@@ -128,9 +128,11 @@ static int parse_args(int argc, char **argv, trace_args *a, kvh_err *err) {
             if (strcmp(v, "uniform") == 0) a->gen.dist = KVH_TRACE_DIST_UNIFORM;
             else if (strcmp(v, "lognormal") == 0) a->gen.dist = KVH_TRACE_DIST_LOGNORMAL;
             else return kvh_fail(err, "--dist '%s': expected uniform or lognormal", v);
+            a->have_other = true;
         } else if (strcmp(o, "--seed") == 0) {
             if (kvh_cli_parse_u64(v, &a->gen.seed) != 0)
                 return kvh_fail(err, "--seed '%s': expected a whole number from 0 to 18446744073709551615", v);
+            a->have_other = true;
         } else if (strcmp(o, "--vocab") == 0) {
             if (kvh_cli_parse_int(v, 2, 1 << 24, &n) != 0)
                 return kvh_fail(err, "--vocab '%s': expected a vocabulary size from 2 to %d", v, 1 << 24);
@@ -151,7 +153,7 @@ static int parse_args(int argc, char **argv, trace_args *a, kvh_err *err) {
     a->gen.n_positions = a->context;
     if (a->check) {
         if (a->out || a->have_requests || a->have_rate || a->have_prompt || a->have_output || a->have_share ||
-            a->have_shared_len)
+            a->have_shared_len || a->have_other)
             return kvh_fail(err, "--check reads a trace: the generator's options (--out, --requests, ...) are not "
                             "taken with it");
         return 0;
@@ -210,17 +212,12 @@ static int write_trace(const trace_args *a, kvh_err *err) {
     FILE *f = fopen(tmp, "wb");
     if (!f) return kvh_fail(err, "%s: cannot create: %s", tmp, strerror(errno));
     int rc = kvh_trace_generate(&a->gen, f, a->vocab, err);
-    int e = errno;
-    if (fclose(f) != 0 && rc == 0) rc = kvh_fail(err, "%s: writing failed: %s", a->out, strerror(errno));
-    if (rc == 0 && rename(tmp, a->out) != 0) {
-        e = errno;
-        rc = kvh_fail(err, "%s: cannot rename %s to it: %s", a->out, tmp, strerror(e));
-    }
+    if (fclose(f) != 0 && rc == 0) rc = kvh_fail(err, "writing failed: %s", strerror(errno));
+    if (rc == 0 && rename(tmp, a->out) != 0) rc = kvh_fail(err, "cannot rename %s to it: %s", tmp, strerror(errno));
     if (rc != 0) {
         remove(tmp);
         return kvh_fail_prefix(err, "--out %s", a->out);
     }
-    (void)e;
     /* read it back: the trace replay will load, and the summary of what was written */
     kvh_trace t = {NULL, 0};
     if (kvh_trace_load(&t, a->out, NULL, a->vocab, a->context, err) != 0)
