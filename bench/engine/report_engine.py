@@ -72,6 +72,10 @@ def rate_of(rec):
     return r
 
 
+def frate(x):
+    return "—" if x is None else f"{x:g}"
+
+
 def fmt(x, nd=None):
     if x is None:
         return "—"
@@ -130,7 +134,7 @@ def table(recs, starts, path_in):
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in recs:
         t, p, m = r.get("ttft_ms") or {}, r.get("tpot_ms") or {}, r.get("machine") or {}
-        out.append(f"| {r['_system']} | {fmt(r['_rate'])} | {r.get('completed')}/{r.get('requests')} "
+        out.append(f"| {r['_system']} | {frate(r['_rate'])} | {r.get('completed')}/{r.get('requests')} "
                    f"| {fmt(r.get('requests_per_s'))} | {fmt(r.get('tokens_per_s'))} | {fmt(t.get('p50'), 0)} "
                    f"| {fmt(t.get('p99'), 0)} | {fmt(p.get('p50'), 1)} | {fmt(p.get('p99'), 1)} "
                    f"| {r.get('max_concurrent', '—')} | {r.get('threads', '—')} "
@@ -147,7 +151,7 @@ def table(recs, starts, path_in):
                 if peer in d:
                     k, q = d[ks], d[peer]
                     ratio = lambda f: (k.get(f) / q[f]) if k.get(f) and q.get(f) else None  # noqa: E731
-                    rows.append(f"| {fmt(rate)} | {ks} / {peer} | {fmt(ratio('requests_per_s'))}x "
+                    rows.append(f"| {frate(rate)} | {ks} / {peer} | {fmt(ratio('requests_per_s'))}x "
                                 f"| {fmt(ratio('tokens_per_s'))}x | {fmt((k.get('tpot_ms') or {}).get('p99'), 1)} vs "
                                 f"{fmt((q.get('tpot_ms') or {}).get('p99'), 1)} |")
     if rows:
@@ -156,7 +160,7 @@ def table(recs, starts, path_in):
         out += rows
     errs = [r for r in recs if r.get("errors")]
     if errs:
-        out += ["", "Failed requests: " + "; ".join(f"{r['_system']} at {fmt(r['_rate'])}: {r['errors']}" for r in errs)]
+        out += ["", "Failed requests: " + "; ".join(f"{r['_system']} at {frate(r['_rate'])}: {r['errors']}" for r in errs)]
     return "\n".join(out) + "\n"
 
 
@@ -189,6 +193,7 @@ def plots(recs, out_dir, cdf_rate, timelines):
     axes[0].set(xlabel="arrival rate (requests/s)", ylabel="generated tokens/s", title="Throughput")
     axes[1].set(xlabel="arrival rate (requests/s)", ylabel="completed requests/s", title="Requests served")
     for ax in axes:
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
