@@ -1,0 +1,480 @@
+#!/usr/bin/env python3
+"""train.py — continue training gpt2-tiny-wt with a copy curriculum, so the stand-in model uses its context.
+
+What it does (docs/fidelity.md has the why and the figures):
+  * starts from ../shared/models/gpt2-tiny-wt (6 layers, 256 wide, 8 heads, GPT-2 vocab, 1024 positions),
+    read from model.safetensors by the small reader below (no transformers needed for training);
+  * trains on the corpus of make_corpus.py (Austen, Moby Dick, KJV from Debian packages) with four kinds
+    of 1024-token sequences, drawn per sequence from a generator seeded by (seed, step, index), so a
+    step's data never depends on the steps before it (resuming is exact):
+      text     a window of book text; every position scored
+      copy     a window of book text in which a span (16..256 tokens) reappears after a gap (0..512
+               tokens of other text); scored: the second copy, and a random quarter of the others
+      passkey  the passkey prompt of the literature (TASKS below) on book filler, then the answer;
+               scored: the answer, and a random quarter of the others. Packed: the prompt ends, then
+               <|endoftext|> and book text fill the sequence.
+      kvlookup lines "The value of key K is V." then queries "The value of key K is" -> V (few-shot:
+               earlier queries answered); scored: the answers, and a random quarter of the others
+    Only the scored positions go through the LM head (its 12.9M-parameter matmul dominates the cost of
+    this model), which makes a step of the sparse kinds about twice as cheap;
+  * AdamW, warmup then cosine decay, grad-norm clip 1.0, fp32 (deterministic on one thread);
+  * every --ckpt-minutes writes RUN/ckpt.pt (model + optimizer + step; atomically), every --eval-every
+    steps measures (RUN/eval.jsonl): NLL and top-1 of the first and the second copy of held-out repeated
+    passages (Northanger Abbey, never trained on), passkey accuracy on held-out filler, and the
+    perplexity of the first tokens of The War of the Worlds (evaluation text, never trained on);
+  * --export DIR writes the model in the Hugging Face GPT-2 layout (config.json, model.safetensors with
+    the tied LM head omitted, vocab.json, merges.txt), from RUN/ckpt.pt.
+
+Run (PyTorch >= 1.13, numpy; `apt-get install python3-torch python3-numpy` is enough for training):
+  nohup nice -n 19 python3 tools/fidelity/train.py --run /work/fidelity-run/run1 > /work/fidelity-run/run1.out 2>&1 &
+Rerunning the same command resumes from RUN/ckpt.pt. `make model` runs it to the end and exports.
+"""
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch: its BLAS would otherwise start a thread per core
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EOT = 50256
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.normpath(os.path.join(HERE, "..", "..", "..", "shared"))
+
+# ---------------------------------------------------------------------------------------------------
+# Task texts. kvhost's `eval --task` (host/cli/tasks.c) generates the same templates; keep them equal.
+PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                 "I will quiz you about the important information there.")
+PASSKEY_NEEDLE = " The pass key is {k}. Remember it. {k} is the pass key."
+PASSKEY_QUESTION = " What is the pass key? The pass key is"
+KV_INTRO = "Here is a list of keys and their values. Remember them."
+KV_LINE = " The value of key {k} is {v}."
+KV_QUESTION = " The value of key {k} is"
+
+
+# ---------------------------------------------------------------------------------------------------
+# safetensors, read and written directly (F32 only)
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        hdr = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, t in hdr.items():
+        if name == "__metadata__":
+            continue
+        assert t["dtype"] == "F32", (name, t["dtype"])
+        a, b = t["data_offsets"]
+        out[name] = torch.from_numpy(np.frombuffer(data[a:b], dtype="<f4").copy().reshape(t["shape"]))
+    return out
+
+
+def write_safetensors(path, tensors):
+    hdr, off, blobs = {"__metadata__": {"format": "pt"}}, 0, []
+    for name in sorted(tensors):
+        b = tensors[name].detach().cpu().contiguous().numpy().astype("<f4").tobytes()
+        hdr[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [off, off + len(b)]}
+        off += len(b)
+        blobs.append(b)
+    h = json.dumps(hdr, separators=(",", ":")).encode()
+    h += b" " * ((8 - len(h) % 8) % 8)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPT-2, written out (pre-LN blocks, tanh GELU, tied head, Conv1D weights [in, out])
+class Block(nn.Module):
+    def __init__(self, C, NH):
+        super().__init__()
+        self.NH = NH
+        self.ln_1 = nn.LayerNorm(C, eps=1e-5)
+        self.c_attn_w = nn.Parameter(torch.zeros(C, 3 * C))
+        self.c_attn_b = nn.Parameter(torch.zeros(3 * C))
+        self.c_proj_w = nn.Parameter(torch.zeros(C, C))
+        self.c_proj_b = nn.Parameter(torch.zeros(C))
+        self.ln_2 = nn.LayerNorm(C, eps=1e-5)
+        self.fc_w = nn.Parameter(torch.zeros(C, 4 * C))
+        self.fc_b = nn.Parameter(torch.zeros(4 * C))
+        self.fc_proj_w = nn.Parameter(torch.zeros(4 * C, C))
+        self.fc_proj_b = nn.Parameter(torch.zeros(C))
+
+    def forward(self, x, mask):  # x [B, T, C]
+        B, T, C = x.shape
+        HS = C // self.NH
+        qkv = torch.addmm(self.c_attn_b, self.ln_1(x).view(B * T, C), self.c_attn_w).view(B, T, 3, self.NH, HS)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, NH, T, HS]
+        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(HS))  # [B, NH, T, T]
+        att = att.masked_fill(mask[:T, :T], float("-inf")).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(B * T, C)
+        x = x + torch.addmm(self.c_proj_b, y, self.c_proj_w).view(B, T, C)
+        h = F.gelu(torch.addmm(self.fc_b, self.ln_2(x).view(B * T, C), self.fc_w), approximate="tanh")
+        return x + torch.addmm(self.fc_proj_b, h, self.fc_proj_w).view(B, T, C)
+
+
+class GPT2(nn.Module):
+    def __init__(self, V, P, C, L, NH):
+        super().__init__()
+        self.wte = nn.Parameter(torch.zeros(V, C))
+        self.wpe = nn.Parameter(torch.zeros(P, C))
+        self.h = nn.ModuleList([Block(C, NH) for _ in range(L)])
+        self.ln_f = nn.LayerNorm(C, eps=1e-5)
+        self.register_buffer("mask", torch.triu(torch.ones(P, P, dtype=torch.bool), 1), persistent=False)
+
+    def hidden(self, idx):  # idx [B, T] -> [B, T, C]
+        T = idx.shape[1]
+        x = self.wte[idx] + self.wpe[:T]
+        for b in self.h:
+            x = b(x, self.mask)
+        return self.ln_f(x)
+
+    def logits(self, h):  # h [..., C] -> [..., V]
+        return h @ self.wte.t()
+
+    NAMES = {"ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias", "attn.c_attn.weight": "c_attn_w",
+             "attn.c_attn.bias": "c_attn_b", "attn.c_proj.weight": "c_proj_w", "attn.c_proj.bias": "c_proj_b",
+             "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias", "mlp.c_fc.weight": "fc_w",
+             "mlp.c_fc.bias": "fc_b", "mlp.c_proj.weight": "fc_proj_w", "mlp.c_proj.bias": "fc_proj_b"}
+
+    def hf_state(self):
+        """Tensors under the Hugging Face GPT-2 names (as openai-community/gpt2's model.safetensors)."""
+        sd = dict(self.state_dict())
+        out = {"wte.weight": sd["wte"], "wpe.weight": sd["wpe"], "ln_f.weight": sd["ln_f.weight"],
+               "ln_f.bias": sd["ln_f.bias"]}
+        for i in range(len(self.h)):
+            for hf, ours in self.NAMES.items():
+                out[f"h.{i}.{hf}"] = sd[f"h.{i}.{ours}"]
+        return out
+
+    def load_hf(self, t):
+        with torch.no_grad():
+            self.wte.copy_(t["wte.weight"])
+            self.wpe.copy_(t["wpe.weight"])
+            self.ln_f.weight.copy_(t["ln_f.weight"])
+            self.ln_f.bias.copy_(t["ln_f.bias"])
+            for i, b in enumerate(self.h):
+                for hf, ours in self.NAMES.items():
+                    b.get_parameter(ours).copy_(t[f"h.{i}.{hf}"])
+
+
+def load_model(model_dir):
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    m = GPT2(cfg["vocab_size"], cfg["n_positions"], cfg["n_embd"], cfg["n_layer"], cfg["n_head"])
+    m.load_hf(read_safetensors(os.path.join(model_dir, "model.safetensors")))
+    return m, cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+class Tok:
+    """GPT-2 BPE for the few template strings (transformers when present; else the ids cached in the run)."""
+
+    def __init__(self, tokdir):
+        from transformers import GPT2TokenizerFast
+        self.t = GPT2TokenizerFast(vocab_file=os.path.join(tokdir, "vocab.json"),
+                                   merges_file=os.path.join(tokdir, "merges.txt"))
+
+    def __call__(self, s):
+        return self.t(s)["input_ids"]
+
+
+class Data:
+    def __init__(self, corpus, tok, weights):
+        self.src = {k: np.fromfile(os.path.join(corpus, k + ".u16"), dtype="<u2").astype(np.int64)
+                    for k in weights}
+        self.names = sorted(weights)
+        self.p = np.array([weights[k] for k in self.names], dtype=np.float64)
+        self.p /= self.p.sum()
+        self.tok = tok
+        self.cache = {}
+
+    def enc(self, s):
+        if s not in self.cache:
+            self.cache[s] = self.tok(s)
+        return self.cache[s]
+
+    def text(self, rng, n):
+        src = self.src[self.names[rng.choice(len(self.names), p=self.p)]]
+        a = int(rng.integers(0, src.size - n))
+        return src[a:a + n]
+
+
+def number(rng, digits):
+    return str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
+
+
+def passkey_tokens(enc, filler, rng, length):
+    """Passkey prompt of about `length` tokens: intro, filler with the needle at a random depth, question.
+    Returns (ids, answer_start, answer_end)."""
+    k = number(rng, 5)
+    intro, needle = enc(PASSKEY_INTRO), enc(PASSKEY_NEEDLE.format(k=k))
+    q, ans = enc(PASSKEY_QUESTION), enc(" " + k + ".")
+    n_fill = max(8, length - len(intro) - len(needle) - len(q) - len(ans))
+    f = filler(n_fill)
+    d = int(rng.integers(0, n_fill + 1))
+    ids = intro + list(f[:d]) + needle + list(f[d:]) + q
+    a0 = len(ids)
+    ids += ans
+    return ids, a0, a0 + len(ans) - 1  # the closing "." is not part of the answer
+
+
+def kvlookup_tokens(enc, rng, n_pairs, n_queries):
+    keys = []
+    while len(keys) < n_pairs:
+        k = number(rng, 4)
+        if k not in keys:
+            keys.append(k)
+    vals = [number(rng, 4) for _ in keys]
+    ids = enc(KV_INTRO)
+    for k, v in zip(keys, vals):
+        ids += enc(KV_LINE.format(k=k, v=v))
+    spans = []
+    for qi in rng.choice(n_pairs, size=n_queries, replace=n_queries > n_pairs):
+        ids += enc(KV_QUESTION.format(k=keys[qi]))
+        a = enc(" " + vals[qi] + ".")
+        spans.append((len(ids), len(ids) + len(a) - 1))
+        ids += a
+    return ids, spans
+
+
+def make_sequence(data, rng, T, mix):
+    """One training sequence of T+1 tokens and a boolean mask of scored targets (target t = ids[t+1])."""
+    kind = ["text", "copy", "passkey", "kvlookup"][rng.choice(4, p=mix)]
+    score = np.zeros(T, dtype=bool)
+    if kind == "text":
+        return kind, data.text(rng, T + 1), np.ones(T, dtype=bool)
+    bg = rng.random(T) < 0.25  # a random quarter of the other targets
+    if kind == "copy":
+        w = data.text(rng, T + 1)
+        L = int(round(math.exp(rng.uniform(math.log(16), math.log(256)))))
+        G = int(rng.integers(0, min(512, T + 1 - 2 * L) + 1))
+        s1 = int(rng.integers(0, T + 1 - 2 * L - G + 1))
+        ids = np.concatenate([w[:s1 + L + G], w[s1:s1 + L], w[s1 + L + G:]])[:T + 1]
+        s2 = s1 + L + G
+        score[s2:s2 + L - 1] = True  # targets ids[s2+1 .. s2+L-1]: the copy after its first token
+        return kind, ids, score | bg
+    if kind == "passkey":
+        length = int(rng.integers(64, T - 8))
+        ids, a0, a1 = passkey_tokens(data.enc, lambda n: data.text(rng, n), rng, length)
+        spans = [(a0, a1)]
+    else:
+        n_pairs = int(rng.integers(4, 48))
+        ids, spans = kvlookup_tokens(data.enc, rng, n_pairs, int(rng.integers(1, 8)))
+    ids = list(ids)[:T + 1]
+    if len(ids) < T + 1:
+        ids += [EOT] + list(data.text(rng, T - len(ids)))
+    for a0, a1 in spans:
+        for p in range(a0, a1):
+            if 1 <= p <= T:
+                score[p - 1] = True
+    return kind, np.asarray(ids, dtype=np.int64), score | bg
+
+
+def batch(data, seed, step, B, T, mix):
+    xs, ms, kinds = [], [], []
+    for i in range(B):
+        rng = np.random.default_rng([seed, step, i])
+        kind, ids, m = make_sequence(data, rng, T, mix)
+        xs.append(ids)
+        ms.append(m)
+        kinds.append(kind)
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ms)), kinds
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measurements
+@torch.no_grad()
+def measure(model, data, corpus, wotw_ids, n_passages=4, plen=400):
+    model.eval()
+    out = {}
+    # held-out repeated passage: [passage][passage], NLL/top-1 of each copy (targets 1..plen-1 of the
+    # first, and the plen targets of the second)
+    na = np.fromfile(os.path.join(corpus, "northanger.u16"), dtype="<u2").astype(np.int64)
+    n1 = t1 = n2 = t2 = 0.0
+    c1 = c2 = 0
+    for j in range(n_passages):
+        a = 5000 + j * (na.size - 10000) // n_passages
+        p = na[a:a + plen]
+        x = torch.from_numpy(np.concatenate([p, p]))[None]
+        lg = model.logits(model.hidden(x))[0, :-1]
+        y = x[0, 1:]
+        nll = F.cross_entropy(lg, y, reduction="none")
+        top = (lg.argmax(-1) == y).float()
+        n1 += nll[:plen - 1].sum().item(); t1 += top[:plen - 1].sum().item(); c1 += plen - 1
+        n2 += nll[plen - 1:].sum().item(); t2 += top[plen - 1:].sum().item(); c2 += plen
+    out.update(copy1_nll=n1 / c1, copy1_top1=t1 / c1, copy2_nll=n2 / c2, copy2_top1=t2 / c2)
+    # passkey on held-out filler (Northanger Abbey), lengths 256..1024, exact match of the answer
+    ok = tot = 0
+    for j, length in enumerate([256, 512, 768, 1000] * 3):
+        rng = np.random.default_rng([99, j])
+        ids, a0, a1 = passkey_tokens(data.enc, lambda n: na[(s := int(rng.integers(0, na.size - n))):s + n],
+                                     rng, length)
+        x = torch.tensor(ids[:a1])[None]
+        pred = model.logits(model.hidden(x))[0].argmax(-1)
+        ok += int(all(pred[p - 1].item() == ids[p] for p in range(a0, a1)))
+        tot += 1
+    out["passkey_acc"] = ok / tot
+    # The War of the Worlds: teacher-forced NLL of its first tokens, 1024-token chunks
+    if wotw_ids is not None and wotw_ids.size > 1:
+        s = c = 0.0
+        for a in range(0, wotw_ids.size - 1, 1024):
+            x = torch.from_numpy(wotw_ids[a:a + 1024])[None]
+            if x.shape[1] < 2:
+                break
+            lg = model.logits(model.hidden(x))[0, :-1]
+            s += F.cross_entropy(lg, x[0, 1:], reduction="sum").item()
+            c += x.shape[1] - 1
+        out["wotw_nll"] = s / c
+        out["wotw_ppl"] = math.exp(s / c)
+    model.train()
+    return out
+
+
+def lr_at(step, a):
+    if step < a.warmup:
+        return a.lr * (step + 1) / a.warmup
+    f = (step - a.warmup) / max(1, a.steps - a.warmup)
+    return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * min(1.0, f)))
+
+
+def export(model, cfg, init_dir, out_dir):
+    import shutil
+    os.makedirs(out_dir, exist_ok=True)
+    write_safetensors(os.path.join(out_dir, "model.safetensors"), model.hf_state())
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+        f.write("\n")
+    for fn in ("vocab.json", "merges.txt"):
+        shutil.copyfile(os.path.join(init_dir, fn), os.path.join(out_dir, fn))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="run directory: ckpt.pt, log.txt, eval.jsonl")
+    ap.add_argument("--corpus", default="/work/fidelity-run/corpus", help="make_corpus.py's output")
+    ap.add_argument("--init", default=os.path.join(SHARED, "models", "gpt2-tiny-wt"))
+    ap.add_argument("--tokenizer", default=os.path.join(SHARED, "data", "gpt2-tokenizer"))
+    ap.add_argument("--eval-text", default=os.path.join(SHARED, "data", "books", "war-of-the-worlds.txt"),
+                    help="measured (first --eval-tokens tokens), never trained on")
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--lr", type=float, default=4e-4)
+    ap.add_argument("--min-lr", type=float, default=4e-5)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--wd", type=float, default=0.1)
+    ap.add_argument("--mix", default="0.35,0.35,0.15,0.15", help="shares of text,copy,passkey,kvlookup")
+    ap.add_argument("--sources", default="austen:0.5,moby:0.2,kjv:0.3", help="book sampling weights")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--bf16", type=int, default=1, help="bfloat16 autocast for the matmuls (fp32 master weights)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ckpt-minutes", type=float, default=5.0)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--export", help="write the HF-layout model here from the run's checkpoint and stop")
+    ap.add_argument("--measure-init", action="store_true", help="measure the initial model and stop")
+    a = ap.parse_args()
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    os.makedirs(a.run, exist_ok=True)
+    ckpt_path = os.path.join(a.run, "ckpt.pt")
+    log = open(os.path.join(a.run, "log.txt"), "a")
+
+    def say(msg):
+        line = time.strftime("%H:%M:%S ") + msg
+        print(line, flush=True)
+        log.write(line + "\n")
+        log.flush()
+
+    model, cfg = load_model(a.init)
+    tok = Tok(a.tokenizer)
+    data = Data(a.corpus, tok, {k: float(v) for k, v in (s.split(":") for s in a.sources.split(","))})
+    mix = np.array([float(x) for x in a.mix.split(",")])
+    mix /= mix.sum()
+    wotw = None
+    if a.eval_text and os.path.exists(a.eval_text):
+        wotw = np.asarray(tok(open(a.eval_text, encoding="utf-8").read())[:a.eval_tokens], dtype=np.int64)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    nodecay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": nodecay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    step = 0
+    if os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+        say(f"resumed from {ckpt_path} at step {step}")
+
+    if a.export:
+        export(model, cfg, a.init, a.export)
+        say(f"exported step {step} to {a.export}")
+        return
+    if a.measure_init or (step == 0 and a.eval_every > 0):
+        m = measure(model, data, a.corpus, wotw)
+        rec = {"step": step, **m}
+        say("measure " + json.dumps(rec))
+        if step == 0:
+            with open(os.path.join(a.run, "eval.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if a.measure_init:
+            return
+
+    say(f"config {json.dumps(vars(a), sort_keys=True)}")
+    model.train()
+    t_ck = time.time()
+    t0 = time.time()
+    ntok = 0
+    run_loss = {}
+    while step < a.steps:
+        x, m, kinds = batch(data, a.seed, step, a.batch, a.seq, mix)
+        lr = lr_at(step, a)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(a.bf16)):
+            h = model.hidden(x[:, :-1])  # [B, T, C]
+            sel = m.reshape(-1)
+            logits = model.logits(h.reshape(-1, h.shape[-1])[sel])  # only the scored positions
+        loss = F.cross_entropy(logits.float(), x[:, 1:].reshape(-1)[sel])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        opt.step()
+        step += 1
+        ntok += x.shape[0] * a.seq
+        for k in set(kinds):
+            run_loss.setdefault(k, []).append(loss.item())
+        if step % 10 == 0 or step == 1:
+            el = time.time() - t0
+            say(f"step {step} loss {loss.item():.6f} lr {lr:.2e} gnorm {gn:.2f} kinds {','.join(kinds)} "
+                f"tok/s {ntok / el:.0f}")
+        if a.eval_every > 0 and (step % a.eval_every == 0 or step == a.steps):
+            rec = {"step": step, **measure(model, data, a.corpus, wotw)}
+            say("measure " + json.dumps(rec))
+            with open(os.path.join(a.run, "eval.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if time.time() - t_ck > a.ckpt_minutes * 60 or step == a.steps:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)
+            t_ck = time.time()
+            say(f"checkpoint step {step}")
+    say(f"done at step {step}")
+
+
+if __name__ == "__main__":
+    main()
