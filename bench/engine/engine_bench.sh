@@ -100,7 +100,7 @@ kvhost_trace() {  # RATE OUT; the flags of `kvhost trace --help` (host/cli/cmd_t
 }
 make_trace() {  # RATE OUT -> prints the generator used
   if [ "$HAS_TRACE" = 1 ]; then
-    if kvhost_trace "$1" "$2" 2>"$2.err"; then rm -f "$2.err"; echo "kvhost trace"; return 0; fi
+    if kvhost_trace "$1" "$2" 2>"$2.err" >&2; then rm -f "$2.err"; echo "kvhost trace"; return 0; fi
     note "kvhost trace failed ($(tail -1 "$2.err")); using bench/engine/gen_trace.py"
     rm -f "$2.err"
   fi
