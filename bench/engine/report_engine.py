@@ -76,6 +76,11 @@ def frate(x):
     return "—" if x is None else f"{x:g}"
 
 
+def load_span(m):
+    a, b = m.get("load1_start"), m.get("load1_end")
+    return "—" if a is None and b is None else f"{fmt(a, 2)}-{fmt(b, 2)}"
+
+
 def fmt(x, nd=None):
     if x is None:
         return "—"
@@ -138,7 +143,7 @@ def table(recs, starts, path_in):
                    f"| {fmt(r.get('requests_per_s'))} | {fmt(r.get('tokens_per_s'))} | {fmt(t.get('p50'), 0)} "
                    f"| {fmt(t.get('p99'), 0)} | {fmt(p.get('p50'), 1)} | {fmt(p.get('p99'), 1)} "
                    f"| {r.get('max_concurrent', '—')} | {r.get('threads', '—')} "
-                   f"| {m.get('load1_start', '—')}-{m.get('load1_end', '—')} |")
+                   f"| {load_span(m)} |")
     # kvhost against the peers at each rate (issue #15's goals: >= llama-server, >= 3.8x transformers)
     by = {}
     for r in recs:
@@ -158,6 +163,18 @@ def table(recs, starts, path_in):
         out += ["", "## kvhost over the peers", "",
                 "| rate | pair | req/s ratio | tok/s ratio | TPOT p99 ms (kvhost vs peer) |", "|---|---|---|---|---|"]
         out += rows
+    eng = [r for r in recs if "kv_bytes_peak" in r]
+    if eng:
+        out += ["", "## kvhost engine figures", "",
+                "| system | rate | KV peak MiB | KV tokens peak | prefix hit rate | prompt tokens shared | preemptions "
+                "| steps | max_seqs |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in eng:
+            e = r.get("engine") or {}
+            hit = r.get("prefix_hit_rate")
+            out.append(f"| {r['_system']} | {frate(r['_rate'])} | {fmt((r.get('kv_bytes_peak') or 0) / 2**20, 1)} "
+                       f"| {r.get('kv_tokens_peak', '—')} | {'—' if hit is None else f'{100 * hit:.0f}%'} "
+                       f"| {r.get('prompt_tokens_shared', '—')} | {r.get('preemptions', '—')} | {r.get('steps', '—')} "
+                       f"| {e.get('max_seqs', '—')} |")
     errs = [r for r in recs if r.get("errors")]
     if errs:
         out += ["", "Failed requests: " + "; ".join(f"{r['_system']} at {frate(r['_rate'])}: {r['errors']}" for r in errs)]
@@ -239,7 +256,7 @@ def plots(recs, out_dir, cdf_rate, timelines):
                 note(f"{path}: no timeline rows")
                 continue
             t = [r["t_s"] for r in pts]
-            ax.plot(t, [(r.get("kv_bytes") or 0) / 2**20 for r in pts], color="C0", label="KV held (MiB)")
+            ax.plot(t, [(r.get("kv_bytes") or 0) / 2**20 for r in pts], color="C0", drawstyle="steps-post", label="KV held (MiB)")
             ax.set(xlabel="time (s)", ylabel="KV bytes held (MiB)", title=os.path.basename(path))
             ax2 = ax.twinx()
             ax2.plot(t, [r.get("running", 0) for r in pts], color="C1", lw=0.8, drawstyle="steps-post", label="running")
