@@ -248,23 +248,16 @@ void kvh_kvcache_paging_stats_get(const kvh_kvcache *c, kvh_kvcache_paging_stats
         out->block_bytes_in_use += p->in_use * p->block_bytes;
         out->pool_bytes += (size_t)p->n_ids * p->block_bytes;
     }
-    /* Slots of in-use blocks, each block once: live slots of shared blocks are counted once by
-     * counting only the heads' private tail blocks as partly empty (shared blocks are always full). */
-    size_t live = 0, slots_held = 0;
+    /* Unused slots are the free tails of the heads' last blocks (shared blocks are always full; a tail
+     * block shared with the prefix cache is counted once, by the head). */
+    size_t unused = 0;
     const size_t nh = (size_t)c->n_seq * (size_t)c->n_layer * (size_t)c->n_head;
     for (size_t i = 0; i < nh; i++) {
         const kvh_head_cache *hc = &c->heads[i];
-        if (!hc->n_blk) continue;
-        const int l = (int)((i / (size_t)c->n_head) % (size_t)c->n_layer);
-        const uint32_t tail = hc->blk[hc->n_blk - 1];
-        const uint32_t in_tail = hc->n - ((hc->n_blk - 1) << c->block_shift);
-        if (c->pool[l].ref[tail] == 1) {
-            slots_held += c->block_slots;
-            live += in_tail <= c->block_slots ? in_tail : c->block_slots;
-        }
+        if (hc->n_blk) unused += ((size_t)hc->n_blk << c->block_shift) - hc->n;
     }
-    out->slots_total = slots_held;
-    out->slots_unused = slots_held - live;
+    out->slots_total = out->blocks_in_use << c->block_shift;
+    out->slots_unused = unused;
 }
 
 int kvh_kvcache_init(kvh_kvcache *c, int n_seq, int n_layer, int n_head, int head_dim, int n_ctx,
@@ -525,6 +518,42 @@ static int reserve_blocks(kvh_kvcache *c, int s, int l, int h, kvh_head_cache *h
     return kvh_kvcache_make_private(c, l, hc, hc->n, hc->n + 1, err);
 }
 
+/* The metadata capacity a head growing to `need` slots is given (>= need). */
+static uint64_t grown_cap(const kvh_kvcache *c, int l, const kvh_head_cache *hc, uint64_t need) {
+    if (c->block_slots) /* a block at a time: memory follows the blocks, predictably (the engine plans on it) */
+        return ((need + c->block_slots - 1) >> c->block_shift) << c->block_shift;
+    /* Grow geometrically, but never past what the head may ever hold (budget + slack, n_ctx). */
+    uint64_t want = hc->cap < 16 ? 16 : (uint64_t)hc->cap * 2;
+    if (want < need) want = need;
+    uint64_t ceiling = (uint64_t)c->n_ctx;
+    if (hc->budget != KVH_BUDGET_UNLIMITED) {
+        uint64_t bs = (uint64_t)hc->budget + c->layer[l].slack;
+        /* A prefill block may exceed budget + slack before its first eviction. */
+        if (bs < need) bs = need;
+        if (bs < ceiling) ceiling = bs;
+    }
+    return want > ceiling ? ceiling : want;
+}
+
+size_t kvh_kvcache_bytes_to_append(const kvh_kvcache *c, int s, uint32_t extra) {
+    size_t total = 0;
+    for (int l = 0; l < c->n_layer; l++) {
+        const size_t per_slot = slot_bytes(c, l);
+        for (int h = 0; h < c->n_head; h++) {
+            const kvh_head_cache *hc = &c->heads[kvh_kvcache_head_index(c, s, l, h)];
+            const uint64_t need = (uint64_t)hc->n + extra;
+            if (need > hc->cap) total += (size_t)(grown_cap(c, l, hc, need) - hc->cap) * per_slot;
+            if (c->block_slots) {
+                const uint64_t blocks = (need + c->block_slots - 1) >> c->block_shift;
+                if (blocks > hc->n_blk) total += (size_t)(blocks - hc->n_blk) * c->pool[l].block_bytes;
+                if ((hc->n & (c->block_slots - 1)) && c->pool[l].ref[hc->blk[hc->n >> c->block_shift]] > 1)
+                    total += c->pool[l].block_bytes;
+            }
+        }
+    }
+    return total;
+}
+
 int kvh_kvcache_reserve(kvh_kvcache *c, int s, int l, uint32_t extra, kvh_err *err) {
     const kvh_layer_policy_settings *ls = &c->layer[l];
     size_t per_slot = slot_bytes(c, l);
@@ -535,17 +564,7 @@ int kvh_kvcache_reserve(kvh_kvcache *c, int s, int l, uint32_t extra, kvh_err *e
             return kvh_fail(err, "kv cache: sequence %d layer %d head %d would hold %llu tokens, more than n_positions %d",
                             s, l, h, (unsigned long long)need, c->n_ctx);
         if (need > hc->cap) {
-            /* Grow geometrically, but never past what the head may ever hold (budget + slack, n_ctx). */
-            uint64_t want = hc->cap < 16 ? 16 : (uint64_t)hc->cap * 2;
-            if (want < need) want = need;
-            uint64_t ceiling = (uint64_t)c->n_ctx;
-            if (hc->budget != KVH_BUDGET_UNLIMITED) {
-                uint64_t bs = (uint64_t)hc->budget + ls->slack;
-                /* A prefill block may exceed budget + slack before its first eviction. */
-                if (bs < need) bs = need;
-                if (bs < ceiling) ceiling = bs;
-            }
-            if (want > ceiling) want = ceiling;
+            const uint64_t want = grown_cap(c, l, hc, need);
             size_t grow = (size_t)(want - hc->cap) * per_slot;
             if (c->bytes_limit && c->bytes_held + grow > c->bytes_limit)
                 return kvh_fail(err,
