@@ -370,7 +370,9 @@ def main():
     ap.add_argument("--eval-text", default=os.path.join(SHARED, "data", "books", "war-of-the-worlds.txt"),
                     help="measured (first --eval-tokens tokens), never trained on")
     ap.add_argument("--eval-tokens", type=int, default=8192)
-    ap.add_argument("--steps", type=int, default=800)
+    ap.add_argument("--steps", type=int, default=500, help="length of the schedule (warmup + cosine decay)")
+    ap.add_argument("--stop-at", type=int, default=0, help="stop after this step (0: --steps); the schedule "
+                    "stays that of --steps, so an intermediate model is reproducible")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=4e-4)
@@ -441,7 +443,8 @@ def main():
     t0 = time.time()
     ntok = 0
     run_loss = {}
-    while step < a.steps:
+    stop = a.stop_at if a.stop_at > 0 else a.steps
+    while step < stop:
         x, m, kinds = batch(data, a.seed, step, a.batch, a.seq, mix)
         lr = lr_at(step, a)
         for g in opt.param_groups:
@@ -463,12 +466,12 @@ def main():
             el = time.time() - t0
             say(f"step {step} loss {loss.item():.6f} lr {lr:.2e} gnorm {gn:.2f} kinds {','.join(kinds)} "
                 f"tok/s {ntok / el:.0f}")
-        if a.eval_every > 0 and (step % a.eval_every == 0 or step == a.steps):
+        if a.eval_every > 0 and (step % a.eval_every == 0 or step == stop):
             rec = {"step": step, **measure(model, data, a.corpus, wotw)}
             say("measure " + json.dumps(rec))
             with open(os.path.join(a.run, "eval.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
-        if time.time() - t_ck > a.ckpt_minutes * 60 or step == a.steps:
+        if time.time() - t_ck > a.ckpt_minutes * 60 or step == stop:
             torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path + ".tmp")
             os.replace(ckpt_path + ".tmp", ckpt_path)
             t_ck = time.time()
