@@ -192,6 +192,7 @@ int kvh_add_run_fields(cJSON *rec, const kvh_model *model, const kvh_session *s,
     cJSON_AddNumberToObject(rec, "cache_budget", cfg && cfg->budget ? (double)cfg->budget : 0);
     cJSON_AddNumberToObject(rec, "cache_slack", cfg ? (double)cfg->slack : 0);
     cJSON_AddNumberToObject(rec, "cache_prefill_chunk", (double)s->prefill_chunk);
+    cJSON_AddNumberToObject(rec, "cache_block_size", (double)s->cache.block_slots); /* 0: contiguous slots */
     /* sized by its content (any number of layers and sections); a record never goes out without it */
     cJSON *stack = s->router ? kvh_router_describe(s->router) : cJSON_CreateArray();
     if (!stack) return -1;

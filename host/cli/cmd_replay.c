@@ -3,6 +3,7 @@
  * Owns: the command's options, submitting each request when its arrival time comes, the per-request
  * timings (time to first token, time per output token), the progress line, the --timeline file (one line
  * per engine step) and the record. The engine (host/engine/engine.c) does the scheduling. */
+#define _DEFAULT_SOURCE /* getloadavg */
 #include <errno.h>
 #include <math.h>
 #include <signal.h>
@@ -254,6 +255,8 @@ int kvh_cmd_replay(int argc, char **argv) {
     sigaction(SIGINT, &sa, &old_int);
     sigaction(SIGTERM, &sa, &old_term);
 
+    double load_start[1] = {0}, load_end[1] = {0};
+    if (getloadavg(load_start, 1) != 1) load_start[0] = -1;
     const uint64_t start = kvh_now_ns();
     uint64_t last_progress = start;
     int next = 0;
@@ -350,7 +353,13 @@ int kvh_cmd_replay(int argc, char **argv) {
         cJSON_AddItemToArray(rows, row);
     }
     const double dur = last_finish > 0 ? last_finish : (double)(end - start) / 1e9;
+    if (getloadavg(load_end, 1) != 1) load_end[0] = -1;
     rec = kvh_record_new("replay");
+    cJSON *mach = cJSON_GetObjectItemCaseSensitive(rec, "machine");
+    if (mach) { /* other load on the machine while the replay ran (the peers' records carry the same) */
+        cJSON_AddNumberToObject(mach, "load1_start", load_start[0]);
+        cJSON_AddNumberToObject(mach, "load1_end", load_end[0]);
+    }
     cJSON_AddStringToObject(rec, "command", "replay");
     cJSON_AddNullToObject(rec, "peer");
     cJSON_AddStringToObject(rec, "trace", a.trace);
