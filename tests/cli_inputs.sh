@@ -172,6 +172,19 @@ if [ -e "$T/t.jsonl.tmp" ] || [ "$(wc -l < "$T/t.jsonl")" -ne 50 ] || ! "$KVH" t
   echo "FAIL trace-out: $T/t.jsonl is not 50 checked lines (or the .tmp file stayed)"; fails=$((fails + 1))
 fi
 
+# ---- kvhost replay (issue 15): bad options and traces are refused before anything runs ---------------
+expect replay-no-trace 2 "no trace: give a trace file" -- replay --model random:gpt2
+expect replay-no-cache 2 "--no-cache: the engine always keeps a cache" -- replay "$T/t.jsonl" --no-cache
+expect replay-block-size 2 "--block-size '12': expected 0 or a power of two" -- replay "$T/t.jsonl" --block-size 12
+expect replay-time-scale 2 "--time-scale 'nan': expected a number > 0" -- replay "$T/t.jsonl" --time-scale nan
+expect replay-bad-line 1 "bad.jsonl:2: key 'max_tokens': must be an integer >= 1 (got -3)" -- replay "$T/bad.jsonl" \
+  --model random:gpt2
+expect replay-json-dir 1 "--json $T/nodir/r.jsonl" -- replay "$T/t.jsonl" --model random:gpt2 --json "$T/nodir/r.jsonl"
+expect replay-too-big 1 "more than [engine] max_tokens = 10" -- replay "$T/t.jsonl" --model random:gpt2 --max-tokens 10
+expect replay-bad-engine-key 2 "[engine] unknown key 'max_token'" -- replay "$T/t.jsonl" --model random:gpt2 \
+  --set engine.max_token=3
+if [ -e "$T/nodir" ]; then echo "FAIL replay-json-dir: something was created"; fails=$((fails + 1)); fi
+
 # ---- model contents (defects 8, 9, 13) -------------------------------------------------------------
 for t in wte.weight h.0.attn.c_attn.weight h.0.mlp.c_proj.bias ln_f.weight; do
   mkmodel "$T/nan_$t" nan "$t"

@@ -228,7 +228,7 @@ Test(engine, a_hash_collision_never_reuses_a_block) {
 /* ---- the global budget ------------------------------------------------------------------------------ */
 
 static void budget_run(const char *plugins, const char *const *sets, int n_sets, uint32_t max_tokens, size_t mem,
-                       uint64_t seed) {
+                       uint64_t seed, bool expect_preemption) {
     kvh_model m = small_model();
     kvh_run_config cfg;
     make_config(&cfg, plugins, sets, n_sets);
@@ -268,19 +268,22 @@ static void budget_run(const char *plugins, const char *const *sets, int n_sets,
     cr_assert_eq(st.finished + st.cancelled, 40u);
     if (max_tokens) cr_assert_leq(st.tokens_peak, (size_t)max_tokens);
     if (mem) cr_assert_leq(st.kv_bytes_peak, mem);
-    cr_assert_gt(st.preemptions, 0u, "%s: the budget was meant to force preemptions", plugins ? plugins : "full cache");
+    if (expect_preemption)
+        cr_assert_gt(st.preemptions, 0u, "%s: the budget was meant to force preemptions", plugins ? plugins : "full cache");
     kvh_engine_free(e);
     kvh_config_free(&cfg);
     kvh_model_free(&m);
 }
 
-Test(engine, token_budget_holds_after_every_step_with_preemption) { budget_run(NULL, NULL, 0, 300, 0, 21); }
-Test(engine, byte_limit_holds_after_every_step_with_preemption) { budget_run(NULL, NULL, 0, 0, 900u * 1024, 22); }
+Test(engine, token_budget_holds_after_every_step_with_preemption) { budget_run(NULL, NULL, 0, 300, 0, 21, true); }
+Test(engine, byte_limit_holds_after_every_step_with_preemption) { budget_run(NULL, NULL, 0, 0, 900u * 1024, 22, true); }
 Test(engine, budgets_hold_with_an_evicting_policy) {
     const char *sets[] = {"cache.budget=24", "cache.slack=4"};
-    budget_run("h2o.so", sets, 2, 160, 0, 23);
+    /* a policy bounds each sequence, so admission's reservation leaves nothing to preempt: the invariant is
+     * what is checked here */
+    budget_run("h2o.so", sets, 2, 160, 0, 23, false);
 }
-Test(engine, budgets_hold_with_a_store) { budget_run("int8.so", NULL, 0, 200, 400u * 1024, 24); }
+Test(engine, budgets_hold_with_a_store) { budget_run("int8.so", NULL, 0, 200, 400u * 1024, 24, true); }
 
 Test(engine, preempted_requests_recompute_the_same_tokens) {
     kvh_model m = small_model();

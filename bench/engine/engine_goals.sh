@@ -13,7 +13,8 @@
 #
 # usage: bench/engine/engine_goals.sh [--only paging|sharing|capacity] [--rounds R] [--threads T]
 # environment: KVHOST (default build/kvhost), OUT (default docs/results/engine), CAP (capacity's KV cap,
-#   default 512M), NCAP (capacity's requests, default 16), PYTHON (python3)
+#   default 512M), NCAP (capacity's requests, default 16), STACKS (capacity's stacks, default all; "full"
+#   is the plain cache), PYTHON (python3)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
@@ -73,10 +74,12 @@ EOF
 fi
 
 if want capacity; then
-  T=$OUT/traces/capacity-long.jsonl
+  T=$OUT/traces/capacity-long-$NCAP.jsonl
   "$KVHOST" trace --requests "$NCAP" --rate 0 --prompt-len 850:950 --output-len 64:64 --seed 3 --out "$T" >/dev/null
   stacks=("" "window.so" "sink.so" "h2o.so" "tova.so" "scissorhands.so" "pyramid.so" "int8.so" "int4.so"
           "int4.so:kivi" "minicache.so" "h2o.so,int8.so")
+  # STACKS="full h2o.so,int8.so" runs only those ("full" = the plain cache)
+  if [ -n "${STACKS:-}" ]; then stacks=(); for s in $STACKS; do [ "$s" = full ] && s=""; stacks+=("$s"); done; fi
   for st in "${stacks[@]}"; do
     args=()
     case "$st" in

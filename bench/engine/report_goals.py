@@ -113,15 +113,18 @@ def main():
         else:
             md += ["(only one of the two runs is present)", ""]
 
-    cap = [r for r in rep if "capacity-" in os.path.basename(r.get("trace", ""))]
-    if cap:
+    caps = {}
+    for r in rep:
+        if "capacity-" in os.path.basename(r.get("trace", "")):
+            caps.setdefault(r["trace"], []).append(r)
+    for trace, cap in caps.items():
         base = next((r for r in cap if stack_name(r) == "full fp32 cache"), None)
         r0 = cap[0]
-        md += ["## Capacity under a fixed KV memory cap (long-context trace)", "",
-               f"`kvhost replay` of {r0['requests']} requests arriving at once, prompts 850..950 tokens, 64 new "
-               f"tokens each, model {r0['model']['name']}, KV cap {r0['engine']['kv_mem_limit'] / 2**20:.0f} MiB, "
-               f"max_seqs {r0['engine']['max_seqs']}, step_tokens {r0['engine']['step_tokens']}, "
-               f"{r0.get('threads')} threads; policies at budget 128 (slack 32).", "",
+        md += [f"## Capacity under a fixed KV memory cap: {r0['requests']} long-context requests", "",
+               f"`kvhost replay {os.path.basename(trace)}`: {r0['requests']} requests arriving at once, prompts "
+               f"850..950 tokens, 64 new tokens each, model {r0['model']['name']}, KV cap "
+               f"{r0['engine']['kv_mem_limit'] / 2**20:.0f} MiB, max_seqs {r0['engine']['max_seqs']}, step_tokens "
+               f"{r0['engine']['step_tokens']}, {r0.get('threads')} threads; policies at budget 128 (slack 32).", "",
                "| stack | max concurrent | x full | tokens/s | x full | req/s | TTFT p50 ms | TPOT p50 ms | KV peak MiB | preemptions |",
                "|---|---|---|---|---|---|---|---|---|---|"]
         for r in cap:

@@ -437,8 +437,34 @@ static int attach_shared(kvh_engine *e, request *r, kvh_err *err) {
     return (int)(hit * B);
 }
 
-/* Admits waiting requests in order (no overtaking) while a sequence is free and a first piece of their
- * prompt fits. */
+/* Tokens a sequence with `left` prompt tokens to go may still add before it decodes: all of them (and its
+ * first decode token) for a stack that keeps every token, at most a policy's ceiling plus a step's
+ * prompt piece otherwise. */
+static size_t prompt_reserve(const kvh_engine *e, int left) {
+    const size_t full = (size_t)left + 1;
+    if (!e->policy_cap) return full;
+    const size_t capped = (size_t)e->policy_cap + e->o.step_tokens;
+    return full < capped ? full : capped;
+}
+
+/* What the running requests still in their prompt will add after this step's pieces (tokens, bytes), so
+ * an admission does not take the memory they are about to need (which would preempt it at once). */
+static void pending_prompts(const kvh_engine *e, const plan *p, size_t *tokens, size_t *bytes) {
+    *tokens = *bytes = 0;
+    for (int i = 0; i < e->n_running; i++) {
+        const request *r = e->running[i];
+        int left = r->n_tokens - r->computed;
+        for (int k = 0; k < p->n; k++)
+            if (e->b_req[k] == r) left -= e->b_n[k];
+        if (left <= 0) continue;
+        const size_t t = prompt_reserve(e, left);
+        *tokens += t;
+        *bytes += kvh_kvcache_bytes_to_append(&e->s->cache, r->seq, (uint32_t)t);
+    }
+}
+
+/* Admits waiting requests in order (no overtaking) while a sequence is free and their prompt fits the
+ * budgets next to what the running requests' prompts still need (a policy stack: its ceiling). */
 static int admit(kvh_engine *e, plan *p, kvh_err *err) {
     while (e->n_waiting && e->n_running < (int)e->o.max_seqs && p->prefill_left) {
         request *r = e->waiting[0];
@@ -456,12 +482,18 @@ static int admit(kvh_engine *e, plan *p, kvh_err *err) {
             r->computed = shared;
             e->st.prompt_tokens_shared += (uint64_t)shared;
         }
+        size_t pend_t, pend_b;
+        pending_prompts(e, p, &pend_t, &pend_b);
         e->seq_busy[seq] = true;
         e->running[e->n_running++] = r; /* counted by tokens_held from here on */
         const int left = r->n_tokens - r->computed;
         const int want = left < (int)p->prefill_left ? left : (int)p->prefill_left;
+        const size_t reserve = prompt_reserve(e, left);
+        const size_t reserve_b = kvh_kvcache_bytes_to_append(&e->s->cache, seq, (uint32_t)reserve);
         size_t bytes = 0;
-        const int n = fitting_chunk(e, p, r, want, &bytes);
+        const int n = fits(e, p, pend_t + reserve, pend_b + reserve_b + report_margin(e, reserve_b))
+                          ? fitting_chunk(e, p, r, want, &bytes)
+                          : 0;
         if (!n) { /* stays first in line */
             running_remove(e, r);
             e->st.prompt_tokens_shared -= (uint64_t)r->computed;
@@ -498,6 +530,10 @@ int kvh_engine_step(kvh_engine *e, kvh_err *err) {
     const uint64_t t1 = kvh_now_ns();
     e->st.steps++;
     e->st.forward_ns += t1 - t0;
+    /* Peaks are taken after the forward (and its evictions), before finished requests give memory back. */
+    if ((uint32_t)e->n_running > e->st.max_running) e->st.max_running = (uint32_t)e->n_running;
+    const size_t held = tokens_held(e);
+    if (held > e->st.tokens_peak) e->st.tokens_peak = held;
     const int V = e->model->cfg.n_vocab;
     for (int i = 0; i < p.n; i++) {
         request *r = e->b_req[i];
@@ -527,9 +563,6 @@ int kvh_engine_step(kvh_engine *e, kvh_err *err) {
             request_free(r);
         }
     }
-    if ((uint32_t)e->n_running > e->st.max_running) e->st.max_running = (uint32_t)e->n_running;
-    const size_t t = tokens_held(e);
-    if (t > e->st.tokens_peak) e->st.tokens_peak = t;
     if (e->o.check_invariants && kvh_engine_check_invariants(e, err) != 0) return -1;
     return 0;
 }
