@@ -19,8 +19,10 @@ Output (OUT, default /work/fidelity-run/corpus):
   NAME.u16             its GPT-2 BPE ids, little-endian uint16, books separated by <|endoftext|> (50256)
   manifest.json        package names and versions, sha256 of every text and id file, token counts
 
-Tokenizer: GPT-2 BPE from vocab.json + merges.txt (default ../shared/data/gpt2-tokenizer) through
-transformers' GPT2TokenizerFast (pip install transformers==4.44.2; or any Python with `tokenizers`).
+Tokenizer: GPT-2 BPE: `--kvhost build/kvhost` uses kvhost's own tokenizer (`kvhost tokenize`, tested equal
+to transformers'), else transformers' GPT2TokenizerFast from vocab.json + merges.txt (default
+../shared/data/gpt2-tokenizer; pip install transformers==4.44.2). Both give the same ids (checked: the
+manifest's ids_sha256 are the same either way).
 Deterministic: the same package versions give byte-identical files (the manifest's hashes say so).
 """
 import argparse
@@ -87,6 +89,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/work/fidelity-run/corpus")
     ap.add_argument("--tokenizer", default=os.path.join(here, "..", "..", "..", "shared", "data", "gpt2-tokenizer"))
+    ap.add_argument("--kvhost", help="tokenize with this kvhost binary instead of transformers")
     a = ap.parse_args()
 
     pkgs = {p: pkg_version(p) for p in ["r-cran-janeaustenr", "r-cran-tokenizers", "bible-kjv", "bible-kjv-text"]}
@@ -94,9 +97,15 @@ def main():
     if missing:
         sys.exit("make_corpus: missing Debian packages %s\nHINT: apt-get install r-cran-janeaustenr "
                  "r-cran-tokenizers bible-kjv" % ", ".join(missing))
-    from transformers import GPT2TokenizerFast
-    tok = GPT2TokenizerFast(vocab_file=os.path.join(a.tokenizer, "vocab.json"),
-                            merges_file=os.path.join(a.tokenizer, "merges.txt"))
+    if a.kvhost:
+        def tok(text):
+            out = subprocess.run([a.kvhost, "tokenize", "--eot-text", "--text-file", "/dev/stdin"],
+                                 input=text.encode("utf-8"), check=True, capture_output=True).stdout
+            return {"input_ids": [int(x) for x in out.split()]}
+    else:
+        from transformers import GPT2TokenizerFast
+        tok = GPT2TokenizerFast(vocab_file=os.path.join(a.tokenizer, "vocab.json"),
+                                merges_file=os.path.join(a.tokenizer, "merges.txt"))
 
     sources = {
         "austen": ("r-cran-janeaustenr", [austen(b) for b in AUSTEN_TRAIN], AUSTEN_TRAIN),

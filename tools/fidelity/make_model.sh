@@ -1,0 +1,49 @@
+#!/bin/sh
+# make_model.sh — rebuild models/gpt2-tiny-copy (`make model`): the training corpus from Debian packages,
+# the copy-curriculum continuation of gpt2-tiny-wt, the export in the Hugging Face layout, golden outputs.
+# Deterministic on one CPU thread for a given machine kind (PyTorch 1.13 from Debian, bfloat16 autocast;
+# see docs/fidelity.md for the hashes we got and the time it takes: about 2 h on a loaded 2-core VM).
+# Resumable: rerun it and training continues from WORK/run/ckpt.pt.
+#   STEPS (600) the schedule, STOP_AT (= STEPS) where to stop, WORK (build/fidelity), OUT (models/gpt2-tiny-copy),
+#   PYTHON (/usr/bin/python3: Debian's, which has python3-torch), KVHOST (build/kvhost: the tokenizer).
+set -eu
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+STEPS=${STEPS:-600}
+STOP_AT=${STOP_AT:-$STEPS}
+WORK=${WORK:-$ROOT/build/fidelity}
+OUT=${OUT:-$ROOT/models/gpt2-tiny-copy}
+PYTHON=${PYTHON:-/usr/bin/python3}
+KVHOST=${KVHOST:-$ROOT/build/kvhost}
+INIT=${INIT:-$ROOT/../shared/models/gpt2-tiny-wt}
+
+need=""
+for p in r-cran-janeaustenr r-cran-tokenizers bible-kjv python3-torch python3-numpy; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need="$need $p"
+done
+if [ -n "$need" ]; then
+    echo "make_model: installing$need (Debian packages: the corpus and PyTorch)"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $need
+fi
+[ -x "$KVHOST" ] || { echo "make_model: $KVHOST is missing (make build first)"; exit 1; }
+[ -f "$INIT/model.safetensors" ] || { echo "make_model: the starting model $INIT is missing (../shared)"; exit 1; }
+
+mkdir -p "$WORK"
+start=$(date +%s)
+if [ ! -f "$WORK/corpus/manifest.json" ]; then
+    "$PYTHON" "$ROOT/tools/fidelity/make_corpus.py" --out "$WORK/corpus" --kvhost "$KVHOST"
+fi
+OMP_NUM_THREADS=1 nice -n 19 "$PYTHON" "$ROOT/tools/fidelity/train.py" --run "$WORK/run" --corpus "$WORK/corpus" \
+    --init "$INIT" --kvhost "$KVHOST" --steps "$STEPS" --stop-at "$STOP_AT"
+"$PYTHON" "$ROOT/tools/fidelity/train.py" --run "$WORK/run" --corpus "$WORK/corpus" --init "$INIT" \
+    --kvhost "$KVHOST" --steps "$STEPS" --export "$OUT"
+cp "$WORK/run/eval.jsonl" "$OUT/train_eval.jsonl"
+cp "$WORK/run/log.txt" "$OUT/train_log.txt"
+cp "$WORK/corpus/manifest.json" "$OUT/corpus_manifest.json"
+if "$PYTHON" -c "import transformers" 2>/dev/null; then
+    "$PYTHON" "$ROOT/tools/fidelity/golden.py" "$OUT"
+else
+    echo "make_model: no transformers in $PYTHON: golden.json not written (PYTHON=a Python with torch and"
+    echo "            transformers 4.44.2, then: \$PYTHON tools/fidelity/golden.py $OUT); its test will skip"
+fi
+echo "make_model: $OUT ($(sha256sum "$OUT/model.safetensors" | cut -c1-16)...) in $(( $(date +%s) - start )) s"
