@@ -4,7 +4,7 @@ BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=Release
 
-.PHONY: all deps build demo test test-asan test-valgrind clean
+.PHONY: all deps build demo test test-asan test-valgrind clean model
 
 all: build
 
@@ -37,6 +37,13 @@ test-asan: deps
 
 test-valgrind: build
 	BUILD=$(BUILD) ./scripts/ci_valgrind.sh
+
+# Rebuilds the stand-in that uses its context, models/gpt2-tiny-copy (docs/fidelity.md): the corpus from
+# Debian packages, copy-curriculum training of ../shared/models/gpt2-tiny-wt on one CPU thread at nice 19
+# (1-2 h on a 2-core VM; rerun to resume), export in the Hugging Face layout, golden outputs. Not part of
+# `make test`: the tests that need the model skip when it is absent.
+model: build
+	WORK=$(BUILD)/fidelity KVHOST=$(BUILD)/kvhost ./tools/fidelity/make_model.sh
 
 clean:
 	rm -rf $(BUILD) build-asan build-valgrind build-fuzz
