@@ -18,6 +18,7 @@ int kvh_cmd_tokenize(int argc, char **argv); /* cmd_tokenize.c */
 int kvh_cmd_logits(int argc, char **argv);   /* cmd_logits.c */
 int kvh_cmd_trace(int argc, char **argv);    /* cmd_trace.c */
 int kvh_cmd_replay(int argc, char **argv);   /* cmd_replay.c */
+int kvh_cmd_serve(int argc, char **argv);    /* cmd_serve.c */
 /* The quick comparison (cmd_compare.c): `kvhost --plugins ...` with no command, or `kvhost compare`. */
 int kvh_cmd_compare(int argc, char **argv);
 

@@ -32,6 +32,7 @@ static const char *const usage =
     "  logits     the logits or log-probs of every position of a prompt, written as a .npy file\n"
     "  trace      write a synthetic request trace for replay (Poisson arrivals, shared prefixes), or --check one\n"
     "  replay     serve a request trace with continuous batching: throughput, latency, KV memory, prefix hits\n"
+    "  serve      an OpenAI-compatible HTTP server (completions, streaming, /metrics) on the engine\n"
     "\n"
     "examples:\n"
     "  kvhost generate --model random:gpt2-medium --prompt \"Hello\" --max-new 32\n"
@@ -83,6 +84,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "logits") == 0) return kvh_cmd_logits(argc - 1, argv + 1);
     if (strcmp(cmd, "trace") == 0) return kvh_cmd_trace(argc - 1, argv + 1);
     if (strcmp(cmd, "replay") == 0) return kvh_cmd_replay(argc - 1, argv + 1);
+    if (strcmp(cmd, "serve") == 0) return kvh_cmd_serve(argc - 1, argv + 1);
     /* `kvhost --plugins h2o.so,int8.so` (options, no command): the quick comparison against the baseline */
     if (strncmp(cmd, "--", 2) == 0) return kvh_cmd_compare(argc, argv);
     fprintf(stderr, "kvhost: unknown command '%s'\n\n%s", cmd, usage);
