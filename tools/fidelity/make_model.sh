@@ -5,7 +5,9 @@
 # see docs/fidelity.md for the hashes we got and the time it takes: about 2 h on a loaded 2-core VM).
 # Resumable: rerun it and training continues from WORK/run/ckpt.pt.
 #   STEPS (600) the schedule, STOP_AT (= STEPS) where to stop, WORK (build/fidelity), OUT (models/gpt2-tiny-copy),
-#   PYTHON (/usr/bin/python3: Debian's, which has python3-torch), KVHOST (build/kvhost: the tokenizer).
+#   PYTHON (/usr/bin/python3: Debian's, which has python3-torch), KVHOST (build/kvhost: the tokenizer),
+#   GOLDEN_PYTHON (= PYTHON): a Python with torch and transformers 4.44.2 for golden.json (e.g. a venv made
+#   with --system-site-packages and `pip install transformers==4.44.2`); without one the golden test skips.
 set -eu
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 STEPS=${STEPS:-600}
@@ -40,10 +42,11 @@ OMP_NUM_THREADS=1 nice -n 19 "$PYTHON" "$ROOT/tools/fidelity/train.py" --run "$W
 cp "$WORK/run/eval.jsonl" "$OUT/train_eval.jsonl"
 cp "$WORK/run/log.txt" "$OUT/train_log.txt"
 cp "$WORK/corpus/manifest.json" "$OUT/corpus_manifest.json"
-if "$PYTHON" -c "import transformers" 2>/dev/null; then
-    "$PYTHON" "$ROOT/tools/fidelity/golden.py" "$OUT"
+GOLDEN_PYTHON=${GOLDEN_PYTHON:-$PYTHON}
+if "$GOLDEN_PYTHON" -c "import torch, transformers" 2>/dev/null; then
+    "$GOLDEN_PYTHON" "$ROOT/tools/fidelity/golden.py" "$OUT"
 else
-    echo "make_model: no transformers in $PYTHON: golden.json not written (PYTHON=a Python with torch and"
-    echo "            transformers 4.44.2, then: \$PYTHON tools/fidelity/golden.py $OUT); its test will skip"
+    echo "make_model: no transformers in $GOLDEN_PYTHON: golden.json not written (GOLDEN_PYTHON=a Python with"
+    echo "            torch and transformers 4.44.2, then: tools/fidelity/golden.py $OUT); its test will skip"
 fi
 echo "make_model: $OUT ($(sha256sum "$OUT/model.safetensors" | cut -c1-16)...) in $(( $(date +%s) - start )) s"
