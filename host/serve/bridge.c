@@ -13,6 +13,9 @@
 #include <time.h>
 
 #include "runtime/router.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 const double kvh_bridge_ttft_bounds[KVH_BRIDGE_TTFT_BUCKETS] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                                                                 0.5,   1,    2.5,   5,    10,  30};
@@ -161,6 +164,13 @@ static void fail_all_locked(kvh_bridge *b, const char *msg) {
 static void *engine_thread(void *arg) {
     kvh_bridge *b = arg;
     kvh_err err = {{0}};
+#ifdef _OPENMP
+    /* The CPU backend sets its thread count with omp_set_num_threads on the thread that created it, and
+     * sizes its per-thread scratch for that many: OpenMP's setting is per thread, so this thread, which
+     * runs every forward pass, must ask for the same (else parallel regions get one thread per core). */
+    const kvh_session *s = kvh_engine_session(b->e);
+    if (s && s->opt.threads >= 1) omp_set_num_threads(s->opt.threads);
+#endif
     pthread_mutex_lock(&b->mu);
     for (;;) {
         while (!b->stop && !b->in_head && !b->cancels && (b->st.broken || kvh_engine_idle(b->e)))
