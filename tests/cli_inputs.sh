@@ -184,6 +184,25 @@ expect replay-too-big 1 "more than [engine] max_tokens = 10" -- replay "$T/t.jso
 expect replay-bad-engine-key 2 "[engine] unknown key 'max_token'" -- replay "$T/t.jsonl" --model random:gpt2 \
   --set engine.max_token=3
 if [ -e "$T/nodir" ]; then echo "FAIL replay-json-dir: something was created"; fails=$((fails + 1)); fi
+# an interrupted replay still writes its record, whole, and renames its timeline (no .tmp left)
+"$KVH" replay "$T/t.jsonl" --model random:gpt2 --threads 1 --quiet --json "$T/int.jsonl" --timeline "$T/tl.jsonl" \
+  > /dev/null 2> "$T/int.err" &
+pid=$!
+sleep 4
+kill -INT "$pid"
+wait "$pid"
+rc=$?
+if [ "$rc" -ne 130 ] || [ -e "$T/tl.jsonl.tmp" ] || ! python3 -c '
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+assert len(recs) == 1 and recs[0]["interrupted"] is True and recs[0]["completed"] < recs[0]["requests"]
+for l in open(sys.argv[2]): json.loads(l)
+' "$T/int.jsonl" "$T/tl.jsonl"; then
+  echo "FAIL replay-interrupted: exit $rc (want 130), or the record / timeline is not whole"; sed 's/^/    /' "$T/int.err" | tail -3
+  fails=$((fails + 1))
+else
+  echo "ok   replay-interrupted: exit 130, one whole record with interrupted: true, timeline renamed"
+fi
 
 # ---- model contents (defects 8, 9, 13) -------------------------------------------------------------
 for t in wte.weight h.0.attn.c_attn.weight h.0.mlp.c_proj.bias ln_f.weight; do

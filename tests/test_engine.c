@@ -277,6 +277,10 @@ static void budget_run(const char *plugins, const char *const *sets, int n_sets,
 
 Test(engine, token_budget_holds_after_every_step_with_preemption) { budget_run(NULL, NULL, 0, 300, 0, 21, true); }
 Test(engine, byte_limit_holds_after_every_step_with_preemption) { budget_run(NULL, NULL, 0, 0, 900u * 1024, 22, true); }
+Test(engine, byte_limit_holds_with_shared_prefixes_under_pressure) {
+    /* readmitted requests find their own prompt cached: attaching it must fit the limit too */
+    for (uint64_t seed = 30; seed < 34; seed++) budget_run(NULL, NULL, 0, 0, 600u * 1024, seed, false);
+}
 Test(engine, budgets_hold_with_an_evicting_policy) {
     const char *sets[] = {"cache.budget=24", "cache.slack=4"};
     /* a policy bounds each sequence, so admission's reservation leaves nothing to preempt: the invariant is

@@ -104,6 +104,8 @@ static const char *sharing_blocker(const kvh_engine *e, char *buf, size_t cap) {
     return NULL;
 }
 
+static size_t prompt_reserve(const kvh_engine *e, int left);
+
 /* ---- lifecycle ------------------------------------------------------------------------------------ */
 
 int kvh_engine_create(kvh_engine **out, const kvh_model *model, const kvh_run_config *cfg,
@@ -243,13 +245,14 @@ int kvh_engine_submit(kvh_engine *e, const kvh_engine_request *q, uint64_t *id_o
         if (q->prompt[i] < 0 || q->prompt[i] >= mc->n_vocab)
             return kvh_fail(err, "request: prompt token #%d is %d, outside the vocabulary [0, %d)", i, q->prompt[i],
                             mc->n_vocab);
-    /* A request that could not run even alone would wait forever. */
+    /* A request that could not run even alone would wait forever: refuse it now. A full cache needs its
+     * whole length; a policy stack what admission reserves (its ceiling and a prompt piece). */
     if (e->o.max_tokens) {
-        const uint32_t alone = e->policy_cap ? e->policy_cap + e->o.step_tokens + 1
-                                             : (uint32_t)(q->n_prompt + q->max_tokens);
-        const uint32_t least = alone < (uint32_t)(q->n_prompt + q->max_tokens) ? alone : (uint32_t)(q->n_prompt + q->max_tokens);
-        if (least > e->o.max_tokens && !e->policy_cap)
-            return kvh_fail(err, "request: needs %u tokens of cache alone, more than [engine] max_tokens = %u", least,
+        const size_t whole = (size_t)q->n_prompt + (size_t)q->max_tokens;
+        const size_t least = e->policy_cap ? (prompt_reserve(e, q->n_prompt) < whole ? prompt_reserve(e, q->n_prompt) : whole)
+                                           : whole;
+        if (least > e->o.max_tokens)
+            return kvh_fail(err, "request: needs %zu tokens of cache alone, more than [engine] max_tokens = %u", least,
                             e->o.max_tokens);
     }
     request *r = calloc(1, sizeof *r);
@@ -410,12 +413,19 @@ restart:
     return 0;
 }
 
-/* Attaches the cached blocks of r's prompt to its (empty) sequence; returns the tokens they cover. */
-static int attach_shared(kvh_engine *e, request *r, kvh_err *err) {
+/* Attaches the cached blocks of r's prompt to its (empty) sequence; returns the tokens they cover (0 when
+ * the metadata of the shared slots does not fit: the request then computes its prompt, if it fits). */
+static int attach_shared(kvh_engine *e, const plan *p, request *r, kvh_err *err) {
     kvh_kvcache *c = &e->s->cache;
     const uint32_t B = c->block_slots;
     const uint32_t hit = kvh_prefix_cache_match(&e->pc, r->tokens, (uint32_t)(r->n_tokens - 1) / B, r->chain);
     if (!hit) return 0;
+    /* In use before anything may reclaim memory, so fits() cannot drop the very entries matched. */
+    kvh_prefix_cache_use(&e->pc, r->chain, hit);
+    if (!fits(e, p, 0, kvh_kvcache_meta_bytes(c, hit * B))) {
+        kvh_prefix_cache_release(&e->pc, r->chain, hit);
+        return 0;
+    }
     uint32_t *ids = malloc(hit * sizeof *ids);
     int32_t *pos = malloc((size_t)hit * B * sizeof *pos);
     int rc = ids && pos ? 0 : kvh_fail(err, "engine: out of memory");
@@ -428,11 +438,11 @@ static int attach_shared(kvh_engine *e, request *r, kvh_err *err) {
     free(ids);
     free(pos);
     if (rc != 0) {
+        kvh_prefix_cache_release(&e->pc, r->chain, hit);
         kvh_kvcache_reset_seq(c, r->seq);
         return -1;
     }
     c->next_pos[r->seq] = (int32_t)(hit * B);
-    kvh_prefix_cache_use(&e->pc, r->chain, hit);
     r->n_chain = hit;
     return (int)(hit * B);
 }
@@ -474,7 +484,7 @@ static int admit(kvh_engine *e, plan *p, kvh_err *err) {
         r->seq = seq;
         r->computed = 0;
         if (e->sharing) {
-            const int shared = attach_shared(e, r, err);
+            const int shared = attach_shared(e, p, r, err);
             if (shared < 0) {
                 r->seq = -1;
                 return -1;

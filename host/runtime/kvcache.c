@@ -535,6 +535,16 @@ static uint64_t grown_cap(const kvh_kvcache *c, int l, const kvh_head_cache *hc,
     return want > ceiling ? ceiling : want;
 }
 
+size_t kvh_kvcache_meta_bytes(const kvh_kvcache *c, uint32_t slots) {
+    size_t total = 0;
+    for (int l = 0; l < c->n_layer; l++) {
+        size_t meta = slot_bytes(c, l);
+        if (!c->block_slots) meta -= (size_t)kvh_kvcache_k_slot_bytes(c, l) + kvh_kvcache_v_slot_bytes(c, l);
+        total += (size_t)c->n_head * slots * meta;
+    }
+    return total;
+}
+
 size_t kvh_kvcache_bytes_to_append(const kvh_kvcache *c, int s, uint32_t extra) {
     size_t total = 0;
     for (int l = 0; l < c->n_layer; l++) {

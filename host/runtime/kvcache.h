@@ -156,6 +156,15 @@ static inline kvh_head_cache *kvh_kvcache_head(kvh_kvcache *c, int s, int l, int
  * exceeded ("KV cache needs N bytes, limit is M") or memory runs out. */
 int kvh_kvcache_reserve(kvh_kvcache *c, int s, int l, uint32_t extra, kvh_err *err);
 
+/* Bytes kvh_kvcache_reserve(c, s, l, extra) would add over all layers of sequence s right now: slot
+ * data and metadata (not score-report buffers or a store plugin's own memory). Planners use it to keep
+ * a step inside the byte limit. */
+size_t kvh_kvcache_bytes_to_append(const kvh_kvcache *c, int s, uint32_t extra);
+
+/* Bytes of per-slot metadata `slots` slots take in every head of one sequence (what attaching shared
+ * blocks costs: the blocks themselves are held already). */
+size_t kvh_kvcache_meta_bytes(const kvh_kvcache *c, uint32_t slots);
+
 /* Appends T tokens' metadata to every head of (s, l) (positions, zero scores, n += T) and returns the
  * first new slot index; the caller writes the slot data (backend or store encode). Call reserve first.
  * All heads of a layer hold the same count after an append only when they did before: the returned
