@@ -179,7 +179,7 @@ expect replay-block-size 2 "--block-size '12': expected 0 or a power of two" -- 
 expect replay-time-scale 2 "--time-scale 'nan': expected a number > 0" -- replay "$T/t.jsonl" --time-scale nan
 expect replay-bad-line 1 "bad.jsonl:2: key 'max_tokens': must be an integer >= 1 (got -3)" -- replay "$T/bad.jsonl" \
   --model random:gpt2
-expect replay-json-dir 1 "--json $T/nodir/r.jsonl" -- replay "$T/t.jsonl" --model random:gpt2 --json "$T/nodir/r.jsonl"
+expect replay-json-dir 2 "--json $T/nodir/r.jsonl" -- replay "$T/t.jsonl" --model random:gpt2 --json "$T/nodir/r.jsonl"
 expect replay-too-big 1 "more than [engine] max_tokens = 10" -- replay "$T/t.jsonl" --model random:gpt2 --max-tokens 10
 expect replay-bad-engine-key 2 "[engine] unknown key 'max_token'" -- replay "$T/t.jsonl" --model random:gpt2 \
   --set engine.max_token=3

@@ -473,6 +473,12 @@ typedef struct cpu_backend {
 static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *batch, float *logits, kvh_err *err) {
     cpu_backend *cb = be->impl;
     cpu_workspace *ws = &cb->ws;
+#ifdef _OPENMP
+    /* The thread count is an OpenMP setting of the calling thread: set it on whichever thread runs the
+     * forward (kvhost serve's engine thread is not the one that created the backend), so teams never
+     * outnumber the per-thread scratch sized for ws->n_threads. */
+    omp_set_num_threads(ws->n_threads < be->threads ? ws->n_threads : be->threads);
+#endif
     const kvh_blas *blas = cb->blas;
     const kvh_model *m = be->model;
     const kvh_model_config *cfg = &m->cfg;

@@ -183,6 +183,19 @@ const char *kvh_cli_backend(const kvh_cli_common *c, const kvh_run_config *cfg) 
     return "cpu";
 }
 
+kvh_session_options kvh_cli_session_options(const kvh_cli_common *c, const kvh_run_config *cfg, int n_seq) {
+    /* Every field set here (no call into session.c: the option parsers link without the runtime). */
+    kvh_session_options so = {0};
+    so.backend = kvh_cli_backend(c, cfg);
+    so.threads = kvh_cli_threads(c, cfg);
+    so.n_seq = n_seq;
+    so.no_cache = c->no_cache;
+    so.kv_mem_limit = c->mem_limit;
+    so.plugin_path = c->plugin_path;
+    so.calibration = cfg ? cfg->calibration : NULL;
+    return so;
+}
+
 int kvh_cli_threads(const kvh_cli_common *c, const kvh_run_config *cfg) {
     if (c->threads > 0) return c->threads;
     if (cfg && cfg->threads > 0) return cfg->threads;

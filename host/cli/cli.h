@@ -12,6 +12,7 @@
 #include "runtime/config.h"
 #include "model/model.h"
 #include "model/tokenizer.h"
+#include "runtime/session.h"
 #include "util/util.h"
 
 #define KVH_DEFAULT_MODEL "random:gpt2-medium"
@@ -67,6 +68,9 @@ int kvh_cli_build_config(const kvh_cli_common *c, kvh_run_config *cfg, kvh_err *
 /* Resolved settings after build_config. */
 const char *kvh_cli_model_spec(const kvh_cli_common *c, const kvh_run_config *cfg);
 const char *kvh_cli_backend(const kvh_cli_common *c, const kvh_run_config *cfg);
+/* The session options every run command derives from the common options and the run file: backend,
+ * threads, --no-cache, --mem-limit, --plugin-path, [model] calibration; n_seq sequences. */
+kvh_session_options kvh_cli_session_options(const kvh_cli_common *c, const kvh_run_config *cfg, int n_seq);
 int kvh_cli_threads(const kvh_cli_common *c, const kvh_run_config *cfg);
 
 /* Fills ids[0..n-1] with the synthetic benchmark prompt: id i = (i * 7919 + 13) % vocab. One definition,

@@ -310,13 +310,8 @@ int kvh_cmd_compare(int argc, char **argv) {
         budget_defaulted = true;
     }
 
-    kvh_session_options so = kvh_session_default_options();
-    so.backend = backend;
-    so.threads = threads;
-    so.n_seq = 1;
-    so.kv_mem_limit = a.common.mem_limit;
-    so.plugin_path = a.common.plugin_path;
-    so.calibration = cfg.calibration;
+    kvh_session_options so = kvh_cli_session_options(&a.common, &cfg, 1);
+    so.no_cache = false; /* compare's baseline is the plain cache */
     if (kvh_session_create(&base.sess, &model, NULL, &so, &err) != 0) {
         kvh_fail_prefix(&err, "baseline session");
         goto fail;

@@ -282,14 +282,7 @@ int kvh_cmd_generate(int argc, char **argv) {
         n_seq = a.batch;
     }
 
-    kvh_session_options so = kvh_session_default_options();
-    so.backend = backend;
-    so.threads = threads;
-    so.n_seq = n_seq;
-    so.no_cache = a.common.no_cache;
-    so.kv_mem_limit = a.common.mem_limit;
-    so.plugin_path = a.common.plugin_path;
-    so.calibration = cfg.calibration;
+    kvh_session_options so = kvh_cli_session_options(&a.common, &cfg, n_seq);
     if (kvh_session_create(&sess, &model, &cfg, &so, &err) != 0) goto fail;
 
     kvh_generate_request req = {

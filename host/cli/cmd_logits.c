@@ -168,14 +168,7 @@ int kvh_cmd_logits(int argc, char **argv) {
         kvh_fail(&err, "out of memory for %zu x %d logits", n, V);
         goto fail;
     }
-    kvh_session_options so = kvh_session_default_options();
-    so.backend = kvh_cli_backend(&a.common, &cfg);
-    so.threads = kvh_cli_threads(&a.common, &cfg);
-    so.n_seq = 1;
-    so.no_cache = a.common.no_cache;
-    so.kv_mem_limit = a.common.mem_limit;
-    so.plugin_path = a.common.plugin_path;
-    so.calibration = cfg.calibration;
+    kvh_session_options so = kvh_cli_session_options(&a.common, &cfg, 1);
     if (kvh_session_create(&sess, &model, &cfg, &so, &err) != 0) goto fail;
     int seq = 0, T = (int)n;
     const int32_t *tp = ids;

@@ -203,12 +203,7 @@ int kvh_cmd_replay(int argc, char **argv) {
         goto fail;
     }
 
-    kvh_session_options so = kvh_session_default_options();
-    so.backend = backend;
-    so.threads = threads;
-    so.kv_mem_limit = a.common.mem_limit;
-    so.plugin_path = a.common.plugin_path;
-    so.calibration = cfg.calibration;
+    kvh_session_options so = kvh_cli_session_options(&a.common, &cfg, 1); /* the engine sets n_seq */
     so.block_slots = 16; /* the engine's default: paged memory is what sharing and fragmentation need */
     if (a.block_size >= 0) { /* the option overrides the run file */
         cfg.block_size = (uint32_t)a.block_size;
