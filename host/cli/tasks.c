@@ -76,6 +76,7 @@ typedef struct ids_buf {
 } ids_buf;
 
 static int push(ids_buf *b, const int32_t *ids, size_t n, kvh_err *err) {
+    if (n == 0) return 0; /* an empty piece (e.g. no filler) may come with ids == NULL: memcpy must not see it */
     if ((size_t)b->n + n > (size_t)b->cap) {
         size_t cap = (size_t)b->cap * 2 + n + 64;
         int32_t *v = realloc(b->v, cap * sizeof *v);
