@@ -271,7 +271,8 @@ def make_sequence(data, rng, T, mix):
         return kind, data.text(rng, T + 1), rng.random(T) < 0.5  # half the targets: half the LM-head cost
     if kind == "copy":
         w = data.text(rng, T + 1)
-        L = int(round(math.exp(rng.uniform(math.log(16), math.log(256)))))
+        hi = min(256, (T - 16) // 2)  # two copies must fit (T = 1024: 256)
+        L = int(round(math.exp(rng.uniform(math.log(16), math.log(hi)))))
         G = int(rng.integers(0, min(512, T + 1 - 2 * L) + 1))
         s1 = int(rng.integers(0, T + 1 - 2 * L - G + 1))
         ids = np.concatenate([w[:s1 + L + G], w[s1:s1 + L], w[s1 + L + G:]])[:T + 1]
