@@ -99,7 +99,7 @@ def main():
                     by[r["tags"]["policy"]][r["tags"].get("budget", "all")] = r
                 ax.axhline(100 * rs[0]["full_accuracy"], color="k", lw=2, label="full cache")
                 for p in ORDER:
-                    if p not in by:
+                    if p not in by or p == "full":
                         continue
                     pts = sorted((int(b), 100 * r["accuracy"]) for b, r in by[p].items() if b != "all")
                     if pts:
