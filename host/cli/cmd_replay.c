@@ -17,6 +17,7 @@
 
 #include "cli/cli.h"
 #include "cli/commands.h"
+#include "cli/engine_args.h"
 #include "engine/engine.h"
 #include "engine/trace.h"
 #include "util/metrics.h"
@@ -41,24 +42,25 @@ static const char *const replay_usage =
 
 typedef struct replay_args {
     kvh_cli_common common;
+    kvh_cli_engine_args engine;
     const char *trace, *timeline;
-    long max_seqs, max_tokens, step_tokens, block_size; /* -1: not given */
-    bool no_sharing, quiet;
+    bool quiet;
     double time_scale;
 } replay_args;
 
 static int parse_args(int argc, char **argv, replay_args *a, kvh_err *err) {
     memset(a, 0, sizeof *a);
-    a->max_seqs = a->max_tokens = a->step_tokens = a->block_size = -1;
+    kvh_cli_engine_args_init(&a->engine);
     a->time_scale = 1.0;
     for (int i = 1; i < argc;) {
         int r = kvh_cli_common_parse(&a->common, argc, argv, &i, err);
         if (r < 0) return -1;
         if (r > 0) continue;
+        if ((r = kvh_cli_engine_args_parse(&a->engine, argc, argv, &i, err)) < 0) return -1;
+        if (r > 0) continue;
         const char *o = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(o, "--help") == 0 || strcmp(o, "-h") == 0) return 1;
-        if (strcmp(o, "--no-prefix-sharing") == 0) { a->no_sharing = true; i++; continue; }
         if (strcmp(o, "--quiet") == 0) { a->quiet = true; i++; continue; }
         if (o[0] != '-') {
             if (a->trace) return kvh_fail(err, "one trace only (got '%s' and '%s')", a->trace, o);
@@ -67,18 +69,7 @@ static int parse_args(int argc, char **argv, replay_args *a, kvh_err *err) {
             continue;
         }
         if (!v) return kvh_fail(err, "%s: missing value (see kvhost replay --help)", o);
-        if (strcmp(o, "--max-seqs") == 0) {
-            if (kvh_cli_parse_int(v, 1, 4096, &a->max_seqs)) return kvh_fail(err, "--max-seqs '%s': expected 1..4096", v);
-        } else if (strcmp(o, "--max-tokens") == 0) {
-            if (kvh_cli_parse_int(v, 0, 1l << 31, &a->max_tokens))
-                return kvh_fail(err, "--max-tokens '%s': expected a whole number >= 0 (0 = no limit)", v);
-        } else if (strcmp(o, "--step-tokens") == 0) {
-            if (kvh_cli_parse_int(v, 1, 1 << 20, &a->step_tokens))
-                return kvh_fail(err, "--step-tokens '%s': expected 1..1048576", v);
-        } else if (strcmp(o, "--block-size") == 0) {
-            if (kvh_cli_parse_int(v, 0, 4096, &a->block_size) || (a->block_size & (a->block_size - 1)))
-                return kvh_fail(err, "--block-size '%s': expected 0 or a power of two up to 4096", v);
-        } else if (strcmp(o, "--time-scale") == 0) {
+        if (strcmp(o, "--time-scale") == 0) {
             char *end = NULL;
             errno = 0;
             a->time_scale = strtod(v, &end);
@@ -203,22 +194,8 @@ int kvh_cmd_replay(int argc, char **argv) {
         goto fail;
     }
 
-    kvh_session_options so = kvh_cli_session_options(&a.common, &cfg, 1); /* the engine sets n_seq */
-    so.block_slots = 16; /* the engine's default: paged memory is what sharing and fragmentation need */
-    if (a.block_size >= 0) { /* the option overrides the run file */
-        cfg.block_size = (uint32_t)a.block_size;
-        snprintf(cfg.block_size_origin.file, sizeof cfg.block_size_origin.file, "--block-size");
-    }
-    kvh_engine_options eo = {.max_tokens = cfg.max_tokens,
-                             .max_seqs = cfg.max_seqs,
-                             .step_tokens = cfg.step_tokens,
-                             .prefix_sharing = cfg.prefix_sharing != 0,
-                             .check_invariants = true};
-    if (a.max_seqs > 0) eo.max_seqs = (uint32_t)a.max_seqs;
-    if (a.max_tokens >= 0) eo.max_tokens = (uint32_t)a.max_tokens;
-    if (a.step_tokens > 0) eo.step_tokens = (uint32_t)a.step_tokens;
-    if (a.no_sharing) eo.prefix_sharing = false;
-    if (kvh_engine_create(&eng, &model, &cfg, &so, &eo, &err) != 0) goto fail;
+    kvh_engine_options eo;
+    if (kvh_cli_engine_create(&eng, &model, &a.common, &cfg, &a.engine, &eo, &err) != 0) goto fail;
     kvh_session *sess = kvh_engine_session(eng);
     if (model.is_random)
         fprintf(stderr, "kvhost: %s has seeded random weights: timings and memory are real, the text is not.\n",

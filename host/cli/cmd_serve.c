@@ -14,6 +14,7 @@
 
 #include "cli/cli.h"
 #include "cli/commands.h"
+#include "cli/engine_args.h"
 #include "engine/engine.h"
 #include "runtime/router.h"
 #include "serve/bridge.h"
@@ -47,9 +48,10 @@ static const char *const serve_usage =
 typedef struct serve_args {
     kvh_cli_common common;
     const char *host, *api_key, *model_name;
-    long port, max_waiting, max_connections, max_seqs, max_tokens, step_tokens, block_size, grace_s;
+    kvh_cli_engine_args engine;
+    long port, max_waiting, max_connections, grace_s;
     size_t max_body;
-    bool no_sharing, log;
+    bool log;
 } serve_args;
 
 static int parse_args(int argc, char **argv, serve_args *a, kvh_err *err) {
@@ -60,15 +62,16 @@ static int parse_args(int argc, char **argv, serve_args *a, kvh_err *err) {
     a->max_connections = 256;
     a->max_body = 1u << 20;
     a->grace_s = 10;
-    a->max_seqs = a->max_tokens = a->step_tokens = a->block_size = -1;
+    kvh_cli_engine_args_init(&a->engine);
     for (int i = 1; i < argc;) {
         int r = kvh_cli_common_parse(&a->common, argc, argv, &i, err);
         if (r < 0) return -1;
         if (r > 0) continue;
+        if ((r = kvh_cli_engine_args_parse(&a->engine, argc, argv, &i, err)) < 0) return -1;
+        if (r > 0) continue;
         const char *o = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (strcmp(o, "--help") == 0 || strcmp(o, "-h") == 0) return 1;
-        if (strcmp(o, "--no-prefix-sharing") == 0) { a->no_sharing = true; i++; continue; }
         if (strcmp(o, "--log") == 0) { a->log = true; i++; continue; }
         if (!v) return kvh_fail(err, "%s: missing value (see kvhost serve --help)", o);
         if (strcmp(o, "--host") == 0) {
@@ -92,17 +95,6 @@ static int parse_args(int argc, char **argv, serve_args *a, kvh_err *err) {
                 return kvh_fail(err, "--max-body '%s': expected 64 bytes .. 256M", v);
         } else if (strcmp(o, "--grace-s") == 0) {
             if (kvh_cli_parse_int(v, 0, 3600, &a->grace_s)) return kvh_fail(err, "--grace-s '%s': expected 0..3600", v);
-        } else if (strcmp(o, "--max-seqs") == 0) {
-            if (kvh_cli_parse_int(v, 1, 4096, &a->max_seqs)) return kvh_fail(err, "--max-seqs '%s': expected 1..4096", v);
-        } else if (strcmp(o, "--max-tokens") == 0) {
-            if (kvh_cli_parse_int(v, 0, 1l << 31, &a->max_tokens))
-                return kvh_fail(err, "--max-tokens '%s': expected a whole number >= 0 (0 = no limit)", v);
-        } else if (strcmp(o, "--step-tokens") == 0) {
-            if (kvh_cli_parse_int(v, 1, 1 << 20, &a->step_tokens))
-                return kvh_fail(err, "--step-tokens '%s': expected 1..1048576", v);
-        } else if (strcmp(o, "--block-size") == 0) {
-            if (kvh_cli_parse_int(v, 0, 4096, &a->block_size) || (a->block_size & (a->block_size - 1)))
-                return kvh_fail(err, "--block-size '%s': expected 0 or a power of two up to 4096", v);
         } else {
             return kvh_fail(err, "serve: unknown option '%s' (see kvhost serve --help)", o);
         }
@@ -186,27 +178,8 @@ int kvh_cmd_serve(int argc, char **argv) {
     const char *backend = kvh_cli_backend(&a.common, &cfg);
     const int threads = kvh_cli_threads(&a.common, &cfg);
     if (kvh_cli_load_model(spec, &model, &tok, &err) != 0) goto fail;
-    kvh_session_options so = kvh_session_default_options();
-    so.backend = backend;
-    so.threads = threads;
-    so.kv_mem_limit = a.common.mem_limit;
-    so.plugin_path = a.common.plugin_path;
-    so.calibration = cfg.calibration;
-    so.block_slots = 16;
-    if (a.block_size >= 0) {
-        cfg.block_size = (uint32_t)a.block_size;
-        snprintf(cfg.block_size_origin.file, sizeof cfg.block_size_origin.file, "--block-size");
-    }
-    kvh_engine_options eo = {.max_tokens = cfg.max_tokens,
-                             .max_seqs = cfg.max_seqs,
-                             .step_tokens = cfg.step_tokens,
-                             .prefix_sharing = cfg.prefix_sharing != 0,
-                             .check_invariants = true};
-    if (a.max_seqs > 0) eo.max_seqs = (uint32_t)a.max_seqs;
-    if (a.max_tokens >= 0) eo.max_tokens = (uint32_t)a.max_tokens;
-    if (a.step_tokens > 0) eo.step_tokens = (uint32_t)a.step_tokens;
-    if (a.no_sharing) eo.prefix_sharing = false;
-    if (kvh_engine_create(&eng, &model, &cfg, &so, &eo, &err) != 0) goto fail;
+    kvh_engine_options eo;
+    if (kvh_cli_engine_create(&eng, &model, &a.common, &cfg, &a.engine, &eo, &err) != 0) goto fail;
     kvh_session *sess = kvh_engine_session(eng);
     if (model.is_random)
         fprintf(stderr, "kvhost: %s has seeded random weights: timings and memory are real, the text is not.\n",
