@@ -489,6 +489,7 @@ def peer_record(raw, sweep, c, point, job_id, commit, machine, model_dir=None):
         "warmup_runs": raw.get("warmup_runs", sweep["warmup"]), "repeats": raw.get("repeats", sweep["repeats"]),
         "repeat_tokens_per_s": raw.get("repeat_tokens_per_s", []), "weight_bytes_per_token": None,
         "kv_bytes_held": None, "kv_bytes_peak": None, "kv_live_bytes": None, "kv_live_tokens": None,
+        "policy_bytes": None, "policy_bytes_peak": None,
         "max_live_per_head": None, "peak_rss_bytes": raw.get("peak_rss_bytes"),
         "peak_device_bytes": raw.get("peak_device_bytes"),
         "phase_ms": {p: None for p in PHASES}, "total_ms": sum(raw["total_ms"]) / R,

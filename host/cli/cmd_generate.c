@@ -193,6 +193,10 @@ int kvh_add_run_fields(cJSON *rec, const kvh_model *model, const kvh_session *s,
     cJSON_AddNumberToObject(rec, "cache_slack", cfg ? (double)cfg->slack : 0);
     cJSON_AddNumberToObject(rec, "cache_prefill_chunk", (double)s->prefill_chunk);
     cJSON_AddNumberToObject(rec, "cache_block_size", (double)s->cache.block_slots); /* 0: contiguous slots */
+    /* policy state and scratch (host->alloc), apart from kv_bytes_*: see kvh_router_policy_bytes */
+    size_t policy_peak = 0, policy_now = kvh_router_policy_bytes(s->router, &policy_peak);
+    cJSON_AddNumberToObject(rec, "policy_bytes", (double)policy_now);
+    cJSON_AddNumberToObject(rec, "policy_bytes_peak", (double)policy_peak);
     /* sized by its content (any number of layers and sections); a record never goes out without it */
     cJSON *stack = s->router ? kvh_router_describe(s->router) : cJSON_CreateArray();
     if (!stack) return -1;

@@ -17,7 +17,8 @@
 #include "runtime/plugin.h"
 #include "runtime/plugin_guard.h"
 
-/* Every plugin allocation carries this header, so leftovers are freed when the instance goes. */
+/* Every plugin allocation carries this header, so the section's leftovers are freed at the end of the run,
+ * after every instance of the section is destroyed (alloc memory belongs to the section, not the instance). */
 typedef union alloc_hdr {
     struct {
         union alloc_hdr *prev, *next;
@@ -70,6 +71,7 @@ struct kvh_router {
     const kvh_model *model; /* weights for host->tensor() during creation; NULL afterwards and without one */
     int warned_newest, warned_all; /* the once-per-run warnings of kvh_router_enforce */
     size_t store_bytes;     /* bytes store instances hold through alloc/shared */
+    size_t policy_bytes, policy_bytes_peak; /* the same for policy instances (not KV bytes: reported apart) */
 };
 
 /* ---- messages ---------------------------------------------------------------------------------- */
@@ -134,8 +136,16 @@ static void svc_set_error(void *ctx, const char *msg) {
 static int is_store(const group *g) { return g->plugin->desc.role == KVP_ROLE_STORE; }
 static int is_weights(const group *g) { return g->plugin->desc.role == KVP_ROLE_WEIGHTS; }
 
-/* Store memory is KV memory: counted in the bound cache's bytes_held, refused past its limit. */
+static int is_policy(const group *g) { return g->plugin->desc.role == KVP_ROLE_POLICY; }
+
+/* Store memory is KV memory: counted in the bound cache's bytes_held, refused past its limit. Policy
+ * memory (state, scratch) is counted apart, in policy_bytes, and not bounded by the KV limit. */
 static int account_grow(host_ctx *x, size_t bytes) {
+    if (is_policy(x->g)) {
+        x->r->policy_bytes += bytes;
+        if (x->r->policy_bytes > x->r->policy_bytes_peak) x->r->policy_bytes_peak = x->r->policy_bytes;
+        return 0;
+    }
     if (!is_store(x->g)) return 0;
     if (x->r->cache && kvh_kvcache_store_grow(x->r->cache, bytes) != 0) return -1;
     x->r->store_bytes += bytes;
@@ -143,6 +153,10 @@ static int account_grow(host_ctx *x, size_t bytes) {
 }
 
 static void account_shrink(host_ctx *x, size_t bytes) {
+    if (is_policy(x->g)) {
+        x->r->policy_bytes -= bytes < x->r->policy_bytes ? bytes : x->r->policy_bytes;
+        return;
+    }
     if (!is_store(x->g)) return;
     if (x->r->cache) kvh_kvcache_store_shrink(x->r->cache, bytes);
     x->r->store_bytes -= bytes < x->r->store_bytes ? bytes : x->r->store_bytes;
@@ -709,6 +723,11 @@ const char *kvh_router_weight_error(void *error_ctx) {
 
 double kvh_router_hook_ns(const kvh_router *r) { return r ? (double)r->hook_ns : 0.0; }
 uint64_t kvh_router_evict_calls(const kvh_router *r) { return r ? r->evict_calls : 0; }
+
+size_t kvh_router_policy_bytes(const kvh_router *r, size_t *peak) {
+    if (peak) *peak = r ? r->policy_bytes_peak : 0;
+    return r ? r->policy_bytes : 0;
+}
 
 /* ---- hooks ---------------------------------------------------------------------------------------- */
 

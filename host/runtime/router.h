@@ -82,6 +82,10 @@ const char *kvh_router_weight_error(void *error_ctx);
 double kvh_router_hook_ns(const kvh_router *r);
 /* Number of evict() calls made so far. */
 uint64_t kvh_router_evict_calls(const kvh_router *r);
+/* Bytes policy instances hold through host->alloc / host->shared now (their state and scratch; the
+ * per-slot metadata the host keeps for them is KV memory, in the cache's bytes_held), and the most they
+ * held at once into *peak (may be NULL). Not part of the cache's bytes_held or its limit. 0 for NULL. */
+size_t kvh_router_policy_bytes(const kvh_router *r, size_t *peak);
 
 /* The plugin stack as a cJSON object (the caller owns it), sized by its content:
  *   {"budget":B|null,"slack":S,"instances":[{"section","plugin","file","path","version","role":"policy"|"store",

@@ -81,7 +81,7 @@ static int quant_create(const kvp_host *host, const kvp_layer_info *layer, kvp_i
     return KVP_OK;
 }
 
-/* Nothing to free: the host frees what host->alloc gave when the instance goes. */
+/* Nothing to free: the host frees what host->alloc gave at the end of the run (it belongs to the section). */
 static void quant_destroy(void *state) { (void)state; }
 
 static void quant_encode(void *state, uint32_t which, const float *row, void *slot) {

@@ -30,7 +30,7 @@ static int window_create(const kvp_host *host, const kvp_layer_info *layer, kvp_
     return KVP_OK;
 }
 
-/* Nothing to free: the host frees what host->alloc gave when the instance goes. */
+/* Nothing to free: the host frees what host->alloc gave at the end of the run (it belongs to the section). */
 static void window_destroy(void *state) { (void)state; }
 
 /* Victims: the min_victims oldest positions. victims[] has room for n_live entries, so it doubles as

@@ -130,7 +130,9 @@ typedef struct kvp_host {
     void (*log)(void *ctx, int level, const char *msg);
     /* Sets the message the host reports when a hook returns KVP_ERROR. Copied; any length, any bytes. */
     void (*set_error)(void *ctx, const char *msg);
-    void *(*alloc)(void *ctx, size_t bytes); /* zeroed; NULL on failure */
+    /* Zeroed; NULL on failure. Counted: a store's bytes as KV bytes held (see append below), a
+     * policy's apart, as the run record's policy_bytes / policy_bytes_peak. */
+    void *(*alloc)(void *ctx, size_t bytes);
     void (*free)(void *ctx, void *p);
     /* Parameter values as parsed and range-checked by the host (declared name; unknown name -> 0). */
     double (*param)(void *ctx, const char *name);
