@@ -2,8 +2,15 @@
  * and their format definition (wformat.h), through the real .so files and a fake host:
  *   - binary16 / bfloat16 conversions against the compiler's _Float16 and a double-rounding reference;
  *   - packing round-trip bounds per format (what each encoding promises about one weight);
- *   - matmul (every kernel level this CPU can run) against a double-precision product over the
- *     reference-unpacked weights, for 1..9 rows, several k, output ranges off every grid;
+ *   - matmul (every kernel level this CPU can run) against a double-precision reference of the format's
+ *     arithmetic, for 1..9 rows, several k, output ranges off every grid: f16/bf16, the product over the
+ *     reference-unpacked weights; w8/w4, the activation row quantized per 32 inputs (wformat_act.h), each
+ *     block's exact integer sum times its weight and activation scales;
+ *   - w8/w4's activation quantization: every vector build byte for byte equal to the portable one, and its
+ *     own promises (codes within +-127, scale amax/127, error <= half a step, zero and non-finite blocks);
+ *   - w8/w4's integer sums exact at every level: inputs whose scales are powers of two make every fp32
+ *     operation exact, so each level must return the exact answer, bit for bit (a wrong block-to-scale
+ *     pairing, nibble order or sign correction cannot hide there); a non-finite input gives NaN;
  *   - a row's result independent of the rows sharing the call and of the range's start (bit for bit);
  *   - errors: k not a multiple of 32, a group that is not a multiple of 32 or does not divide k, a
  *     non-finite weight (named by matrix, layer, input and output). */
@@ -16,6 +23,7 @@
 #include <string.h>
 
 #include "../plugins/weights/wformat.h"
+#include "../plugins/weights/wformat_act.h"
 #include "backend/cpu_features.h"
 #include "helpers/test_util.h"
 #include "kvp/kvp.h"
@@ -228,6 +236,36 @@ Test(weight_formats, round_trip_within_each_formats_bound) {
 
 /* ---- matmul against a double reference ------------------------------------------------------------------ */
 
+/* w8/w4's arithmetic in double: the row quantized per 32 inputs (the portable definition), each block's
+ * integer sum of weight codes times activation codes (exact), times the weight scale of its group and the
+ * activation scale. *mag: the sum of the terms' magnitudes (for the fp32 rounding bound). */
+static double int_reference(const loaded *L, uint32_t k, const uint8_t *row, const float *x, double *mag) {
+    int8_t *q = malloc(k);
+    float *d = malloc(k / 32 * sizeof(float));
+    wf_act_quantize_portable(x, k, q, d);
+    const uint32_t G = L->spec.group;
+    const uint8_t *codes = row + 2u * (k / G);
+    double sum = 0;
+    *mag = 0;
+    for (uint32_t b = 0; b < k / 32; b++) {
+        int64_t S = 0;
+        for (uint32_t i = 0; i < 32; i++) {
+            const uint32_t e = 32 * b + i;
+            const int w = L->spec.kind == WF_W8 ? (int8_t)codes[e]
+                                                : (int)((codes[16 * b + i % 16] >> (4 * (i / 16))) & 15u) - 8;
+            S += (int64_t)w * q[e];
+        }
+        uint16_t dh;
+        memcpy(&dh, row + 2u * (32 * b / G), 2);
+        const double term = (double)wf_half_to_float(dh) * d[b] * (double)S;
+        sum += term;
+        *mag += fabs(term);
+    }
+    free(q);
+    free(d);
+    return sum;
+}
+
 static void check_matmul(const char *fmt, uint32_t level, uint32_t group, uint32_t k, uint32_t n) {
     fake_host f;
     fake_init(&f, level, group);
@@ -240,6 +278,8 @@ static void check_matmul(const char *fmt, uint32_t level, uint32_t group, uint32
     uint8_t *packed = pack_with(&L, &f, inst.state, k, n, W, KVP_LAYOUT_IN_MAJOR, &info);
     float *u = malloc((size_t)k * n * sizeof(float)); /* the reference values, output-major */
     L.d->unpack(inst.state, &info, packed, 0, n, u);
+    const int quantized = L.spec.kind == WF_W8 || L.spec.kind == WF_W4;
+    const size_t rb = wf_row_bytes(L.spec, k);
     const uint32_t max_rows = 9;
     float *x = random_floats((size_t)max_rows * k, 7 + k, 1.0f);
     float *y = malloc((size_t)max_rows * n * sizeof(float)), *y_alone = malloc((size_t)n * sizeof(float));
@@ -253,13 +293,19 @@ static void check_matmul(const char *fmt, uint32_t level, uint32_t group, uint32
             L.d->matmul(inst.state, &a);
             for (uint32_t r = 0; r < rows; r++)
                 for (uint32_t j = 0; j < n; j++) {
-                    double ref = 0.5, mag = 0;
-                    if (j >= n0 && j < n1)
-                        for (uint32_t i = 0; i < k; i++) {
-                            ref += (double)x[(size_t)r * k + i] * u[(size_t)j * k + i];
-                            mag += fabs((double)x[(size_t)r * k + i] * u[(size_t)j * k + i]);
-                        }
-                    const double got = y[(size_t)r * n + j], tol = 2e-6 * mag + 1e-7;
+                    double ref = 0.5, mag = 0, tol;
+                    if (quantized) {
+                        if (j >= n0 && j < n1) ref += int_reference(&L, k, packed + (size_t)j * rb, x + (size_t)r * k, &mag);
+                        tol = (k / 32 + 4) * 0x1p-23 * mag + 1e-7; /* fp32 rounding of the scale products and sums */
+                    } else {
+                        if (j >= n0 && j < n1)
+                            for (uint32_t i = 0; i < k; i++) {
+                                ref += (double)x[(size_t)r * k + i] * u[(size_t)j * k + i];
+                                mag += fabs((double)x[(size_t)r * k + i] * u[(size_t)j * k + i]);
+                            }
+                        tol = 2e-6 * mag + 1e-7;
+                    }
+                    const double got = y[(size_t)r * n + j];
                     cr_assert_leq(fabs(got - ref), tol, "%s level %u k %u rows %u range [%u,%u): y[%u][%u] = %.9g, ref %.9g",
                                   fmt, level, k, rows, n0, n1, r, j, got, ref);
                 }

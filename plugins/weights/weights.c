@@ -8,6 +8,7 @@
 #include <stdio.h>
 
 #include "wformat.h"
+#include "wformat_act.h"
 #include "wformat_kernels.h"
 
 #ifndef WF_KIND
@@ -30,7 +31,7 @@ static const kvp_param params[] = {
 
 typedef struct wf_state {
     wf_spec spec;
-    uint32_t cpu_level;
+    uint32_t level; /* WF_LEVEL_*: the host's cpu_level, and VNNI when the CPU has it at AVX-512 */
     const kvp_host *host;
 } wf_state;
 
@@ -54,7 +55,9 @@ static int wf_create(const kvp_host *host, const kvp_layer_info *layer, kvp_inst
     }
     st->spec.group = (uint32_t)group;
 #endif
-    st->cpu_level = KVP_HOST_HAS(host, cpu_level) ? host->cpu_level : KVP_CPU_PORTABLE;
+    const uint32_t cpu = KVP_HOST_HAS(host, cpu_level) ? host->cpu_level : KVP_CPU_PORTABLE;
+    st->level = cpu >= KVP_CPU_AVX512 ? (wf_cpu_has_vnni() ? WF_LEVEL_AVX512_VNNI : WF_LEVEL_AVX512)
+                : cpu >= KVP_CPU_AVX2 ? WF_LEVEL_AVX2 : WF_LEVEL_PORTABLE;
     st->host = host;
     out->state = st;
     out->budget = 1; /* unused by weight formats; set so an older host's checks pass */
@@ -69,8 +72,14 @@ static void wf_destroy(void *state) {
 static size_t wf_packed_size(void *state, const kvp_weight_info *w) {
     wf_state *st = state;
     const size_t rb = wf_row_bytes(st->spec, w->k);
+    char msg[200];
+    if (WF_QUANTIZED && w->k > WF_MAX_K) {
+        snprintf(msg, sizeof msg, "%s of layer %u: %u inputs; " WF_NAME " holds matrices of at most %u inputs",
+                 kvp_matrix_name(w->which), (unsigned)w->layer, (unsigned)w->k, WF_MAX_K);
+        st->host->set_error(st->host->ctx, msg);
+        return 0;
+    }
     if (rb == 0) {
-        char msg[200];
         if (w->k % 32)
             snprintf(msg, sizeof msg, "%s of layer %u: %u inputs is not a multiple of 32", kvp_matrix_name(w->which),
                      (unsigned)w->layer, (unsigned)w->k);
@@ -124,15 +133,9 @@ static void wf_unpack(void *state, const kvp_weight_info *w, const void *packed,
         wf_unpack_row(st->spec, w->k, (const uint8_t *)packed + (size_t)j * rb, dst + (size_t)(j - n0) * w->k);
 }
 
-static void wf_matmul(void *state, const kvp_matmul_args *a) {
-    wf_state *st = state;
-    if (st->cpu_level >= KVP_CPU_AVX512 &&
-        wf_matmul_avx512(st->spec, a->w->k, a->packed, a->x, a->rows, a->n0, a->n1, a->y, a->ldy))
-        return;
-    if (st->cpu_level >= KVP_CPU_AVX2 &&
-        wf_matmul_avx2(st->spec, a->w->k, a->packed, a->x, a->rows, a->n0, a->n1, a->y, a->ldy))
-        return;
-    wf_matmul_portable(st->spec, a->w->k, a->packed, a->x, a->rows, a->n0, a->n1, a->y, a->ldy);
+static void wf_matmul_hook(void *state, const kvp_matmul_args *a) {
+    const wf_state *st = state;
+    wf_matmul(st->spec, st->level, a->w->k, a->packed, a->x, a->rows, a->n0, a->n1, a->y, a->ldy);
 }
 
 static const kvp_descriptor descriptor = {
@@ -147,9 +150,11 @@ static const kvp_descriptor descriptor = {
 #elif WF_KIND == WF_BF16
     .summary = "weights as bfloat16 (2 bytes each), products in fp32",
 #elif WF_KIND == WF_W8
-    .summary = "weights as int8 with one fp16 scale per group of inputs (symmetric, like GGML Q8_0)",
+    .summary = "weights as int8 with one fp16 scale per group of inputs (symmetric, like GGML Q8_0); decode products "
+               "in integers over int8 activations (per 32 inputs)",
 #else
-    .summary = "weights as 4-bit codes with one fp16 scale per group of inputs (like GGML Q4_0)",
+    .summary = "weights as 4-bit codes with one fp16 scale per group of inputs (like GGML Q4_0); decode products "
+               "in integers over int8 activations (per 32 inputs)",
 #endif
     .params = params,
     .create = wf_create,
@@ -157,7 +162,7 @@ static const kvp_descriptor descriptor = {
     .packed_size = wf_packed_size,
     .pack = wf_pack,
     .unpack = wf_unpack,
-    .matmul = wf_matmul,
+    .matmul = wf_matmul_hook,
 };
 
 KVP_PLUGIN(descriptor)
