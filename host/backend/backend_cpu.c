@@ -18,6 +18,7 @@
 #include "backend/gelu.h"
 #include "kvp/kvp.h"
 #include "backend/matmul_small.h"
+#include "backend/softmax.h"
 #include "runtime/plugin_guard.h"
 #include "runtime/weights.h"
 
@@ -80,14 +81,20 @@ static int workspace_reserve(cpu_workspace *w, const kvh_model_config *cfg, size
     return 0;
 }
 
-/* Paged caches: room for one head's slots (max_ctx of the widest layer's K + V) per thread. */
+/* Paged caches: room for one head's slots (max_ctx of the widest layer's K + V) per thread; layers whose
+ * store lets the host decode its slots for a prefill (KVP_STORE_DECODE_ATTEND), paged or not: room for
+ * them decoded to fp32. */
 static int workspace_reserve_gather(cpu_workspace *w, const kvh_kvcache *cache, size_t max_ctx, kvh_err *err) {
-    if (!cache->block_slots) return 0;
     size_t widest = 0;
     for (int l = 0; l < cache->n_layer; l++) {
-        size_t b = (size_t)kvh_kvcache_k_slot_bytes(cache, l) + kvh_kvcache_v_slot_bytes(cache, l);
+        size_t b = cache->block_slots ? (size_t)kvh_kvcache_k_slot_bytes(cache, l) + kvh_kvcache_v_slot_bytes(cache, l) : 0;
+        if (cache->layer[l].store && (cache->layer[l].store_flags & KVP_STORE_DECODE_ATTEND)) {
+            const size_t dec = (size_t)2 * (size_t)cache->head_dim * sizeof(float);
+            if (dec > b) b = dec;
+        }
         if (b > widest) widest = b;
     }
+    if (widest == 0) return 0;
     const size_t need = max_ctx * widest;
     if (need <= w->gather_cap) return 0;
     char *g = realloc(w->gather, need * (size_t)w->n_threads);
@@ -268,16 +275,8 @@ static void accumulate_scores(kvh_head_cache *hc, const kvh_layer_policy_setting
 }
 
 /* Softmax numerators in place: x[j] = exp(x[j] - mx), 0 for masked (-inf) entries; returns 1 / their sum
- * (a query always sees at least itself, so the sum is positive). */
-static float exp_and_sum(float *x, uint32_t n, float mx) {
-    float sum = 0.0f;
-    for (uint32_t j = 0; j < n; j++) {
-        const float e = x[j] == -INFINITY ? 0.0f : expf(x[j] - mx);
-        x[j] = e;
-        sum += e;
-    }
-    return 1.0f / sum;
-}
+ * (a query always sees at least itself, so the sum is positive). Vectorised in softmax.c. */
+static float exp_and_sum(float *x, uint32_t n, float mx) { return 1.0f / kvh_softmax_exp_sum(x, n, mx); }
 
 /* Attention of T queries through a store plugin: it reads K/V in their stored form. */
 static void attend_head_store(const kvh_kvcache *cache, int l, const float *q, size_t q_stride, const int32_t *qpos,
@@ -374,7 +373,26 @@ static void attend_head_gemm(const kvh_blas *blas, const kvh_kvcache *cache, int
     const float scale = 1.0f / sqrtf((float)HS);
     const int n = (int)hc->n;
     const float *K = hc->k, *Vd = hc->v;
-    if (cache->block_slots) {
+    if (ls->store) {
+        /* A store that allows it (KVP_STORE_DECODE_ATTEND): its slots decoded to fp32 once for the T
+         * queries, where attend() would read every slot T times. Slot order, as attend_head walks them. */
+        float *kd = (float *)gather, *vd = (float *)gather + (size_t)n * HS;
+        const uint32_t spans = kvh_head_spans(cache, hc);
+        kvh_plugin_guard_enter(ls->store->name, kvh_plugin_site_of(ls->store_fail_ctx)->file, "decode", l);
+        for (uint32_t b = 0, j0 = 0; b < spans; b++) {
+            const char *kc, *vc;
+            const uint32_t cnt = kvh_head_span(cache, l, hc, b, &kc, &vc);
+            const size_t kb = kvh_kvcache_k_slot_bytes(cache, l), vb = kvh_kvcache_v_slot_bytes(cache, l);
+            for (uint32_t i = 0; i < cnt; i++) {
+                ls->store->decode(ls->store_state, KVP_WHICH_K, kc + (size_t)i * kb, kd + (size_t)(j0 + i) * HS);
+                ls->store->decode(ls->store_state, KVP_WHICH_V, vc + (size_t)i * vb, vd + (size_t)(j0 + i) * HS);
+            }
+            j0 += cnt;
+        }
+        kvh_plugin_guard_leave();
+        K = kd;
+        Vd = vd;
+    } else if (cache->block_slots) {
         /* Paged: the GEMMs want K and V as matrices; a copy costs n*HS against the T*n*HS of the products. */
         const size_t kb = kvh_kvcache_k_slot_bytes(cache, l);
         kvh_kvcache_gather(cache, l, hc, gather, gather + (size_t)n * kb);
@@ -415,12 +433,14 @@ static int write_new_slots(kvh_kvcache *cache, int s, int l, int T, const float 
         uint32_t first = hc->n - (uint32_t)T;
         if (ls->store && ls->store->append) {
             /* Paged: the hook sees the head's slots as one run (it may rewrite earlier ones: KIVI's groups),
-             * which goes back into the blocks afterwards. */
+             * which goes back into the blocks afterwards; a self-contained store writes only the new ones,
+             * so only they are copied back (the older bytes of the run are not read). */
+            const bool own = (ls->store_flags & KVP_STORE_SELF_CONTAINED) != 0;
             void *k_slots = hc->k, *v_slots = hc->v;
             if (cache->block_slots) {
                 k_slots = gather;
                 v_slots = gather + (size_t)hc->n * kb;
-                kvh_kvcache_gather(cache, l, hc, k_slots, v_slots);
+                if (!own) kvh_kvcache_gather(cache, l, hc, k_slots, v_slots);
             }
             kvp_append_args a = {.struct_size = sizeof a,
                                  .seq = (uint32_t)s,
@@ -441,7 +461,8 @@ static int write_new_slots(kvh_kvcache *cache, int s, int l, int T, const float 
                 if (ls->store_fail) return ls->store_fail(ls->store_fail_ctx, s, h, "append", err);
                 return kvh_fail(err, "store '%s' layer %d seq %d head %d: append failed", ls->store->name, l, s, h);
             }
-            if (cache->block_slots && kvh_kvcache_scatter(cache, l, hc, 0, k_slots, v_slots, err) != 0) return -1;
+            if (cache->block_slots && kvh_kvcache_scatter(cache, l, hc, own ? first : 0, k_slots, v_slots, err) != 0)
+                return -1;
             continue;
         }
         for (int t = 0; t < T; t++) {
@@ -601,7 +622,7 @@ static int cpu_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *bat
                 int s = batch->seq[b];
                 int T = batch->n_tokens[b];
                 kvh_head_cache *hc = kvh_kvcache_head(cache, s, l, h);
-                if (ls->store)
+                if (ls->store && !(T > 1 && (ls->store_flags & KVP_STORE_DECODE_ATTEND)))
                     attend_head_store(cache, l, ws->qkv + r0 * 3 * C + (size_t)h * HS, (size_t)3 * C, ws->pos + r0, T, hc,
                                       HS, ls, T > 1, ws->att + r0 * C + (size_t)h * HS, (size_t)C, scratch, gather);
                 else if (T > 1)

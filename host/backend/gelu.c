@@ -6,7 +6,7 @@
 #include <string.h>
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
+#include "backend/vexp.h"
 #define KVH_GELU_X86 1
 #endif
 
@@ -22,37 +22,18 @@ static void gelu_portable(float *x, size_t n) {
 }
 
 #ifdef KVH_GELU_X86
-/* exp(t) for |t| <= 86: t = m ln2 + r with |r| <= ln2/2 (ln2 split in two for an exact product), exp(r)
- * by Cephes' degree-6 minimax polynomial, 2^m put straight into the exponent bits. The clamp keeps
- * 2^m a normal number. Where t reaches 86 (v below about -9.6) the true value is under 5e-37 in
- * magnitude and the result is v x 0 (-0, as the tanh form gives), rather than v / 2^124, which would
- * not vanish for huge |v|. Above t = -86 the result is v / (1 + tiny) = v. */
-#define EXP_CONSTANTS                                                                                            \
-    const float lo = -86.0f, hi = 86.0f, log2e = 1.44269504088896341f, ln2_hi = 0.693359375f,                    \
-                ln2_lo = -2.12194440e-4f, p0 = 1.9875691500e-4f, p1 = 1.3981999507e-3f, p2 = 8.3334519073e-3f,   \
-                p3 = 4.1665795894e-2f, p4 = 1.6666665459e-1f, p5 = 5.0000001201e-1f
-
+/* GELU as v / (1 + exp(t)), t = -2u, with vexp.h's exp (t is clamped to [-86, 86] there). Where t
+ * reaches 86 (v below about -9.6) the true value is under 5e-37 in magnitude and the result is v x 0
+ * (-0, as the tanh form gives), rather than v / 2^124, which would not vanish for huge |v|. Above
+ * t = -86 the result is v / (1 + tiny) = v. */
 __attribute__((target("avx2,fma"))) static inline __m256 gelu8(__m256 v) {
-    EXP_CONSTANTS;
     const __m256 u = _mm256_mul_ps(_mm256_set1_ps(SQRT_2_OVER_PI),
                                    _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(GELU_CUBIC), v),
                                                    _mm256_mul_ps(v, v), v));
-    __m256 t = _mm256_mul_ps(_mm256_set1_ps(-2.0f), u);
-    t = _mm256_min_ps(_mm256_max_ps(t, _mm256_set1_ps(lo)), _mm256_set1_ps(hi));
-    const __m256 m = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(m, _mm256_set1_ps(ln2_hi), t);
-    r = _mm256_fnmadd_ps(m, _mm256_set1_ps(ln2_lo), r);
-    __m256 p = _mm256_set1_ps(p0);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p1));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p2));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p3));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p4));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(p5));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(m), _mm256_set1_epi32(127)), 23);
-    const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-    const __m256 g = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-    return _mm256_blendv_ps(g, _mm256_mul_ps(v, _mm256_setzero_ps()), _mm256_cmp_ps(t, _mm256_set1_ps(hi), _CMP_GE_OQ));
+    const __m256 t = _mm256_mul_ps(_mm256_set1_ps(-2.0f), u);
+    const __m256 g = _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), kvh_vexp8(t)));
+    return _mm256_blendv_ps(g, _mm256_mul_ps(v, _mm256_setzero_ps()),
+                            _mm256_cmp_ps(t, _mm256_set1_ps(KVH_VEXP_HI), _CMP_GE_OQ));
 }
 
 __attribute__((target("avx2,fma"))) static void gelu_avx2(float *x, size_t n) {
@@ -67,26 +48,12 @@ __attribute__((target("avx2,fma"))) static void gelu_avx2(float *x, size_t n) {
 }
 
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma"))) static inline __m512 gelu16(__m512 v) {
-    EXP_CONSTANTS;
     const __m512 u = _mm512_mul_ps(_mm512_set1_ps(SQRT_2_OVER_PI),
                                    _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(GELU_CUBIC), v),
                                                    _mm512_mul_ps(v, v), v));
-    __m512 t = _mm512_mul_ps(_mm512_set1_ps(-2.0f), u);
-    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
-    const __m512 m = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(m, _mm512_set1_ps(ln2_hi), t);
-    r = _mm512_fnmadd_ps(m, _mm512_set1_ps(ln2_lo), r);
-    __m512 p = _mm512_set1_ps(p0);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p1));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p2));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p3));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p4));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(p5));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(m), _mm512_set1_epi32(127)), 23);
-    const __m512 e = _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-    const __m512 g = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-    return _mm512_mask_mul_ps(g, _mm512_cmp_ps_mask(t, _mm512_set1_ps(hi), _CMP_GE_OQ), v, _mm512_setzero_ps());
+    const __m512 t = _mm512_mul_ps(_mm512_set1_ps(-2.0f), u);
+    const __m512 g = _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), kvh_vexp16(t)));
+    return _mm512_mask_mul_ps(g, _mm512_cmp_ps_mask(t, _mm512_set1_ps(KVH_VEXP_HI), _CMP_GE_OQ), v, _mm512_setzero_ps());
 }
 
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,fma"))) static void gelu_avx512(float *x, size_t n) {
