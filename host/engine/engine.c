@@ -93,11 +93,12 @@ static const char *sharing_blocker(const kvh_engine *e, char *buf, size_t cap) {
                      "sequences that share a prompt", l);
             return buf;
         }
-        if (ls->store && (ls->store->append || ls->store->release)) {
+        if (ls->store && (ls->store->append || ls->store->release) && !(ls->store_flags & KVP_STORE_SELF_CONTAINED)) {
             /* ABI 1.2 hooks may keep per-sequence state outside the slots (a slot is then a handle): such
-             * slots cannot be handed to another sequence. Fixed-slot stores (encode only) share. */
-            snprintf(buf, cap, "layer %d's store '%s' has append/release hooks (its slots may be handles into "
-                     "per-sequence memory)", l, ls->store->name);
+             * slots cannot be handed to another sequence. Fixed-slot stores (encode only) share, and so do
+             * stores that declare their slots self-contained (ABI 1.4, KVP_STORE_SELF_CONTAINED: int8/int4). */
+            snprintf(buf, cap, "layer %d's store '%s' has append/release hooks and does not declare its slots "
+                     "self-contained (they may be handles into per-sequence memory)", l, ls->store->name);
             return buf;
         }
     }

@@ -373,9 +373,16 @@ static void store_release(kvh_kvcache *c, int s, int l, int h, const uint32_t *s
             c->gather_buf = g;
             c->gather_bytes = need;
         }
-        kvh_kvcache_gather(c, l, hc, c->gather_buf, (char *)c->gather_buf + (size_t)hc->n * kb);
         k_slots = c->gather_buf;
         v_slots = (char *)c->gather_buf + (size_t)hc->n * kb;
+        if (ls->store_flags & KVP_STORE_SELF_CONTAINED) { /* it reads at most the slots going away */
+            for (uint32_t i = 0; i < n_slots; i++) {
+                memcpy((char *)c->gather_buf + (size_t)slots[i] * kb, kvh_slot_k(c, l, hc, slots[i]), kb);
+                memcpy((char *)v_slots + (size_t)slots[i] * vb, kvh_slot_v(c, l, hc, slots[i]), vb);
+            }
+        } else {
+            kvh_kvcache_gather(c, l, hc, c->gather_buf, (char *)v_slots);
+        }
     }
     kvp_release_args a = {.struct_size = sizeof a,
                           .seq = (uint32_t)s,

@@ -94,6 +94,7 @@ typedef struct kvh_layer_policy_settings {
     uint32_t v_slot_bytes;  /* same for V */
     const struct kvp_descriptor *store; /* store plugin holding this layer (NULL: dense fp32) */
     void *store_state;      /* its per-layer state */
+    uint32_t store_flags;   /* the instance's KVP_STORE_* promises (ABI 1.4; 0 for older stores) */
     /* Formats a failed store hook (append) as "plugin 'x' (x.so) layer L seq S head H: append failed: <its
      * message>" into err and returns -1. Filled by the router next to `store`. */
     int (*store_fail)(void *ctx, int seq, int head, const char *hook, kvh_err *err);

@@ -380,8 +380,16 @@ static int create_instance(kvh_router *r, group *g, int layer, kvh_err *err) {
                                 g->plugin->file_name, layer, names[i], (unsigned)sizes[i], STORE_SLOT_MAX_FACTOR,
                                 r->head_dim, (unsigned long long)max_bytes);
         }
+        /* ABI 1.4: an older store never writes store_flags, and the host zeroed it before create(). */
+        const uint32_t known = KVP_STORE_SELF_CONTAINED | KVP_STORE_DECODE_ATTEND;
+        if (x->inst.store_flags & ~known)
+            return kvh_fail(err, "[%s] store '%s' (%s) layer %d: create set unknown store_flags bits 0x%x", g->section,
+                            d->name, g->plugin->file_name, layer, (unsigned)(x->inst.store_flags & ~known));
         return 0;
     }
+    if (x->inst.store_flags)
+        return kvh_fail(err, "[%s] plugin '%s' (%s) layer %d: create set store_flags 0x%x but is not a store", g->section,
+                        d->name, g->plugin->file_name, layer, (unsigned)x->inst.store_flags);
     if (x->inst.budget < 1)
         return kvh_fail(err, "[%s] plugin '%s' (%s) layer %d: create set budget %u (must be >= 1)", g->section, d->name,
                         g->plugin->file_name, layer, (unsigned)x->inst.budget);
@@ -654,6 +662,7 @@ void kvh_router_layer_settings(const kvh_router *r, kvh_layer_policy_settings *s
         if (st) {
             s->store = &st->g->plugin->desc;
             s->store_state = st->inst.state;
+            s->store_flags = st->inst.store_flags;
             s->k_slot_bytes = st->inst.k_slot_bytes;
             s->v_slot_bytes = st->inst.v_slot_bytes;
             s->store_fail = store_fail;

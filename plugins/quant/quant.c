@@ -78,6 +78,10 @@ static int quant_create(const kvp_host *host, const kvp_layer_info *layer, kvp_i
     out->state = qs;
     out->k_slot_bytes = fmt.slot_bytes;
     out->v_slot_bytes = fmt.slot_bytes;
+    /* Each slot is one token's row quantized in groups along head_dim, scales inside the slot: nothing
+     * outside it, nothing shared with other tokens (unlike kivi's per-channel groups across tokens), and
+     * kvq_attend is attention over kvq_decode's rows (kvq_format.h). */
+    if (KVP_INSTANCE_HAS(out, store_flags)) out->store_flags = KVP_STORE_SELF_CONTAINED | KVP_STORE_DECODE_ATTEND;
     return KVP_OK;
 }
 

@@ -42,13 +42,16 @@ extern "C" {
 #endif
 
 #define KVP_ABI_MAJOR 1u
-#define KVP_ABI_MINOR 3u /* 1: store role (kvp_instance slot sizes, encode/decode/attend hooks)
+#define KVP_ABI_MINOR 4u /* 1: store role (kvp_instance slot sizes, encode/decode/attend hooks)
                           * 2: handle stores (append/release hooks, host->shared, counted store memory)
                           * 3: weight-format role (pack/unpack/matmul hooks), host->cpu_level;
                           *    policies see the attention they judge: score_report and insert hooks
                           *    (KVP_CAP_SCORE_REPORT), per-slot metadata (kvp_instance.slot_meta_bytes,
                           *    host->slot_meta, kvp_evict_request.slot_meta); host->tensor (read-only
-                          *    fp32 weights for stores that factor them) */
+                          *    fp32 weights for stores that factor them)
+                          * 4: kvp_instance.store_flags (KVP_STORE_SELF_CONTAINED, KVP_STORE_DECODE_ATTEND):
+                          *    what a store promises about its slots, so the host may share them
+                          *    between sequences and skip copies (KVP_INSTANCE_HAS) */
 #define KVP_ENTRY_SYMBOL "kvp_plugin_entry"
 
 /* ---- status codes returned by hooks ---------------------------------------------------------- */
@@ -112,7 +115,36 @@ typedef struct kvp_instance {
     uint32_t report_rows;     /* with KVP_CAP_SCORE_REPORT: how many of a prefill block's LAST queries
                                * have their full probability rows in kvp_score_report.rows (0 counts as
                                * 1, at most 64); a decode step always has exactly its one row */
+    /* ---- ABI 1.4: stores ---- */
+    uint32_t store_flags;     /* KVP_STORE_* promises about this instance's slots (0: none). Write it only
+                               * when KVP_INSTANCE_HAS(out, store_flags): an older host has no such field */
 } kvp_instance;
+
+/* True when the host's kvp_instance has the named field (a plugin running on an older host). */
+#define KVP_INSTANCE_HAS(inst, field) \
+    ((inst)->struct_size >= offsetof(kvp_instance, field) + sizeof(((kvp_instance *)0)->field))
+
+/* ---- ABI 1.4: store flags (kvp_instance.store_flags), set per instance in create() ------------------
+ * A flag is a promise; the host trusts it and does not check it, so set one only when it holds for
+ * every slot this instance will ever write. Unknown bits are refused at create.
+ *
+ * KVP_STORE_SELF_CONTAINED: a slot's bytes are a function of its own token's K (or V) row alone. They
+ *   are written once, by encode() or by append() for that slot, and never read or rewritten afterwards
+ *   by append() or release() for OTHER slots; a slot is not a handle into per-sequence memory. Then
+ *   (1) a slot may be handed to another sequence as it is: the engine shares a cached prompt's blocks
+ *   between requests (prefix sharing) for this store; (2) under paged memory append() is handed only
+ *   its new slots (first_slot .. first_slot + n_new - 1 are valid; the older slots of k_slots / v_slots
+ *   hold unspecified bytes) and release() only the released ones (slots[] are valid, the others not),
+ *   instead of a copy of the whole head. NOT self-contained: KIVI-style groups of tokens sharing one
+ *   scale (a slot's bytes change when its group fills up), handles, merged slots (MiniCache).
+ * KVP_STORE_DECODE_ATTEND: attend() computes attention over exactly the rows decode() returns (the
+ *   same result up to fp32 summation order), and decode() reads nothing but the slot and the
+ *   instance's read-only format. The host may then attend a step of several queries (a prefill piece)
+ *   by decoding the head's slots to fp32 once and running its own attention over them (GEMMs), instead
+ *   of one attend() per query; decode() may then be called from several threads at once. Single-query
+ *   steps (decoding) still call attend(). */
+#define KVP_STORE_SELF_CONTAINED (1u << 0)
+#define KVP_STORE_DECODE_ATTEND (1u << 1)
 
 /* ---- the host services table (grows only at the end) --------------------------------------------- */
 #define KVP_LOG_ERROR 0
