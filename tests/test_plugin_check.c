@@ -2,7 +2,10 @@
  * tests/plugins/tp_report.so, which fails on any broken promise of the score-report contract, passes it
  * (so the driver's synthetic attention keeps the contract a real backend keeps); plugins that break a
  * rule fail it with a message naming the plugin, the seed and the rule (victim out of range, duplicate,
- * too few, a failing score_report); stores and weight formats are refused with a pointer to their tests. */
+ * too few, a failing score_report). Stores: the shipped ones (int8, int4, KIVI, lorc at full rank) and
+ * the test stores pass at a tolerance their format allows, lorc at half rank of random weights only with
+ * a looser --tol; broken stores fail naming the hook and the rule (a write past the slot, a decoded
+ * value off by more than --tol, attention that does not mask). Weight formats are refused. */
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
 #include <stdio.h>
@@ -12,10 +15,11 @@
 
 #define TPDIR KVH_BUILD_DIR "/tests/plugins"
 
-static int check(const char *ref, const char *const *sets, int n_sets, kvh_err *err) {
+static int check_tol(const char *ref, const char *const *sets, int n_sets, double tol, kvh_err *err) {
     kvh_plugin_check_options o = kvh_plugin_check_default_options();
     o.runs = 4;
     o.steps = 60;
+    if (tol > 0) o.tol = tol;
     o.sets = sets;
     o.n_sets = n_sets;
     FILE *out = fopen("/dev/null", "w");
@@ -23,6 +27,10 @@ static int check(const char *ref, const char *const *sets, int n_sets, kvh_err *
     int rc = kvh_plugin_check(ref, TPDIR, &o, out, err);
     fclose(out);
     return rc;
+}
+
+static int check(const char *ref, const char *const *sets, int n_sets, kvh_err *err) {
+    return check_tol(ref, sets, n_sets, 0, err);
 }
 
 Test(plugin_check, bundled_policies_pass) {
@@ -60,10 +68,47 @@ Test(plugin_check, rule_breakers_fail_with_the_rule_named) {
     }
 }
 
-Test(plugin_check, stores_and_weight_formats_are_refused) {
+Test(plugin_check, shipped_and_test_stores_pass) {
+    static const struct { const char *ref; const char *sets[3]; int n; double tol; } cases[] = {
+        {"int8", {0}, 0, 0.02},                 /* symmetric int8, groups of 32: < 1 % RMS */
+        {"int4", {0}, 0, 0.2},                  /* int4: ~14 % */
+        {"int8", {"kivi=true", "group=8", "residual=16"}, 3, 0.02},
+        {"lorc", {"rank=64"}, 1, 1e-5},         /* full rank: exact up to fp32 rounding */
+        {"tp_store.so", {0}, 0, 1e-7},
+        {"tp_handle_store.so", {0}, 0, 1e-7},   /* per-token memory: release must keep survivors readable */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        kvh_err err = {{0}};
+        cr_assert_eq(check_tol(cases[i].ref, cases[i].sets, cases[i].n, cases[i].tol, &err), 0, "%s: %s", cases[i].ref,
+                     err.msg);
+    }
+}
+
+Test(plugin_check, lossy_store_needs_its_declared_tolerance) {
+    /* lorc at half rank of random (full-rank) weights loses ~30-60 % of each row: it fails the default
+     * 0.25 and passes once the user declares that error */
     kvh_err err = {{0}};
-    cr_assert_eq(check("int8", NULL, 0, &err), -1);
-    cr_assert(strstr(err.msg, "is a store; the check drives policies only"), "%s", err.msg);
+    cr_assert_eq(check_tol("lorc", NULL, 0, 0, &err), -1);
+    cr_assert(strstr(err.msg, "relative error of") && strstr(err.msg, "more than --tol 0.25"), "%s", err.msg);
+    cr_assert_eq(check_tol("lorc", NULL, 0, 0.9, &err), 0, "%s", err.msg);
+}
+
+Test(plugin_check, broken_stores_fail_with_the_hook_named) {
+    static const struct { const char *ref; const char *needle; } cases[] = {
+        {"bad_store_overrun.so", "encode wrote past the head's"},
+        {"bad_store_lossy.so", "decodes K with a relative error of 0.5"},
+        {"bad_store_nomask.so", "differs from fp32 attention over its decoded slots"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        kvh_err err = {{0}};
+        cr_assert_eq(check(cases[i].ref, NULL, 0, &err), -1, "%s passed", cases[i].ref);
+        cr_assert(strstr(err.msg, cases[i].needle), "%s: %s\n  wanted: %s", cases[i].ref, err.msg, cases[i].needle);
+        cr_assert(strstr(err.msg, "seed") && strstr(err.msg, "layer 0 seq 0 head 0"), "%s: %s", cases[i].ref, err.msg);
+    }
+}
+
+Test(plugin_check, weight_formats_are_refused) {
+    kvh_err err = {{0}};
     cr_assert_eq(check("f16", NULL, 0, &err), -1);
     cr_assert(strstr(err.msg, "is a weight format"), "%s", err.msg);
 }

@@ -20,9 +20,11 @@ static void usage(FILE *f) {
     fprintf(f, "usage: kvhost plugins list [--plugin-path DIR[:DIR...]]\n"
                "       kvhost plugins info NAME|FILE.so [--plugin-path DIR[:DIR...]]\n"
                "       kvhost plugins check NAME|FILE.so [--seed N] [--runs N] [--steps N] [--budget N]\n"
-               "                                        [--set KEY=VALUE]... [--plugin-path DIR[:DIR...]]\n"
-               "           drives a policy through randomized insert/score/evict/reset sequences at small shapes\n"
-               "           and validates every answer (docs/plugin-guide.md, section 6)\n"
+               "                                        [--set KEY=VALUE]... [--tol X] [--plugin-path DIR[:DIR...]]\n"
+               "           drives a policy through randomized insert/score/evict/reset sequences, or a store\n"
+               "           through insert/read/release/reset sequences, at small shapes and validates every\n"
+               "           answer (docs/plugin-guide.md, sections 2 and 7); --tol: a store's largest relative\n"
+               "           error of a decoded row against its fp32 row (0.25)\n"
                "Plugins are looked up by path (anything containing '/') or by name in --plugin-path,\n"
                "<kvhost dir>/../lib/kvhost/plugins, the build's plugin directory and the install directory.\n");
 }
@@ -262,6 +264,16 @@ int kvh_cmd_plugins(int argc, char **argv) {
             else if (strcmp(a, "--runs") == 0) co.runs = (int)n;
             else if (strcmp(a, "--budget") == 0) co.budget = (uint32_t)n;
             else co.steps = (int)n;
+        } else if (strcmp(a, "--tol") == 0) {
+            char *end = NULL;
+            const char *v = i + 1 < argc ? argv[++i] : "";
+            double t = strtod(v, &end);
+            if (!*v || *end || !(t > 0) || t > 1e6) {
+                fprintf(stderr, "kvhost plugins: --tol %s: expected a number > 0\n", v);
+                free(sets);
+                return 2;
+            }
+            co.tol = t;
         } else if (strcmp(a, "--plugin-path") == 0) {
             if (i + 1 >= argc) {
                 fprintf(stderr, "kvhost plugins: --plugin-path needs a value\n");

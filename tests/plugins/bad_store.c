@@ -1,7 +1,9 @@
 /* bad_store.c — test stores, one per KIND_* define (tests/plugins/CMakeLists.txt): a plain fp32 store
  * (tp_store, valid) and stores whose per-token hooks crash or end the process, for the crash messages
  * of tests/plugin_crash.sh: encode or attend faulting, attend overflowing its stack on an OpenMP worker
- * thread (not the process's main thread), attend calling exit(). */
+ * thread (not the process's main thread), attend calling exit(). And quiet bugs `kvhost plugins check`
+ * must catch (tests/test_plugin_check.c): encode writing one float past its slot (overrun), encode
+ * keeping half of every value (lossy), attend not masking later positions (nomask). */
 #define _GNU_SOURCE /* syscall, SYS_gettid */
 #include <kvp/kvp.h>
 #include <math.h>
@@ -41,6 +43,11 @@ static void s_encode(void *state, uint32_t which, const float *row, void *slot) 
     }
 #endif
     memcpy(slot, row, s->head_dim * sizeof(float));
+#if defined(KIND_OVERRUN)
+    memcpy((char *)slot + s->head_dim * sizeof(float), row, sizeof(float)); /* one float too many */
+#elif defined(KIND_LOSSY)
+    for (uint32_t i = 0; i < s->head_dim; i++) ((float *)slot)[i] = row[i] * 0.5f;
+#endif
 }
 
 static void s_decode(void *state, uint32_t which, const void *slot, float *row) {
@@ -86,7 +93,11 @@ static void s_attend(void *state, const kvp_attend_args *a) {
     for (uint32_t j = 0; j < a->n; j++) {
         float d = 0.0f;
         for (uint32_t i = 0; i < D; i++) d += a->q[i] * K[(size_t)j * D + i];
+#ifdef KIND_NOMASK
+        a->probs[j] = d * a->scale; /* forgets that later positions are masked */
+#else
         a->probs[j] = a->pos[j] > a->q_pos ? -INFINITY : d * a->scale;
+#endif
         if (a->probs[j] > mx) mx = a->probs[j];
     }
     float sum = 0.0f;
