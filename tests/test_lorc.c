@@ -4,7 +4,10 @@
  *   - when every head's W_k and W_v have rank 2 (weights rebuilt by the test as products of [C, 2] and
  *     [2, head_dim] factors), rank 2 is still exact and rank 1 is not;
  *   - progressive ranks follow the linear schedule by depth (slot sizes 4 + 4r per layer);
- *   - the weight service's errors: an unknown tensor name, and a host without weights, are named. */
+ *   - the weight service's errors: an unknown tensor name, and a host without weights, are named;
+ *   - bits = 8 (int8 latents, one fp32 scale per token): slots of 8 + r bytes, at full rank within int8
+ *     rounding of the dense cache (and not bit-equal: the codes are really used), no better than fp32
+ *     latents; stacking int8.so on lorc's layers is refused, naming both sections and lorc's bits. */
 #define _POSIX_C_SOURCE 200809L
 #include <criterion/criterion.h>
 #include <math.h>
@@ -150,7 +153,7 @@ Test(lorc, weight_service_errors_name_the_plugin_and_tensor) {
     cr_assert(strstr(err.msg, "plugin 'tp_report' (tp_report.so) layer 0: create failed: host->tensor: no tensor "
                               "'attn.c_attn.wieght' (known: attn.c_attn.weight"), "%s", err.msg);
     kvh_model_free(&m);
-    /* a router made without a model (a test rig, `plugins check`) has no weights to give */
+    /* a router made without a model (a test rig) has no weights to give */
     kvh_run_config cfg;
     kvh_config_defaults(&cfg);
     cr_assert_eq(kvh_config_load_string(&cfg, "[lorc]\n", "run.ini", &err), 0, "%s", err.msg);
@@ -159,4 +162,38 @@ Test(lorc, weight_service_errors_name_the_plugin_and_tensor) {
     cr_assert(strstr(err.msg, "plugin 'lorc' (lorc.so) layer 0: create failed: host->tensor: this host has no model "
                               "weights at hand"), "%s", err.msg);
     kvh_config_free(&cfg);
+}
+
+Test(lorc, int8_latents) {
+    kvh_model_config c = small_config();
+    kvh_model m;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_model_init_random(&m, &c, 21, "random:small", &err), 0, "%s", err.msg);
+    kvh_session *s = NULL;
+    const char *sets[] = {"lorc.rank=6", "lorc.last_rank=2", "lorc.bits=8"};
+    cr_assert_eq(try_session(&s, &m, "lorc.so", sets, 3, &err), 0, "%s", err.msg);
+    const uint32_t want[3] = {6, 4, 2};
+    for (int l = 0; l < 3; l++) /* head index, fp32 scale, r codes */
+        cr_assert_eq(s->cache.layer[l].k_slot_bytes, 8 + want[l], "layer %d K slot %u", l, s->cache.layer[l].k_slot_bytes);
+    kvh_session_free(s);
+    const size_t n = (size_t)40 * c.n_vocab;
+    float *dense = malloc(n * sizeof(float)), *q8 = malloc(n * sizeof(float)), *f32 = malloc(n * sizeof(float));
+    run(&m, NULL, NULL, 0, dense);
+    const char *s8[] = {"lorc.rank=8", "lorc.bits=8"}, *s32[] = {"lorc.rank=8"};
+    run(&m, "lorc.so", s8, 2, q8);
+    run(&m, "lorc.so", s32, 1, f32);
+    float d8 = max_diff(dense, q8, n), d32 = max_diff(dense, f32, n);
+    /* per-token absmax int8 on 8 latents: |error| <= s/2 = max|c| / 254 per latent */
+    cr_assert_leq(d8, 2e-2f, "int8 latents at full rank differ from the dense cache by %g", d8);
+    cr_assert_gt(d8, 0.0f, "int8 latents are bit-equal to the dense cache: the codes are not used");
+    cr_assert_geq(d8, d32, "int8 latents (%g) beat fp32 latents (%g)", d8, d32);
+    free(dense);
+    free(q8);
+    free(f32);
+    const char *bad[] = {"lorc.bits=16"};
+    cr_assert_eq(try_session(&s, &m, "lorc.so", bad, 1, &err), -1);
+    cr_assert(strstr(err.msg, "bits = 16: must be 32 (fp32 latents) or 8 (int8 latents)"), "%s", err.msg);
+    cr_assert_eq(try_session(&s, &m, "lorc.so,int8.so", NULL, 0, &err), -1);
+    cr_assert(strstr(err.msg, "claimed by two stores: [lorc]") && strstr(err.msg, "lorc's bits = 8"), "%s", err.msg);
+    kvh_model_free(&m);
 }

@@ -74,6 +74,7 @@ Test(plugin_check, shipped_and_test_stores_pass) {
         {"int4", {0}, 0, 0.2},                  /* int4: ~14 % */
         {"int8", {"kivi=true", "group=8", "residual=16"}, 3, 0.02},
         {"lorc", {"rank=64"}, 1, 1e-5},         /* full rank: exact up to fp32 rounding */
+        {"lorc", {"rank=64", "bits=8"}, 2, 0.03}, /* int8 latents: ~1.3 % */
         {"tp_store.so", {0}, 0, 1e-7},
         {"tp_handle_store.so", {0}, 0, 1e-7},   /* per-token memory: release must keep survivors readable */
     };

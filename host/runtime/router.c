@@ -475,7 +475,10 @@ static int create_impl(kvh_router **out, const kvh_run_config *cfg, const char *
                 char at2[300];
                 kvh_origin_format(&o->layers_origin, at2, sizeof at2);
                 rc = kvh_fail(err, "%s: layer %d is claimed by two %s: [%s] (%s) and [%s] (%s); a layer takes at "
-                              "most one %s", at, l, roles, o->name, at2, s->name, at, role);
+                              "most one %s%s", at, l, roles, o->name, at2, s->name, at, role,
+                              store ? " (stores do not stack: each holds the whole token in its own form; a store "
+                                      "that can also quantize says so in its parameters, e.g. lorc's bits = 8: "
+                                      "kvhost plugins info NAME)" : "");
                 break;
             }
             *own = i + 1;

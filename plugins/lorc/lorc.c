@@ -7,10 +7,12 @@
  * Owns: the factorization (host->tensor(), ABI 1.3, in create()), the slot format, attention over the
  * latents without reconstructing K or V: q.k_j = (V_r^T q) . c_j + q.b_k, and
  * sum_j p_j v_j = (sum_j p_j c_j) V_r^T + b_v (the probabilities sum to 1).
- * Slot format (K and V alike): uint32 head index, then r floats. attend() and decode() take no head
- * argument in ABI 1.3, so the slot carries it (append() knows it). 4 + 4r bytes instead of 4 * head_dim.
- * Not composable with int8/int4 (a layer has one store): quantized latents would be a `bits` option of
- * this store, not written yet.
+ * Slot format (K and V alike): uint32 head index, then r floats (bits = 32), or with bits = 8 an fp32
+ * scale s and r int8 codes u (symmetric, per token: s = max|c_i| / 127, u_i = round(c_i / s), the latent
+ * read back as s * u_i). attend() and decode() take no head argument in ABI 1.3, so the slot carries it
+ * (append() knows it). 4 + 4r bytes (bits 32) or 8 + r bytes (bits 8) instead of 4 * head_dim.
+ * Composing with int8.so on one layer is impossible (a layer has one store, and int8 would quantize the
+ * head_dim-wide K/V rows lorc never materializes); quantized latents are this store's `bits = 8`.
  * SVD: the eigen-decomposition of the Gram matrix G = W^T W (head_dim x head_dim) by cyclic Jacobi in
  * double; V_r = the eigenvectors of the r largest eigenvalues. */
 #include <math.h>
@@ -23,6 +25,7 @@
 
 typedef struct lorc_state {
     uint32_t hs, n_head, rk, rv;
+    uint32_t bits; /* 32: fp32 latents; 8: int8 codes + an fp32 scale per token */
     float *vk;   /* [n_head][hs * rk]: V_r of W_k, row d = component d, column i = latent i */
     float *vv;   /* [n_head][hs * rv] */
     float *bk;   /* [n_head][hs] */
@@ -34,6 +37,8 @@ static const kvp_param params[] = {
      .help = "rank of the first layer's K and V latents (0 = head_dim / 2)"},
     {.name = "last_rank", .type = KVP_PARAM_INT, .default_value = 0, .min_value = 0, .max_value = LORC_MAX_HS,
      .help = "rank of the last layer, linear in between (0 = rank: the same everywhere)"},
+    {.name = "bits", .type = KVP_PARAM_INT, .default_value = 32, .min_value = 8, .max_value = 32,
+     .help = "32: fp32 latents; 8: int8 latents with one fp32 scale per token (the int8 composition)"},
 };
 
 static int fail(const kvp_host *host, const char *msg) {
@@ -106,6 +111,11 @@ static int lorc_create(const kvp_host *host, const kvp_layer_info *layer, kvp_in
     const uint32_t hs = layer->head_dim, nh = layer->n_kv_head;
     if (hs > LORC_MAX_HS || layer->n_q_head != nh) return fail(host, "needs head_dim <= 256 and as many KV heads as query heads");
     int64_t r0 = kvp_param_int(host, "rank"), r1 = kvp_param_int(host, "last_rank");
+    const int64_t bits = kvp_param_int(host, "bits");
+    if (bits != 32 && bits != 8) {
+        snprintf(msg, sizeof msg, "bits = %lld: must be 32 (fp32 latents) or 8 (int8 latents)", (long long)bits);
+        return fail(host, msg);
+    }
     if (r0 == 0) r0 = hs / 2 ? hs / 2 : 1;
     if (r1 == 0) r1 = r0;
     if (r0 > (int64_t)hs || r1 > (int64_t)hs) {
@@ -137,26 +147,61 @@ static int lorc_create(const kvp_host *host, const kvp_layer_info *layer, kvp_in
         memcpy(bv + (size_t)h * hs, b.data + 2 * CC + h * hs, hs * sizeof(float));
     }
     host->free(host->ctx, g);
-    *s = (lorc_state){.hs = hs, .n_head = nh, .rk = r, .rv = r, .vk = vk, .vv = vv, .bk = bk, .bv = bv};
+    *s = (lorc_state){.hs = hs, .n_head = nh, .rk = r, .rv = r, .bits = (uint32_t)bits, .vk = vk, .vv = vv, .bk = bk,
+                      .bv = bv};
     out->state = s;
-    out->k_slot_bytes = out->v_slot_bytes = (uint32_t)(sizeof(uint32_t) + r * sizeof(float));
+    out->k_slot_bytes = out->v_slot_bytes = (uint32_t)(bits == 8 ? 2 * sizeof(uint32_t) + r : sizeof(uint32_t) + r * sizeof(float));
     return KVP_OK;
 }
 
 static void lorc_destroy(void *state) { (void)state; /* host->alloc memory is freed by the host */ }
 
-static size_t slot_bytes(const lorc_state *s) { return sizeof(uint32_t) + (size_t)s->rk * sizeof(float); }
+static size_t slot_bytes(const lorc_state *s) {
+    return s->bits == 8 ? 2 * sizeof(uint32_t) + s->rk : sizeof(uint32_t) + (size_t)s->rk * sizeof(float);
+}
 
-/* slot = head, then the latent of `row` (head_dim floats): (row - b) V_r. */
+/* An int8 slot's scale and codes (after the head index). */
+static float q8_scale(const void *slot) {
+    float sc;
+    memcpy(&sc, (const char *)slot + sizeof(uint32_t), sizeof sc);
+    return sc;
+}
+static const int8_t *q8_codes(const void *slot) { return (const int8_t *)((const char *)slot + 2 * sizeof(uint32_t)); }
+
+/* slot = head, then the latent of `row` (head_dim floats): (row - b) V_r, as floats or int8 codes. */
 static void encode_row(const lorc_state *s, uint32_t head, const float *row, const float *V, const float *b, void *slot) {
     const uint32_t r = s->rk;
-    float *lat = (float *)((char *)slot + sizeof(uint32_t));
+    float lat[LORC_MAX_HS];
     memcpy(slot, &head, sizeof head);
     for (uint32_t i = 0; i < r; i++) lat[i] = 0.0f;
     for (uint32_t d = 0; d < s->hs; d++) {
         const float x = row[d] - b[d];
         for (uint32_t i = 0; i < r; i++) lat[i] += x * V[d * r + i];
     }
+    if (s->bits == 32) {
+        memcpy((char *)slot + sizeof(uint32_t), lat, r * sizeof(float));
+        return;
+    }
+    float amax = 0.0f;
+    for (uint32_t i = 0; i < r; i++) amax = fmaxf(amax, fabsf(lat[i]));
+    const float sc = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    int8_t *u = (int8_t *)((char *)slot + 2 * sizeof(uint32_t));
+    memcpy((char *)slot + sizeof(uint32_t), &sc, sizeof sc);
+    for (uint32_t i = 0; i < r; i++) {
+        float c = roundf(lat[i] * inv);
+        u[i] = (int8_t)(c > 127.0f ? 127 : c < -127.0f ? -127 : c);
+    }
+}
+
+/* The latent of a slot as floats (what attend() uses: s * u for int8 slots). */
+static void latent(const lorc_state *s, const void *slot, float *lat) {
+    if (s->bits == 32) {
+        memcpy(lat, (const char *)slot + sizeof(uint32_t), s->rk * sizeof(float));
+        return;
+    }
+    const float sc = q8_scale(slot);
+    const int8_t *u = q8_codes(slot);
+    for (uint32_t i = 0; i < s->rk; i++) lat[i] = sc * (float)u[i];
 }
 
 static int lorc_append(void *state, const kvp_append_args *a) {
@@ -178,7 +223,8 @@ static void lorc_decode(void *state, uint32_t which, const void *slot, float *ro
     uint32_t h;
     memcpy(&h, slot, sizeof h);
     if (h >= s->n_head) h = 0; /* never written by this store: decode as head 0 rather than read out of bounds */
-    const float *lat = (const float *)((const char *)slot + sizeof(uint32_t));
+    float lat[LORC_MAX_HS];
+    latent(s, slot, lat);
     const float *V = (which == KVP_WHICH_K ? s->vk : s->vv) + (size_t)h * s->hs * s->rk;
     const float *b = (which == KVP_WHICH_K ? s->bk : s->bv) + (size_t)h * s->hs;
     for (uint32_t d = 0; d < s->hs; d++) {
@@ -210,9 +256,17 @@ static void lorc_attend(void *state, const kvp_attend_args *a) {
             a->probs[j] = -INFINITY;
             continue;
         }
-        const float *c = (const float *)((const char *)a->k_slots + j * sb + sizeof(uint32_t));
+        const char *slot = (const char *)a->k_slots + j * sb;
         float dot = qb;
-        for (uint32_t i = 0; i < r; i++) dot += qk[i] * c[i];
+        if (s->bits == 32) {
+            const float *c = (const float *)(slot + sizeof(uint32_t));
+            for (uint32_t i = 0; i < r; i++) dot += qk[i] * c[i];
+        } else { /* q . (s u) = s (q . u) */
+            const int8_t *u = q8_codes(slot);
+            float du = 0.0f;
+            for (uint32_t i = 0; i < r; i++) du += qk[i] * (float)u[i];
+            dot += q8_scale(slot) * du;
+        }
         a->probs[j] = dot * a->scale;
         if (a->probs[j] > mx) mx = a->probs[j];
     }
@@ -226,8 +280,15 @@ static void lorc_attend(void *state, const kvp_attend_args *a) {
     for (uint32_t j = 0; j < n; j++) {
         a->probs[j] *= inv;
         if (a->probs[j] == 0.0f) continue;
-        const float *c = (const float *)((const char *)a->v_slots + j * sb + sizeof(uint32_t));
-        for (uint32_t i = 0; i < r; i++) acc[i] += a->probs[j] * c[i];
+        const char *slot = (const char *)a->v_slots + j * sb;
+        if (s->bits == 32) {
+            const float *c = (const float *)(slot + sizeof(uint32_t));
+            for (uint32_t i = 0; i < r; i++) acc[i] += a->probs[j] * c[i];
+        } else {
+            const float w = a->probs[j] * q8_scale(slot);
+            const int8_t *u = q8_codes(slot);
+            for (uint32_t i = 0; i < r; i++) acc[i] += w * (float)u[i];
+        }
     }
     for (uint32_t d = 0; d < s->hs; d++) {
         float x = bv[d];
@@ -241,8 +302,8 @@ static const kvp_descriptor descriptor = {
     .role = KVP_ROLE_STORE,
     .n_params = sizeof params / sizeof params[0],
     .name = "lorc",
-    .version = "1.0.0",
-    .summary = "LoRC: K and V as rank-r latents from the SVD of each head's W_k / W_v, progressive rank by depth",
+    .version = "1.1.0",
+    .summary = "LoRC: K and V as rank-r latents (fp32 or int8) from the SVD of each head's W_k / W_v, progressive rank",
     .params = params,
     .create = lorc_create,
     .destroy = lorc_destroy,
