@@ -11,6 +11,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
+#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -374,6 +375,19 @@ static enum MHD_Result handler(void *cls, struct MHD_Connection *conn, const cha
                      NULL, NULL);
 }
 
+/* libmicrohttpd's own messages, prefixed so a log reader knows where they come from. One is dropped:
+ * "application error generating response" is logged whenever the stream reader ends a response early,
+ * which kvhost does on purpose when the client has gone or the server is closing (the request is
+ * cancelled and counted in /metrics), so it would be a line per disconnected client. */
+static void http_log(void *cls, const char *fmt, va_list ap) {
+    (void)cls;
+    char msg[512];
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    if (strstr(msg, "application error generating response")) return;
+    const size_t n = strlen(msg);
+    fprintf(stderr, "kvhost serve: http: %s%s", msg, n && msg[n - 1] == '\n' ? "" : "\n");
+}
+
 static void completed(void *cls, struct MHD_Connection *conn, void **con_cls, enum MHD_RequestTerminationCode toe) {
     (void)conn;
     kvh_server *s = cls;
@@ -417,8 +431,9 @@ int kvh_server_start(kvh_server **out, kvh_bridge *b, const kvh_server_options *
         free(s);
         return kvh_fail(err, "--host '%s': expected an IPv4 or IPv6 address (or localhost)", host);
     }
-    s->d = MHD_start_daemon(flags, (uint16_t)o->port, NULL, NULL, handler, s, MHD_OPTION_SOCK_ADDR, sa,
-                            MHD_OPTION_NOTIFY_COMPLETED, completed, s, MHD_OPTION_CONNECTION_LIMIT,
+    s->d = MHD_start_daemon(flags, (uint16_t)o->port, NULL, NULL, handler, s, MHD_OPTION_EXTERNAL_LOGGER, http_log, NULL,
+                            MHD_OPTION_SOCK_ADDR, sa, MHD_OPTION_NOTIFY_COMPLETED, completed, s,
+                            MHD_OPTION_CONNECTION_LIMIT,
                             (unsigned)(o->max_connections ? o->max_connections : 256), MHD_OPTION_CONNECTION_TIMEOUT,
                             (unsigned)300, MHD_OPTION_END);
     if (!s->d) {
