@@ -352,6 +352,181 @@ Test(weight_formats, matmul_matches_double_reference_every_level) {
     check_matmul("w4", (uint32_t)kvh_cpu_isa_detected(), 128, 1024, 21);
 }
 
+/* ---- w8/w4: the activation quantization and exact integer sums ------------------------------------------ */
+
+Test(weight_formats, activation_quantization_every_build_equals_portable) {
+    const uint32_t k = 32 * 64;
+    float *x = random_floats(k, 4242, 3.0f);
+    /* special blocks: all zero; ties at amax = 127 (id = 1: 2.5 -> 2, -3.5 -> -4, 0.5 -> 0); one large
+     * outlier; tiny values; a NaN; an infinity */
+    memset(x + 32, 0, 32 * sizeof(float));
+    for (int i = 0; i < 32; i++) x[64 + i] = (float)(i % 8) - 3.5f;
+    x[64] = 127.0f;
+    x[65] = 2.5f;
+    x[66] = 0.5f;
+    x[96 + 5] = 1e30f;
+    for (int i = 0; i < 32; i++) x[128 + i] = 1e-30f * (float)(i - 16);
+    x[160 + 7] = NAN;
+    x[192 + 31] = -INFINITY;
+    int8_t q0[32 * 64], q1[32 * 64];
+    float d0[64], d1[64];
+    wf_act_quantize_portable(x, k, q0, d0);
+    /* what the definition promises */
+    for (uint32_t b = 0; b < k / 32; b++) {
+        double amax = 0;
+        int finite = 1;
+        for (int i = 0; i < 32; i++) {
+            if (!isfinite(x[32 * b + i])) finite = 0;
+            else amax = fmax(amax, fabs((double)x[32 * b + i]));
+        }
+        if (!finite) {
+            cr_expect(isnan(d0[b]), "block %u with a non-finite input: scale %g, not NaN", b, (double)d0[b]);
+            continue;
+        }
+        cr_expect_eq(d0[b], (float)amax / 127.0f, "block %u: scale %g for amax %g", b, (double)d0[b], amax);
+        for (int i = 0; i < 32; i++) {
+            const int8_t q = q0[32 * b + i];
+            cr_assert_neq(q, -128, "block %u input %d: code -128", b, i); /* codes run -127..127 */
+            if (amax > 0)
+                cr_assert_leq(fabs((double)x[32 * b + i] - (double)q * d0[b]), 0.5 * d0[b] * (1 + 1e-4) + 1e-45, /* and d's own rounding times |q| */
+                              "block %u input %d: %g as %d x %g", b, i, (double)x[32 * b + i], q, (double)d0[b]);
+            else
+                cr_assert_eq(q, 0);
+        }
+    }
+    cr_expect_eq(q0[65], 2, "ties go to even: 2.5 -> %d", q0[65]);
+    cr_expect_eq(q0[64 + 31], 4, "3.5 -> %d", q0[64 + 31]);
+    cr_expect_eq(q0[64 + 8], -4, "-3.5 -> %d", q0[64 + 8]);
+    cr_expect_eq(q0[66], 0, "0.5 -> %d", q0[66]);
+    /* every vector build gives the same bytes and the same scale bits */
+    const int isa = kvh_cpu_isa_detected();
+    for (int level = KVP_CPU_AVX2; level <= isa; level++) {
+        memset(q1, 0x55, sizeof q1);
+        memset(d1, 0x55, sizeof d1);
+        if (level == KVP_CPU_AVX2) wf_act_quantize_avx2(x, k, q1, d1);
+        else wf_act_quantize_avx512(x, k, q1, d1);
+        for (uint32_t b = 0; b < k / 32; b++) {
+            cr_expect(memcmp(&d0[b], &d1[b], 4) == 0 || (isnan(d0[b]) && isnan(d1[b])), "level %d block %u: scale %a vs %a",
+                      level, b, (double)d1[b], (double)d0[b]);
+            cr_expect(memcmp(q0 + 32 * b, q1 + 32 * b, 32) == 0, "level %d block %u: codes differ", level, b);
+        }
+    }
+    free(x);
+}
+
+/* W (k x n, input-major) whose groups have power-of-two scales: per (group, output) one value at the
+ * format's extreme (w8: +-127 * 2^e; w4: -8 * 2^e, so d = 2^e), the rest small integers times 2^e. */
+static float *exact_weights(uint32_t kind, uint32_t G, uint32_t k, uint32_t n, uint64_t seed) {
+    float *W = malloc((size_t)k * n * sizeof(float));
+    for (uint32_t j = 0; j < n; j++)
+        for (uint32_t g = 0; g < k / G; g++) {
+            const float scale = ldexpf(1.0f, (int)(kvh_test_xorshift(&seed) % 3)); /* 1, 2, 4 */
+            const uint32_t at = (uint32_t)(kvh_test_xorshift(&seed) % G);
+            for (uint32_t i = 0; i < G; i++) {
+                float v = (float)((int)(kvh_test_xorshift(&seed) % 15) - 7); /* -7..7 */
+                if (i == at) v = kind == WF_W8 ? ((kvh_test_xorshift(&seed) & 1) ? 127.0f : -127.0f) : -8.0f;
+                W[(size_t)(g * G + i) * n + j] = v * scale;
+            }
+        }
+    return W;
+}
+
+Test(weight_formats, w8_w4_integer_sums_exact_at_every_level) {
+    const uint32_t shapes[][3] = {{32, 9, 32}, {96, 13, 32}, {544, 21, 32}, {1024, 11, 32}, {1024, 7, 64}, {1024, 6, 128}};
+    const char *q[] = {"w8", "w4"};
+    for (int fi = 0; fi < 2; fi++)
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+            const uint32_t k = shapes[si][0], n = shapes[si][1], G = shapes[si][2], rows = 5;
+            loaded L = load_format(q[fi], G);
+            float *W = exact_weights(L.spec.kind, G, k, n, 31 + k + G);
+            /* rows: per 32 inputs one value at +-127 * 2^f (so the activation scale is 2^f), the rest
+             * integers -8..8 times 2^f, f in -1..1: every fp32 product and sum below is exact */
+            float *x = malloc((size_t)rows * k * sizeof(float));
+            uint64_t seed = 5 + k;
+            for (uint32_t r = 0; r < rows; r++)
+                for (uint32_t b = 0; b < k / 32; b++) {
+                    const float scale = ldexpf(1.0f, (int)(kvh_test_xorshift(&seed) % 3) - 1);
+                    const uint32_t at = (uint32_t)(kvh_test_xorshift(&seed) % 32);
+                    for (uint32_t i = 0; i < 32; i++) {
+                        float v = (float)((int)(kvh_test_xorshift(&seed) % 17) - 8);
+                        if (i == at) v = (kvh_test_xorshift(&seed) & 1) ? 127.0f : -127.0f;
+                        x[(size_t)r * k + 32 * b + i] = v * scale;
+                    }
+                }
+            float *ref = NULL;
+            for (uint32_t level = KVP_CPU_PORTABLE; level <= (uint32_t)kvh_cpu_isa_detected(); level++) {
+                fake_host f;
+                fake_init(&f, level, G);
+                kvp_layer_info li = {.struct_size = sizeof li, .layer = 0, .n_layer = 1};
+                kvp_instance inst = {.struct_size = sizeof inst};
+                cr_assert_eq(L.d->create(&f.host, &li, &inst), KVP_OK, "%s", f.error);
+                kvp_weight_info info;
+                uint8_t *packed = pack_with(&L, &f, inst.state, k, n, W, KVP_LAYOUT_IN_MAJOR, &info);
+                /* the packed scales are the powers of two chosen, so the held weights are W itself */
+                float *u = malloc((size_t)k * n * sizeof(float));
+                L.d->unpack(inst.state, &info, packed, 0, n, u);
+                for (uint32_t j = 0; j < n; j++)
+                    for (uint32_t i = 0; i < k; i++)
+                        cr_assert_eq(u[(size_t)j * k + i], W[(size_t)i * n + j], "%s: W(%u,%u) not held exactly", q[fi], i, j);
+                float *y = malloc((size_t)rows * n * sizeof(float));
+                for (size_t i = 0; i < (size_t)rows * n; i++) y[i] = 0.5f;
+                kvp_matmul_args a = {.struct_size = sizeof a, .w = &info, .packed = packed, .x = x, .rows = rows,
+                                     .n0 = 0, .n1 = n, .y = y, .ldy = n};
+                L.d->matmul(inst.state, &a);
+                for (uint32_t r = 0; r < rows; r++)
+                    for (uint32_t j = 0; j < n; j++) {
+                        double exact = 0.5; /* activations quantize exactly here, so the arithmetic is W's */
+                        for (uint32_t i = 0; i < k; i++) exact += (double)x[(size_t)r * k + i] * W[(size_t)i * n + j];
+                        cr_assert_eq((double)y[(size_t)r * n + j], exact, "%s level %u k %u G %u: y[%u][%u] = %.1f, exact %.1f",
+                                     q[fi], level, k, G, r, j, (double)y[(size_t)r * n + j], exact);
+                    }
+                if (!ref) ref = y;
+                else {
+                    cr_assert(memcmp(ref, y, (size_t)rows * n * sizeof(float)) == 0);
+                    free(y);
+                }
+                free(u);
+                free(packed);
+                L.d->destroy(inst.state);
+            }
+            free(ref);
+            free(x);
+            free(W);
+            dlclose(L.dl);
+        }
+}
+
+Test(weight_formats, w8_w4_nonfinite_input_gives_nan_for_its_row_only) {
+    const uint32_t k = 96, n = 10;
+    const char *q[] = {"w8", "w4"};
+    for (int fi = 0; fi < 2; fi++)
+        for (uint32_t level = KVP_CPU_PORTABLE; level <= (uint32_t)kvh_cpu_isa_detected(); level++) {
+            fake_host f;
+            fake_init(&f, level, 32);
+            loaded L = load_format(q[fi], 32);
+            kvp_layer_info li = {.struct_size = sizeof li, .layer = 0, .n_layer = 1};
+            kvp_instance inst = {.struct_size = sizeof inst};
+            cr_assert_eq(L.d->create(&f.host, &li, &inst), KVP_OK);
+            float *W = random_floats((size_t)k * n, 3, 0.5f);
+            kvp_weight_info info;
+            uint8_t *packed = pack_with(&L, &f, inst.state, k, n, W, KVP_LAYOUT_IN_MAJOR, &info);
+            float *x = random_floats(2 * k, 8, 1.0f), y[2 * 10] = {0};
+            x[k + 70] = INFINITY; /* row 1 */
+            kvp_matmul_args a = {.struct_size = sizeof a, .w = &info, .packed = packed, .x = x, .rows = 2, .n0 = 0,
+                                 .n1 = n, .y = y, .ldy = n};
+            L.d->matmul(inst.state, &a);
+            for (uint32_t j = 0; j < n; j++) {
+                cr_expect(isfinite(y[j]), "%s level %u: row 0 output %u is %g", q[fi], level, j, (double)y[j]);
+                cr_expect(isnan(y[n + j]), "%s level %u: row 1 output %u is %g, not NaN", q[fi], level, j, (double)y[n + j]);
+            }
+            free(x);
+            free(packed);
+            free(W);
+            L.d->destroy(inst.state);
+            dlclose(L.dl);
+        }
+}
+
 /* ---- errors ------------------------------------------------------------------------------------------- */
 
 Test(weight_formats, refusals_name_what_and_where) {
@@ -395,6 +570,11 @@ Test(weight_formats, refusals_name_what_and_where) {
         kvp_weight_info info = {.struct_size = sizeof info, .layer = 0, .which = KVP_MAT_ATTN_QKV, .k = 96, .n = 8};
         cr_expect_eq(L.d->packed_size(inst.state, &info), 0);
         cr_expect(strstr(f.error, "group 128 does not divide its 96 inputs"), "%s: '%s'", q[i], f.error);
+        /* the activation row is quantized into a stack buffer of WF_MAX_K inputs */
+        kvp_weight_info wide = {.struct_size = sizeof wide, .layer = 2, .which = KVP_MAT_MLP_PROJ, .k = WF_MAX_K + 128, .n = 8};
+        cr_expect_eq(L.d->packed_size(inst.state, &wide), 0);
+        cr_expect(strstr(f.error, "mlp.c_proj of layer 2: 8320 inputs") && strstr(f.error, "at most 8192 inputs"), "%s: '%s'",
+                  q[i], f.error);
         L.d->destroy(inst.state);
         dlclose(L.dl);
     }
