@@ -1,10 +1,13 @@
 /* test_sampler.c — sampling against its definitions: greedy is argmax (lowest id on ties), top-k and
  * top-p never leave their candidate sets, temperature-1 sampling follows softmax(logits) (checked
  * empirically against probabilities computed here), and a seed fixes the sequence. */
+#define _GNU_SOURCE /* qsort_r, for the whole-vocabulary reference sort */
 #include <criterion/criterion.h>
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include "helpers/test_util.h"
 #include "model/sampler.h"
 
 static kvh_sampler make(float temperature, int top_k, float top_p, uint64_t seed, int V) {
@@ -185,4 +188,100 @@ Test(sampler, top_k_keeps_ties_at_the_boundary) {
     double q[64];
     cr_assert_eq(reference(logits, 6, 1.0, 2, 1.0, q), 4);
     check_distribution(logits, 6, 1.0f, 2, 1.0f, 4);
+}
+
+/* ---- the candidate pre-selection at vocabulary size ----------------------------------------------- */
+
+static int cmp_desc(const void *a, const void *b, void *ctx) {
+    const float *p = ctx;
+    const int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    if (p[x] != p[y]) return p[x] > p[y] ? -1 : 1;
+    return (x > y) - (x < y);
+}
+
+/* The draw as the definition makes it with a whole-vocabulary sort (what sampler.c did before it
+ * pre-selected candidates): the same float probabilities, the same uniform number u in [0, 1). */
+static int32_t full_sort_draw(const float *probs, int V, int top_k, float top_p, float u) {
+    int32_t *order = malloc((size_t)V * sizeof *order);
+    cr_assert_not_null(order);
+    for (int i = 0; i < V; i++) order[i] = i;
+    qsort_r(order, (size_t)V, sizeof *order, cmp_desc, (void *)probs);
+    int keep = V;
+    if (top_k > 0 && top_k < V) {
+        keep = top_k;
+        while (keep < V && probs[order[keep]] == probs[order[keep - 1]]) keep++;
+    }
+    if (top_p < 1.0f) {
+        double mass = 0, cum = 0;
+        for (int i = 0; i < keep; i++) mass += probs[order[i]];
+        for (int i = 0; i < keep; i++) {
+            cum += probs[order[i]];
+            if (cum >= (double)top_p * mass) {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    double kept = 0, acc = 0;
+    for (int i = 0; i < keep; i++) kept += probs[order[i]];
+    const float x = u * (float)kept;
+    int32_t tok = order[keep - 1];
+    for (int i = 0; i < keep; i++) {
+        acc += probs[order[i]];
+        if (x < acc) {
+            tok = order[i];
+            break;
+        }
+    }
+    free(order);
+    return tok;
+}
+
+/* sampler.h's generator (xorshift64*, top 24 bits), stepped here from a copy of the sampler's state so
+ * the reference draws with the same u. */
+static float next_uniform(uint64_t *st) {
+    *st ^= *st >> 12;
+    *st ^= *st << 25;
+    *st ^= *st >> 27;
+    return (float)(((*st * 0x2545F4914F6CDD1Dull) >> 40) * (1.0 / 16777216.0));
+}
+
+/* GPT-2's vocabulary size, logits like a model's (a few strong candidates over a long tail) and, in every
+ * other row, logits rounded to steps of 0.25 so many tokens tie, including at the k-th place: every draw
+ * must be the token the whole-vocabulary definition gives. */
+Test(sampler, candidate_preselection_draws_what_a_full_sort_draws) {
+    const int V = 50257;
+    float *logits = malloc((size_t)V * sizeof *logits), *probs = malloc((size_t)V * sizeof *probs);
+    cr_assert(logits && probs);
+    const float temps[] = {0.5f, 0.8f, 1.5f};
+    const int ks[] = {0, 1, 5, 40, 1000};
+    const float ps[] = {1.0f, 0.95f, 0.5f, 0.1f};
+    uint64_t seed = 0x853c49e6748fea9bull;
+    int draws = 0;
+    for (int row = 0; row < 4; row++) {
+        for (int i = 0; i < V; i++) {
+            const double g = (double)(kvh_test_xorshift(&seed) >> 11) / 9007199254740992.0;
+            logits[i] = (float)(4.0 * g * g * g - 2.0) + (i % 997 == 0 ? 6.0f : 0.0f);
+            if (row % 2) logits[i] = roundf(logits[i] * 4.0f) / 4.0f;
+        }
+        for (size_t a = 0; a < sizeof temps / sizeof *temps; a++)
+            for (size_t b = 0; b < sizeof ks / sizeof *ks; b++)
+                for (size_t c = 0; c < sizeof ps / sizeof *ps; c++) {
+                    if (ks[b] == 0 && ps[c] == 1.0f) continue; /* untruncated: no candidates */
+                    kvh_sampler s = make(temps[a], ks[b], ps[c], 1000 + (uint64_t)row, V);
+                    for (int t = 0; t < 3; t++) {
+                        uint64_t st = s.rng;
+                        const int32_t got = kvh_sampler_next(&s, logits);
+                        memcpy(probs, s.probs, (size_t)V * sizeof *probs); /* the probabilities it drew from */
+                        const int32_t want = full_sort_draw(probs, V, ks[b], ps[c], next_uniform(&st));
+                        cr_assert_eq(got, want, "row %d T=%g top_k=%d top_p=%g draw %d: %d, full sort %d", row,
+                                     (double)temps[a], ks[b], (double)ps[c], t, got, want);
+                        draws++;
+                    }
+                    kvh_sampler_free(&s);
+                }
+    }
+    cr_log_info("%d draws at V = %d matched the whole-vocabulary sort", draws, V);
+    free(logits);
+    free(probs);
 }

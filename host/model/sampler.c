@@ -3,6 +3,7 @@
 #include "model/sampler.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -88,6 +89,41 @@ static void sort_by_prob(int32_t *order, int n, const float *p) {
     }
 }
 
+/* The candidates a truncated draw can pick, in `before` order, into s->order; returns how many.
+ * Sorting the whole vocabulary for every token (50,257 entries, ~20 ms) dominated a served batch's step,
+ * so only a superset of the kept tokens is sorted, chosen so that the kept set comes out the same:
+ * - top-k: the k best through a k-entry heap, then every token tied with the k-th (kept, as ties at the
+ *   boundary are);
+ * - top-p alone: every token with probability >= t = (1 - top_p) mass / (2V). The tokens below t weigh
+ *   less than V t < (1 - top_p) mass together, so the ones above weigh more than top_p mass: the
+ *   smallest prefix reaching it lies among them (the factor 2 is a margin for rounding). */
+static int sorted_candidates(kvh_sampler *s, double mass_all) {
+    const int V = s->n_vocab;
+    const float *p = s->probs;
+    int32_t *order = s->order;
+    float floor_p;
+    if (s->p.top_k > 0 && s->p.top_k < V) {
+        const int k = s->p.top_k;
+        for (int i = 0; i < k; i++) order[i] = i;
+        for (int i = k / 2 - 1; i >= 0; i--) sift_down(order, k, i, p);
+        for (int i = k; i < V; i++)
+            if (before(p, i, order[0])) {
+                order[0] = i;
+                sift_down(order, k, 0, p);
+            }
+        floor_p = p[order[0]]; /* the k-th best */
+    } else if (s->p.top_p < 1.0f) {
+        floor_p = (float)((1.0 - (double)s->p.top_p) * mass_all / (2.0 * V));
+    } else {
+        floor_p = 0.0f;
+    }
+    int n = 0;
+    for (int i = 0; i < V; i++)
+        if (p[i] >= floor_p) order[n++] = i;
+    sort_by_prob(order, n, p);
+    return n;
+}
+
 int32_t kvh_sampler_next(kvh_sampler *s, const float *logits) {
     const int V = s->n_vocab;
     if (s->p.temperature == 0.0f) return kvh_argmax(logits, V);
@@ -98,22 +134,24 @@ int32_t kvh_sampler_next(kvh_sampler *s, const float *logits) {
         s->probs[i] = expf((logits[i] - mx) * inv_t);
         sum += s->probs[i];
     }
-    for (int i = 0; i < V; i++) s->probs[i] = (float)(s->probs[i] / sum);
-    int n_keep = V;
+    double mass_all = 0.0;
+    for (int i = 0; i < V; i++) {
+        s->probs[i] = (float)(s->probs[i] / sum);
+        mass_all += s->probs[i];
+    }
     if (s->p.top_k > 0 || s->p.top_p < 1.0f) {
-        for (int i = 0; i < V; i++) s->order[i] = i;
-        sort_by_prob(s->order, V, s->probs);
         /* transformers' order (TopKLogitsWarper then TopPLogitsWarper): top-k keeps every token whose
          * probability is at least the k-th largest (ties at the boundary stay, as with its threshold
          * compare), then top-p runs on the probabilities renormalized over that set: a token stays while
          * the mass of the tokens before it is below top_p (the smallest prefix reaching top_p). */
-        if (s->p.top_k > 0 && s->p.top_k < n_keep) {
-            n_keep = s->p.top_k;
-            while (n_keep < V && s->probs[s->order[n_keep]] == s->probs[s->order[n_keep - 1]]) n_keep++;
-        }
+        int n_keep = sorted_candidates(s, mass_all);
+        const bool top_k_on = s->p.top_k > 0 && s->p.top_k < V;
         if (s->p.top_p < 1.0f) {
-            double mass = 0.0;
-            for (int i = 0; i < n_keep; i++) mass += s->probs[s->order[i]];
+            double mass = mass_all; /* without top-k the renormalizing set is the whole vocabulary */
+            if (top_k_on) {
+                mass = 0.0;
+                for (int i = 0; i < n_keep; i++) mass += s->probs[s->order[i]];
+            }
             double cum = 0.0;
             for (int i = 0; i < n_keep; i++) {
                 cum += s->probs[s->order[i]];
