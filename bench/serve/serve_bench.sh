@@ -9,7 +9,7 @@
 #
 # usage: bench/serve/serve_bench.sh [OUT.jsonl]
 # env:   CLIENTS (8) DURATION (60) MAX_TOKENS (64) PROMPT_IDS (64) THREADS (2) ROUNDS (3) PORT (8090)
-#        NICE (0: the servers' and client's nice level)
+#        NICE (0: the servers' and client's nice level) KVHOST_COMMIT (recorded; default: HEAD)
 #        KVHOST (build/kvhost) MODEL (/work/peers/models/gpt2-medium-seed1234)
 #        LLAMA_SERVER (/work/peers/llama.cpp/build/bin/llama-server)
 #        GGUF (/work/peers/gguf/gpt2-medium-seed1234-f32.gguf)
@@ -23,7 +23,8 @@ KVHOST=${KVHOST:-build/kvhost}
 MODEL=${MODEL:-/work/peers/models/gpt2-medium-seed1234}
 LLAMA_SERVER=${LLAMA_SERVER:-/work/peers/llama.cpp/build/bin/llama-server}
 GGUF=${GGUF:-/work/peers/gguf/gpt2-medium-seed1234-f32.gguf}
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# the commit KVHOST was built from (KVHOST_COMMIT), else the checkout's HEAD
+commit=${KVHOST_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 pid=""
 cleanup() { if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi; }
 trap cleanup EXIT
