@@ -10,7 +10,8 @@
 #   War of the Worlds and of WikiText-2 test: teacher-forced perplexity, and streaming KL / top-1 against
 #   the fp32 weights. smoothquant's statistics (kvhost calibrate) come from the other text.
 #
-# usage: bench/weights_bench.sh [BUILD_DIR]      env: ROUNDS (default 3), OUT (default docs/results/weights)
+# usage: bench/weights_bench.sh [BUILD_DIR]      env: ROUNDS (default 3), OUT (default docs/results/weights),
+#        FORMATS (default "fp32 f16 bf16 w8 w4 smoothquant"; keep fp32 in it: the ratios are against it)
 # Writes OUT/weights.jsonl (raw records, appended) and OUT/README.md (tables, via bench/report_weights.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ WORK=${KVH_BENCH_DIR:-/tmp/kvh-bench}
 CKPT=${CKPT:-$WORK/gpt2-medium-seed1234}
 TINY=../shared/models/gpt2-tiny-wt
 RUN=$WORK/weights-$(date +%s).jsonl
-FORMATS="fp32 f16 bf16 w8 w4 smoothquant"
+FORMATS=${FORMATS:-"fp32 f16 bf16 w8 w4 smoothquant"}
 WOTW=../shared/data/books/war-of-the-worlds.txt
 WIKI=../shared/data/wikitext-2-raw/wiki.test.raw
 mkdir -p "$WORK" "$OUT"
@@ -39,7 +40,9 @@ plugins_for() { # FORMAT [CALIBRATION]
     *) echo "--plugins $1.so" ;;
   esac
 }
-"$BUILD/kvhost" calibrate --model "$CKPT" --text-file "$WIKI" --max-tokens 2048 --out "$WORK/medium-wiki.kvcal" > /dev/null
+case " $FORMATS " in *" smoothquant "*)
+  "$BUILD/kvhost" calibrate --model "$CKPT" --text-file "$WIKI" --max-tokens 2048 --out "$WORK/medium-wiki.kvcal" > /dev/null ;;
+esac
 load() { cut -d' ' -f1 /proc/loadavg; }
 
 for round in $(seq 1 "$ROUNDS"); do

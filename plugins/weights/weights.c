@@ -1,7 +1,8 @@
 /* weights.c — the f16.so, bf16.so, w8.so and w4.so weight-format plugins (SDK role KVP_ROLE_WEIGHTS,
  * ABI 1.3): one source built four times (CMakeLists.txt), WF_KIND and WF_NAME picking the format.
  * Owns: parameters and their validation, packing a matrix (gathering input-major columns into packed
- * output rows), choosing the kernel build from host->cpu_level. Does not own: the formats (wformat.h),
+ * output rows), choosing the kernel build from host->cpu_level (and, at AVX-512, whether the CPU has VNNI
+ * for w8/w4's integer products). Does not own: the formats (wformat.h),
  * the kernels (wformat_kernels.c), where packed bytes live or which layers use the format (the host). */
 #include <kvp/kvp.h>
 #include <math.h>

@@ -1,11 +1,12 @@
 /* wformat_kernels.c — y += x · W over the packed formats (see wformat_kernels.h for the contract).
  *
- * Both builds walk the inputs 32 at a time: decode 32 weights of an output to fp32 (exactly the values of
- * wf_unpack_row), multiply-add them with the same 32 inputs of every row into that (row, output)'s own
- * accumulator, and sum the accumulator at the end. Decode is bandwidth-bound at one row (every weight is
- * read once per token), so the formats that read fewer bytes decode faster; the AVX-512 build takes four
- * outputs at a time (four weight streams, each decoded once for up to four rows); the AVX2 build, with
- * half the registers, four outputs for one row at a time. */
+ * f16/bf16: every build walks the inputs 32 at a time: decode 32 weights of an output to fp32 (exactly the
+ * values of wf_unpack_row), multiply-add them with the same 32 inputs of every row into that (row,
+ * output)'s own accumulator, and sum the accumulator at the end. The AVX-512 build takes four outputs at a
+ * time (four weight streams, each decoded once for up to four rows); the AVX2 build, with half the
+ * registers, four outputs for one row at a time.
+ * w8/w4 (second half of the file): integer products over the row quantized per 32 inputs, in a portable,
+ * an AVX2 and an AVX-512 VNNI build; docs/weights.md "How the products run" explains them. */
 #include "wformat_kernels.h"
 
 #include "wformat_act.h"
@@ -353,6 +354,9 @@ AVX2I static void int_avx2(wf_spec s, uint32_t k, const uint8_t *packed, const f
  * and 8-11 are A's. A last odd block runs as a 256-bit vpdpbusd. Scales: 16 blocks at a time, dw (16 fp16
  * loaded and widened, spread over the blocks by a table when the group is wider than 32) times d_b, each
  * pair's two scales spread over its lanes by a permute. Up to four rows by four outputs at a time. */
+#ifndef WF_PF_GROUPS
+#define WF_PF_GROUPS 2
+#endif
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")))
 
 typedef struct scale_tab { /* per chunk of 16 blocks: which weight scales, and which lane takes which */
@@ -414,7 +418,12 @@ VNNI static INLINE void int_block_vnni(uint32_t kind, uint32_t k, uint32_t G, co
             const uint32_t blk = b0 + 2u * p;
             const __m512i pidx = _mm512_add_epi32(base, _mm512_set1_epi32((int)(2u * p)));
             __m512i w[4];
-            for (int o = 0; o < JB; o++) w[o] = w512(kind, codes[o], blk);
+            for (int o = 0; o < JB; o++) {
+#if WF_PF_GROUPS
+                _mm_prefetch((const char *)(row[o] + WF_PF_GROUPS * 4u * rb) + 2u * ng + (kind == WF_W8 ? 32u : 16u) * blk, _MM_HINT_T0);
+#endif
+                w[o] = w512(kind, codes[o], blk);
+            }
             for (int r = 0; r < RB; r++) {
                 const size_t ro = (size_t)r * WF_MAX_K; /* this chunk's row r */
                 const __m512i a = _mm512_load_si512(qa + ro + 32u * blk);
