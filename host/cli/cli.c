@@ -161,6 +161,14 @@ int kvh_cli_common_parse(kvh_cli_common *c, int argc, char **argv, int *i, kvh_e
     return 1;
 }
 
+int kvh_cli_start_config(const char *command, const kvh_cli_common *c, kvh_run_config *cfg) {
+    kvh_err err = {{0}};
+    if (kvh_cli_build_config(c, cfg, &err) == 0) return 0;
+    fprintf(stderr, "kvhost %s: %s\n", command, err.msg);
+    kvh_config_free(cfg);
+    return 2;
+}
+
 int kvh_cli_build_config(const kvh_cli_common *c, kvh_run_config *cfg, kvh_err *err) {
     kvh_config_defaults(cfg);
     if (c->json_path && kvh_cli_check_output("--json", c->json_path, false, err) != 0) return -1;

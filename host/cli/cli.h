@@ -64,6 +64,9 @@ int kvh_cli_parse_int(const char *text, long lo, long hi, long *out);
  * --threads override the file. Also checks that --json's file can be written (kvh_cli_check_output), so a
  * bad path is reported before the run, not after it. */
 int kvh_cli_build_config(const kvh_cli_common *c, kvh_run_config *cfg, kvh_err *err);
+/* kvh_cli_build_config for a command's first step: 0, or, on an error, prints "kvhost COMMAND: <why>" to
+ * stderr, frees cfg and returns 2 (the command's exit status for a bad option or run file). */
+int kvh_cli_start_config(const char *command, const kvh_cli_common *c, kvh_run_config *cfg);
 
 /* Resolved settings after build_config. */
 const char *kvh_cli_model_spec(const kvh_cli_common *c, const kvh_run_config *cfg);

@@ -101,11 +101,7 @@ int kvh_cmd_calibrate(int argc, char **argv) {
     size_t n_ids = 0;
     float *logits = NULL, *scratch = NULL;
 
-    if (kvh_cli_build_config(&a.common, &cfg, &err) != 0) {
-        fprintf(stderr, "kvhost calibrate: %s\n", err.msg);
-        kvh_config_free(&cfg);
-        return 2;
-    }
+    if (kvh_cli_start_config("calibrate", &a.common, &cfg) != 0) return 2;
     if (kvh_cli_check_output("--out", a.out, true, &err) != 0) {
         fprintf(stderr, "kvhost calibrate: %s\n", err.msg);
         kvh_config_free(&cfg);
@@ -128,10 +124,11 @@ int kvh_cmd_calibrate(int argc, char **argv) {
         kvh_fail(&err, "%s: %zu token(s); calibration needs at least 2", a.text_file, n_ids);
         goto fail;
     }
-    kvh_session_options so = kvh_session_default_options();
-    so.backend = kvh_cli_backend(&a.common, &cfg);
-    so.threads = kvh_cli_threads(&a.common, &cfg);
-    so.plugin_path = a.common.plugin_path;
+    /* the fp32 model over the whole text: no plugins, no calibration, no --no-cache or --mem-limit */
+    kvh_session_options so = kvh_cli_session_options(&a.common, &cfg, 1);
+    so.no_cache = false;
+    so.kv_mem_limit = 0;
+    so.calibration = NULL;
     if (kvh_session_create(&sess, &model, NULL, &so, &err) != 0) goto fail;
     if (strcmp(sess->backend->ops->name, "cpu") != 0) {
         kvh_fail(&err, "calibration runs on the cpu backend only (got %s). HINT: --backend cpu", sess->backend->ops->name);

@@ -262,11 +262,7 @@ int kvh_cmd_compare(int argc, char **argv) {
     int32_t *ids = NULL;
     int n_ids = 0;
     side base = {.label = "baseline"}, other = {.label = a.common.no_cache ? "no-cache" : "stack"};
-    if (kvh_cli_build_config(&a.common, &cfg, &err) != 0) {
-        fprintf(stderr, "kvhost compare: %s\n", err.msg);
-        kvh_config_free(&cfg);
-        return 2;
-    }
+    if (kvh_cli_start_config("compare", &a.common, &cfg) != 0) return 2;
     const char *spec = kvh_cli_model_spec(&a.common, &cfg);
     const char *backend = kvh_cli_backend(&a.common, &cfg);
     int threads = kvh_cli_threads(&a.common, &cfg);

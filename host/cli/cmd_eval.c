@@ -424,14 +424,7 @@ static int run_task(const eval_args *a, const kvh_run_config *cfg, const kvh_mod
         goto out;
     }
 
-    kvh_session_options so = kvh_session_default_options();
-    so.backend = backend;
-    so.threads = threads;
-    so.n_seq = 1;
-    so.no_cache = a->common.no_cache;
-    so.kv_mem_limit = a->common.mem_limit;
-    so.plugin_path = a->common.plugin_path;
-    so.calibration = cfg->calibration;
+    kvh_session_options so = kvh_cli_session_options(&a->common, cfg, 1);
     if (kvh_session_create(&sess, model, cfg, &so, err) != 0) goto out;
     kvh_session_options fo = so;
     fo.no_cache = false;
@@ -491,11 +484,7 @@ int kvh_cmd_eval(int argc, char **argv) {
     int32_t *ids = NULL;
     size_t n_ids = 0;
 
-    if (kvh_cli_build_config(&a.common, &cfg, &err) != 0) {
-        fprintf(stderr, "kvhost eval: %s\n", err.msg);
-        kvh_config_free(&cfg);
-        return 2;
-    }
+    if (kvh_cli_start_config("eval", &a.common, &cfg) != 0) return 2;
     const char *spec = kvh_cli_model_spec(&a.common, &cfg);
     const char *backend = kvh_cli_backend(&a.common, &cfg);
     int threads = kvh_cli_threads(&a.common, &cfg);
@@ -532,14 +521,7 @@ int kvh_cmd_eval(int argc, char **argv) {
         goto fail;
     }
 
-    kvh_session_options so = kvh_session_default_options();
-    so.backend = backend;
-    so.threads = threads;
-    so.n_seq = 1;
-    so.no_cache = a.common.no_cache;
-    so.kv_mem_limit = a.common.mem_limit;
-    so.plugin_path = a.common.plugin_path;
-    so.calibration = cfg.calibration;
+    kvh_session_options so = kvh_cli_session_options(&a.common, &cfg, 1);
     if (kvh_session_create(&sess, &model, &cfg, &so, &err) != 0) goto fail;
 
     printf("kvhost eval: %s on %s, %zu of %zu tokens, ctx %d, plugins: %s\n\n", model.name, a.text_file, n_ids,

@@ -138,11 +138,7 @@ int kvh_cmd_logits(int argc, char **argv) {
     size_t text_len = 0, n = 0;
     int32_t *ids = NULL;
     float *logits = NULL;
-    if (kvh_cli_build_config(&a.common, &cfg, &err) != 0) {
-        fprintf(stderr, "kvhost logits: %s\n", err.msg);
-        kvh_config_free(&cfg);
-        return 2;
-    }
+    if (kvh_cli_start_config("logits", &a.common, &cfg) != 0) return 2;
     if (a.prompt_file && kvh_read_text(a.prompt_file, MAX_PROMPT_FILE_BYTES, &text, &text_len, &err) != 0) goto fail;
     if (kvh_cli_load_model(kvh_cli_model_spec(&a.common, &cfg), &model, &tok, &err) != 0) goto fail;
     if (model.is_random)
