@@ -177,7 +177,8 @@ Test(engine, prefix_sharing_reuses_blocks_with_the_same_logits_for_every_stack) 
         /* one request per step: all but those admitted while the first still prefills find its prefix */
         kvh_engine_stats a = run_jobs(&m, &cfg, &on, 16, 0, jobs, 10, 1, &g_a, reason, sizeof reason, NULL);
         kvh_engine_stats b = run_jobs(&m, &cfg, &off, 16, 0, jobs, 10, 1, &g_b, NULL, 0, NULL);
-        const bool exact_stack = !stacks[i][0] || strcmp(stacks[i], "w8.so") == 0;
+        const bool exact_stack = !stacks[i][0] || strcmp(stacks[i], "w8.so") == 0 || strcmp(stacks[i], "int8.so") == 0 ||
+                                 strcmp(stacks[i], "int4.so") == 0; /* self-contained slots (SDK 1.4) */
         if (exact_stack) {
             cr_assert_str_empty(reason, "stack '%s': sharing off: %s", stacks[i], reason);
             cr_assert_geq(a.prompt_tokens_shared, 8u * 64, "stack '%s': only %llu prompt tokens shared", stacks[i],
@@ -191,6 +192,50 @@ Test(engine, prefix_sharing_reuses_blocks_with_the_same_logits_for_every_stack) 
         tokens_equal(&g_a, &g_b, jobs, 10, stacks[i]);
         const double d = max_abs_diff(&g_a, &g_b, jobs, 10);
         cr_assert_leq(d, 1e-4, "stack '%s': logits with sharing differ by %g", stacks[i], d);
+        kvh_config_free(&cfg);
+    }
+    kvh_model_free(&m);
+}
+
+/* int8/int4 declare self-contained slots (KVP_STORE_SELF_CONTAINED): their prompt blocks are shared,
+ * exactly, in every format; KIVI (groups of tokens share a scale; slots are handles) is refused. */
+Test(engine, prefix_sharing_is_exact_for_self_contained_quantized_slots) {
+    kvh_model m = small_model();
+    static const struct {
+        const char *plugins, *set;
+        bool shares;
+    } cases[] = {{"int8.so", NULL, true},
+                 {"int4.so", NULL, true},
+                 {"int8.so", "int8.asymmetric=true", true},
+                 {"int4.so", "int4.group=8", true},
+                 {"int4.so", "int4.kivi=true", false}};
+    job jobs[8];
+    make_jobs(jobs, 8, 56, 23);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        kvh_run_config cfg;
+        const char *sets[] = {cases[i].set};
+        make_config(&cfg, cases[i].plugins, sets, cases[i].set ? 1 : 0);
+        kvh_engine_options on = {.max_seqs = 5, .step_tokens = 40, .prefix_sharing = true, .check_invariants = true};
+        kvh_engine_options off = on;
+        off.prefix_sharing = false;
+        char reason[256];
+        const char *name = cases[i].set ? cases[i].set : cases[i].plugins;
+        for (uint32_t bs = 4; bs <= 16; bs *= 4) {
+            kvh_engine_stats a = run_jobs(&m, &cfg, &on, bs, 0, jobs, 8, 1, &g_a, reason, sizeof reason, NULL);
+            kvh_engine_stats b = run_jobs(&m, &cfg, &off, bs, 0, jobs, 8, 1, &g_b, NULL, 0, NULL);
+            if (cases[i].shares) {
+                cr_assert_str_empty(reason, "%s: sharing off: %s", name, reason);
+                cr_assert_geq(a.prompt_tokens_shared, 4u * 48, "%s, blocks of %u: only %llu prompt tokens shared", name,
+                              (unsigned)bs, (unsigned long long)a.prompt_tokens_shared);
+                cr_assert_eq(a.prompt_tokens_computed + a.prompt_tokens_shared, b.prompt_tokens_computed);
+            } else {
+                cr_assert(strstr(reason, "self-contained") != NULL, "%s: reason '%s'", name, reason);
+                cr_assert_eq(a.prompt_tokens_shared, 0u);
+            }
+            tokens_equal(&g_a, &g_b, jobs, 8, name);
+            const double d = max_abs_diff(&g_a, &g_b, jobs, 8);
+            cr_assert_leq(d, 1e-4, "%s, blocks of %u: logits with sharing differ by %g", name, (unsigned)bs, d);
+        }
         kvh_config_free(&cfg);
     }
     kvh_model_free(&m);

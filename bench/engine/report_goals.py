@@ -12,6 +12,7 @@ Sections (each only when its records are present):
             preemptions, each against the full fp32 cache
 Standard library only.
 """
+import datetime
 import json
 import os
 import statistics
@@ -128,11 +129,25 @@ def main():
     for r in rep:
         if "capacity-" in os.path.basename(r.get("trace", "")):
             caps.setdefault((r["trace"], r["engine"]["kv_mem_limit"]), []).append(r)
+    # one table per session of the script: a rerun (records more than 30 min after the previous one of the
+    # same trace and cap) gets its own table and its own full-cache baseline
+    runs = []
     for (trace, _), cap in caps.items():
+        cur, last = [], None
+        for r in cap:
+            t = datetime.datetime.strptime(r.get("time_utc", "1970-01-01T00:00:00Z"), "%Y-%m-%dT%H:%M:%SZ")
+            if cur and (t - last).total_seconds() > 1800:
+                runs.append((trace, cur))
+                cur = []
+            cur.append(r)
+            last = t
+        runs.append((trace, cur))
+    for trace, cap in runs:
+        commit = cap[0].get("commit", "?")
         base = next((r for r in cap if stack_name(r) == "full fp32 cache"), None)
         r0 = cap[0]
         md += [f"## Capacity under a fixed KV memory cap: {r0['requests']} long-context requests, "
-               f"{r0['engine']['kv_mem_limit'] / 2**20:.0f} MiB", "",
+               f"{r0['engine']['kv_mem_limit'] / 2**20:.0f} MiB (build {commit}, {r0.get('time_utc', '?')[:10]})", "",
                f"`kvhost replay {os.path.basename(trace)}`: {r0['requests']} requests arriving at once, prompts "
                f"850..950 tokens, 64 new tokens each, model {r0['model']['name']}, KV cap "
                f"{r0['engine']['kv_mem_limit'] / 2**20:.0f} MiB, max_seqs {r0['engine']['max_seqs']}, step_tokens "
