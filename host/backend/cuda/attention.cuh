@@ -4,7 +4,9 @@
  * live slot of its split once; no T x T matrix is ever stored), the combine kernel that merges the splits
  * and writes the fp16 output and the per-row softmax statistics, and the score kernel that adds the final
  * probabilities to the device accumulators for layers whose policy asks (same rules as backend_cpu.c
- * accumulate_scores). Causal masking by position: slot j is visible to a query iff pos[j] <= query pos.
+ * accumulate_scores), and the report kernel that writes the probabilities a score-report policy reads (ABI
+ * 1.3: decode rows, prefill column sums reduced on the device plus the last report_rows rows) for the host
+ * to copy off. Causal masking by position: slot j is visible to a query iff pos[j] <= query pos.
  * The partial and score kernels are templates on the layer's slot format <BITS, ASYM> (BITS 16: dense
  * fp16; 8 / 4: packed, ASYM its asymmetric flag), chosen per layer by the launchers; the format's
  * runtime fields (group, header, slot_bytes) come by value in a kvh_cuda_kvfmt.
@@ -229,6 +231,54 @@ __global__ void __launch_bounds__(ATTN_THREADS) attn_scores_kernel(
     }
 }
 
+/* grid (B, NH, G), block ATTN_THREADS. The score report (ABI 1.3) of one (entry, head) of a layer whose
+ * policy asked, in the layout of kvcache.h kvh_report_col / kvh_report_row at drep + hd.rep: a decode
+ * entry (T == 1) writes its one row; a prefill block (T > 1) the column sums over its T queries, then the
+ * rows of its last R = min(T, report_rows) queries. p_j = e^(s_j - M) / L with the row's statistics from
+ * the combine kernel (the probabilities attention used), 0 where slot j is after the query (masked). Each
+ * thread owns one slot of a tile (tiles grid-strided over the G blocks of the head) and walks the entry's
+ * queries in order, so a column sum is reduced on the device in the CPU's order, without atomics, and
+ * never more than n + R * n floats per head leave the device (no T x T matrix). */
+template <int BITS, int ASYM>
+__global__ void __launch_bounds__(ATTN_THREADS) attn_report_kernel(
+    float *drep, const float *stat, const __half *q, const cuda_row *rows, const cuda_entry *entries,
+    const cuda_head *heads, const int32_t *dpos, int C, int HS, int NH, int L, int l, int n_ctx, float scale,
+    int report_rows, const kvh_cuda_kvfmt f) {
+    __shared__ float qs[ATTN_MAX_HS];
+    __shared__ float qg[ATTN_MAX_HS];
+    const int b = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+    const cuda_entry ent = entries[b];
+    const cuda_head hd = heads[b * NH + h];
+    const int32_t *pos = dpos + cuda_meta_index(ent.seq, l, h, 0, L, NH, n_ctx);
+    const int T = ent.T;
+    const int R = T < report_rows ? T : report_rows;
+    const uint32_t n = hd.n;
+    float *out = drep + hd.rep;
+    /* tile and t loops are block-uniform: every thread reaches load_query's barriers */
+    for (uint32_t tile = blockIdx.z * ATTN_THREADS; tile < n; tile += gridDim.z * ATTN_THREADS) {
+        const uint32_t j = tile + (uint32_t)tid;
+        const bool live = j < n;
+        const int32_t pj = live ? pos[j] : 0;
+        float col = 0.0f;
+        for (int t = 0; t < T; t++) {
+            const int r = ent.row0 + t;
+            load_query<BITS>(qs, qg, q, r, h, C, HS, f);
+            if (live) {
+                float p = 0.0f;
+                if (pj <= rows[r].pos) {
+                    const float M = stat[((size_t)r * NH + h) * 2];
+                    const float inv = 1.0f / stat[((size_t)r * NH + h) * 2 + 1];
+                    p = expf(kv_dot<BITS, ASYM>(qs, qg, hd.k, j, HS, f) * scale - M) * inv;
+                }
+                if (T > 1) col += p;
+                if (t >= T - R) out[(T > 1 ? (size_t)(1 + t - (T - R)) * n : 0) + j] = p;
+            }
+            __syncthreads(); /* qs / qg are rewritten for the next query */
+        }
+        if (live && T > 1) out[j] = col;
+    }
+}
+
 /* ================================ launchers ================================ */
 
 /* Splits along the context so that R*NH*S blocks fill the device (about 4 blocks per multiprocessor),
@@ -287,6 +337,28 @@ static int launch_attn_scores(cudaStream_t st, float *dscore, float *dobs, const
     KV_FORMAT_DISPATCH(f, ATTN_SCORES);
 #undef ATTN_SCORES
     KVH_CUDA_LAUNCHED(err, "attn_scores_kernel");
+    return 0;
+}
+
+/* Blocks per (entry, head) of the report kernel: one per 128-slot tile of the longest head (n_max; n_ctx in
+ * a captured graph), at most 64 (the kernel strides over the rest). */
+static int attn_report_blocks(uint32_t n_max) {
+    uint32_t g = (n_max + ATTN_THREADS - 1) / ATTN_THREADS;
+    return g < 1 ? 1 : g > 64 ? 64 : (int)g;
+}
+
+/* The score report of one layer whose policy asked, B entries, G blocks per (entry, head). */
+static int launch_attn_report(cudaStream_t st, float *drep, const float *stat, const __half *q, const cuda_row *rows,
+                              const cuda_entry *entries, const cuda_head *heads, const int32_t *dpos, int B, int C,
+                              int HS, int NH, int L, int l, int n_ctx, int G, int report_rows,
+                              const kvh_cuda_kvfmt &f, kvh_err *err) {
+    const float scale = 1.0f / sqrtf((float)HS);
+#define ATTN_REPORT(B_, A_)                                                                                         \
+    attn_report_kernel<B_, A_><<<dim3(B, NH, G), ATTN_THREADS, 0, st>>>(drep, stat, q, rows, entries, heads, dpos, C, \
+                                                                      HS, NH, L, l, n_ctx, scale, report_rows, f)
+    KV_FORMAT_DISPATCH(f, ATTN_REPORT);
+#undef ATTN_REPORT
+    KVH_CUDA_LAUNCHED(err, "attn_report_kernel");
     return 0;
 }
 

@@ -5,7 +5,9 @@
  * Owns: the device weight arenas, the activation workspace, the device memory of K/V slots (a pooled
  * allocator handed to the cache as its kvh_kv_memory, with compaction copies batched into one launch),
  * the device copies of slot positions and score accumulators (synced with the host metadata only around
- * evictions: before_evict / after_evict), the CUDA graph of a decode step, and logits back to the host.
+ * evictions: before_evict / after_evict), the CUDA graph of a decode step, logits back to the host, and
+ * for layers whose policy asked (ABI 1.3) the score reports back to the host, then the policy's insert and
+ * score_report hooks, layer by layer, after the step.
  * Does not own: which tokens are evicted (policy plugins, CPU-side), the cache's host metadata
  * (kvcache.c), sampling (the decode loop samples on the host).
  * Shapes: B entries, R = Ttot rows, C, NH, HS, F, V, L, P as in model.h. */
@@ -18,6 +20,7 @@
 #include "common.cuh"
 #include "layers.cuh"
 #include "quant.cuh"
+#include "report.h"
 #include "tables.cuh"
 
 extern "C" {
@@ -249,10 +252,18 @@ typedef struct cuda_backend {
     /* CUDA graph of a decode step (every entry with one token) */
     bool graphs;        /* enabled (KVH_CUDA_GRAPH=0 disables) */
     cudaGraphExec_t gexec;
-    int g_B, g_S, g_all;
+    int g_B, g_S, g_G, g_all;
     int *g_seq;         /* [g_B] */
     uint64_t g_gen;
     const kvh_kvcache *g_cache;
+
+    /* score reports (ABI 1.3) of the layers whose policy asked: attn_report_kernel writes them into drep
+     * (offsets in the heads table), one transfer per forward brings them to hrep, the host then hands each
+     * layer's to the cache's report buffers and the policy. Grown (never shrunk) like the workspace. */
+    float *drep;        /* device [rep_cap] */
+    float *hrep;        /* pinned host [rep_cap] */
+    size_t rep_cap;     /* floats */
+    kvh_cuda_report_stats rep_stats;
 
     bool phases;        /* KVH_CUDA_PHASES=1: synchronize at phase boundaries to fill be->times */
     int32_t *pos_scratch; /* host [pos_cap] positions of one entry's new tokens */
@@ -394,6 +405,29 @@ static int tables_reserve(cuda_backend *cb, size_t bytes, kvh_err *err) {
     return 0;
 }
 
+/* Report buffers for `floats` floats (device and pinned host). A move bumps ws_gen (graphs re-capture). */
+static int report_reserve(cuda_backend *cb, size_t floats, kvh_err *err) {
+    if (floats <= cb->rep_cap) return 0;
+    KVH_CUDA_CHECK(err, cudaStreamSynchronize(cb->st));
+    size_t nf = floats * 2 < 4096 ? 4096 : floats * 2;
+    if (cb->hrep) cudaFreeHost(cb->hrep);
+    cb->hrep = NULL;
+    dfree(&cb->drep);
+    cb->rep_cap = 0;
+    cb->ws_gen++;
+    KVH_CUDA_CHECK(err, cudaMallocHost((void **)&cb->hrep, nf * sizeof(float)));
+    DALLOC(err, cb->drep, nf * sizeof(float));
+    cb->rep_cap = nf;
+    return 0;
+}
+
+/* Floats of the score report of one (entry, head) with n live slots and T queries (kvcache.h layout). */
+static size_t report_floats(uint32_t n, int T, uint32_t report_rows) {
+    if (T == 1) return n;
+    const uint32_t R = (uint32_t)T < report_rows ? (uint32_t)T : report_rows;
+    return (size_t)n * (1 + (size_t)R);
+}
+
 /* Device metadata for the cache's shape; allocated on first use (the cache is made after the backend). */
 static int meta_reserve(cuda_backend *cb, const kvh_kvcache *cache, kvh_err *err) {
     bool any_score = false, any_obs = false;
@@ -468,7 +502,7 @@ static int phase_end(cuda_backend *cb, uint64_t *acc, uint64_t *t, kvh_err *err)
 /* Everything from the embedding to the device logits, in stream order: launched eagerly or captured into a
  * graph (no host synchronization in here unless phases are timed, which disables graphs). */
 static int launch_step(kvh_backend *be, const kvh_kvcache *cache, const tab_layout *tl, const kvh_batch *batch,
-                       int R, int n_out, int S, kvh_err *err) {
+                       int R, int n_out, int S, int G, kvh_err *err) {
     cuda_backend *cb = (cuda_backend *)be->impl;
     const kvh_model_config *cfg = &cb->model->cfg;
     const int C = cfg->n_embd, NH = cfg->n_head, HS = C / NH, F = cfg->n_inner, V = cfg->n_vocab, L = cfg->n_layer;
@@ -517,6 +551,12 @@ static int launch_step(kvh_backend *be, const kvh_kvcache *cache, const tab_layo
                                          (int)(ls->obs_window > (uint32_t)INT32_MAX ? INT32_MAX : ls->obs_window),
                                          fmt, err) != 0)
             return -1;
+        /* the policy reads this step's probabilities (ABI 1.3): only its layers launch anything */
+        if (ls->report && launch_attn_report(cb->st, cb->drep, cb->stat, cb->q, rows, entries, hl, cb->dpos, B, C, HS,
+                                             NH, L, l, cache->n_ctx, G,
+                                             (int)(ls->report_rows > (uint32_t)INT32_MAX ? INT32_MAX : ls->report_rows),
+                                             fmt, err) != 0)
+            return -1;
         if (phase_end(cb, &be->times.attn_core, &t, err) != 0) return -1;
         if (gemm(cb, cb->x, cb->att, w->proj_w, R, C, C, 1.0f, err) != 0) return -1; /* residual: beta = 1 */
         if (phase_end(cb, &be->times.attn_proj, &t, err) != 0) return -1;
@@ -548,9 +588,9 @@ static void graph_drop(cuda_backend *cb) {
     cb->g_B = 0;
 }
 
-static bool graph_matches(const cuda_backend *cb, const kvh_kvcache *cache, const kvh_batch *batch, int S) {
+static bool graph_matches(const cuda_backend *cb, const kvh_kvcache *cache, const kvh_batch *batch, int S, int G) {
     if (!cb->gexec || cb->g_B != batch->n || cb->g_all != (int)batch->all_logits || cb->g_gen != cb->ws_gen ||
-        cb->g_cache != cache || cb->g_S != S)
+        cb->g_cache != cache || cb->g_S != S || cb->g_G != G)
         return false;
     for (int b = 0; b < batch->n; b++)
         if (cb->g_seq[b] != batch->seq[b]) return false;
@@ -560,12 +600,12 @@ static bool graph_matches(const cuda_backend *cb, const kvh_kvcache *cache, cons
 /* Captures launch_step into a graph for this decode batch shape. Returns 0 with cb->gexec set, 1 when capture
  * is not possible here (graphs are then switched off for this backend), -1 on a real error. */
 static int graph_capture(kvh_backend *be, const kvh_kvcache *cache, const tab_layout *tl, const kvh_batch *batch,
-                         int R, int n_out, int S, kvh_err *err) {
+                         int R, int n_out, int S, int G, kvh_err *err) {
     cuda_backend *cb = (cuda_backend *)be->impl;
     graph_drop(cb);
     KVH_CUDA_CHECK(err, cudaStreamBeginCapture(cb->st, cudaStreamCaptureModeThreadLocal));
     kvh_err cap_err;
-    int rc = launch_step(be, cache, tl, batch, R, n_out, S, &cap_err);
+    int rc = launch_step(be, cache, tl, batch, R, n_out, S, G, &cap_err);
     cudaGraph_t g = NULL;
     cudaError_t e = cudaStreamEndCapture(cb->st, &g);
     if (rc != 0 || e != cudaSuccess || !g) {
@@ -593,6 +633,38 @@ static int graph_capture(kvh_backend *be, const kvh_kvcache *cache, const tab_la
     cb->g_gen = cb->ws_gen;
     cb->g_cache = cache;
     cb->g_S = S;
+    cb->g_G = G;
+    return 0;
+}
+
+/* The ABI 1.3 policy hooks of a finished step, in the order kvp.h promises (layers 0..L-1; within a layer
+ * insert() for every entry, then score_report() for every entry), which is the CPU backend's order: the
+ * device ran the whole step first, but neither hook sees device state, and each layer's host metadata is
+ * what it was right after that layer's attention (appended before the step, untouched since). Each
+ * reporting layer's reports are copied from hrep into the cache's per-(seq, head) report buffers, shared by
+ * all layers; kvh_kvcache_reserve with no extra slot points the layer's heads at them again (a later
+ * layer's reserve may have moved them). qpos: the entry's query positions (next_pos is not advanced yet). */
+static int deliver_hooks(cuda_backend *cb, kvh_kvcache *cache, const kvh_batch *batch, const cuda_head *hh,
+                         kvh_err *err) {
+    const int L = cache->n_layer, NH = cache->n_head, B = batch->n;
+    for (int l = 0; l < L; l++) {
+        const kvh_layer_policy_settings *ls = &cache->layer[l];
+        if (ls->policy_insert)
+            for (int b = 0; b < B; b++)
+                if (ls->policy_insert(ls->policy_ctx, cache, batch->seq[b], l, batch->n_tokens[b], err) != 0) return -1;
+        if (!ls->report) continue;
+        for (int b = 0; b < B; b++) {
+            const int s = batch->seq[b], T = batch->n_tokens[b];
+            if (kvh_kvcache_reserve(cache, s, l, 0, err) != 0) return -1;
+            for (int h = 0; h < NH; h++) {
+                kvh_head_cache *hc = kvh_kvcache_head(cache, s, l, h);
+                const cuda_head *d = &hh[((size_t)l * B + b) * NH + h];
+                memcpy(hc->report, cb->hrep + d->rep, report_floats(d->n, T, ls->report_rows) * sizeof(float));
+            }
+            for (int t = 0; t < T; t++) cb->pos_scratch[t] = cache->next_pos[s] + t;
+            if (ls->policy_report(ls->policy_ctx, cache, s, l, T, cb->pos_scratch, err) != 0) return -1;
+        }
+    }
     return 0;
 }
 
@@ -658,12 +730,6 @@ static int cuda_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *ba
         if (T != 1) all_decode = false;
     }
     const int n_out = batch->all_logits ? (int)R : B;
-    /* ABI 1.3 policy hooks read attention rows and slot metadata on the host; copying rows off the device
-     * for those layers is not written yet, so refuse rather than run the policy blind. */
-    for (int l = 0; l < cache->n_layer; l++)
-        if (cache->layer[l].report || cache->layer[l].policy_insert)
-            return kvh_fail(err, "cuda backend: layer %d's policy uses the ABI 1.3 score_report/insert hooks, which "
-                            "only the CPU backend delivers so far; run it with --backend cpu", l);
     if (meta_reserve(cb, cache, err) != 0) return -1;
 
     /* Host metadata first, for every layer: room, positions, live counts. Slot data follows on the device. */
@@ -692,7 +758,11 @@ static int cuda_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *ba
     cuda_entry *ee = (cuda_entry *)(th + tl.entries);
     int32_t *lr = (int32_t *)(th + tl.last);
     uint32_t n_max = 1;
-    for (int l = 0; l < L; l++)
+    size_t rep_total = 0; /* floats of this step's score reports, over the layers that asked */
+    int rep_layers = 0;
+    for (int l = 0; l < L; l++) {
+        const kvh_layer_policy_settings *ls = &cache->layer[l];
+        rep_layers += ls->report ? 1 : 0;
         for (int b = 0; b < B; b++)
             for (int h = 0; h < NH; h++) {
                 kvh_head_cache *hc = kvh_kvcache_head(cache, batch->seq[b], l, h);
@@ -701,8 +771,14 @@ static int cuda_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *ba
                 d->v = hc->v;
                 d->n = hc->n;
                 d->first = hc->n - (uint32_t)batch->n_tokens[b];
+                d->rep = 0;
+                if (ls->report) {
+                    d->rep = rep_total;
+                    rep_total += report_floats(hc->n, batch->n_tokens[b], ls->report_rows);
+                }
                 if (hc->n > n_max) n_max = hc->n;
             }
+    }
     {
         int row = 0;
         for (int b = 0; b < B; b++) {
@@ -723,13 +799,15 @@ static int cuda_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *ba
     const bool use_graph = cb->graphs && !cb->phases && all_decode;
     /* A captured step may not depend on the live counts: its split count is fixed by n_ctx. */
     const int S = attn_choose_splits((int)R, NH, use_graph ? (uint32_t)cache->n_ctx : n_max, cb->n_sm);
+    const int G = attn_report_blocks(use_graph ? (uint32_t)cache->n_ctx : n_max);
     if (workspace_reserve(cb, cfg, R, (size_t)n_out, S, err) != 0) return -1;
+    if (rep_total && report_reserve(cb, rep_total, err) != 0) return -1;
     KVH_CUDA_CHECK(err, cudaMemcpyAsync(cb->tab_dev, cb->tab_host, tl.total, cudaMemcpyHostToDevice, cb->st));
 
     int ran = 0;
     if (use_graph && cb->graphs) {
-        if (!graph_matches(cb, cache, batch, S)) {
-            int rc = graph_capture(be, cache, &tl, batch, (int)R, n_out, S, err);
+        if (!graph_matches(cb, cache, batch, S, G)) {
+            int rc = graph_capture(be, cache, &tl, batch, (int)R, n_out, S, G, err);
             if (rc < 0) return -1;
         }
         if (cb->gexec) {
@@ -737,10 +815,19 @@ static int cuda_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *ba
             ran = 1;
         }
     }
-    if (!ran && launch_step(be, cache, &tl, batch, (int)R, n_out, S, err) != 0) return -1;
+    if (!ran && launch_step(be, cache, &tl, batch, (int)R, n_out, S, G, err) != 0) return -1;
+    /* every reporting layer's reports in one transfer, outside the graph (its size follows the live counts) */
+    if (rep_total) {
+        KVH_CUDA_CHECK(err, cudaMemcpyAsync(cb->hrep, cb->drep, rep_total * sizeof(float), cudaMemcpyDeviceToHost,
+                                            cb->st));
+        cb->rep_stats.copies++;
+        cb->rep_stats.bytes += rep_total * sizeof(float);
+        cb->rep_stats.layer_steps += (uint64_t)rep_layers;
+    }
     KVH_CUDA_CHECK(err, cudaMemcpyAsync(logits, cb->logits, (size_t)n_out * V * sizeof(float), cudaMemcpyDeviceToHost,
                                         cb->st));
     KVH_CUDA_CHECK(err, cudaStreamSynchronize(cb->st));
+    if (deliver_hooks(cb, cache, batch, hh, err) != 0) return -1;
     for (int b = 0; b < B; b++) cache->next_pos[batch->seq[b]] += batch->n_tokens[b];
     return 0;
 }
@@ -814,6 +901,8 @@ static void cuda_destroy(kvh_backend *be) {
         dfree(&cb->dpos);
         dfree(&cb->dscore);
         dfree(&cb->dobs);
+        if (cb->hrep) cudaFreeHost(cb->hrep);
+        dfree(&cb->drep);
         dfree(&cb->w16);
         dfree(&cb->w32);
         dfree(&cb->blas_ws);
@@ -991,6 +1080,13 @@ extern "C" int kvh_backend_cuda_create(kvh_backend **out, const kvh_model *model
         return -1;
     }
     *out = be;
+    return 0;
+}
+
+extern "C" int kvh_cuda_report_stats_get(const kvh_backend *be, kvh_cuda_report_stats *out) {
+    memset(out, 0, sizeof *out);
+    if (!be || be->ops != &cuda_ops) return -1;
+    *out = ((const cuda_backend *)be->impl)->rep_stats;
     return 0;
 }
 

@@ -1,6 +1,7 @@
 /* tables.cuh — the small per-forward tables the host uploads once per forward call and every kernel
  * reads: which token / position / batch entry each activation row is, and where each (entry, head)'s
- * K/V slots live (dense fp16 or packed int8/int4, per layer) with its live count. Owns only these layouts (host and device agree on them). */
+ * K/V slots live (dense fp16 or packed int8/int4, per layer) with its live count and, on layers whose
+ * policy asked for the score report, where its report goes. Owns only these layouts (host and device agree on them). */
 #ifndef KVH_CUDA_TABLES_CUH
 #define KVH_CUDA_TABLES_CUH
 
@@ -30,6 +31,9 @@ typedef struct cuda_head {
     void *v;        /* [cap] V slots, same format */
     uint32_t n;     /* live slots (including this forward's new tokens) */
     uint32_t first; /* slot of the entry's first new token */
+    uint64_t rep;   /* layers whose policy asked for the score report (ABI 1.3): offset in floats of this
+                       head's report in the device report buffer (layout of kvcache.h kvh_report_col / _row:
+                       decode n floats, prefill block n * (1 + min(T, report_rows))); 0 elsewhere */
 } cuda_head;
 
 /* Metadata index of slot `slot` of (seq, layer, head) in the device pos / score arrays, which hold
