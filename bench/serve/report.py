@@ -95,8 +95,10 @@ def plot(runs, path):
         axes[1].plot(rounds, [r["tpot_ms"]["p50"] for r in recs], marker="o", label=s)
     axes[0].set_title("streamed tokens/s (higher is better)")
     axes[1].set_title("time per output token, p50 ms (lower is better)")
+    rounds = sorted({r["round"] for recs in runs.values() for r in recs})
     for ax in axes:
         ax.set_xlabel("round")
+        ax.set_xticks(rounds)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
