@@ -5,7 +5,8 @@
 # tokens (window.so with a budget above the sequence length vs no plugin); the CUDA graph on and off at
 # batch 1; the device bandwidth (device-to-device copy) for the roofline; the quantized KV stores on the
 # GPU (int8.so / int4.so against the dense fp16 cache, random:gpt2-medium, 960-token prompt + 64 new =
-# 1024 tokens of context, batch 32) and the largest batch that fits under a KV-cache cap
+# 1024 tokens of context, batch 32), the score-report policies (tova.so, scissorhands.so vs h2o.so at budget
+# 256, batch 1) and the largest batch that fits under a KV-cache cap
 # (KVH_BENCH_KV_CAP, default 2G; `kvhost --mem-limit`, searched by bench/kvbench.py capacity) for
 # fp16 / int8 / int4. Raw records go to RESULTS/gpu_bench.jsonl, the summary to RESULTS/summary.md.
 #
@@ -55,6 +56,13 @@ done
 # an evicting window (budget 256) for reference: fewer KV bytes read per step
 "$KVH" "${common[@]}" --model random:gpt2-medium --batch 1 --plugin-path "$BUILD/plugins" \
     --plugins window.so --set cache.budget=256 --tag plugin=window-256
+# score-report policies (ABI 1.3: the report kernel + one copy per step on the layers that ask) against h2o
+# (device score accumulators only) at the same evicting budget: the cost of delivering the rows
+for pol in h2o tova scissorhands; do
+  echo "== kvhost gpt2-medium batch 1, $pol.so budget 256"
+  "$KVH" "${common[@]}" --model random:gpt2-medium --batch 1 --plugins "$BUILD/plugins/$pol.so" \
+      --set cache.budget=256 --tag plugin=$pol-256
+done
 # launch overhead: the same decode without the CUDA graph
 KVH_CUDA_GRAPH=0 "$KVH" "${common[@]}" --model random:gpt2-medium --batch 1 --tag graph=off
 KVH_CUDA_GRAPH=0 "$KVH" "${common[@]}" --model random:gpt2-large --batch 1 --tag graph=off

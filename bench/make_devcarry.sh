@@ -16,7 +16,8 @@ mkdir -p "$(dirname "$EXCL")"
 grep -qx '/.devcarry/' "$EXCL" 2>/dev/null || echo '/.devcarry/' >> "$EXCL"
 B=.devcarry/build
 cmake -S . -B "$B" -DKVH_CUDA=ON -DKVH_NATIVE=OFF -DCMAKE_BUILD_TYPE=Release >/dev/null
-make -C "$B" -j"$(nproc)" kvhost test_cuda window sink h2o pyramid int8 int4 2>&1 | grep -E "error|warning" || true
+make -C "$B" -j"$(nproc)" kvhost test_cuda window sink h2o pyramid int8 int4 minicache tova scissorhands \
+  tp_report 2>&1 | grep -E "error|warning" || true
 mkdir -p "$B/lib"
 for f in $(ldd "$B/kvhost" "$B/test_cuda" | awk '/=>/{print $3}' | sort -u); do
   case "$(basename "$f")" in

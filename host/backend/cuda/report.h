@@ -7,7 +7,7 @@
 
 #include <stdint.h>
 
-#include "backend/backend.h"
+struct kvh_backend; /* backend/backend.h (not included here: this header is also read outside extern "C") */
 
 /* Counters since the backend was created. A layer whose policy did not ask adds nothing to any of them. */
 typedef struct kvh_cuda_report_stats {
@@ -21,7 +21,7 @@ extern "C" {
 #endif
 
 /* Fills *out for a backend made by kvh_backend_cuda_create; -1 (out zeroed) for any other backend. */
-int kvh_cuda_report_stats_get(const kvh_backend *be, kvh_cuda_report_stats *out);
+int kvh_cuda_report_stats_get(const struct kvh_backend *be, kvh_cuda_report_stats *out);
 
 #ifdef __cplusplus
 }
