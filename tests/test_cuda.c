@@ -7,7 +7,11 @@
  * the GPU encoder writes exactly kvq_encode's bytes for random rows (int8 / int4, symmetric / asymmetric,
  * several group sizes, edge rows); logits with int8 / int4 against the CPU running the same plugin;
  * eviction over packed slots (window + int8: identical positions; h2o + int8: see eviction_run); KIVI mode
- * and other stores are refused with a clear message. Without a usable device (or without CUDA in the
+ * and other stores are refused with a clear message. Score-report policies (ABI 1.3): the reports
+ * tova.so / scissorhands.so receive (decode rows; prefill column sums and last rows) match the CPU's
+ * within fp16 tolerance, with and without the CUDA graph; tp_report.so's contract checks (insert, slot
+ * metadata through compaction, rows, column sums) pass on the device; tova / scissorhands evict and pick
+ * tokens like the CPU on the tiny model; a layer whose policy did not ask moves no report bytes. Without a usable device (or without CUDA in the
  * build) every GPU test skips with the reason, and the no-device error message is checked instead.
  *
  * Tolerance (fp16 weights and activations, fp32 accumulation, vs fp32 on the CPU): per step the normalized
@@ -30,6 +34,7 @@
 #include "helpers/test_util.h"
 #include "runtime/kvcache.h"
 #include "model/model.h"
+#include "runtime/router.h"
 #include "runtime/session.h"
 #include "util/util.h"
 
@@ -37,6 +42,7 @@
 
 #ifdef KVH_HAVE_CUDA
 #include "backend/cuda/quant_format.h"
+#include "backend/cuda/report.h"
 int kvh_backend_cuda_available(char *why, size_t cap);
 #endif
 
@@ -357,12 +363,10 @@ static void expect_same_positions_n(kvh_session *cpu, kvh_session *gpu, int step
  * run) shared: victims are the lowest accumulated scores, and probabilities that differ by fp16
  * activations can swap two nearly tied candidates, after which the sets stay different by that token.
  * The share and the number of steps with identical sets are printed. */
-static void eviction_run_cfg(const char *plugin_files, const char *ini, kvh_model_config mc, bool strict) {
-    REQUIRE_CUDA();
-    char why[1024];
-    if (!plugin_built(plugin_files, why, sizeof why)) cr_skip_test("%s", why);
-    kvh_model m;
-    random_model(&m, mc, "small-evict");
+/* agree_min > 0: the greedy token (argmax) must also agree on at least that share of the 2 x 61 rows. */
+static void eviction_run_model(const kvh_model *mp, const char *plugin_files, const char *ini, bool strict,
+                               double agree_min) {
+    const kvh_model m = *mp;
     const int V = m.cfg.n_vocab, B = 2;
     kvh_run_config c1, c2;
     kvh_session *cpu = open_session(&m, "cpu", B, ini, &c1);
@@ -374,7 +378,7 @@ static void eviction_run_cfg(const char *plugin_files, const char *ini, kvh_mode
     fill_tokens(t1, 23, V, 12u);
     const int32_t *tp[2] = {t0, t1};
     size_t shared = 0, total = 0;
-    int same_steps = 0;
+    int same_steps = 0, agree = 0;
     forward(cpu, B, seq, tp, n, false, lc);
     forward(gpu, B, seq, tp, n, false, lg);
     {
@@ -385,6 +389,7 @@ static void eviction_run_cfg(const char *plugin_files, const char *ini, kvh_mode
         same_steps += sh == tot;
     }
     (void)check_logits(plugin_files, 0, lg, lc, B, V);
+    for (int b = 0; b < B; b++) agree += argmax(lg + (size_t)b * V, V) == argmax(lc + (size_t)b * V, V);
     for (int st = 1; st <= 60; st++) {
         int32_t next[2] = {argmax(lc, V), argmax(lc + V, V)};
         const int32_t *np[2] = {&next[0], &next[1]};
@@ -397,17 +402,30 @@ static void eviction_run_cfg(const char *plugin_files, const char *ini, kvh_mode
         total += tot;
         same_steps += sh == tot;
         (void)check_logits(plugin_files, st, lg, lc, B, V);
+        for (int b = 0; b < B; b++) agree += argmax(lg + (size_t)b * V, V) == argmax(lc + (size_t)b * V, V);
     }
-    printf("%s: kept positions shared %zu of %zu (%.2f%%), identical sets on %d of 61 steps\n", plugin_files, shared,
-           total, 100.0 * (double)shared / (double)total, same_steps);
+    printf("%s: kept positions shared %zu of %zu (%.2f%%), identical sets on %d of 61 steps, argmax agreed on %d "
+           "of %d rows\n",
+           plugin_files, shared, total, 100.0 * (double)shared / (double)total, same_steps, agree, 61 * B);
     cr_assert_geq((double)shared, 0.9 * (double)total, "%s: only %zu of %zu kept positions shared", plugin_files,
                   shared, total);
+    cr_assert_geq((double)agree, agree_min * 61 * B, "%s: argmax agreed on only %d of %d rows", plugin_files, agree,
+                  61 * B);
     free(lc);
     free(lg);
     kvh_session_free(cpu);
     kvh_session_free(gpu);
     kvh_config_free(&c1);
     kvh_config_free(&c2);
+}
+
+static void eviction_run_cfg(const char *plugin_files, const char *ini, kvh_model_config mc, bool strict) {
+    REQUIRE_CUDA();
+    char why[1024];
+    if (!plugin_built(plugin_files, why, sizeof why)) cr_skip_test("%s", why);
+    kvh_model m;
+    random_model(&m, mc, "small-evict");
+    eviction_run_model(&m, plugin_files, ini, strict, 0.0);
     kvh_model_free(&m);
 }
 
@@ -479,6 +497,298 @@ static void scores_run(const char *plugin_file, const char *ini) {
 
 Test(cuda, scores_h2o) { scores_run("h2o.so", "[cache]\nbudget = 256\n[h2o]\n"); }
 Test(cuda, scores_pyramid) { scores_run("pyramid.so", "[cache]\nbudget = 256\n[pyramid]\nbeta = 1\n"); /* beta 1: flat schedule, no eviction */ }
+
+/* ---- score-report policies (ABI 1.3) ------------------------------------------------------------- */
+
+/* What a session's score_report hooks received in its last forward: per (seq, layer, head) the report
+ * buffer's contents (kvcache.h layout) as the policy read them. Installed in front of the router's hook
+ * (cache.layer[l].policy_report), which it then calls as before. */
+#define CAP_S 2
+#define CAP_L 2
+#define CAP_H 4
+typedef int (*report_fn)(void *, kvh_kvcache *, int, int, int, const int32_t *, kvh_err *);
+typedef struct report_cap {
+    report_fn orig[CAP_L];
+    float *data[CAP_S][CAP_L][CAP_H];
+    size_t len[CAP_S][CAP_L][CAP_H];
+    uint32_t n[CAP_S][CAP_L][CAP_H];
+    int T[CAP_S][CAP_L], calls[CAP_S][CAP_L];
+    int32_t q_last[CAP_S][CAP_L];
+} report_cap;
+static report_cap *g_cap; /* the capture of the session being stepped */
+
+static int capture_report(void *ctx, kvh_kvcache *c, int seq, int layer, int T, const int32_t *qpos, kvh_err *err) {
+    report_cap *k = g_cap;
+    cr_assert(seq < CAP_S && layer < CAP_L && c->n_head <= CAP_H);
+    const uint32_t rows = c->layer[layer].report_rows, R = (uint32_t)T < rows ? (uint32_t)T : rows;
+    for (int h = 0; h < c->n_head; h++) {
+        kvh_head_cache *hc = kvh_kvcache_head(c, seq, layer, h);
+        const size_t len = T == 1 ? hc->n : (size_t)hc->n * (1 + R);
+        k->data[seq][layer][h] = realloc(k->data[seq][layer][h], len * sizeof(float));
+        memcpy(k->data[seq][layer][h], hc->report, len * sizeof(float));
+        k->len[seq][layer][h] = len;
+        k->n[seq][layer][h] = hc->n;
+    }
+    k->T[seq][layer] = T;
+    k->calls[seq][layer]++;
+    k->q_last[seq][layer] = qpos[T - 1];
+    return k->orig[layer](ctx, c, seq, layer, T, qpos, err);
+}
+
+static void cap_install(report_cap *k, kvh_session *s) {
+    memset(k, 0, sizeof *k);
+    cr_assert(s->cache.n_layer <= CAP_L);
+    for (int l = 0; l < s->cache.n_layer; l++) {
+        cr_assert(s->cache.layer[l].report, "layer %d's policy did not ask for the score report", l);
+        k->orig[l] = s->cache.layer[l].policy_report;
+        s->cache.layer[l].policy_report = capture_report;
+    }
+}
+
+static void cap_free(report_cap *k) {
+    for (int s = 0; s < CAP_S; s++)
+        for (int l = 0; l < CAP_L; l++)
+            for (int h = 0; h < CAP_H; h++) free(k->data[s][l][h]);
+}
+
+static void cap_forward(report_cap *k, kvh_session *s, int B, const int *seq, const int32_t *const *toks, const int *n,
+                        float *out) {
+    for (int b = 0; b < B; b++)
+        for (int l = 0; l < CAP_L; l++) k->calls[seq[b]][l] = 0;
+    g_cap = k;
+    forward(s, B, seq, toks, n, false, out);
+    g_cap = NULL;
+}
+
+/* The GPU's reports are probability rows (each sums to 1; column sums total T) and equal the CPU's within
+ * the fp16 tolerance of the score accumulators (2e-2 relative to 1 + |cpu|). Returns the largest diff. */
+static double cap_compare(const report_cap *g, const report_cap *c, int B, int L, int NH, const char *what, int step) {
+    double worst = 0;
+    for (int s = 0; s < B; s++)
+        for (int l = 0; l < L; l++) {
+            cr_assert_eq(g->calls[s][l], 1, "%s step %d seq %d layer %d: %d score_report calls on cuda", what, step, s,
+                         l, g->calls[s][l]);
+            cr_assert_eq(c->calls[s][l], 1);
+            cr_assert_eq(g->T[s][l], c->T[s][l]);
+            cr_assert_eq(g->q_last[s][l], c->q_last[s][l], "%s step %d: query positions differ", what, step);
+            const int T = g->T[s][l];
+            for (int h = 0; h < NH; h++) {
+                const size_t len = g->len[s][l][h];
+                const uint32_t n = g->n[s][l][h];
+                cr_assert_eq(len, c->len[s][l][h], "%s step %d seq %d layer %d head %d: report of %zu floats on cuda, "
+                             "%zu on cpu", what, step, s, l, h, len, c->len[s][l][h]);
+                const float *x = g->data[s][l][h], *y = c->data[s][l][h];
+                for (size_t i = 0; i < len; i++) {
+                    const double d = fabs((double)x[i] - (double)y[i]);
+                    if (d > worst) worst = d;
+                    cr_assert(d <= 2e-2 * (1.0 + fabs((double)y[i])),
+                              "%s step %d seq %d layer %d head %d: report[%zu] (%s %zu) cuda %.6g cpu %.6g", what,
+                              step, s, l, h, i, i < n && T > 1 ? "column sum" : "row", i % n, x[i], y[i]);
+                }
+                for (size_t r = T > 1 ? 1 : 0; r < len / n; r++) { /* every row a distribution */
+                    double sum = 0;
+                    for (uint32_t j = 0; j < n; j++) sum += x[r * n + j];
+                    cr_assert(fabs(sum - 1.0) < 1e-3, "%s step %d seq %d layer %d head %d: cuda row %zu sums to %.6g",
+                              what, step, s, l, h, r, sum);
+                }
+                if (T > 1) {
+                    double col = 0;
+                    for (uint32_t j = 0; j < n; j++) col += x[j];
+                    cr_assert(fabs(col - T) < 1e-3 * T, "%s step %d: cuda column sums total %.6g, not %d", what, step,
+                              col, T);
+                }
+            }
+        }
+    return worst;
+}
+
+/* Two sequences (prompts of 40 and 5 tokens: more and fewer queries than scissorhands' 32 history rows),
+ * then 12 batched greedy steps, no eviction (budget above the length, so slots stay in the same order on
+ * both backends); every forward's reports compared. Run with the decode graph and without. */
+static void report_match_run(const char *plugin_file, const char *ini) {
+    REQUIRE_CUDA();
+    char why[1024];
+    if (!plugin_built(plugin_file, why, sizeof why)) cr_skip_test("%s", why);
+    kvh_model m;
+    random_model(&m, small_config(64, 4, 2), "small-report");
+    const int V = m.cfg.n_vocab, B = 2;
+    for (int graph = 1; graph >= 0; graph--) {
+        setenv("KVH_CUDA_GRAPH", graph ? "1" : "0", 1);
+        kvh_run_config c1, c2;
+        kvh_session *cpu = open_session(&m, "cpu", B, ini, &c1);
+        kvh_session *gpu = open_session(&m, "cuda", B, ini, &c2);
+        report_cap *kc = malloc(sizeof *kc), *kg = malloc(sizeof *kg);
+        cap_install(kc, cpu);
+        cap_install(kg, gpu);
+        float *lc = malloc((size_t)B * V * sizeof(float)), *lg = malloc((size_t)B * V * sizeof(float));
+        int seq[2] = {0, 1}, n[2] = {40, 5};
+        int32_t t0[40], t1[5];
+        fill_tokens(t0, 40, V, 21u);
+        fill_tokens(t1, 5, V, 22u);
+        const int32_t *tp[2] = {t0, t1};
+        cap_forward(kc, cpu, B, seq, tp, n, lc);
+        cap_forward(kg, gpu, B, seq, tp, n, lg);
+        double worst = cap_compare(kg, kc, B, m.cfg.n_layer, m.cfg.n_head, plugin_file, 0);
+        for (int st = 1; st <= 12; st++) {
+            int32_t next[2] = {argmax(lc, V), argmax(lc + V, V)};
+            const int32_t *np[2] = {&next[0], &next[1]};
+            int one[2] = {1, 1};
+            cap_forward(kc, cpu, B, seq, np, one, lc);
+            cap_forward(kg, gpu, B, seq, np, one, lg);
+            double w = cap_compare(kg, kc, B, m.cfg.n_layer, m.cfg.n_head, plugin_file, st);
+            if (w > worst) worst = w;
+        }
+        printf("%s (graph %s): reports match the cpu, largest |diff| %.3g\n", plugin_file, graph ? "on" : "off", worst);
+        cap_free(kc);
+        cap_free(kg);
+        free(kc);
+        free(kg);
+        free(lc);
+        free(lg);
+        kvh_session_free(cpu);
+        kvh_session_free(gpu);
+        kvh_config_free(&c1);
+        kvh_config_free(&c2);
+    }
+    unsetenv("KVH_CUDA_GRAPH");
+    kvh_model_free(&m);
+}
+
+Test(cuda, report_tova_matches_cpu) { report_match_run("tova.so", "[cache]\nbudget = 256\n[tova]\n"); }
+Test(cuda, report_scissorhands_matches_cpu) {
+    report_match_run("scissorhands.so", "[cache]\nbudget = 256\n[scissorhands]\n");
+}
+
+/* tests/plugins/tp_report.so fails the run at the first broken promise of the ABI 1.3 host (insert sees
+ * zeroed metadata; rows are distributions masked by position; column sums are the rows' sums when every
+ * row is delivered; metadata moves with its slot through compaction; every slot reported before evict):
+ * the same runs as test_score_report's, on the device. */
+Test(cuda, report_contract_tp_report) {
+    REQUIRE_CUDA();
+    char path[1024];
+    snprintf(path, sizeof path, "%s/tests/plugins/tp_report.so", KVH_BUILD_DIR);
+    if (access(path, R_OK) != 0) cr_skip_test("%s not built", path);
+    kvh_model_config mc = small_config(32, 4, 3);
+    kvh_model m;
+    random_model(&m, mc, "small-contract");
+    const char *variants[][4] = {
+        {"cache.budget=12", "cache.slack=0", "tp_report.rows=4", NULL},
+        {"cache.budget=12", "cache.slack=5", "tp_report.rows=1", NULL},
+        {"cache.budget=20", "cache.slack=3", "tp_report.rows=64", "cache.prefill_chunk=7"},
+    };
+    const int V = m.cfg.n_vocab, B = 3;
+    for (size_t v = 0; v < sizeof variants / sizeof variants[0]; v++) {
+        kvh_session_options o = kvh_session_default_options();
+        o.backend = "cuda";
+        o.n_seq = B;
+        o.plugin_path = KVH_BUILD_DIR "/tests/plugins";
+        kvh_session *s = NULL;
+        kvh_err err = {{0}};
+        cr_assert_eq(kvh_test_session(&s, &m, "tp_report.so", variants[v], variants[v][3] ? 4 : 3, &o, &err), 0,
+                     "variant %zu: %s", v, err.msg);
+        cr_assert_str_eq(s->backend->ops->name, "cuda");
+        float *lg = malloc((size_t)B * V * sizeof(float));
+        int seq[3] = {0, 1, 2}, n[3] = {3, 17, 40};
+        int32_t p[3][40];
+        const int32_t *pp[3];
+        for (int b = 0; b < B; b++) {
+            for (int t = 0; t < n[b]; t++) p[b][t] = (int32_t)((t * 37 + b * 11 + 5) % V);
+            pp[b] = p[b];
+        }
+        kvh_batch pre = {.n = B, .seq = seq, .tokens = pp, .n_tokens = n, .all_logits = false};
+        cr_assert_eq(kvh_session_forward(s, &pre, lg, &err), 0, "variant %zu prefill: %s", v, err.msg);
+        for (int st = 0; st < 80; st++) {
+            int32_t next[3];
+            const int32_t *np[3];
+            int one[3] = {1, 1, 1};
+            for (int b = 0; b < B; b++) {
+                next[b] = argmax(lg + (size_t)b * V, V);
+                np[b] = &next[b];
+            }
+            kvh_batch dec = {.n = B, .seq = seq, .tokens = np, .n_tokens = one, .all_logits = false};
+            cr_assert_eq(kvh_session_forward(s, &dec, lg, &err), 0, "variant %zu step %d: %s", v, st, err.msg);
+        }
+        cr_assert_gt(kvh_router_evict_calls(s->router), 0, "variant %zu never evicted", v);
+        free(lg);
+        kvh_session_free(s);
+    }
+    kvh_model_free(&m);
+}
+
+/* The same evictions and tokens as the CPU on the tiny trained model: live counts identical, at least 90%
+ * of kept positions shared (near-tied attention may swap a victim under fp16 noise), greedy tokens agree
+ * on at least 90% of the rows. */
+static void report_tiny_run(const char *plugin_file, const char *ini) {
+    REQUIRE_CUDA();
+    char why[1024];
+    if (!plugin_built(plugin_file, why, sizeof why)) cr_skip_test("%s", why);
+    const char *dir = kvh_test_tiny_model_dir();
+    if (!dir) cr_skip_test("../shared/models/gpt2-tiny-wt absent");
+    kvh_model m;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_model_load(&m, dir, &err), 0, "%s", err.msg);
+    eviction_run_model(&m, plugin_file, ini, false, ARGMAX_AGREE);
+    kvh_model_free(&m);
+}
+
+Test(cuda, eviction_tova_tiny_model) { report_tiny_run("tova.so", "[cache]\nbudget = 24\nslack = 4\n[tova]\n"); }
+Test(cuda, eviction_tova_per_head_tiny_model) {
+    report_tiny_run("tova.so", "[cache]\nbudget = 24\nslack = 4\n[tova]\nper_head = true\n");
+}
+Test(cuda, eviction_scissorhands_tiny_model) {
+    report_tiny_run("scissorhands.so", "[cache]\nbudget = 24\nslack = 4\n[scissorhands]\n");
+}
+
+/* Report traffic only for layers whose policy asked: tova on layer 0, h2o (no report) on layer 1, prefill
+ * of 30 then 5 decode steps, no eviction. Each forward makes exactly one transfer holding exactly layer
+ * 0's reports (prefill: column sums + tova's 1 row, 2 x 30 floats per head; decode: n floats per head);
+ * with h2o alone nothing is computed or copied. */
+Test(cuda, report_traffic_only_where_asked) {
+    REQUIRE_CUDA();
+#ifdef KVH_HAVE_CUDA
+    char why[1024];
+    if (!plugin_built("tova.so,h2o.so", why, sizeof why)) cr_skip_test("%s", why);
+    kvh_model m;
+    random_model(&m, small_config(64, 4, 2), "small-traffic");
+    const int V = m.cfg.n_vocab, NH = m.cfg.n_head;
+    const char *inis[2] = {"[cache]\nbudget = 256\n[tova]\nlayers = 0\n[h2o]\nlayers = 1\n",
+                           "[cache]\nbudget = 256\n[h2o]\n"};
+    for (int v = 0; v < 2; v++) {
+        kvh_run_config cfg;
+        kvh_session *gpu = open_session(&m, "cuda", 1, inis[v], &cfg);
+        cr_assert_eq(gpu->cache.layer[0].report, v == 0);
+        cr_assert(!gpu->cache.layer[1].report);
+        float *lg = malloc((size_t)V * sizeof(float));
+        int32_t toks[30];
+        fill_tokens(toks, 30, V, 31u);
+        int seq = 0, n = 30;
+        const int32_t *tp = toks;
+        uint64_t want_bytes = 0;
+        forward(gpu, 1, &seq, &tp, &n, false, lg);
+        if (v == 0) want_bytes += (uint64_t)NH * 30 * 2 * sizeof(float);
+        for (int st = 1; st <= 5; st++) {
+            int32_t next = argmax(lg, V);
+            const int32_t *np = &next;
+            int one = 1;
+            forward(gpu, 1, &seq, &np, &one, false, lg);
+            if (v == 0) want_bytes += (uint64_t)NH * (30 + st) * sizeof(float);
+        }
+        kvh_cuda_report_stats rs;
+        cr_assert_eq(kvh_cuda_report_stats_get(gpu->backend, &rs), 0);
+        printf("report traffic (%s): %llu layer-steps, %llu copies, %llu bytes\n", v == 0 ? "tova layer 0 + h2o" : "h2o",
+               (unsigned long long)rs.layer_steps, (unsigned long long)rs.copies, (unsigned long long)rs.bytes);
+        cr_assert_eq(rs.layer_steps, v == 0 ? 6u : 0u);
+        cr_assert_eq(rs.copies, v == 0 ? 6u : 0u);
+        cr_assert_eq(rs.bytes, want_bytes, "%llu report bytes copied, the reporting layer needs %llu",
+                     (unsigned long long)rs.bytes, (unsigned long long)want_bytes);
+        for (int h = 0; h < NH; h++) cr_assert_null(kvh_kvcache_head(&gpu->cache, 0, 1, h)->report);
+        free(lg);
+        kvh_session_free(gpu);
+        kvh_config_free(&cfg);
+    }
+    kvh_model_free(&m);
+#endif
+}
 
 /* ---- quantized stores (int8.so / int4.so) ---------------------------------------------------------- */
 
