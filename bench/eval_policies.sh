@@ -6,7 +6,8 @@
 #
 # usage: sh bench/eval_policies.sh [BUILD_DIR]      (default: build)
 # env:   TOKENS (2048), CTX (1024), BUDGETS ("64 128 256"), THREADS (1), JOBS (1: runs in parallel),
-#        POLICIES (default: window sink h2o pyramid tova scissorhands, each only if BUILD_DIR/plugins/NAME.so exists),
+#        POLICIES (default: window sink h2o pyramid tova tova-head scissorhands minicache, each only if its .so
+#        exists in BUILD_DIR/plugins; tova-head is tova.so with per_head = true, the paper's per-head variant),
 #        OUT (docs/results/eval), FRESH=1 to delete OUT/eval.jsonl first (default: append),
 #        FULL=0 to skip the full-cache rows (when appending policies to a file that has them),
 #        MC_GAMMAS ("0.05 0.4 0.7": minicache retention thresholds; minicache is a store that evicts
@@ -35,8 +36,8 @@ JSONL="$OUT/eval.jsonl"
 [ "${FRESH:-0}" = 1 ] && rm -f "$JSONL"
 
 POL=""
-for p in ${POLICIES:-window sink h2o pyramid tova scissorhands minicache}; do
-  if [ -f "$PLUGDIR/$p.so" ]; then POL="$POL $p"; else echo "eval_policies.sh: $PLUGDIR/$p.so not built, skipping $p" >&2; fi
+for p in ${POLICIES:-window sink h2o pyramid tova tova-head scissorhands minicache}; do
+  if [ -f "$PLUGDIR/${p%-head}.so" ]; then POL="$POL $p"; else echo "eval_policies.sh: $PLUGDIR/$p.so not built, skipping $p" >&2; fi
 done
 
 # One line per run: the kvhost eval arguments after the common ones.
@@ -74,6 +75,9 @@ print(json.dumps({"record": "minicache_eval", "text": sys.argv[2], "gamma": floa
     rm -f "$LOG"
     echo "done: $(basename "$t") minicache gamma $g" >&2
     return 0
+  elif [ "$p" = tova-head ]; then
+    set -- --plugins "$PLUGDIR/tova.so" --set tova.per_head=true --set cache.budget="$b" --tag policy="$p" \
+      --tag budget="$b"
   else
     set -- --plugins "$PLUGDIR/$p.so" --set cache.budget="$b" --tag policy="$p" --tag budget="$b"
   fi

@@ -1,5 +1,6 @@
 """Tests of bench/serve/report.py (issue #17's load comparison) against fixtures/serve_load.jsonl; the
 expected medians and ratios are worked out by hand in the comments. Standard library only."""
+import importlib.util
 import io
 import os
 import sys
@@ -8,8 +9,11 @@ import unittest
 from contextlib import redirect_stderr, redirect_stdout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench", "serve"))
-import report  # noqa: E402
+# bench/report.py is also "report" (test_report.py imports it): load this one under its own name
+_spec = importlib.util.spec_from_file_location(
+    "serve_report", os.path.join(os.path.dirname(os.path.dirname(HERE)), "bench", "serve", "report.py"))
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
 
 FIXTURE = os.path.join(HERE, "fixtures", "serve_load.jsonl")
 
