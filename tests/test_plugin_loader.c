@@ -280,3 +280,17 @@ Test(loader, plugins_export_only_the_entry) {
     check_exports(PDIR "/window.so");
     check_exports(PDIR "/sink.so");
 }
+
+/* KVP_CAP_ACT_QUANT (ABI 1.4) belongs to weight formats; an older plugin cannot declare it. */
+Test(loader, act_quant_capability_only_for_weight_formats_of_abi_1_4) {
+    kvh_err err = {{0}};
+    kvp_descriptor d = base_descriptor(); /* a policy */
+    d.caps = KVP_CAP_ACT_QUANT;
+    cr_assert_eq(kvh_plugin_validate(&d, "x.so", &err), -1, "a policy declaring KVP_CAP_ACT_QUANT was accepted");
+    cr_assert(strstr(err.msg, "KVP_CAP_ACT_QUANT but is not a weight format"), "%s", err.msg);
+    d = base_descriptor();
+    d.caps = KVP_CAP_ACT_QUANT;
+    d.abi_minor = 3;
+    cr_assert_eq(kvh_plugin_validate(&d, "x.so", &err), -1, "an ABI 1.3 plugin declaring a 1.4 bit was accepted");
+    cr_assert(strstr(err.msg, "unknown capability bits 0x20"), "%s", err.msg);
+}

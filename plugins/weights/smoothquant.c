@@ -223,7 +223,7 @@ static void sq_matmul(void *state, const kvp_matmul_args *a) {
 static const kvp_descriptor descriptor = {
     KVP_DESCRIPTOR_HEADER,
     .role = KVP_ROLE_WEIGHTS,
-    .caps = 0,
+    .caps = KVP_CAP_ACT_QUANT, /* W8A8 decode, W8A16 prefill panels (see the top of this file) */
     .n_params = sizeof params / sizeof params[0],
     .name = "smoothquant",
     .version = "1.0",

@@ -142,7 +142,11 @@ static void wf_matmul_hook(void *state, const kvp_matmul_args *a) {
 static const kvp_descriptor descriptor = {
     KVP_DESCRIPTOR_HEADER,
     .role = KVP_ROLE_WEIGHTS,
+#if WF_KIND == WF_W8 || WF_KIND == WF_W4
+    .caps = KVP_CAP_ACT_QUANT, /* decode products over int8 activations, prefill panels over fp32 ones */
+#else
     .caps = 0,
+#endif
     .n_params = sizeof params / sizeof params[0],
     .name = WF_NAME,
     .version = "1.0",

@@ -51,7 +51,8 @@ extern "C" {
                           *    fp32 weights for stores that factor them)
                           * 4: kvp_instance.store_flags (KVP_STORE_SELF_CONTAINED, KVP_STORE_DECODE_ATTEND):
                           *    what a store promises about its slots, so the host may share them
-                          *    between sequences and skip copies (KVP_INSTANCE_HAS) */
+                          *    between sequences and skip copies (KVP_INSTANCE_HAS); KVP_CAP_ACT_QUANT for
+                          *    weight formats whose products quantize activations */
 #define KVP_ENTRY_SYMBOL "kvp_plugin_entry"
 
 /* ---- status codes returned by hooks ---------------------------------------------------------- */
@@ -69,6 +70,12 @@ extern "C" {
 #define KVP_CAP_OBS_SCORES (1u << 2)     /* prefill column sums over the last obs_window queries, into obs_score[] */
 #define KVP_CAP_HEAD_BUDGETS (1u << 3)   /* the policy sets per-head budgets through head_budgets() */
 #define KVP_CAP_SCORE_REPORT (1u << 4)   /* ABI 1.3: the host calls score_report() after each step's attention */
+/* ABI 1.4, weight formats: matmul() quantizes its input rows (W8A8, W4A8), so a row's result differs beyond
+ * fp32 rounding between matmul() (the host uses it for calls of a few rows: decode) and unpack() + an fp32
+ * product (prefill pieces). The host then treats a token's values as depending on how it was computed:
+ * the engine does not share prompt blocks between sequences (a shared block would differ from the one a
+ * sequence computes itself). */
+#define KVP_CAP_ACT_QUANT (1u << 5)
 
 /* ---- parameters ------------------------------------------------------------------------------- */
 #define KVP_PARAM_INT 1u
@@ -376,7 +383,9 @@ typedef struct kvp_weight_info {
 
 /* matmul(): y[r * ldy + j] += sum_i x[r * k + i] * W(i, j) for r < rows, n0 <= j < n1. Adds to y (the
  * host puts bias, residual or zero there first). A row's result must not depend on `rows` or on the
- * range's bounds (the host splits ranges across threads and batches rows freely). */
+ * range's bounds (the host splits ranges across threads and batches rows freely). The host calls matmul()
+ * for calls of up to a few rows and unpack() + its own fp32 product above that; a format whose matmul()
+ * is not the fp32 product of its unpacked values within rounding declares KVP_CAP_ACT_QUANT. */
 typedef struct kvp_matmul_args {
     uint32_t struct_size;
     const kvp_weight_info *w;
