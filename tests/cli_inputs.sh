@@ -188,7 +188,12 @@ if [ -e "$T/nodir" ]; then echo "FAIL replay-json-dir: something was created"; f
 "$KVH" replay "$T/t.jsonl" --model random:gpt2 --threads 1 --quiet --json "$T/int.jsonl" --timeline "$T/tl.jsonl" \
   > /dev/null 2> "$T/int.err" &
 pid=$!
-sleep 4
+# SIGINT only once the replay runs: its handler is installed after the model loads (before that the
+# background job ignores SIGINT, as non-interactive shells make it), and loading can take seconds on a
+# busy machine; the timeline's .tmp file appears just before the handler, so wait for it, then a second
+i=0
+while [ ! -e "$T/tl.jsonl.tmp" ] && [ "$i" -lt 1200 ] && kill -0 "$pid" 2> /dev/null; do sleep 0.1; i=$((i + 1)); done
+sleep 1
 kill -INT "$pid"
 wait "$pid"
 rc=$?
