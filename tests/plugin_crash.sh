@@ -7,6 +7,7 @@
 #   - crashes while loading: a constructor (dlopen), kvp_plugin_entry; and a garbage descriptor, an
 #     unreadable, over-long or non-UTF-8 string, which are load errors (exit 1), not crashes;
 #   - exit(), _exit() from hooks (evict, create, attend) and from a constructor, in generate and compare;
+#   - in AddressSanitizer builds, a policy writing slot metadata past the last live slot;
 #   - `plugins list` over a directory holding all of these: every bad file named, the rest listed.
 # usage: tests/plugin_crash.sh BUILD_DIR
 set -u
@@ -89,6 +90,17 @@ check "exit() in a constructor" 1 "plugin file .*/bad_ctorexit\.so called exit\(
 check "exit() in evict, compare" 1 "plugin 'bad_exit' \(bad_exit\.so\) called exit\(\) in hook evict" \
     "$BUILD/kvhost" compare --model random:gpt2 --prompt-tokens 40 --max-new 8 --threads 1 \
     --plugin-path "$BUILD/tests/plugins" --plugins bad_exit.so --set cache.budget=16 --set cache.slack=4
+
+# ABI 1.3 slot metadata written past the last live slot: under AddressSanitizer (KVH_SANITIZE builds) the
+# host poisons those bytes while a policy hook runs, ASan stops the write and plugin_guard names the plugin.
+# Other builds cannot see it (the bytes are the cache's own spare capacity): the case is skipped there.
+if grep -q "^KVH_SANITIZE:BOOL=ON" "$BUILD/CMakeCache.txt" 2>/dev/null; then
+    check "metadata overrun in insert (ASan)" 1 \
+        "plugin 'tp_report' \(tp_report\.so\) made an invalid memory access .* in hook insert \(layer 0\)" \
+        $RUN --plugins tp_report.so --set tp_report.overrun=true
+else
+    echo "skip metadata overrun in insert: needs an AddressSanitizer build (-DKVH_SANITIZE=ON)"
+fi
 
 # plugins list: each bad file is named with what happened, and listing goes on past it
 "$BUILD/kvhost" plugins list --plugin-path "$BUILD/tests/plugins" >"$T/out" 2>"$T/err"

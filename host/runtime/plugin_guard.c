@@ -12,6 +12,17 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#define KVH_GUARD_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KVH_GUARD_ASAN 1
+#endif
+#endif
+#ifdef KVH_GUARD_ASAN
+#include <sanitizer/asan_interface.h>
+#endif
+
 typedef struct guard_frame {
     const char *plugin; /* NULL while loading a file (the name is not known yet) */
     const char *file;   /* file name of a hook's plugin; the path while loading */
@@ -192,6 +203,16 @@ void kvh_plugin_guard_check_exit(const char *how) {
     for (;;) syscall(SYS_exit_group, KVH_EXIT_PLUGIN);
 }
 
+#ifdef KVH_GUARD_ASAN
+/* AddressSanitizer stops the process after a bad access (its report is printed just before): when plugin
+ * code was running on this thread, say which plugin, hook and layer, like a crash. */
+static void on_asan_death(void) {
+    if (!current.active) return;
+    put_who("made an invalid memory access", "", " (AddressSanitizer's report above)");
+    put(". The plugin is at fault.\n");
+}
+#endif
+
 static void on_exit_called(void) { kvh_plugin_guard_check_exit("exit()"); }
 static void on_quick_exit_called(void) { kvh_plugin_guard_check_exit("quick_exit()"); }
 
@@ -218,4 +239,7 @@ void kvh_plugin_guard_install(void) {
     }
     atexit(on_exit_called);
     at_quick_exit(on_quick_exit_called);
+#ifdef KVH_GUARD_ASAN
+    __asan_set_death_callback(on_asan_death);
+#endif
 }

@@ -13,6 +13,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#define KVH_ROUTER_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define KVH_ROUTER_ASAN 1
+#endif
+#endif
+#ifdef KVH_ROUTER_ASAN
+#include <sanitizer/asan_interface.h>
+#endif
+
 #include "model/model.h"
 #include "runtime/plugin.h"
 #include "runtime/plugin_guard.h"
@@ -598,6 +609,27 @@ int kvh_router_bind_cache(kvh_router *r, kvh_kvcache *c, kvh_err *err) {
     return 0;
 }
 
+/* Under AddressSanitizer, the policy metadata past each head's live slots (up to its capacity) is poisoned
+ * while the layer's policy hooks run for (seq, layer): a hook that writes past the last live slot's
+ * metadata is stopped at that write, and plugin_guard names the plugin. Elsewhere the host itself moves
+ * and zeroes those bytes, so they are unpoisoned again when the hook returns. Without ASan: nothing. */
+static void meta_tails(kvh_kvcache *c, int seq, int layer, int poison) {
+#ifdef KVH_ROUTER_ASAN
+    const size_t mb = c->layer[layer].slot_meta_bytes;
+    if (!mb) return;
+    for (int h = 0; h < c->n_head; h++) {
+        kvh_head_cache *hc = kvh_kvcache_head(c, seq, layer, h);
+        if (!hc->meta || hc->cap <= hc->n) continue;
+        void *tail = hc->meta + (size_t)hc->n * mb;
+        const size_t len = (size_t)(hc->cap - hc->n) * mb;
+        if (poison) ASAN_POISON_MEMORY_REGION(tail, len);
+        else ASAN_UNPOISON_MEMORY_REGION(tail, len);
+    }
+#else
+    (void)c, (void)seq, (void)layer, (void)poison;
+#endif
+}
+
 /* kvh_layer_policy_settings.policy_insert: the policy's insert hook for every head of (seq, layer). */
 static int policy_insert(void *ctx, kvh_kvcache *c, int seq, int layer, int T, kvh_err *err) {
     host_ctx *x = ctx;
@@ -605,6 +637,7 @@ static int policy_insert(void *ctx, kvh_kvcache *c, int seq, int layer, int T, k
     const uint32_t mb = c->layer[layer].slot_meta_bytes;
     x->cache = c;
     uint64_t t0 = kvh_now_ns();
+    meta_tails(c, seq, layer, 1);
     for (int h = 0; h < c->n_head; h++) {
         kvh_head_cache *hc = kvh_kvcache_head(c, seq, layer, h);
         kvp_insert_args a = {.struct_size = sizeof a, .seq = (uint32_t)seq, .head = (uint32_t)h, .n_live = hc->n,
@@ -615,11 +648,13 @@ static int policy_insert(void *ctx, kvh_kvcache *c, int seq, int layer, int T, k
         int hrc = d->insert(x->inst.state, &a);
         kvh_plugin_guard_leave();
         if (hrc != KVP_OK) {
+            meta_tails(c, seq, layer, 0);
             x->cache = NULL;
             x->r->hook_ns += kvh_now_ns() - t0;
             return hook_fail(x, seq, h, "insert", err);
         }
     }
+    meta_tails(c, seq, layer, 0);
     x->cache = NULL;
     x->r->hook_ns += kvh_now_ns() - t0;
     return 0;
@@ -634,6 +669,7 @@ static int policy_report(void *ctx, kvh_kvcache *c, int seq, int layer, int T, c
     const uint32_t R = (uint32_t)T < ls->report_rows ? (uint32_t)T : ls->report_rows;
     x->cache = c;
     uint64_t t0 = kvh_now_ns();
+    meta_tails(c, seq, layer, 1);
     for (int h = 0; h < c->n_head; h++) {
         kvh_head_cache *hc = kvh_kvcache_head(c, seq, layer, h);
         kvp_score_report rep = {.struct_size = sizeof rep, .seq = (uint32_t)seq, .head = (uint32_t)h, .n_live = hc->n,
@@ -646,11 +682,13 @@ static int policy_report(void *ctx, kvh_kvcache *c, int seq, int layer, int T, c
         int hrc = d->score_report(x->inst.state, &rep);
         kvh_plugin_guard_leave();
         if (hrc != KVP_OK) {
+            meta_tails(c, seq, layer, 0);
             x->cache = NULL;
             x->r->hook_ns += kvh_now_ns() - t0;
             return hook_fail(x, seq, h, "score_report", err);
         }
     }
+    meta_tails(c, seq, layer, 0);
     x->cache = NULL;
     x->r->hook_ns += kvh_now_ns() - t0;
     return 0;
@@ -785,9 +823,11 @@ int kvh_router_enforce(kvh_router *r, kvh_kvcache *c, int seq, int layer, int in
         x->has_error = 0;
         x->cache = c;
         uint64_t t0 = kvh_now_ns();
+        meta_tails(c, seq, layer, 1);
         kvh_plugin_guard_enter(d->name, x->g->plugin->file_name, "evict", layer);
         int hrc = d->evict(x->inst.state, &req, victims, &n_victims);
         kvh_plugin_guard_leave();
+        meta_tails(c, seq, layer, 0);
         r->hook_ns += kvh_now_ns() - t0;
         r->evict_calls++;
         x->cache = NULL;

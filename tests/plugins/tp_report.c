@@ -9,7 +9,9 @@
  *   evict: every live slot has been reported at least once since its insert (the report runs after
  *     attention and before eviction), and the metadata in the request is the same as host->slot_meta.
  * Parameter fail_at = N > 0: the N-th score_report call fails (the error-message test); bad_tensor =
- * true: create asks host->tensor() for a misspelt tensor name and fails (the weight-service test). */
+ * true: create asks host->tensor() for a misspelt tensor name and fails (the weight-service test);
+ * overrun = true: a decode step's insert writes one metadata entry past the last live slot (plugin_crash.sh: under
+ * AddressSanitizer the host poisons those bytes while a hook runs, and the write is reported). */
 #include <math.h>
 #include <stdio.h>
 
@@ -24,6 +26,7 @@ typedef struct tp_state {
     const kvp_host *host;
     uint32_t rows_wanted;
     int64_t fail_at, calls;
+    int overrun;
 } tp_state;
 
 static const kvp_param params[] = {
@@ -33,6 +36,8 @@ static const kvp_param params[] = {
      .help = "create asks for a tensor that does not exist"},
     {.name = "rows", .type = KVP_PARAM_INT, .default_value = 4, .min_value = 0, .max_value = 64,
      .help = "report_rows asked for"},
+    {.name = "overrun", .type = KVP_PARAM_BOOL, .default_value = 0, .min_value = 0, .max_value = 1,
+     .help = "insert writes the metadata of the slot after the last live one (a deliberate bug)"},
 };
 
 static int fail(const tp_state *s, const char *msg) {
@@ -50,6 +55,7 @@ static int tp_create(const kvp_host *host, const kvp_layer_info *layer, kvp_inst
     s->host = host;
     s->rows_wanted = (uint32_t)kvp_param_int(host, "rows");
     s->fail_at = kvp_param_int(host, "fail_at");
+    s->overrun = host->param(host->ctx, "overrun") != 0;
     out->state = s;
     out->budget = layer->cache_budget ? layer->cache_budget : layer->n_ctx;
     out->slot_meta_bytes = sizeof(meta);
@@ -68,6 +74,9 @@ static int tp_insert(void *state, const kvp_insert_args *a) {
         if (m[i].pos != 0 || m[i].reports != 0) return fail(s, "insert: metadata of a new slot is not zeroed");
         m[i].pos = a->pos[i];
     }
+    /* one past the last live slot, outside what the host handed us; on decode steps, where the cache usually
+     * has spare capacity there, so only the host's poisoning (not the allocation's end) can catch it */
+    if (s->overrun && a->n_new == 1) m[a->n_live].reports = 1;
     return KVP_OK;
 }
 
