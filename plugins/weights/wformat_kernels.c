@@ -52,6 +52,11 @@ static void float_portable(wf_spec s, uint32_t k, const uint8_t *packed, const f
 #include <immintrin.h>
 
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,f16c")))
+/* Prefetch distance of the fp16/bf16 kernel, in weight rows (outputs): two blocks of four ahead. A hint
+ * only (it never faults past the matrix, and results do not depend on it). */
+#ifndef WF_F16_PF
+#define WF_F16_PF 8u
+#endif
 #define INLINE inline __attribute__((always_inline))
 
 /* Decoders: 32 weights of `row` from input c as two 16-lane vectors. */
@@ -80,7 +85,11 @@ AVX512 static INLINE void deq_bf16(uint32_t k, uint32_t G, const uint8_t *row, u
             for (int b = 0; b < JB; b++) acc[r][b] = _mm512_setzero_ps();                                        \
         for (uint32_t c = 0; c < k; c += 32) {                                                                   \
             __m512 wl[4], wh[4];                                                                                 \
-            for (int b = 0; b < JB; b++) DEQ(k, G, row[b], c, &wl[b], &wh[b]);                                   \
+            for (int b = 0; b < JB; b++) {                                                                       \
+                /* the same 64 bytes of the output WF_F16_PF rows on: streams stay ahead of use */               \
+                _mm_prefetch((const char *)(row[b] + WF_F16_PF * rb) + 2u * c, _MM_HINT_T0);                      \
+                DEQ(k, G, row[b], c, &wl[b], &wh[b]);                                                            \
+            }                                                                                                    \
             for (int r = 0; r < RB; r++) {                                                                       \
                 const float *xr = x + (size_t)(r0 + (uint32_t)r) * k + c;                                        \
                 const __m512 xl = _mm512_loadu_ps(xr), xh = _mm512_loadu_ps(xr + 16);                            \
