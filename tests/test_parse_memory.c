@@ -18,9 +18,10 @@
 
 #include "model/safetensors.h"
 #include "model/tokenizer.h"
+#include "util/sanitizer.h"
 #include "util/util.h"
 
-#if defined(__SANITIZE_ADDRESS__)
+#ifdef KVH_ASAN
 #define SKIP_UNDER_ASAN() cr_skip_test("RLIMIT_AS cannot be combined with AddressSanitizer's shadow memory")
 #else
 #define SKIP_UNDER_ASAN() (void)0

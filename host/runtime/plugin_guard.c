@@ -12,16 +12,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#if defined(__SANITIZE_ADDRESS__)
-#define KVH_GUARD_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define KVH_GUARD_ASAN 1
-#endif
-#endif
-#ifdef KVH_GUARD_ASAN
-#include <sanitizer/asan_interface.h>
-#endif
+#include "util/sanitizer.h"
 
 typedef struct guard_frame {
     const char *plugin; /* NULL while loading a file (the name is not known yet) */
@@ -203,7 +194,7 @@ void kvh_plugin_guard_check_exit(const char *how) {
     for (;;) syscall(SYS_exit_group, KVH_EXIT_PLUGIN);
 }
 
-#ifdef KVH_GUARD_ASAN
+#ifdef KVH_ASAN
 /* AddressSanitizer stops the process after a bad access (its report is printed just before): when plugin
  * code was running on this thread, say which plugin, hook and layer, like a crash. */
 static void on_asan_death(void) {
@@ -239,7 +230,7 @@ void kvh_plugin_guard_install(void) {
     }
     atexit(on_exit_called);
     at_quick_exit(on_quick_exit_called);
-#ifdef KVH_GUARD_ASAN
+#ifdef KVH_ASAN
     __asan_set_death_callback(on_asan_death);
 #endif
 }

@@ -13,20 +13,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__SANITIZE_ADDRESS__)
-#define KVH_ROUTER_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define KVH_ROUTER_ASAN 1
-#endif
-#endif
-#ifdef KVH_ROUTER_ASAN
-#include <sanitizer/asan_interface.h>
-#endif
-
 #include "model/model.h"
 #include "runtime/plugin.h"
 #include "runtime/plugin_guard.h"
+#include "util/sanitizer.h"
 
 /* Every plugin allocation carries this header, so the section's leftovers are freed at the end of the run,
  * after every instance of the section is destroyed (alloc memory belongs to the section, not the instance). */
@@ -614,7 +604,7 @@ int kvh_router_bind_cache(kvh_router *r, kvh_kvcache *c, kvh_err *err) {
  * metadata is stopped at that write, and plugin_guard names the plugin. Elsewhere the host itself moves
  * and zeroes those bytes, so they are unpoisoned again when the hook returns. Without ASan: nothing. */
 static void meta_tails(kvh_kvcache *c, int seq, int layer, int poison) {
-#ifdef KVH_ROUTER_ASAN
+#ifdef KVH_ASAN
     const size_t mb = c->layer[layer].slot_meta_bytes;
     if (!mb) return;
     for (int h = 0; h < c->n_head; h++) {
