@@ -378,11 +378,11 @@ static void attend_head_gemm(const kvh_blas *blas, const kvh_kvcache *cache, int
          * queries, where attend() would read every slot T times. Slot order, as attend_head walks them. */
         float *kd = (float *)gather, *vd = (float *)gather + (size_t)n * HS;
         const uint32_t spans = kvh_head_spans(cache, hc);
+        const size_t kb = kvh_kvcache_k_slot_bytes(cache, l), vb = kvh_kvcache_v_slot_bytes(cache, l);
         kvh_plugin_guard_enter(ls->store->name, kvh_plugin_site_of(ls->store_fail_ctx)->file, "decode", l);
         for (uint32_t b = 0, j0 = 0; b < spans; b++) {
             const char *kc, *vc;
             const uint32_t cnt = kvh_head_span(cache, l, hc, b, &kc, &vc);
-            const size_t kb = kvh_kvcache_k_slot_bytes(cache, l), vb = kvh_kvcache_v_slot_bytes(cache, l);
             for (uint32_t i = 0; i < cnt; i++) {
                 ls->store->decode(ls->store_state, KVP_WHICH_K, kc + (size_t)i * kb, kd + (size_t)(j0 + i) * HS);
                 ls->store->decode(ls->store_state, KVP_WHICH_V, vc + (size_t)i * vb, vd + (size_t)(j0 + i) * HS);

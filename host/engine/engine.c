@@ -87,17 +87,14 @@ static size_t tokens_held(const kvh_engine *e) {
 static const char *sharing_blocker(const kvh_engine *e, char *buf, size_t cap) {
     const kvh_kvcache *c = &e->s->cache;
     if (!c->block_slots) return "the KV layout is contiguous ([cache] block_size = 0)";
-    const kvh_weight_set *w = e->s->weights;
-    for (int i = 0; w && i < (w->n_layer + 1) * 4; i++) {
-        const kvh_packed_matrix *pm = &w->mat[i];
-        if (pm->desc && (pm->desc->caps & KVP_CAP_ACT_QUANT)) {
-            /* its decode-sized products quantize activations, prefill pieces do not: a prompt block computed
-             * in another sequence's pieces would differ beyond rounding from the one this sequence computes */
-            snprintf(buf, cap, "weight format '%s' (layer %u) quantizes activations in decode-sized products but "
-                     "not in prefill pieces, so a shared prompt block would differ from a recomputed one",
-                     pm->desc->name, (unsigned)pm->info.layer);
-            return buf;
-        }
+    const kvh_packed_matrix *pm = kvh_weights_find(e->s->weights, KVP_CAP_ACT_QUANT);
+    if (pm) {
+        /* its decode-sized products quantize activations, prefill pieces do not: a prompt block computed in
+         * another sequence's pieces would differ beyond rounding from the one this sequence computes */
+        snprintf(buf, cap, "weight format '%s' (layer %u) quantizes activations in decode-sized products but not "
+                 "in prefill pieces, so a shared prompt block would differ from a recomputed one", pm->desc->name,
+                 (unsigned)pm->info.layer);
+        return buf;
     }
     for (int l = 0; l < c->n_layer; l++) {
         const kvh_layer_policy_settings *ls = &c->layer[l];

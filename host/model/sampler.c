@@ -77,10 +77,15 @@ static void sift_down(int32_t *h, int n, int i, const float *p) {
     }
 }
 
+/* Makes h[0..n-1] a heap whose root is the candidate that sorts last. */
+static void heapify(int32_t *h, int n, const float *p) {
+    for (int i = n / 2 - 1; i >= 0; i--) sift_down(h, n, i, p);
+}
+
 /* Heapsort of order[0..n-1] by probability, descending (qsort has no context argument, and a global
  * would make samplers share state). */
 static void sort_by_prob(int32_t *order, int n, const float *p) {
-    for (int i = n / 2 - 1; i >= 0; i--) sift_down(order, n, i, p);
+    heapify(order, n, p);
     for (int end = n - 1; end > 0; end--) {
         int32_t t = order[0];
         order[0] = order[end];
@@ -105,7 +110,7 @@ static int sorted_candidates(kvh_sampler *s, double mass_all) {
     if (s->p.top_k > 0 && s->p.top_k < V) {
         const int k = s->p.top_k;
         for (int i = 0; i < k; i++) order[i] = i;
-        for (int i = k / 2 - 1; i >= 0; i--) sift_down(order, k, i, p);
+        heapify(order, k, p); /* root: the k-th best so far */
         for (int i = k; i < V; i++)
             if (before(p, i, order[0])) {
                 order[0] = i;

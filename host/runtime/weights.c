@@ -116,12 +116,14 @@ size_t kvh_weights_bytes_per_token(const kvh_model *m, const kvh_weight_set *ws)
     return ws ? fp32 - ws->replaced_fp32_bytes + ws->packed_bytes : fp32;
 }
 
-const kvh_packed_matrix *kvh_weights_first(const kvh_weight_set *ws) {
+const kvh_packed_matrix *kvh_weights_find(const kvh_weight_set *ws, uint32_t caps) {
     if (!ws) return NULL;
     for (int i = 0; i < (ws->n_layer + 1) * 4; i++)
-        if (ws->mat[i].packed) return &ws->mat[i];
+        if (ws->mat[i].packed && (ws->mat[i].desc->caps & caps) == caps) return &ws->mat[i];
     return NULL;
 }
+
+const kvh_packed_matrix *kvh_weights_first(const kvh_weight_set *ws) { return kvh_weights_find(ws, 0); }
 
 void kvh_weights_free(kvh_weight_set *ws) {
     if (!ws) return;

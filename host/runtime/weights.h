@@ -66,6 +66,10 @@ size_t kvh_weights_bytes_per_token(const kvh_model *m, const kvh_weight_set *ws)
 /* The first packed matrix (layer order), or NULL when ws holds none: for messages. */
 const kvh_packed_matrix *kvh_weights_first(const kvh_weight_set *ws);
 
+/* The first packed matrix (layer order) whose format declares every KVP_CAP_* bit of caps, or NULL (ws may
+ * be NULL). caps = 0: any packed matrix, as kvh_weights_first. */
+const kvh_packed_matrix *kvh_weights_find(const kvh_weight_set *ws, uint32_t caps);
+
 void kvh_weights_free(kvh_weight_set *ws);
 
 #endif
