@@ -10,7 +10,9 @@ Sections (each only when its records are present):
             requests (all prefilled in one step), with and without prefix sharing
   capacity  replays of the long-context trace under one KV cap: max concurrent, tokens/s, KV peak,
             preemptions, each against the full fp32 cache
-Standard library only.
+  sweep     the newest run of each cap of one trace, side by side (tokens/s and concurrency against the
+            full cache at that cap) and, when matplotlib is present, cap_sweep.png beside OUT.md
+Standard library only, except the optional plot.
 """
 import datetime
 import json
@@ -39,6 +41,70 @@ def stack_name(rec):
         if isinstance(i, dict) and str(i.get("params", {}).get("kivi", "")).lower() in ("1", "true"):
             label += " (kivi)"
     return label
+
+
+def cap_sweep(runs, out_dir):
+    """The newest run of each (trace, cap) of the build that made the newest capacity run: one table of
+    every stack's tokens/s and concurrency against the full cache at the same cap, and a plot."""
+    if not runs:
+        return []
+    newest = max(runs, key=lambda tr: tr[1][-1].get("time_utc", ""))
+    commit, trace = newest[1][0].get("commit"), newest[0]
+    by_cap = {}
+    for tr, cap in runs:
+        if tr == trace and cap[0].get("commit") == commit:
+            by_cap[cap[0]["engine"]["kv_mem_limit"]] = cap  # runs are in file order: the last one wins
+    if len(by_cap) < 2:
+        return []
+    caps = sorted(by_cap)
+    stacks = []
+    for c in caps:
+        for r in by_cap[c]:
+            if stack_name(r) not in stacks:
+                stacks.append(stack_name(r))
+    md = [f"## Capacity against the cap (build {commit}, {os.path.basename(trace)})", "",
+          "The newest run of each cap above, side by side: tokens/s (max concurrent) and, in brackets, the ratio "
+          "to the full fp32 cache under the same cap.", "",
+          "| stack | " + " | ".join(f"{c / 2**20:.0f} MiB" for c in caps) + " |",
+          "|---|" + "---|" * len(caps)]
+    series = {}
+    for st in stacks:
+        cells = []
+        for c in caps:
+            r = next((x for x in by_cap[c] if stack_name(x) == st), None)
+            base = next((x for x in by_cap[c] if stack_name(x) == "full fp32 cache"), None)
+            if r is None:
+                cells.append("—")
+                continue
+            series.setdefault(st, []).append((c / 2**20, r["tokens_per_s"], r["max_concurrent"]))
+            ratio = f" [{r['tokens_per_s'] / base['tokens_per_s']:.2f}x, {r['max_concurrent'] / base['max_concurrent']:.1f}x]" \
+                if base else ""
+            cells.append(f"{r['tokens_per_s']:.1f} ({r['max_concurrent']}){ratio}")
+        md.append(f"| {st} | " + " | ".join(cells) + " |")
+    md.append("")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return md + ["(matplotlib is missing: cap_sweep.png not drawn)", ""]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for st, pts in series.items():
+        xs = [p[0] for p in pts]
+        a1.plot(xs, [p[1] for p in pts], marker="o", label=st)
+        a2.plot(xs, [p[2] for p in pts], marker="o", label=st)
+    for a, yl in ((a1, "generated tokens/s"), (a2, "max concurrent sequences")):
+        a.set_xscale("log", base=2)
+        a.set_xticks([c / 2**20 for c in caps], [f"{c / 2**20:.0f}" for c in caps])
+        a.set_xlabel("KV memory cap (MiB)")
+        a.set_ylabel(yl)
+        a.grid(alpha=0.3)
+    a1.legend(fontsize=8)
+    fig.suptitle(f"{os.path.basename(trace)}: every stack under one KV cap (build {commit})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "cap_sweep.png"), dpi=110)
+    plt.close(fig)
+    return md + ["![tokens/s and concurrency against the cap](cap_sweep.png)", ""]
 
 
 def per_token_bytes(rec):
@@ -149,7 +215,7 @@ def main():
         md += [f"## Capacity under a fixed KV memory cap: {r0['requests']} long-context requests, "
                f"{r0['engine']['kv_mem_limit'] / 2**20:.0f} MiB (build {commit}, {r0.get('time_utc', '?')[:10]})", "",
                f"`kvhost replay {os.path.basename(trace)}`: {r0['requests']} requests arriving at once, prompts "
-               f"850..950 tokens, 64 new tokens each, model {r0['model']['name']}, KV cap "
+               f"850..950 tokens, {r0['generated_tokens'] // max(r0['completed'], 1)} new tokens each, model {r0['model']['name']}, KV cap "
                f"{r0['engine']['kv_mem_limit'] / 2**20:.0f} MiB, max_seqs {r0['engine']['max_seqs']}, step_tokens "
                f"{r0['engine']['step_tokens']}, {r0.get('threads')} threads; policies at budget 128 (slack 32).", "",
                "| stack | max concurrent | x full | tokens/s | x full | req/s | TTFT p50 ms | TPOT p50 ms | KV peak MiB | preemptions |",
@@ -162,6 +228,7 @@ def main():
                       f"{r['kv_bytes_peak'] / 2**20:.1f} | {r['preemptions']} |")
         md += ["", "Goal: h2o.so + int8.so >= 4x the concurrent sequences and >= 2x the tokens/s of the full "
                "fp32 cache.", ""]
+    md += cap_sweep(runs, os.path.dirname(os.path.abspath(sys.argv[2])))
     with open(sys.argv[2], "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
     print(f"wrote {sys.argv[2]}", file=sys.stderr)
