@@ -294,3 +294,17 @@ Test(loader, act_quant_capability_only_for_weight_formats_of_abi_1_4) {
     cr_assert_eq(kvh_plugin_validate(&d, "x.so", &err), -1, "an ABI 1.3 plugin declaring a 1.4 bit was accepted");
     cr_assert(strstr(err.msg, "unknown capability bits 0x20"), "%s", err.msg);
 }
+
+/* KVP_CAP_MATMUL_PREFILL (ABI 1.5) likewise: weight formats only, and not from an older plugin. */
+Test(loader, matmul_prefill_capability_only_for_weight_formats_of_abi_1_5) {
+    kvh_err err = {{0}};
+    kvp_descriptor d = base_descriptor(); /* a policy */
+    d.caps = KVP_CAP_MATMUL_PREFILL;
+    cr_assert_eq(kvh_plugin_validate(&d, "x.so", &err), -1, "a policy declaring KVP_CAP_MATMUL_PREFILL was accepted");
+    cr_assert(strstr(err.msg, "KVP_CAP_MATMUL_PREFILL but is not a weight format"), "%s", err.msg);
+    d = base_descriptor();
+    d.caps = KVP_CAP_MATMUL_PREFILL;
+    d.abi_minor = 4;
+    cr_assert_eq(kvh_plugin_validate(&d, "x.so", &err), -1, "an ABI 1.4 plugin declaring a 1.5 bit was accepted");
+    cr_assert(strstr(err.msg, "unknown capability bits 0x40"), "%s", err.msg);
+}

@@ -2,6 +2,7 @@
  * statistics and their file (host/runtime/calibration.c), through the real plugin and session:
  *   - the product against the exact fp32 product, within the error int8 weights and int8 activations allow;
  *   - the VNNI and portable kernels agree bit for bit (both are integer sums);
+ *   - prefill: many rows through matmul give each row's decode result bit for bit (KVP_CAP_MATMUL_PREFILL);
  *   - the paper's claim on a synthetic case: with an outlier input channel, smoothing by the calibration
  *     statistics beats no smoothing (statistics that make s = 1);
  *   - refusals: no statistics (with the HINT), a bad calibration file (wrong magic, shape, size, values);
@@ -131,6 +132,71 @@ Test(smoothquant, product_within_w8a8_error_and_kernels_agree) {
     free(y);
     free(W);
     free(x);
+    dlclose(dl);
+}
+
+/* The host calls matmul for prefill pieces too (KVP_CAP_MATMUL_PREFILL, no KVP_CAP_ACT_QUANT): many rows,
+ * quantized a chunk at a time and multiplied in tiles, give each row's one-row (decode) result bit for
+ * bit, with both kernels, whatever the output range; an all-zero row adds nothing. */
+Test(smoothquant, prefill_rows_equal_decode_rows_bit_for_bit) {
+    void *dl;
+    const kvp_descriptor *d = load_sq(&dl);
+    cr_assert(d->caps & KVP_CAP_MATMUL_PREFILL);
+    cr_assert(!(d->caps & KVP_CAP_ACT_QUANT));
+    const uint32_t shapes[][3] = {{96, 37, 23}, {1024, 21, 600}}; /* k % 64 = 32; 600 rows: two chunks */
+    const int vnni = kvh_cpu_isa_detected() >= KVH_ISA_AVX512 && __builtin_cpu_supports("avx512vnni");
+    for (size_t si = 0; si < 2; si++) {
+        const uint32_t k = shapes[si][0], n = shapes[si][1], rows = shapes[si][2];
+        uint64_t seed = 9 + k;
+        float *W = malloc((size_t)k * n * sizeof(float)), *x = malloc((size_t)rows * k * sizeof(float));
+        float *act = malloc(k * sizeof(float));
+        for (size_t i = 0; i < (size_t)k * n; i++) W[i] = 0.1f * frand(&seed);
+        for (uint32_t i = 0; i < k; i++) act[i] = 0.0f;
+        for (uint32_t r = 0; r < rows; r++)
+            for (uint32_t i = 0; i < k; i++) {
+                x[(size_t)r * k + i] = r == 3 ? 0.0f : frand(&seed);
+                if (fabsf(x[(size_t)r * k + i]) > act[i]) act[i] = fabsf(x[(size_t)r * k + i]);
+            }
+        float *first = NULL;
+        for (int level = 0; level < (vnni ? 2 : 1); level++) {
+            fake_host f;
+            void *st = make(d, &f, level ? KVP_CPU_AVX512 : KVP_CPU_PORTABLE, 0.5);
+            kvp_weight_info info = {.struct_size = sizeof info, .layer = 0, .which = KVP_MAT_MLP_FC, .k = k, .n = n,
+                                    .act_absmax = act};
+            void *packed = calloc(1, d->packed_size(st, &info));
+            cr_assert_eq(d->pack(st, &info, W, KVP_LAYOUT_IN_MAJOR, packed), KVP_OK);
+            info.act_absmax = NULL;
+            float *y = calloc((size_t)rows * n, sizeof(float)), *y1 = malloc(n * sizeof(float));
+            const uint32_t split = n / 2; /* two threads' ranges */
+            for (int t = 0; t < 2; t++) {
+                kvp_matmul_args a = {.struct_size = sizeof a, .w = &info, .packed = packed, .x = x, .rows = rows,
+                                     .n0 = t ? split : 0, .n1 = t ? n : split, .y = y, .ldy = n};
+                d->matmul(st, &a);
+            }
+            for (uint32_t r = 0; r < rows; r++) {
+                memset(y1, 0, n * sizeof(float));
+                kvp_matmul_args b = {.struct_size = sizeof b, .w = &info, .packed = packed, .x = x + (size_t)r * k,
+                                     .rows = 1, .n0 = 0, .n1 = n, .y = y1, .ldy = n};
+                d->matmul(st, &b);
+                cr_assert(memcmp(y1, y + (size_t)r * n, n * sizeof(float)) == 0, "%s k %u: row %u of %u differs from its decode product",
+                          level ? "VNNI" : "portable", k, r, rows);
+                if (r == 3)
+                    for (uint32_t j = 0; j < n; j++) cr_assert_eq(y1[j], 0.0f);
+            }
+            if (!first) first = y;
+            else {
+                cr_assert(memcmp(first, y, (size_t)rows * n * sizeof(float)) == 0, "k %u: VNNI and portable differ", k);
+                free(y);
+            }
+            free(y1);
+            free(packed);
+            d->destroy(st);
+        }
+        free(first);
+        free(W);
+        free(x);
+        free(act);
+    }
     dlclose(dl);
 }
 

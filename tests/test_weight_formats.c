@@ -12,6 +12,8 @@
  *     operation exact, so each level must return the exact answer, bit for bit (a wrong block-to-scale
  *     pairing, nibble order or sign correction cannot hide there); a non-finite input gives NaN;
  *   - a row's result independent of the rows sharing the call and of the range's start (bit for bit);
+ *   - w8/w4 prefill (many rows through matmul, KVP_CAP_MATMUL_PREFILL): every row's products equal that
+ *     row's decode products bit for bit, across row chunks, tiles and thread-split ranges, every level;
  *   - errors: k not a multiple of 32, a group that is not a multiple of 32 or does not divide k, a
  *     non-finite weight (named by matrix, layer, input and output). */
 #define _GNU_SOURCE
@@ -350,6 +352,98 @@ Test(weight_formats, matmul_matches_double_reference_every_level) {
     /* a wider group */
     check_matmul("w8", (uint32_t)kvh_cpu_isa_detected(), 64, 1024, 21);
     check_matmul("w4", (uint32_t)kvh_cpu_isa_detected(), 128, 1024, 21);
+}
+
+/* ---- w8/w4 prefill: many rows through matmul (KVP_CAP_MATMUL_PREFILL) ------------------------------------ */
+
+/* The host calls w8/w4's matmul for prefill pieces of any length too: the plugin quantizes the rows a chunk
+ * at a time (one heap buffer; 89 rows of k = 4096, 351 of k = 1024) and multiplies tiles of up to 4 rows by
+ * 4 outputs. Every row's products must be the ones a call of that row alone (a decode step) gives, bit
+ * for bit, whatever tile, chunk or output range the row falls in (ranges split as the host splits them
+ * between threads, at a multiple of 16), and within the double reference's bound. */
+static void check_prefill(const char *fmt, uint32_t level, uint32_t G, uint32_t k, uint32_t n, uint32_t rows) {
+    fake_host f;
+    fake_init(&f, level, G);
+    loaded L = load_format(fmt, G);
+    cr_assert(L.d->caps & KVP_CAP_MATMUL_PREFILL, "%s does not declare KVP_CAP_MATMUL_PREFILL", fmt);
+    cr_assert(!(L.d->caps & KVP_CAP_ACT_QUANT), "%s still declares KVP_CAP_ACT_QUANT", fmt);
+    kvp_layer_info li = {.struct_size = sizeof li, .layer = 0, .n_layer = 1};
+    kvp_instance inst = {.struct_size = sizeof inst};
+    cr_assert_eq(L.d->create(&f.host, &li, &inst), KVP_OK, "%s create: %s", fmt, f.error);
+    float *W = random_floats((size_t)k * n, 77 + k + n, 0.25f);
+    kvp_weight_info info;
+    uint8_t *packed = pack_with(&L, &f, inst.state, k, n, W, KVP_LAYOUT_IN_MAJOR, &info);
+    const size_t rb = wf_row_bytes(L.spec, k);
+    float *x = random_floats((size_t)rows * k, 3 + k + rows, 2.0f);
+    memset(x + (size_t)(rows / 2) * k, 0, (size_t)k * sizeof(float)); /* an all-zero row: d = 0 in every block */
+    for (uint32_t i = 0; i < k; i += 64) x[(size_t)(rows - 1) * k + i] *= 1000.0f; /* an outlier per 64 inputs */
+    float *y = malloc((size_t)rows * n * sizeof(float)), *y1 = malloc((size_t)n * sizeof(float));
+    for (size_t i = 0; i < (size_t)rows * n; i++) y[i] = 0.25f;
+    const uint32_t up = (n / 2 + 15u) & ~15u, split = up < n ? up : n / 2; /* two threads' ranges */
+    const uint32_t bounds[3] = {0, split, n};
+    for (int t = 0; t < 2; t++) {
+        if (bounds[t] == bounds[t + 1]) continue;
+        kvp_matmul_args a = {.struct_size = sizeof a, .w = &info, .packed = packed, .x = x, .rows = rows,
+                             .n0 = bounds[t], .n1 = bounds[t + 1], .y = y, .ldy = n};
+        L.d->matmul(inst.state, &a);
+    }
+    for (uint32_t r = 0; r < rows; r++) {
+        for (uint32_t j = 0; j < n; j++) y1[j] = 0.25f;
+        kvp_matmul_args b = {.struct_size = sizeof b, .w = &info, .packed = packed, .x = x + (size_t)r * k, .rows = 1,
+                             .n0 = 0, .n1 = n, .y = y1, .ldy = n};
+        L.d->matmul(inst.state, &b);
+        for (uint32_t j = 0; j < n; j++)
+            cr_assert(memcmp(&y1[j], &y[(size_t)r * n + j], sizeof(float)) == 0,
+                      "%s level %u G %u k %u: row %u of %u, output %u: prefill %a, decode %a", fmt, level, G, k, r, rows, j,
+                      (double)y[(size_t)r * n + j], (double)y1[j]);
+        if (r % 7 == 0 || r == rows - 1)
+            for (uint32_t j = 0; j < n; j++) {
+                double mag;
+                const double ref = 0.25 + int_reference(&L, k, packed + (size_t)j * rb, x + (size_t)r * k, &mag);
+                const double tol = (k / 32 + 4) * 0x1p-23 * mag + 1e-6;
+                cr_assert_leq(fabs(y1[j] - ref), tol, "%s level %u k %u: y[%u][%u] = %.9g, ref %.9g", fmt, level, k, r, j,
+                              (double)y1[j], ref);
+            }
+    }
+    /* the same rows from row 5 on, in one call over a range off the grid: each row's tile and chunk move */
+    if (rows > 6 && n > 4) {
+        float *y2 = malloc((size_t)rows * n * sizeof(float));
+        for (size_t i = 0; i < (size_t)rows * n; i++) y2[i] = 0.25f;
+        kvp_matmul_args c = {.struct_size = sizeof c, .w = &info, .packed = packed, .x = x + 5 * (size_t)k,
+                             .rows = rows - 5, .n0 = 3, .n1 = n - 1, .y = y2, .ldy = n};
+        L.d->matmul(inst.state, &c);
+        for (uint32_t r = 5; r < rows; r++)
+            cr_assert(memcmp(y2 + (size_t)(r - 5) * n + 3, y + (size_t)r * n + 3, (size_t)(n - 4) * sizeof(float)) == 0,
+                      "%s level %u k %u: row %u differs when the call starts at row 5", fmt, level, k, r);
+        free(y2);
+    }
+    free(y);
+    free(y1);
+    free(x);
+    free(packed);
+    free(W);
+    L.d->destroy(inst.state);
+    cr_expect_eq(f.live_allocs, 0);
+    dlclose(L.dl);
+}
+
+Test(weight_formats, w8_w4_prefill_products_equal_decode_products_bit_for_bit) {
+    /* k = 96: an odd number of 32-input blocks; rows not a multiple of the tile; k = 4096 crosses chunks */
+    const uint32_t shapes[][3] = {{96, 37, 13}, {1024, 70, 67}, {4096, 21, 197}};
+    const char *q[] = {"w8", "w4"};
+    for (int fi = 0; fi < 2; fi++) {
+        for (uint32_t level = KVP_CPU_PORTABLE; level <= (uint32_t)kvh_cpu_isa_detected(); level++)
+            for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++)
+                check_prefill(q[fi], level, 32, shapes[si][0], shapes[si][1], shapes[si][2]);
+        check_prefill(q[fi], (uint32_t)kvh_cpu_isa_detected(), 64, 1024, 19, 41);
+        check_prefill(q[fi], (uint32_t)kvh_cpu_isa_detected(), 128, 1024, 19, 41);
+    }
+    /* f16/bf16 stay on the host's unpacked panels for prefill: they declare neither capability */
+    for (int fi = 0; fi < 2; fi++) {
+        loaded L = load_format(formats[fi], 32);
+        cr_expect_eq(L.d->caps & (KVP_CAP_MATMUL_PREFILL | KVP_CAP_ACT_QUANT), 0u, "%s", formats[fi]);
+        dlclose(L.dl);
+    }
 }
 
 /* ---- w8/w4: the activation quantization and exact integer sums ------------------------------------------ */

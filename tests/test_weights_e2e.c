@@ -6,10 +6,11 @@
  * unpacked panels + sgemm), decode at batch 1 (the plugin's own product) and at batch 2, the LM head and
  * the embedding rows it also serves. w8/w4: their few-row products (decode, and the LM head's rows) also
  * quantize the activation row per 32 inputs (W8A8 / W4A8, tests/test_weight_formats.c checks that
- * arithmetic exactly), so the fp32 model of the held values is the reference only where the host
- * multiplies unpacked panels: with lm_head = false a prefill must match it to fp32 rounding; decode steps
- * must stay within the activation quantization's error of it, a bound checked to be far below what a
- * wiring mistake (one layer's matrix in another's place) costs. Also: per-layer composition from a run
+ * arithmetic exactly), and so do their prefill products (SDK 1.5: the host calls their matmul for every
+ * piece, KVP_CAP_MATMUL_PREFILL): prefill and decode steps must stay within the activation quantization's
+ * error of the fp32 model of the held values, a bound checked to be far below what a wiring mistake (one
+ * layer's matrix in another's place) costs; a prompt prefilled in one piece and the same prompt fed a
+ * token at a time must agree to fp32 rounding of the attention (the linear products are the same bits). Also: per-layer composition from a run
  * file, lm_head = false, two sections claiming the LM head, composition with a policy and a KV store, and
  * the weight byte count. */
 #include <criterion/criterion.h>
@@ -137,7 +138,8 @@ static void check_format(const char *plugin) {
         const double tol = ACT_QUANT_TOL;
         const double got = compare_runs2(s, r, c.n_vocab, tol, tol, plugin);
         cr_log_info("%s: largest logit difference from the fp32 model of the held values: %.3g", plugin, got);
-        /* with an fp32 LM head, a prefill's logits come from unpacked panels only: fp32 rounding */
+        /* with an fp32 LM head: since SDK 1.5 (KVP_CAP_MATMUL_PREFILL) prefill runs the same integer products
+         * as decode, so it too stays within the activation quantization's bound of the fp32 model */
         char name[32], set[64];
         snprintf(name, sizeof name, "%s", plugin);
         *strstr(name, ".so") = 0;
@@ -153,7 +155,7 @@ static void check_format(const char *plugin) {
         cr_assert_eq(kvh_model_init_random(&ref2, &c, 11, "random:small", &err), 0, "%s", err.msg);
         take_held_values(&ref2, s2);
         r2 = session_with(&ref2, NULL, NULL, 2);
-        compare_runs2(s2, r2, c.n_vocab, 2e-5, tol, "fp32 head");
+        compare_runs2(s2, r2, c.n_vocab, tol, tol, "fp32 head");
         kvh_session_free(r2);
         /* a wiring mistake: the reference with layer 1's mlp.c_proj in layer 2's place, and vice versa */
         float *f1 = (float *)ref2.layers[1].fcproj_w, *f2 = (float *)ref2.layers[2].fcproj_w;
@@ -208,7 +210,7 @@ Test(weights_e2e, per_layer_composition_and_fp32_head) {
     cr_expect_eq(kvh_weights_bytes_held(&m, ws), m.n_params * 4 - 3 * per_layer * 4 + ws->packed_bytes);
     take_held_values(&ref, s);
     kvh_session *r = session_with(&ref, NULL, NULL, 2);
-    compare_runs2(s, r, c.n_vocab, 2e-5, ACT_QUANT_TOL, "f16 + w4 by layer"); /* w4's decode products: W4A8 */
+    compare_runs2(s, r, c.n_vocab, ACT_QUANT_TOL, ACT_QUANT_TOL, "f16 + w4 by layer"); /* w4: W4A8, prefill too */
     kvh_session_free(s);
     kvh_session_free(r);
     kvh_model_free(&m);
@@ -268,6 +270,43 @@ Test(weights_e2e, composes_with_a_policy_and_a_kv_store) {
     kvh_session_free(s);
     kvh_model_free(&m);
 }
+
+/* w8/w4 (SDK 1.5): a prompt prefilled in one piece (all logits) and the same prompt fed one token per step
+ * give the same logits at every position up to fp32 rounding of the attention, which takes different
+ * paths: the linear products are the decode products bit for bit (tests/test_weight_formats.c). Before
+ * KVP_CAP_MATMUL_PREFILL the two differed by the activation quantization (~0.005 here). */
+static void check_prefill_equals_decode(const char *plugin) {
+    kvh_model_config c = small_config();
+    kvh_model m;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_model_init_random(&m, &c, 5, "random:small", &err), 0, "%s", err.msg);
+    kvh_session *s = session_with(&m, plugin, NULL, 2);
+    enum { P = 21 };
+    int32_t prompt[P];
+    for (int i = 0; i < P; i++) prompt[i] = (int32_t)((i * 37 + 5) % c.n_vocab);
+    float *all = malloc((size_t)P * c.n_vocab * sizeof(float)), *one = malloc((size_t)c.n_vocab * sizeof(float));
+    int seq = 0, n = P;
+    const int32_t *t = prompt;
+    kvh_batch b = {.n = 1, .seq = &seq, .tokens = &t, .n_tokens = &n, .all_logits = true};
+    cr_assert_eq(kvh_session_forward(s, &b, all, &err), 0, "%s", err.msg);
+    double worst = 0;
+    for (int i = 0; i < P; i++) {
+        int seq1 = 1, n1 = 1;
+        const int32_t *t1 = &prompt[i];
+        kvh_batch d = {.n = 1, .seq = &seq1, .tokens = &t1, .n_tokens = &n1, .all_logits = false};
+        cr_assert_eq(kvh_session_forward(s, &d, one, &err), 0, "%s", err.msg);
+        for (int v = 0; v < c.n_vocab; v++) worst = fmax(worst, fabs((double)one[v] - all[(size_t)i * c.n_vocab + v]));
+    }
+    cr_log_info("%s: prefill vs token-by-token decode, largest logit difference %.3g", plugin, worst);
+    cr_assert_leq(worst, 2e-5, "%s: a prefilled prompt's logits differ from decoding it by %g", plugin, worst);
+    free(all);
+    free(one);
+    kvh_session_free(s);
+    kvh_model_free(&m);
+}
+
+Test(weights_e2e, w8_prefill_equals_token_by_token_decode) { check_prefill_equals_decode("w8.so"); }
+Test(weights_e2e, w4_prefill_equals_token_by_token_decode) { check_prefill_equals_decode("w4.so"); }
 
 /* `kvhost plan --weight-prec` counts what the formats really hold (its weight bytes = the session's). */
 Test(weights_e2e, plan_weight_bytes_equal_what_the_formats_hold) {

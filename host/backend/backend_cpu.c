@@ -149,13 +149,14 @@ static void thread_range(int n, int *lo, int *hi) {
 }
 
 /* y[T, N] += x[T, K] · W over output columns [n0, n1) of a weight-format matrix: the plugin's own product
- * for a few rows (decode), else panels of columns unpacked to fp32 ([cols, K], output-major, as many as
- * panel_cap floats hold)
- * and multiplied by sgemm (prefill), which the unpack cost does not dominate at many rows. */
+ * for a few rows (decode) or for any number when the format declares KVP_CAP_MATMUL_PREFILL (w8/w4's
+ * integer products), else panels of columns unpacked to fp32 ([cols, K], output-major, as many as
+ * panel_cap floats hold) and multiplied by sgemm (prefill), which the unpack cost does not dominate at
+ * many rows. */
 static void packed_range(const kvh_blas *blas, const kvh_packed_matrix *pm, float *y, size_t ldy, const float *x,
                          int T, int n0, int n1, float beta, float *panel, size_t panel_cap, int small_max) {
     const int K = (int)pm->info.k;
-    if (T <= small_max) {
+    if (T <= small_max || (pm->desc->caps & KVP_CAP_MATMUL_PREFILL)) {
         if (beta == 0.0f)
             for (int t = 0; t < T; t++) memset(y + (size_t)t * ldy + n0, 0, (size_t)(n1 - n0) * sizeof(float));
         kvp_matmul_args a = {.struct_size = sizeof a, .w = &pm->info, .packed = pm->packed, .x = x,

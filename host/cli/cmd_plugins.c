@@ -37,6 +37,7 @@ static void caps_text(uint32_t caps, char *buf, size_t cap) {
         {KVP_CAP_HEAD_BUDGETS, "head-budgets"},
         {KVP_CAP_SCORE_REPORT, "score-report"},
         {KVP_CAP_ACT_QUANT, "act-quant (decode products over quantized activations)"},
+        {KVP_CAP_MATMUL_PREFILL, "matmul-prefill (its own product for prefill too)"},
     };
     size_t u = 0;
     buf[0] = '\0';

@@ -243,12 +243,15 @@ int kvh_plugin_validate(const kvp_descriptor *d, const char *file, kvh_err *err)
     }
     const uint32_t known_caps = KVP_CAP_DECODE_SCORES | KVP_CAP_PREFILL_SCORES | KVP_CAP_OBS_SCORES | KVP_CAP_HEAD_BUDGETS |
                                 (d->abi_minor >= 3 ? KVP_CAP_SCORE_REPORT : 0u) |
-                                (d->abi_minor >= 4 ? KVP_CAP_ACT_QUANT : 0u);
+                                (d->abi_minor >= 4 ? KVP_CAP_ACT_QUANT : 0u) |
+                                (d->abi_minor >= 5 ? KVP_CAP_MATMUL_PREFILL : 0u);
     if (d->caps & ~known_caps)
         return kvh_fail(err, "plugin '%s' (%s): unknown capability bits 0x%x%s", nm, file, (unsigned)(d->caps & ~known_caps),
                         (d->caps & ~known_caps & KVP_CAP_SCORE_REPORT) ? " (KVP_CAP_SCORE_REPORT needs ABI 1.3)" : "");
     if ((d->caps & KVP_CAP_ACT_QUANT) && d->role != KVP_ROLE_WEIGHTS)
         return kvh_fail(err, "plugin '%s' (%s): declares KVP_CAP_ACT_QUANT but is not a weight format", nm, file);
+    if ((d->caps & KVP_CAP_MATMUL_PREFILL) && d->role != KVP_ROLE_WEIGHTS)
+        return kvh_fail(err, "plugin '%s' (%s): declares KVP_CAP_MATMUL_PREFILL but is not a weight format", nm, file);
     if ((d->caps & KVP_CAP_SCORE_REPORT) && (d->role != KVP_ROLE_POLICY || !d->score_report))
         return kvh_fail(err, "plugin '%s' (%s): declares KVP_CAP_SCORE_REPORT but %s", nm, file,
                         d->role != KVP_ROLE_POLICY ? "is not a policy" : "score_report is NULL");

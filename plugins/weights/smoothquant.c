@@ -12,14 +12,16 @@
  *
  * Packed matrix: k floats 1/s_i, then per output j: float d_j (its weight scale), int32 sum_i q_ij (for the
  * unsigned-times-signed VNNI trick below), k int8 q_ij, so W_ij ~ d_j q_ij / s_i.
- * matmul (decode): per input row, x'_i = x_i / s_i, a = max|x'|/127, u_i = round(x'_i / a) + 128 in 0..255;
+ * matmul: per input row, x'_i = x_i / s_i, a = max|x'|/127, u_i = round(x'_i / a) + 128 in 0..255;
  * vpdpbusd sums u_i * q_ij in int32 (AVX-512 VNNI), and sum_i (u_i - 128) q_ij = that - 128 * sum_i q_ij;
  * y_j += a d_j acc_j. The portable build computes the same integers, so both give the same bits.
- * unpack (prefill panels, embedding rows): d_j q_ij / s_i as fp32, i.e. prefill runs the smoothed int8
- * weights with fp32 activations (W8A16): only decode steps quantize activations. docs/weights.md says so. */
+ * The host calls matmul for prefill pieces too (KVP_CAP_MATMUL_PREFILL, SDK 1.5; before, prefill ran the
+ * unpacked weights with fp32 activations, W8A16), so every token runs W8A8 however the prompt is split.
+ * unpack (embedding rows, references): d_j q_ij / s_i as fp32. */
 #include <kvp/kvp.h>
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define SQ_MAX_K 8192u /* inputs one matrix may have: a decode row is quantized into a stack buffer */
@@ -170,65 +172,146 @@ static int32_t dot_portable(const uint8_t *u, const int8_t *q, uint32_t k) {
     return s;
 }
 
+/* The integer sums of a tile: dp[r][o] = sum_i u_r[i] q_o[i] for RB rows (us bytes apart) and JB outputs. */
+static void dots_portable(const uint8_t *u, size_t us, const int8_t *const *q, uint32_t k, int RB, int JB,
+                          int32_t dp[4][4]) {
+    for (int r = 0; r < RB; r++)
+        for (int o = 0; o < JB; o++) dp[r][o] = dot_portable(u + (size_t)r * us, q[o], k);
+}
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-/* sum_i u_i q_i with vpdpbusd: 64 products per instruction, 32 for a k % 64 tail; exact in int32. */
-VNNI static int32_t dot_vnni(const uint8_t *u, const int8_t *q, uint32_t k) {
-    __m512i acc = _mm512_setzero_si512();
+/* The same with vpdpbusd: 64 products per instruction into one int32 vector per (row, output), every
+ * weight vector used by RB rows and every row vector by JB outputs; a k % 64 tail of 32 as a 256-bit
+ * vpdpbusd. Exact in int32, so the same sums as the portable build in any order. */
+VNNI static inline __attribute__((always_inline)) void dots_tile_vnni(const uint8_t *u, size_t us, const int8_t *const *q,
+                                                                     uint32_t k, int32_t dp[4][4], const int RB,
+                                                                     const int JB) {
+    __m512i acc[4][4];
+    for (int r = 0; r < RB; r++)
+        for (int o = 0; o < JB; o++) acc[r][o] = _mm512_setzero_si512();
     uint32_t i = 0;
-    for (; i + 64 <= k; i += 64)
-        acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512(u + i), _mm512_loadu_si512(q + i));
-    int32_t s = _mm512_reduce_add_epi32(acc);
-    if (i < k) { /* k is a multiple of 32 */
-        __m256i t = _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_loadu_si256((const __m256i *)(u + i)),
-                                        _mm256_loadu_si256((const __m256i *)(q + i)));
-        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
-        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
-        s += _mm_cvtsi128_si32(h);
+    for (; i + 64 <= k; i += 64) {
+        __m512i w[4];
+        for (int o = 0; o < JB; o++) w[o] = _mm512_loadu_si512(q[o] + i);
+        for (int r = 0; r < RB; r++) {
+            const __m512i a = _mm512_loadu_si512(u + (size_t)r * us + i);
+            for (int o = 0; o < JB; o++) acc[r][o] = _mm512_dpbusd_epi32(acc[r][o], a, w[o]);
+        }
     }
-    return s;
+    for (int r = 0; r < RB; r++)
+        for (int o = 0; o < JB; o++) dp[r][o] = _mm512_reduce_add_epi32(acc[r][o]);
+    if (i < k) /* k is a multiple of 32 */
+        for (int r = 0; r < RB; r++)
+            for (int o = 0; o < JB; o++) {
+                const __m256i t = _mm256_dpbusd_epi32(_mm256_setzero_si256(),
+                                                      _mm256_loadu_si256((const __m256i *)(u + (size_t)r * us + i)),
+                                                      _mm256_loadu_si256((const __m256i *)(q[o] + i)));
+                __m128i h = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+                h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+                dp[r][o] += _mm_cvtsi128_si32(h);
+            }
+}
+
+VNNI static void dots_vnni(const uint8_t *u, size_t us, const int8_t *const *q, uint32_t k, int RB, int JB,
+                           int32_t dp[4][4]) {
+    if (JB == 4) switch (RB) {
+        case 1: dots_tile_vnni(u, us, q, k, dp, 1, 4); return;
+        case 2: dots_tile_vnni(u, us, q, k, dp, 2, 4); return;
+        case 3: dots_tile_vnni(u, us, q, k, dp, 3, 4); return;
+        default: dots_tile_vnni(u, us, q, k, dp, 4, 4); return;
+        }
+    for (int o = 0; o < JB; o++) { /* one output at a time: its column of dp as a [RB][4] array */
+        int32_t(*col)[4] = (int32_t(*)[4]) & dp[0][o];
+        switch (RB) {
+        case 1: dots_tile_vnni(u, us, q + o, k, col, 1, 1); break;
+        case 2: dots_tile_vnni(u, us, q + o, k, col, 2, 1); break;
+        case 3: dots_tile_vnni(u, us, q + o, k, col, 3, 1); break;
+        default: dots_tile_vnni(u, us, q + o, k, col, 4, 1); break;
+        }
+    }
 }
 #endif
+
+/* Rows are quantized a chunk at a time: up to SQ_ROWS (decode) into a stack buffer, more (prefill) into
+ * one heap buffer of as many rows as SQ_CHUNK_BYTES hold (or SQ_ROWS at a time when that allocation
+ * fails). Within a chunk: four outputs at a time, for each the rows in tiles of four. Every (row, output)
+ * is an exact integer sum finished by the one statement below, so a prefill row's products are its
+ * decode products bit for bit, and the host may call matmul() for any number of rows
+ * (KVP_CAP_MATMUL_PREFILL). */
+#define SQ_ROWS 4u
+#define SQ_CHUNK_BYTES ((size_t)512 << 10)
 
 static void sq_matmul(void *state, const kvp_matmul_args *a) {
     const sq_state *st = state;
     const uint32_t k = a->w->k;
     const float *inv_s = a->packed;
     const uint8_t *rows = (const uint8_t *)a->packed + (size_t)k * sizeof(float);
-    uint8_t u[SQ_MAX_K];
-    for (uint32_t r = 0; r < a->rows; r++) {
-        const float ax = quantize_row(a->x + (size_t)r * k, inv_s, k, u);
-        if (ax == 0.0f) continue;
-        float *y = a->y + (size_t)r * a->ldy;
-        for (uint32_t j = a->n0; j < a->n1; j++) {
-            const uint8_t *row = rows + (size_t)j * row_bytes(k);
-            float d;
-            int32_t sum;
-            memcpy(&d, row, 4);
-            memcpy(&sum, row + 4, 4);
-            const int8_t *q = (const int8_t *)(row + 8);
-            int32_t dp;
-#if defined(__x86_64__)
-            dp = st->vnni ? dot_vnni(u, q, k) : dot_portable(u, q, k);
-#else
-            dp = dot_portable(u, q, k);
-#endif
-            y[j] += ax * d * (float)(dp - 128 * sum);
+    const size_t us = ((size_t)k + 63u) & ~(size_t)63u;
+    uint8_t stack_u[SQ_ROWS * SQ_MAX_K] __attribute__((aligned(64)));
+    float stack_ax[SQ_ROWS];
+    uint8_t *u = stack_u;
+    float *ax = stack_ax;
+    uint32_t cap = SQ_ROWS;
+    void *heap = NULL;
+    if (a->rows > SQ_ROWS) {
+        size_t c = SQ_CHUNK_BYTES / us;
+        c = c < 16u ? 16u : c > 512u ? 512u : c;
+        if (c > a->rows) c = a->rows;
+        heap = malloc(c * (us + sizeof(float)));
+        if (heap) {
+            u = heap;
+            ax = (float *)(u + c * us);
+            cap = (uint32_t)c;
         }
     }
+    for (uint32_t r0 = 0; r0 < a->rows; r0 += cap) {
+        const uint32_t nr = a->rows - r0 < cap ? a->rows - r0 : cap;
+        for (uint32_t r = 0; r < nr; r++) {
+            ax[r] = quantize_row(a->x + (size_t)(r0 + r) * k, inv_s, k, u + (size_t)r * us);
+            if (ax[r] == 0.0f) memset(u + (size_t)r * us, 128, k); /* skipped below; keeps the sums defined */
+        }
+        for (uint32_t j0 = a->n0; j0 < a->n1; j0 += 4) {
+            const int JB = a->n1 - j0 < 4 ? (int)(a->n1 - j0) : 4;
+            const int8_t *q[4];
+            float d[4];
+            int32_t sum[4];
+            for (int o = 0; o < JB; o++) {
+                const uint8_t *row = rows + (size_t)(j0 + (uint32_t)o) * row_bytes(k);
+                memcpy(&d[o], row, 4);
+                memcpy(&sum[o], row + 4, 4);
+                q[o] = (const int8_t *)(row + 8);
+            }
+            for (uint32_t t0 = 0; t0 < nr; t0 += 4) {
+                const int RB = nr - t0 < 4 ? (int)(nr - t0) : 4;
+                int32_t dp[4][4];
+#if defined(__x86_64__)
+                if (st->vnni) dots_vnni(u + (size_t)t0 * us, us, q, k, RB, JB, dp);
+                else
+#endif
+                    dots_portable(u + (size_t)t0 * us, us, q, k, RB, JB, dp);
+                for (int r = 0; r < RB; r++) {
+                    if (ax[t0 + (uint32_t)r] == 0.0f) continue;
+                    float *y = a->y + (size_t)(r0 + t0 + (uint32_t)r) * a->ldy;
+                    for (int o = 0; o < JB; o++) y[j0 + (uint32_t)o] += ax[t0 + (uint32_t)r] * d[o] * (float)(dp[r][o] - 128 * sum[o]);
+                }
+            }
+        }
+    }
+    free(heap);
 }
 
 static const kvp_descriptor descriptor = {
     KVP_DESCRIPTOR_HEADER,
     .role = KVP_ROLE_WEIGHTS,
-    .caps = KVP_CAP_ACT_QUANT, /* W8A8 decode, W8A16 prefill panels (see the top of this file) */
+    .caps = KVP_CAP_MATMUL_PREFILL, /* W8A8 for every product, decode and prefill: no KVP_CAP_ACT_QUANT */
     .n_params = sizeof params / sizeof params[0],
     .name = "smoothquant",
     .version = "1.0",
     .summary = "SmoothQuant W8A8: per-input smoothing from calibration, int8 weights per output, int8 activations "
-               "per token in decode, int32 products (AVX-512 VNNI)",
+               "per token, int32 products (AVX-512 VNNI), decode and prefill",
     .params = params,
     .create = sq_create,
     .destroy = sq_destroy,

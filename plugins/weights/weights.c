@@ -1,5 +1,5 @@
 /* weights.c — the f16.so, bf16.so, w8.so and w4.so weight-format plugins (SDK role KVP_ROLE_WEIGHTS,
- * ABI 1.3): one source built four times (CMakeLists.txt), WF_KIND and WF_NAME picking the format.
+ * ABI 1.3; w8/w4 declare 1.5's KVP_CAP_MATMUL_PREFILL): one source built four times (CMakeLists.txt), WF_KIND and WF_NAME picking the format.
  * Owns: parameters and their validation, packing a matrix (gathering input-major columns into packed
  * output rows), choosing the kernel build from host->cpu_level (and, at AVX-512, whether the CPU has VNNI
  * for w8/w4's integer products). Does not own: the formats (wformat.h),
@@ -143,7 +143,9 @@ static const kvp_descriptor descriptor = {
     KVP_DESCRIPTOR_HEADER,
     .role = KVP_ROLE_WEIGHTS,
 #if WF_KIND == WF_W8 || WF_KIND == WF_W4
-    .caps = KVP_CAP_ACT_QUANT, /* decode products over int8 activations, prefill panels over fp32 ones */
+    /* every product (decode and prefill) over int8 activations, one arithmetic per token however a prompt
+     * is split: no KVP_CAP_ACT_QUANT (SDK 1.5) */
+    .caps = KVP_CAP_MATMUL_PREFILL,
 #else
     .caps = 0,
 #endif
@@ -155,11 +157,11 @@ static const kvp_descriptor descriptor = {
 #elif WF_KIND == WF_BF16
     .summary = "weights as bfloat16 (2 bytes each), products in fp32",
 #elif WF_KIND == WF_W8
-    .summary = "weights as int8 with one fp16 scale per group of inputs (symmetric, like GGML Q8_0); decode products "
-               "in integers over int8 activations (per 32 inputs)",
+    .summary = "weights as int8 with one fp16 scale per group of inputs (symmetric, like GGML Q8_0); products "
+               "in integers over int8 activations (per 32 inputs), decode and prefill",
 #else
-    .summary = "weights as 4-bit codes with one fp16 scale per group of inputs (like GGML Q4_0); decode products "
-               "in integers over int8 activations (per 32 inputs)",
+    .summary = "weights as 4-bit codes with one fp16 scale per group of inputs (like GGML Q4_0); products "
+               "in integers over int8 activations (per 32 inputs), decode and prefill",
 #endif
     .params = params,
     .create = wf_create,

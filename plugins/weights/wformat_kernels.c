@@ -9,6 +9,8 @@
  * an AVX2 and an AVX-512 VNNI build; docs/weights.md "How the products run" explains them. */
 #include "wformat_kernels.h"
 
+#include <stdlib.h>
+
 #include "wformat_act.h"
 
 /* ---- portable ------------------------------------------------------------------------------------ */
@@ -222,9 +224,57 @@ static int float_avx2(wf_spec s, uint32_t k, const uint8_t *packed, const float 
  * fp32) by the fp32 scale product dw * d_b and adds it into that (row, output)'s own accumulator, summed
  * at the end. The builds differ only in the order fp32 adds these terms, so their S_b agree bit for bit
  * and their results within fp32 rounding; within one build a row's result does not depend on the rows
- * or outputs that share the call. Rows are taken ACT_ROWS at a time, quantized into stack buffers. */
+ * or outputs that share the call.
+ * Rows are quantized a chunk at a time (act_buf): a call of up to ACT_ROWS rows (decode) into stack
+ * buffers, a longer one (prefill) into one heap buffer of as many rows as ACT_CHUNK_BYTES hold. Within a
+ * chunk the outputs are the outer loop (four at a time) and tiles of up to ACT_ROWS rows the inner one, so
+ * the weights of four outputs are read from memory once per chunk and from L1 for every further tile,
+ * while the chunk's codes stay in L2. Every (row, output) is computed by the same block function whatever
+ * the tile or chunk it falls in, with the same sequence of fp32 operations: a prefill's products are the
+ * decode products of its rows, bit for bit (tests/test_weight_formats.c). */
 #define ACT_ROWS 4u
 #define ACT_BLOCKS (WF_MAX_K / 32u + 16u) /* per row; the tail past k/32 stays zero for vector reads */
+#ifndef ACT_CHUNK_BYTES
+#define ACT_CHUNK_BYTES ((size_t)768 << 10) /* quantized rows of one chunk: well inside L2 */
+#endif
+
+/* One chunk's quantized rows: row r's codes at q + r * qs (qs: k rounded up to 64 bytes), its per-lane
+ * corrections (VNNI; AVX2 for w4) at corr + r * (qs / 4), its block scales at d + r * ds (ds = k/32 + 16:
+ * zero past k/32, so reading 16 scales at once never sees garbage). */
+typedef struct act_buf {
+    int8_t *q;
+    int32_t *corr;
+    float *d;
+    size_t qs, ds;
+    uint32_t cap; /* rows per chunk */
+    void *heap;   /* the heap buffer, or NULL: the caller's stack buffers of ACT_ROWS rows */
+} act_buf;
+
+/* Stack buffers (ACT_ROWS rows of WF_MAX_K) for a few rows; for more, a heap chunk, or the stack buffers
+ * again (ACT_ROWS rows at a time) when that allocation fails: the same results either way. */
+static void act_buf_init(act_buf *a, uint32_t k, uint32_t rows, int8_t *q, int32_t *corr, float *d) {
+    a->qs = ((size_t)k + 63u) & ~(size_t)63u;
+    a->ds = k / 32u + 16u;
+    a->q = q;
+    a->corr = corr;
+    a->d = d;
+    a->cap = ACT_ROWS;
+    a->heap = NULL;
+    if (rows <= ACT_ROWS) return;
+    const size_t per = 2u * a->qs + a->ds * sizeof(float);
+    size_t cap = ACT_CHUNK_BYTES / per;
+    cap = cap < 16u ? 16u : cap > 512u ? 512u : cap;
+    if (cap > rows) cap = rows;
+    cap = (cap + ACT_ROWS - 1u) & ~(size_t)(ACT_ROWS - 1u);
+    const size_t bytes = (cap * per + 63u) & ~(size_t)63u;
+    char *p = aligned_alloc(64, bytes);
+    if (!p) return;
+    a->heap = p;
+    a->q = (int8_t *)p;
+    a->corr = (int32_t *)(p + cap * a->qs);
+    a->d = (float *)(p + 2u * cap * a->qs);
+    a->cap = (uint32_t)cap;
+}
 
 static inline float block_wscale(const uint8_t *row, uint32_t G, uint32_t b) {
     uint16_t h;
@@ -250,22 +300,30 @@ static void int_portable(wf_spec s, uint32_t k, const uint8_t *packed, const flo
                          uint32_t n1, float *y, size_t ldy) {
     const size_t rb = wf_row_bytes(s, k);
     const uint32_t nb = k / 32u, G = s.group, ng = k / G;
-    int8_t qa[ACT_ROWS][WF_MAX_K];
-    float da[ACT_ROWS][ACT_BLOCKS];
-    for (uint32_t r0 = 0; r0 < rows; r0 += ACT_ROWS) {
-        const uint32_t nr = rows - r0 < ACT_ROWS ? rows - r0 : ACT_ROWS;
-        for (uint32_t r = 0; r < nr; r++) wf_act_quantize_portable(x + (size_t)(r0 + r) * k, k, qa[r], da[r]);
+    int8_t sq[ACT_ROWS * WF_MAX_K];
+    float sd[ACT_ROWS * ACT_BLOCKS];
+    act_buf a;
+    act_buf_init(&a, k, rows, sq, NULL, sd);
+    for (uint32_t r0 = 0; r0 < rows; r0 += a.cap) {
+        const uint32_t nr = rows - r0 < a.cap ? rows - r0 : a.cap;
+        for (uint32_t r = 0; r < nr; r++)
+            wf_act_quantize_portable(x + (size_t)(r0 + r) * k, k, a.q + (size_t)r * a.qs, a.d + (size_t)r * a.ds);
         for (uint32_t j = n0; j < n1; j++) {
             const uint8_t *row = packed + (size_t)j * rb, *codes = row + 2u * ng;
-            float acc[ACT_ROWS] = {0};
-            for (uint32_t b = 0; b < nb; b++) {
-                const float ws = block_wscale(row, G, b);
-                for (uint32_t r = 0; r < nr; r++)
-                    acc[r] += (float)block_dot_portable(s.kind, codes, b, qa[r]) * (ws * da[r][b]);
+            for (uint32_t t0 = 0; t0 < nr; t0 += ACT_ROWS) {
+                const uint32_t nt = nr - t0 < ACT_ROWS ? nr - t0 : ACT_ROWS;
+                float acc[ACT_ROWS] = {0};
+                for (uint32_t b = 0; b < nb; b++) {
+                    const float ws = block_wscale(row, G, b);
+                    for (uint32_t r = 0; r < nt; r++)
+                        acc[r] += (float)block_dot_portable(s.kind, codes, b, a.q + (size_t)(t0 + r) * a.qs) *
+                                  (ws * a.d[(size_t)(t0 + r) * a.ds + b]);
+                }
+                for (uint32_t r = 0; r < nt; r++) y[(size_t)(r0 + t0 + r) * ldy + j] += acc[r];
             }
-            for (uint32_t r = 0; r < nr; r++) y[(size_t)(r0 + r) * ldy + j] += acc[r];
         }
     }
+    free(a.heap);
 }
 
 #if defined(__x86_64__)
@@ -329,28 +387,36 @@ AVX2I static void int_avx2(wf_spec s, uint32_t k, const uint8_t *packed, const f
                            uint32_t n1, float *y, size_t ldy) {
     const size_t rb = wf_row_bytes(s, k);
     const uint32_t nb = k / 32u;
-    int8_t qa[ACT_ROWS][WF_MAX_K] __attribute__((aligned(32)));
-    int32_t corr[ACT_ROWS][WF_MAX_K / 4u] __attribute__((aligned(32)));
-    float da[ACT_ROWS][ACT_BLOCKS];
-    for (uint32_t r0 = 0; r0 < rows; r0 += ACT_ROWS) {
-        const uint32_t nr = rows - r0 < ACT_ROWS ? rows - r0 : ACT_ROWS;
+    int8_t sq[ACT_ROWS * WF_MAX_K] __attribute__((aligned(64)));
+    int32_t scorr[ACT_ROWS * WF_MAX_K / 4u] __attribute__((aligned(64)));
+    float sd[ACT_ROWS * ACT_BLOCKS];
+    act_buf a;
+    act_buf_init(&a, k, rows, sq, scorr, sd);
+    for (uint32_t r0 = 0; r0 < rows; r0 += a.cap) {
+        const uint32_t nr = rows - r0 < a.cap ? rows - r0 : a.cap;
         for (uint32_t r = 0; r < nr; r++) {
-            wf_act_quantize_avx2(x + (size_t)(r0 + r) * k, k, qa[r], da[r]);
-            memset(da[r] + nb, 0, 8 * sizeof(float));
+            int8_t *q = a.q + (size_t)r * a.qs;
+            int32_t *cr = a.corr + (size_t)r * (a.qs / 4u);
+            float *d = a.d + (size_t)r * a.ds;
+            wf_act_quantize_avx2(x + (size_t)(r0 + r) * k, k, q, d);
+            memset(d + nb, 0, 16 * sizeof(float));
             if (s.kind == WF_W4) /* corr = -8 * (sum of the lane's four q) */
                 for (uint32_t b = 0; b < nb; b++) {
-                    const __m256i a = _mm256_load_si256((const __m256i *)(qa[r] + 32u * b));
-                    const __m256i sum4 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), a), _mm256_set1_epi16(1));
-                    _mm256_store_si256((__m256i *)(corr[r] + 8u * b), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sum4, 3)));
+                    const __m256i v = _mm256_load_si256((const __m256i *)(q + 32u * b));
+                    const __m256i sum4 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), v), _mm256_set1_epi16(1));
+                    _mm256_store_si256((__m256i *)(cr + 8u * b), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sum4, 3)));
                 }
         }
-        for (uint32_t r = 0; r < nr; r++) {
-            float *yr = y + (size_t)(r0 + r) * ldy;
-            uint32_t j = n0;
-            for (; j + 4 <= n1; j += 4) int_block_avx2(s.kind, k, s.group, packed, rb, qa[r], corr[r], da[r], yr, j, 4);
-            for (; j < n1; j++) int_block_avx2(s.kind, k, s.group, packed, rb, qa[r], corr[r], da[r], yr, j, 1);
-        }
+#define AVX2_ROWS(JB)                                                                                               \
+    for (uint32_t r = 0; r < nr; r++)                                                                               \
+    int_block_avx2(s.kind, k, s.group, packed, rb, a.q + (size_t)r * a.qs, a.corr + (size_t)r * (a.qs / 4u),        \
+                   a.d + (size_t)r * a.ds, y + (size_t)(r0 + r) * ldy, j, JB)
+        uint32_t j = n0;
+        for (; j + 4 <= n1; j += 4) AVX2_ROWS(4);
+        for (; j < n1; j++) AVX2_ROWS(1);
+#undef AVX2_ROWS
     }
+    free(a.heap);
 }
 
 /* ---- AVX-512 VNNI: two blocks per 512-bit vpdpbusd (u8 x s8, four products summed into each int32) ---- */
@@ -398,9 +464,11 @@ VNNI static INLINE __m256i w256(uint32_t kind, const uint8_t *codes, uint32_t bl
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), m), _mm_and_si128(p, m));
 }
 
+/* JB outputs from j x RB rows: the tile's first row's codes, corrections and scales at qa, corr, da (rows
+ * qs bytes / qs / 4 int32 / ds floats apart), its outputs at y (rows ldy apart). */
 VNNI static INLINE void int_block_vnni(uint32_t kind, uint32_t k, uint32_t G, const uint8_t *packed, size_t rb,
-                                       const int8_t *qa, const int32_t *corr, const float *da, const scale_tab *tab,
-                                       uint32_t r0, uint32_t j, float *y, size_t ldy, const int JB, const int RB) {
+                                       const int8_t *qa, const int32_t *corr, const float *da, size_t qs, size_t ds,
+                                       const scale_tab *tab, uint32_t j, float *y, size_t ldy, const int JB, const int RB) {
     const uint32_t nb = k / 32u, ng = k / G;
     const uint8_t *row[4], *codes[4];
     __m512 acc[4][4];
@@ -420,7 +488,7 @@ VNNI static INLINE void int_block_vnni(uint32_t kind, uint32_t k, uint32_t G, co
             const __m512 wd = _mm512_permutexvar_ps(
                 sidx, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tab->mask[c], row[o] + 2u * tab->s0[c])));
             for (int r = 0; r < RB; r++)
-                comb[r][o] = _mm512_mul_ps(wd, _mm512_loadu_ps(da + (size_t)r * ACT_BLOCKS + b0));
+                comb[r][o] = _mm512_mul_ps(wd, _mm512_loadu_ps(da + (size_t)r * ds + b0));
         }
         uint32_t p = 0;
         for (; 2u * p + 1u < nbc; p++) {
@@ -434,7 +502,7 @@ VNNI static INLINE void int_block_vnni(uint32_t kind, uint32_t k, uint32_t G, co
                 w[o] = w512(kind, codes[o], blk);
             }
             for (int r = 0; r < RB; r++) {
-                const size_t ro = (size_t)r * WF_MAX_K; /* this chunk's row r */
+                const size_t ro = (size_t)r * qs; /* the tile's row r */
                 const __m512i a = _mm512_load_si512(qa + ro + 32u * blk);
                 const __m512i nc = _mm512_load_si512(corr + ro / 4u + 8u * blk);
                 for (int o = 0; o < JB; o++) {
@@ -449,7 +517,7 @@ VNNI static INLINE void int_block_vnni(uint32_t kind, uint32_t k, uint32_t G, co
             __m256i w[4];
             for (int o = 0; o < JB; o++) w[o] = w256(kind, codes[o], blk);
             for (int r = 0; r < RB; r++) {
-                const size_t ro = (size_t)r * WF_MAX_K; /* this chunk's row r */
+                const size_t ro = (size_t)r * qs; /* the tile's row r */
                 const __m256i a = _mm256_load_si256((const __m256i *)(qa + ro + 32u * blk));
                 const __m256i nc = _mm256_load_si256((const __m256i *)(corr + ro / 4u + 8u * blk));
                 for (int o = 0; o < JB; o++) {
@@ -461,25 +529,27 @@ VNNI static INLINE void int_block_vnni(uint32_t kind, uint32_t k, uint32_t G, co
         }
     }
     for (int r = 0; r < RB; r++)
-        for (int o = 0; o < JB; o++) y[(size_t)(r0 + (uint32_t)r) * ldy + j + (uint32_t)o] += _mm512_reduce_add_ps(acc[r][o]);
+        for (int o = 0; o < JB; o++) y[(size_t)r * ldy + j + (uint32_t)o] += _mm512_reduce_add_ps(acc[r][o]);
 }
 
 VNNI static void int_vnni(wf_spec s, uint32_t k, const uint8_t *packed, const float *x, uint32_t rows, uint32_t n0,
                           uint32_t n1, float *y, size_t ldy) {
     const size_t rb = wf_row_bytes(s, k);
     const uint32_t nb = k / 32u;
-    int8_t qa[ACT_ROWS * WF_MAX_K] __attribute__((aligned(64)));
-    int32_t corr[ACT_ROWS * WF_MAX_K / 4u] __attribute__((aligned(64)));
-    float da[ACT_ROWS * ACT_BLOCKS];
+    int8_t sq[ACT_ROWS * WF_MAX_K] __attribute__((aligned(64)));
+    int32_t scorr[ACT_ROWS * WF_MAX_K / 4u] __attribute__((aligned(64)));
+    float sd[ACT_ROWS * ACT_BLOCKS];
     int8_t nat[WF_MAX_K] __attribute__((aligned(64)));
+    act_buf a;
+    act_buf_init(&a, k, rows, sq, scorr, sd);
     scale_tab tab;
     scale_tab_init(&tab, nb, s.group);
     const __m512i C = _mm512_set1_epi8((char)(s.kind == WF_W8 ? 0x80 : 8));
-    for (uint32_t r0 = 0; r0 < rows; r0 += ACT_ROWS) {
-        const uint32_t nr = rows - r0 < ACT_ROWS ? rows - r0 : ACT_ROWS;
+    for (uint32_t r0 = 0; r0 < rows; r0 += a.cap) {
+        const uint32_t nr = rows - r0 < a.cap ? rows - r0 : a.cap;
         for (uint32_t r = 0; r < nr; r++) {
-            int8_t *q = qa + (size_t)r * WF_MAX_K;
-            float *d = da + (size_t)r * ACT_BLOCKS;
+            int8_t *q = a.q + (size_t)r * a.qs;
+            float *d = a.d + (size_t)r * a.ds;
             wf_act_quantize_avx512(x + (size_t)(r0 + r) * k, k, s.kind == WF_W4 ? nat : q, d);
             memset(d + nb, 0, 16 * sizeof(float));
             if (s.kind == WF_W4) { /* per pair of blocks A, B: A0-15 B0-15 A16-31 B16-31; a last odd block as is */
@@ -489,7 +559,7 @@ VNNI static void int_vnni(wf_spec s, uint32_t k, const uint8_t *packed, const fl
                         memcpy(q + 32u * b + 16u * (uint32_t)h, nat + 32u * (b + (uint32_t)(h & 1)) + 16u * (uint32_t)(h >> 1), 16);
                 if (b < nb) memcpy(q + 32u * b, nat + 32u * b, 32);
             }
-            int32_t *cr = corr + (size_t)r * (WF_MAX_K / 4u);
+            int32_t *cr = a.corr + (size_t)r * (a.qs / 4u);
             uint32_t i = 0; /* corr = -C * (sum of each lane's four q) */
             for (; i + 64 <= k; i += 64)
                 _mm512_store_si512(cr + i / 4u, _mm512_sub_epi32(_mm512_setzero_si512(),
@@ -500,22 +570,24 @@ VNNI static void int_vnni(wf_spec s, uint32_t k, const uint8_t *packed, const fl
                                                     _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm512_castsi512_si256(C),
                                                                         _mm256_load_si256((const __m256i *)(q + i)))));
         }
-#define VNNI_ROWS(JB, RB) int_block_vnni(s.kind, k, s.group, packed, rb, qa, corr, da, &tab, r0, j, y, ldy, JB, RB)
+        /* four outputs at a time; for each, the chunk's rows in tiles of four */
+#define VNNI_TILE(JB, RB)                                                                                           \
+    int_block_vnni(s.kind, k, s.group, packed, rb, a.q + (size_t)t0 * a.qs, a.corr + (size_t)t0 * (a.qs / 4u),     \
+                   a.d + (size_t)t0 * a.ds, a.qs, a.ds, &tab, j, y + (size_t)(r0 + t0) * ldy, ldy, JB, RB)
+#define VNNI_ROWS(JB)                                                                                               \
+    for (uint32_t t0 = 0; t0 < nr; t0 += ACT_ROWS) switch (nr - t0) {                                               \
+        case 1: VNNI_TILE(JB, 1); break;                                                                            \
+        case 2: VNNI_TILE(JB, 2); break;                                                                            \
+        case 3: VNNI_TILE(JB, 3); break;                                                                            \
+        default: VNNI_TILE(JB, 4); break;                                                                           \
+        }
         uint32_t j = n0;
-        for (; j + 4 <= n1; j += 4) switch (nr) {
-            case 1: VNNI_ROWS(4, 1); break;
-            case 2: VNNI_ROWS(4, 2); break;
-            case 3: VNNI_ROWS(4, 3); break;
-            default: VNNI_ROWS(4, 4); break;
-            }
-        for (; j < n1; j++) switch (nr) {
-            case 1: VNNI_ROWS(1, 1); break;
-            case 2: VNNI_ROWS(1, 2); break;
-            case 3: VNNI_ROWS(1, 3); break;
-            default: VNNI_ROWS(1, 4); break;
-            }
+        for (; j + 4 <= n1; j += 4) VNNI_ROWS(4)
+        for (; j < n1; j++) VNNI_ROWS(1)
 #undef VNNI_ROWS
+#undef VNNI_TILE
     }
+    free(a.heap);
 }
 
 int wf_cpu_has_vnni(void) {

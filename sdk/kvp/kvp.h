@@ -42,7 +42,7 @@ extern "C" {
 #endif
 
 #define KVP_ABI_MAJOR 1u
-#define KVP_ABI_MINOR 4u /* 1: store role (kvp_instance slot sizes, encode/decode/attend hooks)
+#define KVP_ABI_MINOR 5u /* 1: store role (kvp_instance slot sizes, encode/decode/attend hooks)
                           * 2: handle stores (append/release hooks, host->shared, counted store memory)
                           * 3: weight-format role (pack/unpack/matmul hooks), host->cpu_level;
                           *    policies see the attention they judge: score_report and insert hooks
@@ -52,7 +52,9 @@ extern "C" {
                           * 4: kvp_instance.store_flags (KVP_STORE_SELF_CONTAINED, KVP_STORE_DECODE_ATTEND):
                           *    what a store promises about its slots, so the host may share them
                           *    between sequences and skip copies (KVP_INSTANCE_HAS); KVP_CAP_ACT_QUANT for
-                          *    weight formats whose products quantize activations */
+                          *    weight formats whose products quantize activations
+                          * 5: KVP_CAP_MATMUL_PREFILL: a weight format's matmul() serves calls of any
+                          *    number of rows, prefill pieces included */
 #define KVP_ENTRY_SYMBOL "kvp_plugin_entry"
 
 /* ---- status codes returned by hooks ---------------------------------------------------------- */
@@ -76,6 +78,12 @@ extern "C" {
  * the engine does not share prompt blocks between sequences (a shared block would differ from the one a
  * sequence computes itself). */
 #define KVP_CAP_ACT_QUANT (1u << 5)
+/* ABI 1.5, weight formats: matmul() is the format's product for calls of any number of rows, so the host
+ * calls it for prefill pieces too, never unpack() + its own fp32 GEMM (unpack() stays required: the host
+ * reads embedding rows and tests read references through it). A format whose matmul() quantizes
+ * activations but serves every call this way computes each token the same way however a prompt is split,
+ * so it need not declare KVP_CAP_ACT_QUANT (w8.so, w4.so and smoothquant.so do not, since SDK 1.5). */
+#define KVP_CAP_MATMUL_PREFILL (1u << 6)
 
 /* ---- parameters ------------------------------------------------------------------------------- */
 #define KVP_PARAM_INT 1u
@@ -384,8 +392,10 @@ typedef struct kvp_weight_info {
 /* matmul(): y[r * ldy + j] += sum_i x[r * k + i] * W(i, j) for r < rows, n0 <= j < n1. Adds to y (the
  * host puts bias, residual or zero there first). A row's result must not depend on `rows` or on the
  * range's bounds (the host splits ranges across threads and batches rows freely). The host calls matmul()
- * for calls of up to a few rows and unpack() + its own fp32 product above that; a format whose matmul()
- * is not the fp32 product of its unpacked values within rounding declares KVP_CAP_ACT_QUANT. */
+ * for calls of up to a few rows and unpack() + its own fp32 product above that, unless the format declares
+ * KVP_CAP_MATMUL_PREFILL (then matmul() for every call); a format whose matmul() is not the fp32 product
+ * of its unpacked values within rounding declares KVP_CAP_ACT_QUANT, unless it declares
+ * KVP_CAP_MATMUL_PREFILL. */
 typedef struct kvp_matmul_args {
     uint32_t struct_size;
     const kvp_weight_info *w;
