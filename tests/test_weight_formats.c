@@ -253,8 +253,7 @@ static double int_reference(const loaded *L, uint32_t k, const uint8_t *row, con
         int64_t S = 0;
         for (uint32_t i = 0; i < 32; i++) {
             const uint32_t e = 32 * b + i;
-            const int w = L->spec.kind == WF_W8 ? (int8_t)codes[e]
-                                                : (int)((codes[16 * b + i % 16] >> (4 * (i / 16))) & 15u) - 8;
+            const int w = wf_code(L->spec.kind, k, codes, e); /* wformat.h's code order */
             S += (int64_t)w * q[e];
         }
         uint16_t dh;

@@ -11,8 +11,16 @@
  *         symmetric, d = max|W| / 127 over the group of G inputs (G = `group`, a multiple of 32)
  *   w4    k/G binary16 scales d, then k/2 bytes of 4-bit q (0..15):  W = (q - 8) * d
  *         d = m / -8 where m is the group's value of largest magnitude (so m itself is exact), as GGML's
- *         Q4_0; nibbles: in every 32 inputs, byte b (< 16) holds input b (low nibble) and input b + 16
- *         (high nibble), so a vector kernel splits one 16-byte load into two 16-lane halves.
+ *         Q4_0.
+ * Code order of w8/w4 (wf_code_pos): the inputs form blocks of 32 (block b: inputs 32b..32b+31) and the
+ * blocks runs of 16 (the last run holds the m = k/32 mod 16 left, when that is not 0). Within a run the
+ * codes are interleaved four inputs at a time, so that one 4-byte lane of a vector holds four inputs of
+ * ONE block and lane l of every vector belongs to block l of the run: a kernel adds a block's 32
+ * products in one int32 lane over eight vpdpbusd steps, and converts and scales each block sum once.
+ *   w8: step t (inputs 4t..4t+3 of each block, t < 8) takes 4m bytes at 32*16*run + 4m*t: block l's four
+ *       at + 4l. (A run is 512 bytes; a full run's step is one 64-byte vector.)
+ *   w4: four vectors v < 4 of 4m bytes at 16*16*run + 4m*v: lane l of vector v holds block l's inputs
+ *       4v..4v+3 in the low nibbles and 16+4v..16+4v+3 in the high ones (steps v and v + 4).
  * The scales of w8/w4 are quantized to binary16 BEFORE the weights are divided by them, so the stored
  * scale is the one every kernel multiplies by. */
 #ifndef WFORMAT_H
@@ -108,6 +116,28 @@ static inline size_t wf_row_bytes(wf_spec s, uint32_t k) {
     }
 }
 
+/* ---- w8/w4 code order ---------------------------------------------------------------------------------- */
+
+/* Where input e (< k) of a w8/w4 row's codes lives: the byte offset from the first code, and (w4) the bit
+ * shift of its nibble in that byte. */
+static inline size_t wf_code_pos(uint32_t kind, uint32_t k, uint32_t e, uint32_t *shift) {
+    const uint32_t b = e / 32u, i = e % 32u, run = b / 16u, l = b % 16u;
+    const uint32_t left = k / 32u - 16u * run, m = left < 16u ? left : 16u;
+    if (kind == WF_W8) {
+        *shift = 0;
+        return (size_t)512u * run + (size_t)4u * m * (i / 4u) + 4u * l + i % 4u;
+    }
+    *shift = 4u * (i / 16u);
+    return (size_t)256u * run + (size_t)4u * m * ((i / 4u) % 4u) + 4u * l + i % 4u;
+}
+
+/* The signed integer of input e: W = code * d (w8: q; w4: q - 8). */
+static inline int wf_code(uint32_t kind, uint32_t k, const uint8_t *codes, uint32_t e) {
+    uint32_t sh;
+    const size_t at = wf_code_pos(kind, k, e, &sh);
+    return kind == WF_W8 ? (int)(int8_t)codes[at] : (int)((codes[at] >> sh) & 15u) - 8;
+}
+
 /* ---- packing one row (the fp32 values src[0..k-1] of one output) ------------------------------------- */
 
 static inline void wf_pack_row(wf_spec s, uint32_t k, const float *src, uint8_t *dst) {
@@ -133,15 +163,16 @@ static inline void wf_pack_row(wf_spec s, uint32_t k, const float *src, uint8_t 
         const float d = wf_half_to_float(dh), inv = d != 0.0f ? 1.0f / d : 0.0f;
         for (uint32_t i = 0; i < G; i++) {
             const uint32_t e = g * G + i; /* input index within the row */
+            uint32_t sh;
+            const size_t at = wf_code_pos(s.kind, k, e, &sh);
             if (s.kind == WF_W8) {
                 float r = roundf(w[i] * inv);
                 r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
-                q[e] = (uint8_t)(int8_t)r;
+                q[at] = (uint8_t)(int8_t)r;
             } else {
                 float r = roundf(w[i] * inv) + 8.0f;
                 r = r > 15.0f ? 15.0f : r < 0.0f ? 0.0f : r;
-                const uint32_t byte = (e / 32u) * 16u + (e % 16u), high = (e % 32u) / 16u;
-                q[byte] = (uint8_t)(q[byte] | ((uint32_t)r << (4u * high)));
+                q[at] = (uint8_t)(q[at] | ((uint32_t)r << sh));
             }
         }
     }
@@ -163,13 +194,7 @@ static inline void wf_unpack_row(wf_spec s, uint32_t k, const uint8_t *row, floa
     for (uint32_t e = 0; e < k; e++) {
         uint16_t dh;
         memcpy(&dh, row + 2u * (e / G), 2);
-        const float d = wf_half_to_float(dh);
-        if (s.kind == WF_W8) {
-            dst[e] = (float)(int8_t)q[e] * d;
-        } else {
-            const uint32_t byte = (e / 32u) * 16u + (e % 16u), high = (e % 32u) / 16u;
-            dst[e] = (float)((int)((q[byte] >> (4u * high)) & 15u) - 8) * d;
-        }
+        dst[e] = (float)wf_code(s.kind, k, q, e) * wf_half_to_float(dh);
     }
 }
 

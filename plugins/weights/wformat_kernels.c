@@ -225,11 +225,15 @@ static int float_avx2(wf_spec s, uint32_t k, const uint8_t *packed, const float 
  * at the end. The builds differ only in the order fp32 adds these terms, so their S_b agree bit for bit
  * and their results within fp32 rounding; within one build a row's result does not depend on the rows
  * or outputs that share the call.
+ * The codes are stored a run of 16 blocks at a time, four inputs of one block per 4-byte lane (wformat.h,
+ * wf_code_pos), so the vector builds sum each block in one int32 lane over eight steps and convert, scale
+ * and accumulate it once: per 16 blocks of one (row, output), eight vpdpbusd and one conversion, one
+ * multiply and one FMA. The x86 builds store each quantized row in the same order (act_interleave).
  * Rows are quantized a chunk at a time (act_buf): a call of up to ACT_ROWS rows (decode) into stack
  * buffers, a longer one (prefill) into one heap buffer of as many rows as ACT_CHUNK_BYTES hold. Within a
  * chunk the outputs are the outer loop (four at a time) and tiles of up to ACT_ROWS rows the inner one, so
  * the weights of four outputs are read from memory once per chunk and from L1 for every further tile,
- * while the chunk's codes stay in L2. Every (row, output) is computed by the same block function whatever
+ * while the chunk's codes stay in L2. Every (row, output) is computed by the same tile function whatever
  * the tile or chunk it falls in, with the same sequence of fp32 operations: a prefill's products are the
  * decode products of its rows, bit for bit (tests/test_weight_formats.c). */
 #define ACT_ROWS 4u
@@ -238,9 +242,10 @@ static int float_avx2(wf_spec s, uint32_t k, const uint8_t *packed, const float 
 #define ACT_CHUNK_BYTES ((size_t)768 << 10) /* quantized rows of one chunk: well inside L2 */
 #endif
 
-/* One chunk's quantized rows: row r's codes at q + r * qs (qs: k rounded up to 64 bytes), its per-lane
- * corrections (VNNI; AVX2 for w4) at corr + r * (qs / 4), its block scales at d + r * ds (ds = k/32 + 16:
- * zero past k/32, so reading 16 scales at once never sees garbage). */
+/* One chunk's quantized rows: row r's codes at q + r * qs (qs: k rounded up to 64 bytes), its per-block
+ * corrections (x86: -C times the block's sum of codes, C = 128 for w8, 8 for w4) at corr + r * ds, its
+ * block scales at d + r * ds (ds = k/32 + 16: both zero past k/32, so reading 16 at once never sees
+ * garbage). */
 typedef struct act_buf {
     int8_t *q;
     int32_t *corr;
@@ -261,7 +266,7 @@ static void act_buf_init(act_buf *a, uint32_t k, uint32_t rows, int8_t *q, int32
     a->cap = ACT_ROWS;
     a->heap = NULL;
     if (rows <= ACT_ROWS) return;
-    const size_t per = 2u * a->qs + a->ds * sizeof(float);
+    const size_t per = a->qs + a->ds * (sizeof(float) + sizeof(int32_t));
     size_t cap = ACT_CHUNK_BYTES / per;
     cap = cap < 16u ? 16u : cap > 512u ? 512u : cap;
     if (cap > rows) cap = rows;
@@ -272,7 +277,7 @@ static void act_buf_init(act_buf *a, uint32_t k, uint32_t rows, int8_t *q, int32
     a->heap = p;
     a->q = (int8_t *)p;
     a->corr = (int32_t *)(p + cap * a->qs);
-    a->d = (float *)(p + 2u * cap * a->qs);
+    a->d = (float *)(p + cap * a->qs + cap * a->ds * sizeof(int32_t));
     a->cap = (uint32_t)cap;
 }
 
@@ -283,17 +288,29 @@ static inline float block_wscale(const uint8_t *row, uint32_t G, uint32_t b) {
 }
 
 /* ---- portable ---- */
-static int32_t block_dot_portable(uint32_t kind, const uint8_t *codes, uint32_t b, const int8_t *qa) {
-    int32_t acc = 0;
-    if (kind == WF_W8) {
-        const int8_t *w = (const int8_t *)codes + 32u * b;
-        for (uint32_t i = 0; i < 32; i++) acc += (int32_t)w[i] * qa[32u * b + i];
-    } else {
-        const uint8_t *p = codes + 16u * b;
-        for (uint32_t i = 0; i < 16; i++)
-            acc += ((int32_t)(p[i] & 15u) - 8) * qa[32u * b + i] + ((int32_t)(p[i] >> 4) - 8) * qa[32u * b + 16u + i];
+/* S_b of every block of one output's codes against a row quantized in natural order. */
+static void block_sums_portable(uint32_t kind, uint32_t k, const uint8_t *codes, const int8_t *q, int32_t *S) {
+    const uint32_t nb = k / 32u;
+    for (uint32_t b0 = 0; b0 < nb; b0 += 16) {
+        const uint32_t m = nb - b0 < 16 ? nb - b0 : 16;
+        for (uint32_t l = 0; l < m; l++) {
+            const int8_t *qb = q + 32u * (b0 + l);
+            int32_t acc = 0;
+            if (kind == WF_W8) {
+                const int8_t *w = (const int8_t *)codes + 32u * b0 + 4u * l;
+                for (uint32_t t = 0; t < 8; t++)
+                    for (uint32_t c = 0; c < 4; c++) acc += (int32_t)w[4u * m * t + c] * qb[4u * t + c];
+            } else {
+                const uint8_t *w = codes + 16u * b0 + 4u * l;
+                for (uint32_t v = 0; v < 4; v++)
+                    for (uint32_t c = 0; c < 4; c++) {
+                        const uint8_t byte = w[4u * m * v + c];
+                        acc += ((int32_t)(byte & 15u) - 8) * qb[4u * v + c] + ((int32_t)(byte >> 4) - 8) * qb[16u + 4u * v + c];
+                    }
+            }
+            S[b0 + l] = acc;
+        }
     }
-    return acc;
 }
 
 static void int_portable(wf_spec s, uint32_t k, const uint8_t *packed, const float *x, uint32_t rows, uint32_t n0,
@@ -302,6 +319,7 @@ static void int_portable(wf_spec s, uint32_t k, const uint8_t *packed, const flo
     const uint32_t nb = k / 32u, G = s.group, ng = k / G;
     int8_t sq[ACT_ROWS * WF_MAX_K];
     float sd[ACT_ROWS * ACT_BLOCKS];
+    int32_t S[WF_MAX_K / 32u];
     act_buf a;
     act_buf_init(&a, k, rows, sq, NULL, sd);
     for (uint32_t r0 = 0; r0 < rows; r0 += a.cap) {
@@ -310,16 +328,12 @@ static void int_portable(wf_spec s, uint32_t k, const uint8_t *packed, const flo
             wf_act_quantize_portable(x + (size_t)(r0 + r) * k, k, a.q + (size_t)r * a.qs, a.d + (size_t)r * a.ds);
         for (uint32_t j = n0; j < n1; j++) {
             const uint8_t *row = packed + (size_t)j * rb, *codes = row + 2u * ng;
-            for (uint32_t t0 = 0; t0 < nr; t0 += ACT_ROWS) {
-                const uint32_t nt = nr - t0 < ACT_ROWS ? nr - t0 : ACT_ROWS;
-                float acc[ACT_ROWS] = {0};
-                for (uint32_t b = 0; b < nb; b++) {
-                    const float ws = block_wscale(row, G, b);
-                    for (uint32_t r = 0; r < nt; r++)
-                        acc[r] += (float)block_dot_portable(s.kind, codes, b, a.q + (size_t)(t0 + r) * a.qs) *
-                                  (ws * a.d[(size_t)(t0 + r) * a.ds + b]);
-                }
-                for (uint32_t r = 0; r < nt; r++) y[(size_t)(r0 + t0 + r) * ldy + j] += acc[r];
+            for (uint32_t r = 0; r < nr; r++) {
+                block_sums_portable(s.kind, k, codes, a.q + (size_t)r * a.qs, S);
+                const float *d = a.d + (size_t)r * a.ds;
+                float acc = 0.0f;
+                for (uint32_t b = 0; b < nb; b++) acc += (float)S[b] * (block_wscale(row, G, b) * d[b]);
+                y[(size_t)(r0 + r) * ldy + j] += acc;
             }
         }
     }
@@ -327,56 +341,90 @@ static void int_portable(wf_spec s, uint32_t k, const uint8_t *packed, const flo
 }
 
 #if defined(__x86_64__)
-/* ---- AVX2: one block per 256-bit vector, vpmaddubsw (u8 x s8 -> s16 pairs) + vpmaddwd -------------- */
-/* w8: |w| x (q with w's sign) (vpsignb), as GGML's AVX2 path: |w| <= 127 and |q| <= 127 keep each s16 pair
- * sum <= 32258, no saturation. w4: codes 0..15 x q, then - 8 * (sum of q over the lane's 4 inputs), which
- * the row's quantization step precomputes (corr). Four outputs at a time, one row at a time. */
-#define AVX2I __attribute__((target("avx2,fma,f16c")))
-
-AVX2I static INLINE __m256i lane_dot_avx2(uint32_t kind, const uint8_t *codes, uint32_t blk, const int8_t *qa,
-                                          const int32_t *corr) {
-    const __m256i a = _mm256_load_si256((const __m256i *)(qa + 32u * blk)), ones = _mm256_set1_epi16(1);
-    if (kind == WF_W8) {
-        const __m256i w = _mm256_loadu_si256((const __m256i *)(codes + 32u * blk));
-        return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w)), ones);
+/* A row quantized in natural order (nat) into the code order of wformat.h (w8's: the four inputs 4t..4t+3
+ * of block l of a run at 512 * run + 4m * t + 4l), and corr[b] = -C * (sum of block b's codes), zero
+ * from k/32 up to the next multiple of 16. */
+static void act_interleave(const int8_t *nat, uint32_t k, uint32_t C, int8_t *q, int32_t *corr) {
+    const uint32_t nb = k / 32u;
+    for (uint32_t b0 = 0; b0 < nb; b0 += 16) {
+        const uint32_t m = nb - b0 < 16 ? nb - b0 : 16;
+        int8_t *run = q + 32u * b0;
+        for (uint32_t l = 0; l < m; l++) {
+            const int8_t *qb = nat + 32u * (b0 + l);
+            int32_t sum = 0;
+            for (uint32_t t = 0; t < 8; t++) {
+                memcpy(run + 4u * m * t + 4u * l, qb + 4u * t, 4);
+                sum += qb[4u * t] + qb[4u * t + 1u] + qb[4u * t + 2u] + qb[4u * t + 3u];
+            }
+            corr[b0 + l] = -(int32_t)C * sum;
+        }
+        for (uint32_t l = m; l < 16; l++) corr[b0 + l] = 0;
     }
-    const __m128i p = _mm_loadu_si128((const __m128i *)(codes + 16u * blk)), m = _mm_set1_epi8(15);
-    const __m256i c = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), m), _mm_and_si128(p, m));
-    return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(c, a), ones),
-                            _mm256_load_si256((const __m256i *)(corr + 8u * blk)));
 }
 
-AVX2I static INLINE void int_block_avx2(uint32_t kind, uint32_t k, uint32_t G, const uint8_t *packed, size_t rb,
-                                        const int8_t *qa, const int32_t *corr, const float *da, float *yr, uint32_t j,
-                                        const int JB) {
+/* ---- AVX2: a run's eight steps per 8-lane half (blocks 0-7, 8-15), vpmaddubsw + vpmaddwd -------------- */
+/* w8: |w| x (q with w's sign) (vpsignb), as GGML's AVX2 path: |w| <= 127 and |q| <= 127 keep each s16 pair
+ * sum <= 32258, no saturation. w4: codes 0..15 x q, starting from corr = -8 * (block sum of q). Each lane
+ * adds its block's eight steps in int32, then one conversion, multiply and FMA per half. Four outputs at a
+ * time, one row at a time. */
+#define AVX2I __attribute__((target("avx2,fma,f16c")))
+
+AVX2I static INLINE __m256i lanes_avx2(const void *p, uint32_t nl) { /* nl 4-byte lanes (1..8), zero above */
+    if (nl >= 8) return _mm256_loadu_si256((const __m256i *)p);
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_epi32((const int *)p, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)nl), idx));
+}
+
+AVX2I static INLINE void int_tile_avx2(uint32_t kind, uint32_t k, uint32_t G, const uint8_t *packed, size_t rb,
+                                       const int8_t *qa, const int32_t *corr, const float *da, float *yr, uint32_t j,
+                                       const int JB) {
     const uint32_t nb = k / 32u, ng = k / G;
     const uint8_t *row[4], *codes[4];
     __m256 acc[4];
+    const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(15);
     for (int o = 0; o < JB; o++) {
         row[o] = packed + (size_t)(j + (uint32_t)o) * rb;
         codes[o] = row[o] + 2u * ng;
         acc[o] = _mm256_setzero_ps();
     }
-    for (uint32_t b0 = 0; b0 < nb; b0 += 8) {
-        const uint32_t nbc = nb - b0 < 8 ? nb - b0 : 8;
-        const __m256 dx = _mm256_loadu_ps(da + b0); /* zero past the row's blocks */
-        __m256 comb[4];
-        for (int o = 0; o < JB; o++) {
-            __m256 wd;
-            if (G == 32 && nbc == 8) {
-                wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row[o] + 2u * b0)));
+    for (uint32_t b0 = 0; b0 < nb; b0 += 16) {
+        const uint32_t m = nb - b0 < 16 ? nb - b0 : 16;
+        for (uint32_t h = 0; h * 8u < m; h++) {
+            const uint32_t nl = m - 8u * h < 8 ? m - 8u * h : 8, bh = b0 + 8u * h;
+            const int8_t *ar = qa + 32u * b0 + 32u * h;
+            __m256i s[4];
+            for (int o = 0; o < JB; o++)
+                s[o] = kind == WF_W8 ? _mm256_setzero_si256() : _mm256_loadu_si256((const __m256i *)(corr + bh));
+            if (kind == WF_W8) {
+                for (uint32_t t = 0; t < 8; t++) {
+                    const __m256i a = lanes_avx2(ar + 4u * m * t, nl);
+                    for (int o = 0; o < JB; o++) {
+                        const __m256i w = lanes_avx2(codes[o] + 32u * b0 + 4u * m * t + 32u * h, nl);
+                        s[o] = _mm256_add_epi32(s[o], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w)), ones));
+                    }
+                }
             } else {
-                float t[8] = {0};
-                for (uint32_t i = 0; i < nbc; i++) t[i] = block_wscale(row[o], G, b0 + i);
-                wd = _mm256_loadu_ps(t);
+                for (uint32_t v = 0; v < 4; v++) {
+                    const __m256i alo = lanes_avx2(ar + 4u * m * v, nl), ahi = lanes_avx2(ar + 4u * m * (v + 4u), nl);
+                    for (int o = 0; o < JB; o++) {
+                        const __m256i raw = lanes_avx2(codes[o] + 16u * b0 + 4u * m * v + 32u * h, nl);
+                        const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                        s[o] = _mm256_add_epi32(s[o], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, alo), ones));
+                        s[o] = _mm256_add_epi32(s[o], _mm256_madd_epi16(_mm256_maddubs_epi16(hi, ahi), ones));
+                    }
+                }
             }
-            comb[o] = _mm256_mul_ps(wd, dx);
-        }
-        for (uint32_t i = 0; i < nbc; i++) {
-            const __m256i sel = _mm256_set1_epi32((int)i);
+            const __m256 dx = _mm256_loadu_ps(da + bh); /* zero past the row's blocks */
             for (int o = 0; o < JB; o++) {
-                const __m256i d = lane_dot_avx2(kind, codes[o], b0 + i, qa, corr);
-                acc[o] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_permutevar8x32_ps(comb[o], sel), acc[o]);
+                __m256 wd;
+                if (G == 32 && nl == 8) {
+                    wd = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row[o] + 2u * bh)));
+                } else {
+                    float t[8] = {0};
+                    for (uint32_t i = 0; i < nl; i++) t[i] = block_wscale(row[o], G, bh + i);
+                    wd = _mm256_loadu_ps(t);
+                }
+                acc[o] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[o]), _mm256_mul_ps(wd, dx), acc[o]);
             }
         }
     }
@@ -388,29 +436,23 @@ AVX2I static void int_avx2(wf_spec s, uint32_t k, const uint8_t *packed, const f
     const size_t rb = wf_row_bytes(s, k);
     const uint32_t nb = k / 32u;
     int8_t sq[ACT_ROWS * WF_MAX_K] __attribute__((aligned(64)));
-    int32_t scorr[ACT_ROWS * WF_MAX_K / 4u] __attribute__((aligned(64)));
+    int32_t scorr[ACT_ROWS * ACT_BLOCKS] __attribute__((aligned(64)));
     float sd[ACT_ROWS * ACT_BLOCKS];
+    int8_t nat[WF_MAX_K] __attribute__((aligned(64)));
     act_buf a;
     act_buf_init(&a, k, rows, sq, scorr, sd);
     for (uint32_t r0 = 0; r0 < rows; r0 += a.cap) {
         const uint32_t nr = rows - r0 < a.cap ? rows - r0 : a.cap;
         for (uint32_t r = 0; r < nr; r++) {
-            int8_t *q = a.q + (size_t)r * a.qs;
-            int32_t *cr = a.corr + (size_t)r * (a.qs / 4u);
             float *d = a.d + (size_t)r * a.ds;
-            wf_act_quantize_avx2(x + (size_t)(r0 + r) * k, k, q, d);
+            wf_act_quantize_avx2(x + (size_t)(r0 + r) * k, k, nat, d);
             memset(d + nb, 0, 16 * sizeof(float));
-            if (s.kind == WF_W4) /* corr = -8 * (sum of the lane's four q) */
-                for (uint32_t b = 0; b < nb; b++) {
-                    const __m256i v = _mm256_load_si256((const __m256i *)(q + 32u * b));
-                    const __m256i sum4 = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), v), _mm256_set1_epi16(1));
-                    _mm256_store_si256((__m256i *)(cr + 8u * b), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32(sum4, 3)));
-                }
+            act_interleave(nat, k, 8u, a.q + (size_t)r * a.qs, a.corr + (size_t)r * a.ds);
         }
 #define AVX2_ROWS(JB)                                                                                               \
     for (uint32_t r = 0; r < nr; r++)                                                                               \
-    int_block_avx2(s.kind, k, s.group, packed, rb, a.q + (size_t)r * a.qs, a.corr + (size_t)r * (a.qs / 4u),        \
-                   a.d + (size_t)r * a.ds, y + (size_t)(r0 + r) * ldy, j, JB)
+    int_tile_avx2(s.kind, k, s.group, packed, rb, a.q + (size_t)r * a.qs, a.corr + (size_t)r * a.ds,               \
+                  a.d + (size_t)r * a.ds, y + (size_t)(r0 + r) * ldy, j, JB)
         uint32_t j = n0;
         for (; j + 4 <= n1; j += 4) AVX2_ROWS(4);
         for (; j < n1; j++) AVX2_ROWS(1);
@@ -419,22 +461,20 @@ AVX2I static void int_avx2(wf_spec s, uint32_t k, const uint8_t *packed, const f
     free(a.heap);
 }
 
-/* ---- AVX-512 VNNI: two blocks per 512-bit vpdpbusd (u8 x s8, four products summed into each int32) ---- */
-/* vpdpbusd needs one unsigned operand. w8: w + 128 (w xor 0x80) times q; w4: the codes 0..15 times q. Both
- * overshoot by C * (sum of the lane's four q), C = 128 or 8, which the row's quantization step precomputes
- * negated (corr) and the product starts from, so each int32 lane ends exactly at sum w_i q_i.
- * Lanes: w8 two blocks A, B of 32 inputs in order: lanes 0-7 A, 8-15 B. w4: one 32-byte load of two
- * blocks' codes, low nibbles in the lower half and high nibbles in the upper: inputs A0-15, B0-15,
- * A16-31, B16-31, so the activation row is stored in that order too (per pair of blocks), and lanes 0-3
- * and 8-11 are A's. A last odd block runs as a 256-bit vpdpbusd. Scales: 16 blocks at a time, dw (16 fp16
- * loaded and widened, spread over the blocks by a table when the group is wider than 32) times d_b, each
- * pair's two scales spread over its lanes by a permute. Up to four rows by four outputs at a time. */
+/* ---- AVX-512 VNNI: a run of 16 blocks per 512-bit register, eight vpdpbusd per (row, output) ------------ */
+/* vpdpbusd multiplies unsigned by signed bytes, four products into each int32 lane. w8: w + 128 (w xor 0x80)
+ * times q; w4: the codes 0..15 times q (the low nibbles of a 64-byte load are steps 0-3, the high ones
+ * 4-7). Both overshoot by C * (the block's sum of q), C = 128 or 8, so each lane starts from corr = -C *
+ * that sum and ends exactly at S_b. Then one conversion, and one FMA by dw * d (16 fp16 weight scales
+ * widened at once, spread over the blocks by a table when the group is wider than 32). A last run of m <
+ * 16 blocks loads 4m bytes per step (masked). Up to four rows by four outputs at a time, the weights of the
+ * outputs two groups of four ahead prefetched. */
 #ifndef WF_PF_GROUPS
 #define WF_PF_GROUPS 2
 #endif
 #define VNNI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma,f16c")))
 
-typedef struct scale_tab { /* per chunk of 16 blocks: which weight scales, and which lane takes which */
+typedef struct scale_tab { /* per run of 16 blocks: which weight scales, and which lane takes which */
     uint32_t s0[WF_MAX_K / 512u + 1];
     __mmask16 mask[WF_MAX_K / 512u + 1];
     int32_t idx[WF_MAX_K / 512u + 1][16];
@@ -450,86 +490,75 @@ static void scale_tab_init(scale_tab *t, uint32_t nb, uint32_t G) {
     }
 }
 
-VNNI static INLINE __m512i w512(uint32_t kind, const uint8_t *codes, uint32_t blk) {
-    if (kind == WF_W8)
-        return _mm512_xor_si512(_mm512_loadu_si512(codes + 32u * blk), _mm512_set1_epi8((char)0x80));
-    const __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(codes + 16u * blk)));
-    return _mm512_and_si512(_mm512_mask_srli_epi16(v, (__mmask32)0xffff0000u, v, 4), _mm512_set1_epi8(15));
-}
-
-VNNI static INLINE __m256i w256(uint32_t kind, const uint8_t *codes, uint32_t blk) {
-    if (kind == WF_W8)
-        return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(codes + 32u * blk)), _mm256_set1_epi8((char)0x80));
-    const __m128i p = _mm_loadu_si128((const __m128i *)(codes + 16u * blk)), m = _mm_set1_epi8(15);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(p, 4), m), _mm_and_si128(p, m));
-}
-
 /* JB outputs from j x RB rows: the tile's first row's codes, corrections and scales at qa, corr, da (rows
- * qs bytes / qs / 4 int32 / ds floats apart), its outputs at y (rows ldy apart). */
-VNNI static INLINE void int_block_vnni(uint32_t kind, uint32_t k, uint32_t G, const uint8_t *packed, size_t rb,
-                                       const int8_t *qa, const int32_t *corr, const float *da, size_t qs, size_t ds,
-                                       const scale_tab *tab, uint32_t j, float *y, size_t ldy, const int JB, const int RB) {
+ * qs bytes / ds int32 / ds floats apart), its outputs at y (rows ldy apart). */
+VNNI static INLINE void int_tile_vnni(uint32_t kind, uint32_t k, uint32_t G, const uint8_t *packed, size_t rb,
+                                      const int8_t *qa, const int32_t *corr, const float *da, size_t qs, size_t ds,
+                                      const scale_tab *tab, uint32_t j, float *y, size_t ldy, const int JB, const int RB) {
     const uint32_t nb = k / 32u, ng = k / G;
     const uint8_t *row[4], *codes[4];
-    __m512 acc[4][4];
+    __m512 accf[4][4];
     for (int o = 0; o < JB; o++) {
         row[o] = packed + (size_t)(j + (uint32_t)o) * rb;
         codes[o] = row[o] + 2u * ng;
     }
     for (int r = 0; r < RB; r++)
-        for (int o = 0; o < JB; o++) acc[r][o] = _mm512_setzero_ps();
-    const __m512i base = kind == WF_W8 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
-                                       : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+        for (int o = 0; o < JB; o++) accf[r][o] = _mm512_setzero_ps();
+    const __m512i x80 = _mm512_set1_epi8((char)0x80), m4 = _mm512_set1_epi8(15);
     for (uint32_t c = 0; c * 16u < nb; c++) {
-        const uint32_t b0 = 16u * c, nbc = nb - b0 < 16 ? nb - b0 : 16;
-        const __m512i sidx = _mm512_loadu_si512(tab->idx[c]);
-        __m512 comb[4][4];
-        for (int o = 0; o < JB; o++) {
-            const __m512 wd = _mm512_permutexvar_ps(
-                sidx, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tab->mask[c], row[o] + 2u * tab->s0[c])));
-            for (int r = 0; r < RB; r++)
-                comb[r][o] = _mm512_mul_ps(wd, _mm512_loadu_ps(da + (size_t)r * ds + b0));
+        const uint32_t b0 = 16u * c, m = nb - b0 < 16 ? nb - b0 : 16;
+        const __mmask64 bm = m == 16 ? ~(__mmask64)0 : (((__mmask64)1 << (4u * m)) - 1u);
+        __m512i acc[4][4];
+        for (int r = 0; r < RB; r++) {
+            const __m512i c0 = _mm512_loadu_si512(corr + (size_t)r * ds + b0);
+            for (int o = 0; o < JB; o++) acc[r][o] = c0;
         }
-        uint32_t p = 0;
-        for (; 2u * p + 1u < nbc; p++) {
-            const uint32_t blk = b0 + 2u * p;
-            const __m512i pidx = _mm512_add_epi32(base, _mm512_set1_epi32((int)(2u * p)));
-            __m512i w[4];
-            for (int o = 0; o < JB; o++) {
+        if (kind == WF_W8) {
+            for (uint32_t t = 0; t < 8; t++) {
+                __m512i w[4];
+                for (int o = 0; o < JB; o++) {
+                    const uint8_t *p = codes[o] + 32u * b0 + 4u * m * t;
 #if WF_PF_GROUPS
-                _mm_prefetch((const char *)(row[o] + WF_PF_GROUPS * 4u * rb) + 2u * ng + (kind == WF_W8 ? 32u : 16u) * blk, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(p + WF_PF_GROUPS * 4u * rb), _MM_HINT_T0);
 #endif
-                w[o] = w512(kind, codes[o], blk);
+                    w[o] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(bm, p), x80);
+                }
+                for (int r = 0; r < RB; r++) {
+                    const __m512i a = _mm512_maskz_loadu_epi8(bm, qa + (size_t)r * qs + 32u * b0 + 4u * m * t);
+                    for (int o = 0; o < JB; o++) acc[r][o] = _mm512_dpbusd_epi32(acc[r][o], w[o], a);
+                }
             }
-            for (int r = 0; r < RB; r++) {
-                const size_t ro = (size_t)r * qs; /* the tile's row r */
-                const __m512i a = _mm512_load_si512(qa + ro + 32u * blk);
-                const __m512i nc = _mm512_load_si512(corr + ro / 4u + 8u * blk);
+        } else {
+            for (uint32_t v = 0; v < 4; v++) {
+                __m512i lo[4], hi[4];
                 for (int o = 0; o < JB; o++) {
-                    const __m512i d = _mm512_dpbusd_epi32(nc, w[o], a);
-                    acc[r][o] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_permutexvar_ps(pidx, comb[r][o]), acc[r][o]);
+                    const uint8_t *p = codes[o] + 16u * b0 + 4u * m * v;
+#if WF_PF_GROUPS
+                    _mm_prefetch((const char *)(p + WF_PF_GROUPS * 4u * rb), _MM_HINT_T0);
+#endif
+                    const __m512i raw = _mm512_maskz_loadu_epi8(bm, p);
+                    lo[o] = _mm512_and_si512(raw, m4);
+                    hi[o] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+                }
+                for (int r = 0; r < RB; r++) {
+                    const int8_t *ar = qa + (size_t)r * qs + 32u * b0;
+                    const __m512i alo = _mm512_maskz_loadu_epi8(bm, ar + 4u * m * v);
+                    const __m512i ahi = _mm512_maskz_loadu_epi8(bm, ar + 4u * m * (v + 4u));
+                    for (int o = 0; o < JB; o++)
+                        acc[r][o] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][o], lo[o], alo), hi[o], ahi);
                 }
             }
         }
-        if (2u * p < nbc) { /* the row's last block, when k / 32 is odd */
-            const uint32_t blk = b0 + 2u * p;
-            const __m512i pidx = _mm512_set1_epi32((int)(2u * p));
-            __m256i w[4];
-            for (int o = 0; o < JB; o++) w[o] = w256(kind, codes[o], blk);
-            for (int r = 0; r < RB; r++) {
-                const size_t ro = (size_t)r * qs; /* the tile's row r */
-                const __m256i a = _mm256_load_si256((const __m256i *)(qa + ro + 32u * blk));
-                const __m256i nc = _mm256_load_si256((const __m256i *)(corr + ro / 4u + 8u * blk));
-                for (int o = 0; o < JB; o++) {
-                    const __m256 d = _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(nc, w[o], a));
-                    acc[r][o] = _mm512_mask3_fmadd_ps(_mm512_castps256_ps512(d), _mm512_permutexvar_ps(pidx, comb[r][o]),
-                                                      acc[r][o], (__mmask16)0x00ff);
-                }
-            }
+        for (int o = 0; o < JB; o++) {
+            const __m512 wd = _mm512_permutexvar_ps(_mm512_loadu_si512(tab->idx[c]),
+                                                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tab->mask[c], row[o] + 2u * tab->s0[c])));
+            for (int r = 0; r < RB; r++)
+                accf[r][o] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][o]), _mm512_mul_ps(wd, _mm512_loadu_ps(da + (size_t)r * ds + b0)),
+                                             accf[r][o]);
         }
     }
     for (int r = 0; r < RB; r++)
-        for (int o = 0; o < JB; o++) y[(size_t)r * ldy + j + (uint32_t)o] += _mm512_reduce_add_ps(acc[r][o]);
+        for (int o = 0; o < JB; o++) y[(size_t)r * ldy + j + (uint32_t)o] += _mm512_reduce_add_ps(accf[r][o]);
 }
 
 VNNI static void int_vnni(wf_spec s, uint32_t k, const uint8_t *packed, const float *x, uint32_t rows, uint32_t n0,
@@ -537,43 +566,25 @@ VNNI static void int_vnni(wf_spec s, uint32_t k, const uint8_t *packed, const fl
     const size_t rb = wf_row_bytes(s, k);
     const uint32_t nb = k / 32u;
     int8_t sq[ACT_ROWS * WF_MAX_K] __attribute__((aligned(64)));
-    int32_t scorr[ACT_ROWS * WF_MAX_K / 4u] __attribute__((aligned(64)));
+    int32_t scorr[ACT_ROWS * ACT_BLOCKS] __attribute__((aligned(64)));
     float sd[ACT_ROWS * ACT_BLOCKS];
     int8_t nat[WF_MAX_K] __attribute__((aligned(64)));
     act_buf a;
     act_buf_init(&a, k, rows, sq, scorr, sd);
     scale_tab tab;
     scale_tab_init(&tab, nb, s.group);
-    const __m512i C = _mm512_set1_epi8((char)(s.kind == WF_W8 ? 0x80 : 8));
     for (uint32_t r0 = 0; r0 < rows; r0 += a.cap) {
         const uint32_t nr = rows - r0 < a.cap ? rows - r0 : a.cap;
         for (uint32_t r = 0; r < nr; r++) {
-            int8_t *q = a.q + (size_t)r * a.qs;
             float *d = a.d + (size_t)r * a.ds;
-            wf_act_quantize_avx512(x + (size_t)(r0 + r) * k, k, s.kind == WF_W4 ? nat : q, d);
+            wf_act_quantize_avx512(x + (size_t)(r0 + r) * k, k, nat, d);
             memset(d + nb, 0, 16 * sizeof(float));
-            if (s.kind == WF_W4) { /* per pair of blocks A, B: A0-15 B0-15 A16-31 B16-31; a last odd block as is */
-                uint32_t b = 0;
-                for (; b + 1 < nb; b += 2)
-                    for (int h = 0; h < 4; h++)
-                        memcpy(q + 32u * b + 16u * (uint32_t)h, nat + 32u * (b + (uint32_t)(h & 1)) + 16u * (uint32_t)(h >> 1), 16);
-                if (b < nb) memcpy(q + 32u * b, nat + 32u * b, 32);
-            }
-            int32_t *cr = a.corr + (size_t)r * (a.qs / 4u);
-            uint32_t i = 0; /* corr = -C * (sum of each lane's four q) */
-            for (; i + 64 <= k; i += 64)
-                _mm512_store_si512(cr + i / 4u, _mm512_sub_epi32(_mm512_setzero_si512(),
-                                                                  _mm512_dpbusd_epi32(_mm512_setzero_si512(), C, _mm512_load_si512(q + i))));
-            if (i < k)
-                _mm256_store_si256((__m256i *)(cr + i / 4u),
-                                   _mm256_sub_epi32(_mm256_setzero_si256(),
-                                                    _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm512_castsi512_si256(C),
-                                                                        _mm256_load_si256((const __m256i *)(q + i)))));
+            act_interleave(nat, k, s.kind == WF_W8 ? 128u : 8u, a.q + (size_t)r * a.qs, a.corr + (size_t)r * a.ds);
         }
         /* four outputs at a time; for each, the chunk's rows in tiles of four */
 #define VNNI_TILE(JB, RB)                                                                                           \
-    int_block_vnni(s.kind, k, s.group, packed, rb, a.q + (size_t)t0 * a.qs, a.corr + (size_t)t0 * (a.qs / 4u),     \
-                   a.d + (size_t)t0 * a.ds, a.qs, a.ds, &tab, j, y + (size_t)(r0 + t0) * ldy, ldy, JB, RB)
+    int_tile_vnni(s.kind, k, s.group, packed, rb, a.q + (size_t)t0 * a.qs, a.corr + (size_t)t0 * a.ds,             \
+                  a.d + (size_t)t0 * a.ds, a.qs, a.ds, &tab, j, y + (size_t)(r0 + t0) * ldy, ldy, JB, RB)
 #define VNNI_ROWS(JB)                                                                                               \
     for (uint32_t t0 = 0; t0 < nr; t0 += ACT_ROWS) switch (nr - t0) {                                               \
         case 1: VNNI_TILE(JB, 1); break;                                                                            \
