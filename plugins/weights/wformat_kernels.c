@@ -344,9 +344,9 @@ static void int_portable(wf_spec s, uint32_t k, const uint8_t *packed, const flo
 /* A row quantized in natural order (nat) into the code order of wformat.h (w8's: the four inputs 4t..4t+3
  * of block l of a run at 512 * run + 4m * t + 4l), and corr[b] = -C * (sum of block b's codes), zero
  * from k/32 up to the next multiple of 16. */
-static void act_interleave(const int8_t *nat, uint32_t k, uint32_t C, int8_t *q, int32_t *corr) {
+static void act_interleave(const int8_t *nat, uint32_t k, uint32_t C, int8_t *q, int32_t *corr, uint32_t from) {
     const uint32_t nb = k / 32u;
-    for (uint32_t b0 = 0; b0 < nb; b0 += 16) {
+    for (uint32_t b0 = from; b0 < nb; b0 += 16) {
         const uint32_t m = nb - b0 < 16 ? nb - b0 : 16;
         int8_t *run = q + 32u * b0;
         for (uint32_t l = 0; l < m; l++) {
@@ -447,7 +447,7 @@ AVX2I static void int_avx2(wf_spec s, uint32_t k, const uint8_t *packed, const f
             float *d = a.d + (size_t)r * a.ds;
             wf_act_quantize_avx2(x + (size_t)(r0 + r) * k, k, nat, d);
             memset(d + nb, 0, 16 * sizeof(float));
-            act_interleave(nat, k, 8u, a.q + (size_t)r * a.qs, a.corr + (size_t)r * a.ds);
+            act_interleave(nat, k, 8u, a.q + (size_t)r * a.qs, a.corr + (size_t)r * a.ds, 0);
         }
 #define AVX2_ROWS(JB)                                                                                               \
     for (uint32_t r = 0; r < nr; r++)                                                                               \
@@ -488,6 +488,28 @@ static void scale_tab_init(scale_tab *t, uint32_t nb, uint32_t G) {
         t->mask[c] = (__mmask16)((1u << count) - 1u);
         for (uint32_t i = 0; i < 16; i++) t->idx[c][i] = (int32_t)(i < nbc ? (b0 + i) * 32u / G - t->s0[c] : 0);
     }
+}
+
+/* act_interleave for the full runs with one gather per step (block l's dword t in lane l) and the block
+ * sums by vpdpbusd with ones; a last partial run as there. The same bytes and corrections. */
+VNNI static void act_interleave_vnni(const int8_t *nat, uint32_t k, uint32_t C, int8_t *q, int32_t *corr) {
+    const uint32_t nb = k / 32u;
+    const __m512i idx = _mm512_setr_epi32(0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448, 480);
+    const __m512i ones = _mm512_set1_epi8(1);
+    const __m128i sh = _mm_cvtsi32_si128(C == 128u ? 7 : 3);
+    uint32_t b0 = 0;
+    for (; b0 + 16u <= nb; b0 += 16) {
+        const int8_t *src = nat + 32u * b0;
+        int8_t *dst = q + 32u * b0;
+        __m512i sum = _mm512_setzero_si512();
+        for (uint32_t t = 0; t < 8; t++) {
+            const __m512i v = _mm512_i32gather_epi32(idx, src + 4u * t, 1);
+            _mm512_storeu_si512(dst + 64u * t, v);
+            sum = _mm512_dpbusd_epi32(sum, ones, v);
+        }
+        _mm512_storeu_si512(corr + b0, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_sll_epi32(sum, sh)));
+    }
+    if (b0 < nb) act_interleave(nat, k, C, q, corr, b0);
 }
 
 /* JB outputs from j x RB rows: the tile's first row's codes, corrections and scales at qa, corr, da (rows
@@ -579,7 +601,7 @@ VNNI static void int_vnni(wf_spec s, uint32_t k, const uint8_t *packed, const fl
             float *d = a.d + (size_t)r * a.ds;
             wf_act_quantize_avx512(x + (size_t)(r0 + r) * k, k, nat, d);
             memset(d + nb, 0, 16 * sizeof(float));
-            act_interleave(nat, k, s.kind == WF_W8 ? 128u : 8u, a.q + (size_t)r * a.qs, a.corr + (size_t)r * a.ds);
+            act_interleave_vnni(nat, k, s.kind == WF_W8 ? 128u : 8u, a.q + (size_t)r * a.qs, a.corr + (size_t)r * a.ds);
         }
         /* four outputs at a time; for each, the chunk's rows in tiles of four */
 #define VNNI_TILE(JB, RB)                                                                                           \
