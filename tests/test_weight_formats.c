@@ -428,7 +428,7 @@ static void check_prefill(const char *fmt, uint32_t level, uint32_t G, uint32_t 
 
 Test(weight_formats, w8_w4_prefill_products_equal_decode_products_bit_for_bit) {
     /* k = 96: an odd number of 32-input blocks; rows not a multiple of the tile; k = 4096 crosses chunks */
-    const uint32_t shapes[][3] = {{96, 37, 13}, {1024, 70, 67}, {4096, 21, 197}};
+    const uint32_t shapes[][3] = {{64, 97, 21}, {256, 64, 21}, {96, 37, 13}, {1024, 70, 67}, {4096, 21, 197}};
     const char *q[] = {"w8", "w4"};
     for (int fi = 0; fi < 2; fi++) {
         for (uint32_t level = KVP_CPU_PORTABLE; level <= (uint32_t)kvh_cpu_isa_detected(); level++)
