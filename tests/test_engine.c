@@ -196,7 +196,12 @@ Test(engine, prefix_sharing_reuses_blocks_with_the_same_logits_for_every_stack) 
         }
         tokens_equal(&g_a, &g_b, jobs, 10, stacks[i]);
         const double d = max_abs_diff(&g_a, &g_b, jobs, 10);
-        cr_assert_leq(d, 1e-4, "stack '%s': logits with sharing differ by %g", stacks[i], d);
+        /* w8/w4: a shared block has the same linear products as a recomputed one, but the attention's fp32
+         * rounding differs between the pieces that computed them, and where it moves an activation across
+         * a quantization boundary the difference grows to one code step (0.0036 here at KVH_ISA=avx2;
+         * below 1e-4 at AVX-512): bounded by the activation quantization's effect, as in test_weights_e2e */
+        const double tol = weights ? 0.01 : 1e-4;
+        cr_assert_leq(d, tol, "stack '%s': logits with sharing differ by %g", stacks[i], d);
         kvh_config_free(&cfg);
     }
     kvh_model_free(&m);
