@@ -15,13 +15,23 @@ What it does (docs/fidelity.md has the why and the figures):
                <|endoftext|> and book text fill the sequence.
       kvlookup lines "The value of key K is V." then queries "The value of key K is" -> V (few-shot:
                earlier queries answered); scored: the answers, and a random quarter of the others
-    Only the scored positions go through the LM head (its 12.9M-parameter matmul dominates the cost of
+      rand     (--mix's fifth share; issue 19's second attempt) pairs [S][gap][S] of random token ids from
+               the corpus's --rand-vocab most frequent tokens, S of --rand-len tokens, the gap empty or up
+               to --rand-gap book tokens; scored: each second copy after its first token
+    Options for getting a copy (induction) mechanism to form (docs/fidelity.md, "Status", says what each
+    did): --train-params attn|attn+wpe (freeze the rest), --prev-warm N (a first stage that trains only
+    a previous-token head: the position embeddings and layer 0's attention, layer 0 alone, no LM head),
+    --prev-head / --ind-heads (auxiliary losses on the attention of named heads: to t-1, and from a
+    second copy's token to the token after its first occurrence), --long-every (1024-token steps among
+    short ones). Only the scored positions go through the LM head (its 12.9M-parameter matmul dominates the cost of
     this model), which makes a step of the sparse kinds about twice as cheap;
   * AdamW, warmup then cosine decay, grad-norm clip 1.0, fp32 (deterministic on one thread);
   * every --ckpt-minutes writes RUN/ckpt.pt (model + optimizer + step; atomically), every --eval-every
     steps measures (RUN/eval.jsonl): NLL and top-1 of the first and the second copy of held-out repeated
     passages (Northanger Abbey, never trained on), passkey accuracy on held-out filler, and the
-    perplexity of the first tokens of The War of the Worlds (evaluation text, never trained on);
+    perplexity of the first tokens of The War of the Worlds (evaluation text, never trained on); the
+    second copy also at the far positions (copy2far: 224 other tokens first, the copy at 624..1023);
+  * the log's lines have the mean loss per kind (and per auxiliary loss) since the previous line;
   * --export DIR writes the model in the Hugging Face GPT-2 layout (config.json, model.safetensors with
     the tied LM head omitted, vocab.json, merges.txt), from RUN/ckpt.pt.
 
@@ -112,6 +122,8 @@ class Block(nn.Module):
         self.fc_proj_w = nn.Parameter(torch.zeros(4 * C, C))
         self.fc_proj_b = nn.Parameter(torch.zeros(C))
 
+    keep = None  # heads whose attention probabilities forward() keeps in self.kept (auxiliary losses)
+
     def forward(self, x, mask):  # x [B, T, C]
         B, T, C = x.shape
         HS = C // self.NH
@@ -119,6 +131,8 @@ class Block(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, NH, T, HS]
         att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(HS))  # [B, NH, T, T]
         att = att.masked_fill(mask[:T, :T], float("-inf")).softmax(-1)
+        if self.keep is not None:
+            self.kept = att[:, self.keep]  # [B, len(keep), T, T]
         y = (att @ v).transpose(1, 2).reshape(B * T, C)
         x = x + torch.addmm(self.c_proj_b, y, self.c_proj_w).view(B, T, C)
         h = F.gelu(torch.addmm(self.fc_b, self.ln_2(x).view(B * T, C), self.fc_w), approximate="tanh")
@@ -212,6 +226,15 @@ class Data:
         self.p /= self.p.sum()
         self.tok = tok
         self.cache = {}
+        self.text_frac, self.rand_len, self.rand_gap = 0.5, (8, 128), 0
+        self.rand_vocab = np.zeros(0, dtype=np.int64)
+
+    def set_rand_vocab(self, n):
+        """The n most frequent token ids of the training sources (ties by id): the alphabet of `rand`."""
+        c = sum(np.bincount(v, minlength=EOT + 1) for v in self.src.values())
+        c[EOT] = 0
+        order = np.lexsort((np.arange(c.size), -c))
+        self.rand_vocab = np.sort(order[:n]).astype(np.int64)
 
     def enc(self, s):
         if s not in self.cache:
@@ -262,13 +285,47 @@ def kvlookup_tokens(enc, rng, n_pairs, n_queries):
     return ids, spans
 
 
+KINDS = ["text", "copy", "passkey", "kvlookup", "rand"]
+
+
+def rand_pairs(data, rng, T, lo, hi, bookgap):
+    """The `rand` kind: T+1 tokens made of pairs [S][gap][S], S a span of lo..hi (log-uniform) token ids
+    drawn uniformly from data.rand_vocab (the corpus's most frequent tokens), the gap empty (half the
+    pairs) or 1..bookgap tokens of book text. Scored: every token of each second copy after its first
+    (the first follows the gap and is not predictable)."""
+    ids, score, ind = [], [], []
+    while len(ids) < T + 1:
+        L = int(round(math.exp(rng.uniform(math.log(lo), math.log(hi)))))
+        S = data.rand_vocab[rng.integers(0, data.rand_vocab.size, size=L)]
+        G = 0 if rng.random() < 0.5 or bookgap <= 0 else int(rng.integers(1, bookgap + 1))
+        gap = data.text(rng, G) if G else np.zeros(0, dtype=np.int64)
+        s1 = len(ids)
+        ids += list(S) + list(gap)
+        score += [False] * (L + G)
+        ids += list(S)
+        score += [False] + [True] * (L - 1)
+        ind += [(s1 + L + G + i, s1 + i + 1) for i in range(L - 1)]
+    ids = np.asarray(ids[:T + 1], dtype=np.int64)
+    return ids, np.asarray(score[1:T + 1], dtype=bool), induction(ind, T)  # target t = ids[t+1]
+
+
+def induction(pairs, T):
+    """(query, key) positions where an induction head should look: the query holds a token of a second
+    copy, the key the token after the same token's first occurrence (what the query must predict)."""
+    a = np.asarray([(q, k) for q, k in pairs if q < T], dtype=np.int64)
+    return a.reshape(-1, 2)
+
+
 def make_sequence(data, rng, T, mix):
     """One training sequence of T+1 tokens and a boolean mask of scored targets (target t = ids[t+1])."""
-    kind = ["text", "copy", "passkey", "kvlookup"][rng.choice(4, p=mix)]
+    kind = KINDS[rng.choice(len(KINDS), p=mix)]
     score = np.zeros(T, dtype=bool)
     bg = rng.random(T) < 0.25  # a random quarter of the other targets
     if kind == "text":
-        return kind, data.text(rng, T + 1), rng.random(T) < 0.5  # half the targets: half the LM-head cost
+        return kind, data.text(rng, T + 1), rng.random(T) < data.text_frac, induction([], T)
+    if kind == "rand":
+        ids, sc, ind = rand_pairs(data, rng, T, data.rand_len[0], data.rand_len[1], data.rand_gap)
+        return kind, ids, sc, ind
     if kind == "copy":
         w = data.text(rng, T + 1)
         hi = min(256, (T - 16) // 2)  # two copies must fit (T = 1024: 256)
@@ -278,7 +335,7 @@ def make_sequence(data, rng, T, mix):
         ids = np.concatenate([w[:s1 + L + G], w[s1:s1 + L], w[s1 + L + G:]])[:T + 1]
         s2 = s1 + L + G
         score[s2:s2 + L - 1] = True  # targets ids[s2+1 .. s2+L-1]: the copy after its first token
-        return kind, ids, score | bg
+        return kind, ids, score | bg, induction([(s2 + i, s1 + i + 1) for i in range(L - 1)], T)
     if kind == "passkey":
         length = int(rng.integers(64, T - 8))
         ids, a0, a1 = passkey_tokens(data.enc, lambda n: data.text(rng, n), rng, length)
@@ -293,18 +350,27 @@ def make_sequence(data, rng, T, mix):
         for p in range(a0, a1):
             if 1 <= p <= T:
                 score[p - 1] = True
-    return kind, np.asarray(ids, dtype=np.int64), score | bg
+    return kind, np.asarray(ids, dtype=np.int64), score | bg, induction([], T)
+
+
+def shape_at(step, a):
+    """(batch, seq) of a step: --batch x --seq, but every --long-every-th step 1024-token sequences
+    (batch scaled to the same number of tokens) so the copy mechanism is trained at every position."""
+    if a.long_every > 0 and step % a.long_every == a.long_every - 1 and a.seq < a.long_seq:
+        return max(1, a.batch * a.seq // a.long_seq), a.long_seq
+    return a.batch, a.seq
 
 
 def batch(data, seed, step, B, T, mix):
-    xs, ms, kinds = [], [], []
+    xs, ms, kinds, inds = [], [], [], []
     for i in range(B):
         rng = np.random.default_rng([seed, step, i])
-        kind, ids, m = make_sequence(data, rng, T, mix)
+        kind, ids, m, ind = make_sequence(data, rng, T, mix)
         xs.append(ids)
         ms.append(m)
         kinds.append(kind)
-    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ms)), kinds
+        inds.append(np.concatenate([np.full((len(ind), 1), i, dtype=np.int64), ind], 1))
+    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ms)), kinds, torch.from_numpy(np.concatenate(inds))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -329,6 +395,20 @@ def measure(model, data, corpus, wotw_ids, n_passages=4, plen=400):
         n1 += nll[:plen - 1].sum().item(); t1 += top[:plen - 1].sum().item(); c1 += plen - 1
         n2 += nll[plen - 1:].sum().item(); t2 += top[plen - 1:].sum().item(); c2 += plen
     out.update(copy1_nll=n1 / c1, copy1_top1=t1 / c1, copy2_nll=n2 / c2, copy2_top1=t2 / c2)
+    # the same, at the far positions: 224 tokens of other Northanger text first, so the second copy
+    # is at positions 624..1023
+    n2 = t2 = 0.0
+    c2 = 0
+    for j in range(n_passages):
+        a = 5000 + j * (na.size - 10000) // n_passages
+        p = na[a:a + plen]
+        pre = na[a - 1024 + 2 * plen:a] if 1024 - 2 * plen > 0 else na[:0]
+        x = torch.from_numpy(np.concatenate([pre, p, p]))[None]
+        lg = model.logits(model.hidden(x))[0, :-1]
+        y = x[0, 1:]
+        nll = F.cross_entropy(lg, y, reduction="none")[-plen:]
+        n2 += nll.sum().item(); t2 += (lg.argmax(-1) == y).float()[-plen:].sum().item(); c2 += plen
+    out.update(copy2far_nll=n2 / c2, copy2far_top1=t2 / c2)
     # passkey on held-out filler (Northanger Abbey), lengths 256..1024, exact match of the answer
     ok = tot = 0
     for j, length in enumerate([256, 512, 768, 1000] * 3):
@@ -359,7 +439,7 @@ def measure(model, data, corpus, wotw_ids, n_passages=4, plen=400):
 def lr_at(step, a):
     if step < a.warmup:
         return a.lr * (step + 1) / a.warmup
-    f = (step - a.warmup) / max(1, a.steps - a.warmup)
+    f = (step - a.warmup) / max(1, a.steps - a.prev_warm - a.warmup)
     return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * min(1.0, f)))
 
 
@@ -393,7 +473,25 @@ def main():
     ap.add_argument("--min-lr", type=float, default=6e-5)
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--wd", type=float, default=0.1)
-    ap.add_argument("--mix", default="0.35,0.35,0.15,0.15", help="shares of text,copy,passkey,kvlookup")
+    ap.add_argument("--mix", default="0.35,0.35,0.15,0.15", help="shares of text,copy,passkey,kvlookup[,rand]")
+    ap.add_argument("--text-frac", type=float, default=0.5, help="share of a text sequence's targets scored")
+    ap.add_argument("--rand-vocab", type=int, default=8192, help="rand kind: alphabet = this many most frequent ids")
+    ap.add_argument("--rand-len", default="8,128", help="rand kind: span length range (log-uniform)")
+    ap.add_argument("--rand-gap", type=int, default=0, help="rand kind: up to this many book tokens between copies")
+    ap.add_argument("--train-params", choices=["all", "attn", "attn+wpe"], default="all",
+                    help="attn: train only the attention weights (c_attn, c_proj of every block); attn+wpe: and "
+                    "the position embeddings (gpt2-tiny-wt's are nearly random: no head can find t-1 with them)")
+    ap.add_argument("--prev-head", default="", help="L.H: auxiliary loss making layer L head H attend to t-1")
+    ap.add_argument("--ind-heads", default="", help="L.H,...: auxiliary loss making these heads attend, from a "
+                    "token of a second copy (copy and rand kinds), to the token after its first occurrence")
+    ap.add_argument("--fast-lr-mult", type=float, default=1.0, help="learning-rate multiplier of the position "
+                    "embeddings and layer 0's attention (where the previous-token head must form)")
+    ap.add_argument("--prev-warm", type=int, default=0, help="first N steps: train only --prev-head's attention "
+                    "to t-1 (position embeddings and layer 0-L attention, --prev-warm-lr; layers above untouched)")
+    ap.add_argument("--prev-warm-lr", type=float, default=6e-3)
+    ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary attention losses")
+    ap.add_argument("--long-every", type=int, default=0, help="every N-th step uses --long-seq sequences (0: never)")
+    ap.add_argument("--long-seq", type=int, default=1024)
     ap.add_argument("--sources", default="austen:0.5,moby:0.2,kjv:0.3", help="book sampling weights")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--bf16", type=int, default=1, help="bfloat16 autocast for the matmuls (fp32 master weights)")
@@ -401,6 +499,7 @@ def main():
     ap.add_argument("--ckpt-minutes", type=float, default=5.0)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--export", help="write the HF-layout model here from the run's checkpoint and stop")
+    ap.add_argument("--no-init-measure", action="store_true", help="do not measure the initial model (known)")
     ap.add_argument("--measure-init", action="store_true", help="measure the initial model and stop")
     a = ap.parse_args()
 
@@ -419,16 +518,40 @@ def main():
     model, cfg = load_model(a.init)
     tok = Tok(a.tokenizer, a.kvhost)
     data = Data(a.corpus, tok, {k: float(v) for k, v in (s.split(":") for s in a.sources.split(","))})
-    mix = np.array([float(x) for x in a.mix.split(",")])
+    mix = np.array([float(x) for x in a.mix.split(",")] + [0.0] * (len(KINDS) - len(a.mix.split(","))))
     mix /= mix.sum()
+    data.text_frac = a.text_frac
+    data.rand_len = tuple(int(x) for x in a.rand_len.split(","))
+    data.rand_gap = a.rand_gap
+    if mix[KINDS.index("rand")] > 0:
+        data.set_rand_vocab(a.rand_vocab)
     wotw = None
     if a.eval_text and os.path.exists(a.eval_text):
         wotw = np.asarray(tok(open(a.eval_text, encoding="utf-8").read())[:a.eval_tokens], dtype=np.int64)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    nodecay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": nodecay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
+    if a.train_params != "all":  # attention (+ positions): token embeddings, MLPs, LayerNorms stay gpt2-tiny-wt's
+        for n, p in model.named_parameters():
+            p.requires_grad_(".c_attn_" in n or ".c_proj_" in n or (n == "wpe" and a.train_params == "attn+wpe"))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    def heads(spec):  # "L.H,L.H" -> [(L, H)]
+        return [tuple(int(v) for v in x.split(".")) for x in spec.split(",") if x]
+    prev_head = heads(a.prev_head)[0] if a.prev_head else None
+    ind_heads = heads(a.ind_heads)
+    keep = {}
+    for l, hh in ([prev_head] if prev_head else []) + ind_heads:
+        keep.setdefault(l, []).append(hh)
+    for l, hs in keep.items():
+        model.h[l].keep = hs
+    fast = [p for n, p in trainable if n == "wpe" or n.startswith("h.0.c_attn")]  # --fast-lr-mult
+    decay = [p for n, p in trainable if p.dim() >= 2 and not any(p is f for f in fast)]
+    nodecay = [p for n, p in trainable if p.dim() < 2 and not any(p is f for f in fast)]
+    groups = [{"params": decay, "weight_decay": a.wd, "mult": 1.0}, {"params": nodecay, "weight_decay": 0.0, "mult": 1.0}]
+    if a.fast_lr_mult != 1.0 or a.prev_warm > 0:
+        groups.append({"params": fast, "weight_decay": 0.0, "mult": a.fast_lr_mult, "fast": True})
+    else:
+        groups[0]["params"] += [p for p in fast if p.dim() >= 2]
+        groups[1]["params"] += [p for p in fast if p.dim() < 2]
+    opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     step = 0
     if os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path)
@@ -441,7 +564,7 @@ def main():
         export(model, cfg, a.init, a.export)
         say(f"exported step {step} to {a.export}")
         return
-    if a.measure_init or (step == 0 and a.eval_every > 0):
+    if a.measure_init or (step == 0 and a.eval_every > 0 and not a.no_init_measure):
         m = measure(model, data, a.corpus, wotw)
         rec = {"step": step, **m}
         say("measure " + json.dumps(rec))
@@ -459,27 +582,69 @@ def main():
     run_loss = {}
     stop = a.stop_at if a.stop_at > 0 else a.steps
     while step < stop:
-        x, m, kinds = batch(data, a.seed, step, a.batch, a.seq, mix)
-        lr = lr_at(step, a)
+        if step < a.prev_warm:  # stage 0: only the previous-token head (layer 0 alone, no LM head: cheap)
+            rng = np.random.default_rng([a.seed, step, 0])
+            T = a.long_seq
+            x = torch.from_numpy(np.stack([data.text(rng, T) for _ in range(2)]))
+            for g in opt.param_groups:
+                g["lr"] = a.prev_warm_lr if g.get("fast") else 0.0
+            l, hh = prev_head
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(a.bf16)):
+                hx = model.wte[x] + model.wpe[:T]
+                for b in model.h[:l + 1]:
+                    hx = b(hx, model.mask)
+            att = model.h[l].kept[:, keep[l].index(hh)].float()
+            t = torch.arange(1, T)
+            loss = -att[:, t, t - 1].clamp_min(1e-6).log().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % 10 == 0 or step == a.prev_warm:
+                say(f"step {step} (previous-token stage) aux-prev {loss.item():.4f} "
+                    f"attention on t-1 {att[:, t, t - 1].mean().item():.3f}")
+            continue
+        B, T = shape_at(step, a)
+        x, m, kinds, ind = batch(data, a.seed, step, B, T, mix)
+        lr = lr_at(step - a.prev_warm, a)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("mult", 1.0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(a.bf16)):
             h = model.hidden(x[:, :-1])  # [B, T, C]
             sel = m.reshape(-1)
             logits = model.logits(h.reshape(-1, h.shape[-1])[sel])  # only the scored positions
-        loss = F.cross_entropy(logits.float(), x[:, 1:].reshape(-1)[sel])
+        lt = F.cross_entropy(logits.float(), x[:, 1:].reshape(-1)[sel], reduction="none")
+        loss = lt.mean()
+        aux = {}
+        if prev_head is not None:  # the previous-token head attends to t-1 at every position t >= 1
+            l, hh = prev_head
+            att = model.h[l].kept[:, keep[l].index(hh)].float()
+            t = torch.arange(1, T)
+            aux["prev"] = -att[:, t, t - 1].clamp_min(1e-6).log().mean()
+        if ind_heads and len(ind):  # induction heads: from a second copy's token to the token after its first
+            for l, hh in ind_heads:
+                att = model.h[l].kept[:, keep[l].index(hh)].float()
+                aux[f"ind{l}.{hh}"] = -att[ind[:, 0], ind[:, 1], ind[:, 2]].clamp_min(1e-6).log().mean()
+        for k, v in aux.items():
+            loss = loss + a.aux_weight * v
+            run_loss.setdefault("aux-" + k, []).append(v.item())
+        owner = torch.arange(x.shape[0]).repeat_interleave(T)[sel]  # the sequence of each scored target
+        for i, k in enumerate(kinds):
+            li = lt[owner == i]
+            if li.numel():
+                run_loss.setdefault(k, []).append(li.mean().item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        gn = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0).item()
         opt.step()
         step += 1
-        ntok += x.shape[0] * a.seq
-        for k in set(kinds):
-            run_loss.setdefault(k, []).append(loss.item())
+        ntok += x.shape[0] * T
         if step % 10 == 0 or step == 1:
             el = time.time() - t0
+            per = " ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(run_loss.items()))
             say(f"step {step} loss {loss.item():.6f} lr {lr:.2e} gnorm {gn:.2f} kinds {','.join(kinds)} "
-                f"tok/s {ntok / el:.0f}")
+                f"tok/s {ntok / el:.0f} | mean loss since last line: {per}")
+            run_loss = {}
         if a.eval_every > 0 and (step % a.eval_every == 0 or step == stop):
             rec = {"step": step, **measure(model, data, a.corpus, wotw)}
             say("measure " + json.dumps(rec))
