@@ -6,6 +6,7 @@
 # Resumable: rerun it and training continues from WORK/run/ckpt.pt.
 #   STEPS (600) the schedule, STOP_AT (= STEPS) where to stop, WORK (build/fidelity), OUT (models/gpt2-tiny-copy),
 #   PYTHON (/usr/bin/python3: Debian's, which has python3-torch), KVHOST (build/kvhost: the tokenizer),
+#   TRAIN_ARGS (none): more train.py options (e.g. a curriculum of docs/fidelity.md's "Status" table),
 #   GOLDEN_PYTHON (= PYTHON): a Python with torch and transformers 4.44.2 for golden.json (e.g. a venv made
 #   with --system-site-packages and `pip install transformers==4.44.2`); without one the golden test skips.
 set -eu
@@ -36,7 +37,7 @@ if [ ! -f "$WORK/corpus/manifest.json" ]; then
     "$PYTHON" "$ROOT/tools/fidelity/make_corpus.py" --out "$WORK/corpus" --kvhost "$KVHOST"
 fi
 OMP_NUM_THREADS=1 nice -n 19 "$PYTHON" "$ROOT/tools/fidelity/train.py" --run "$WORK/run" --corpus "$WORK/corpus" \
-    --init "$INIT" --kvhost "$KVHOST" --steps "$STEPS" --stop-at "$STOP_AT"
+    --init "$INIT" --kvhost "$KVHOST" --steps "$STEPS" --stop-at "$STOP_AT" ${TRAIN_ARGS:-}
 "$PYTHON" "$ROOT/tools/fidelity/train.py" --run "$WORK/run" --corpus "$WORK/corpus" --init "$INIT" \
     --kvhost "$KVHOST" --steps "$STEPS" --export "$OUT"
 cp "$WORK/run/eval.jsonl" "$OUT/train_eval.jsonl"

@@ -556,7 +556,8 @@ def main():
     if os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path)
         model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
+        if not a.export:  # the export needs the weights only (and no --train-params that match the run's)
+            opt.load_state_dict(ck["opt"])
         step = ck["step"]
         say(f"resumed from {ckpt_path} at step {step}")
 
