@@ -439,7 +439,7 @@ def measure(model, data, corpus, wotw_ids, n_passages=4, plen=400):
 def lr_at(step, a):
     if step < a.warmup:
         return a.lr * (step + 1) / a.warmup
-    f = (step - a.warmup) / max(1, a.steps - a.prev_warm - a.warmup)
+    f = (step - a.warmup) / max(1, a.steps - a.prev_warm - a.ind_warm - a.warmup)
     return a.min_lr + 0.5 * (a.lr - a.min_lr) * (1 + math.cos(math.pi * min(1.0, f)))
 
 
@@ -489,6 +489,9 @@ def main():
     ap.add_argument("--prev-warm", type=int, default=0, help="first N steps: train only --prev-head's attention "
                     "to t-1 (position embeddings and layer 0-L attention, --prev-warm-lr; layers above untouched)")
     ap.add_argument("--prev-warm-lr", type=float, default=6e-3)
+    ap.add_argument("--ind-warm", type=int, default=0, help="after --prev-warm, N steps that train only the "
+                    "--ind-heads' attention to their targets on rand sequences (layers up to theirs, no LM head)")
+    ap.add_argument("--ind-warm-lr", type=float, default=3e-3)
     ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary attention losses")
     ap.add_argument("--long-every", type=int, default=0, help="every N-th step uses --long-seq sequences (0: never)")
     ap.add_argument("--long-seq", type=int, default=1024)
@@ -546,8 +549,19 @@ def main():
     decay = [p for n, p in trainable if p.dim() >= 2 and not any(p is f for f in fast)]
     nodecay = [p for n, p in trainable if p.dim() < 2 and not any(p is f for f in fast)]
     groups = [{"params": decay, "weight_decay": a.wd, "mult": 1.0}, {"params": nodecay, "weight_decay": 0.0, "mult": 1.0}]
+    if a.ind_warm > 0:  # stage 1's parameters: positions, layer 0's attention, the induction heads' layers' attention
+        names = ["h.0.c_proj"] + [f"h.{l}.{w}" for l, _ in ind_heads for w in ("c_attn", "ln_1")]
+        s1 = [p for n, p in model.named_parameters() if any(n.startswith(x) for x in names)
+              and not any(p is f for f in fast)]
+        for p in s1:
+            p.requires_grad_(True)
+        for g in groups:
+            g["params"] = [p for p in g["params"] if not any(p is q for q in s1)]
+        groups.append({"params": s1, "weight_decay": 0.0, "mult": 1.0, "stage1": True})
+        trainable += [(n, p) for n, p in model.named_parameters() if any(p is q for q in s1)
+                      and not any(p is q for _, q in trainable)]
     if a.fast_lr_mult != 1.0 or a.prev_warm > 0:
-        groups.append({"params": fast, "weight_decay": 0.0, "mult": a.fast_lr_mult, "fast": True})
+        groups.append({"params": fast, "weight_decay": 0.0, "mult": a.fast_lr_mult, "fast": True, "stage1": True})
     else:
         groups[0]["params"] += [p for p in fast if p.dim() >= 2]
         groups[1]["params"] += [p for p in fast if p.dim() < 2]
@@ -605,9 +619,48 @@ def main():
                 say(f"step {step} (previous-token stage) aux-prev {loss.item():.4f} "
                     f"attention on t-1 {att[:, t, t - 1].mean().item():.3f}")
             continue
+        if step < a.prev_warm + a.ind_warm:  # stage 1: only the induction heads' attention (and the previous-token
+            # head's), on rand sequences, layers 0..the highest induction head alone (no LM head)
+            T = a.seq
+            xs, inds = [], []
+            for i in range(4):
+                rng = np.random.default_rng([a.seed, step, i])
+                ids, _, ii = rand_pairs(data, rng, T, data.rand_len[0], data.rand_len[1], data.rand_gap)
+                xs.append(ids[:T])
+                inds.append(np.concatenate([np.full((len(ii), 1), i, dtype=np.int64), ii], 1))
+            x, ind = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.concatenate(inds))
+            for g in opt.param_groups:
+                g["lr"] = a.ind_warm_lr if g.get("stage1") else 0.0
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(a.bf16)):
+                hx = model.wte[x] + model.wpe[:T]
+                for b in model.h[:max(l for l, _ in ind_heads) + 1]:
+                    hx = b(hx, model.mask)
+            l, hh = prev_head
+            att = model.h[l].kept[:, keep[l].index(hh)].float()
+            t = torch.arange(1, T)
+            loss = -att[:, t, t - 1].clamp_min(1e-6).log().mean()
+            accs = []
+            for l, hh in ind_heads:
+                att = model.h[l].kept[:, keep[l].index(hh)].float()
+                ai = att[ind[:, 0], ind[:, 1], ind[:, 2]]
+                loss = loss - ai.clamp_min(1e-6).log().mean()
+                accs.append(ai.mean().item())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step % 20 == 0 or step == a.prev_warm + a.ind_warm:
+                say(f"step {step} (induction stage) loss {loss.item():.4f} attention on the induction targets "
+                    + " ".join(f"{v:.3f}" for v in accs))
+            if time.time() - t_ck > a.ckpt_minutes * 60:
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path + ".tmp")
+                os.replace(ckpt_path + ".tmp", ckpt_path)
+                t_ck = time.time()
+                say(f"checkpoint step {step}")
+            continue
         B, T = shape_at(step, a)
         x, m, kinds, ind = batch(data, a.seed, step, B, T, mix)
-        lr = lr_at(step - a.prev_warm, a)
+        lr = lr_at(step - a.prev_warm - a.ind_warm, a)
         for g in opt.param_groups:
             g["lr"] = lr * g.get("mult", 1.0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(a.bf16)):
