@@ -418,8 +418,18 @@ Test(model, hf_dir_f16_no_prefix) {
     cr_assert_eq(m.cfg.bos_id, 10);
     cr_assert_eq(m.n_params, fx_param_count());
     cr_assert_str_eq(m.name, "a");
-    cr_assert_not_null(m.arena, "F16 weights are converted into the arena");
-    cr_assert_null(m.map_base, "nothing points into the file, so it is unmapped");
+    cr_assert_not_null(m.arena, "F16 embeddings, biases and LayerNorms are converted into the arena");
+    /* the layer matrices are deferred (model.h): read from the kept mapping when needed */
+    cr_assert_not_null(m.map_base, "deferred matrices stay in the file mapping");
+    cr_assert_eq(m.n_deferred, 4 * TL);
+    cr_assert_eq(m.deferred_floats, (size_t)TL * 12 * TC * TC);
+    cr_assert_eq(m.arena_floats >= m.n_params - m.deferred_floats, 1);
+    for (int l = 0; l < TL; l++)
+        cr_assert(!m.layers[l].attn_w && !m.layers[l].proj_w && !m.layers[l].fc_w && !m.layers[l].fcproj_w,
+                  "layer %d: deferred matrices are NULL after load", l);
+    cr_assert_eq(m.materialized_floats, 0);
+    cr_assert_eq(kvh_model_materialize_all(&m, &err), 0, "%s", err.msg);
+    cr_assert_eq(m.materialized_floats, m.deferred_floats);
     fx_check_values(&m);
     kvh_model_free(&m);
 }
@@ -467,13 +477,16 @@ Test(model, hf_dir_prefix_buffers_lm_head_mixed_dtypes) {
     /* wte is tag 0 -> F32 -> zero-copy; wpe is tag 1 -> BF16 -> arena */
     cr_assert(m.wte >= (const float *)m.map_base && m.wte < (const float *)((char *)m.map_base + m.map_len));
     cr_assert(m.wpe >= m.arena && m.wpe < m.arena + m.arena_floats);
+    cr_assert_gt(m.n_deferred, 0, "the F16/BF16 layer matrices are deferred");
+    cr_assert_eq(kvh_model_materialize_all(&m, &err), 0, "%s", err.msg);
     fx_check_values(&m);
     kvh_model_free(&m);
 
     /* the same file with the data misaligned: F32 tensors are copied instead */
     fx_write_st("b", ts, n, pad + 1);
     cr_assert_eq(kvh_model_load(&m, fx_dir("b"), &err), 0, "%s", err.msg);
-    cr_assert_null(m.map_base, "unaligned F32 is copied, so nothing points into the file");
+    cr_assert(m.wte >= m.arena && m.wte < m.arena + m.arena_floats, "unaligned F32 is copied into the arena");
+    cr_assert_eq(kvh_model_materialize_all(&m, &err), 0, "%s", err.msg);
     fx_check_values(&m);
     kvh_model_free(&m);
 }

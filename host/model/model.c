@@ -8,8 +8,11 @@
  *
  * Storage: F32 tensors whose data is 4-byte aligned point straight into the read-only file mapping
  * (zero-copy) of a single-file checkpoint; every other tensor, and every tensor of a sharded one, is
- * converted into one arena allocated once. Random weights live
- * entirely in the arena, each tensor starting on a 64-byte boundary. */
+ * converted into one arena allocated once, except the four linear matrices of each layer of a
+ * single-file F16/BF16 checkpoint: those stay in the file's bytes (deferred, model.h) until a weight
+ * format packs them (kvh_model_deferred_to_f32, one matrix of fp32 at a time) or a session needs them
+ * in fp32 (kvh_model_materialize: one allocation per matrix). Random weights live entirely in the
+ * arena, each tensor starting on a 64-byte boundary. */
 #define _GNU_SOURCE /* madvise(MADV_HUGEPAGE) */
 #include "model/model.h"
 
@@ -21,6 +24,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "util/mmap_guard.h"
 #include "model/checkpoint.h"
@@ -35,6 +39,9 @@ static size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
 
 void kvh_model_free(kvh_model *m) {
     if (!m) return;
+    if (m->deferred)
+        for (int i = 0; i < m->cfg.n_layer * 4; i++) free(m->deferred[i].fp32);
+    free(m->deferred);
     free(m->layers);
     free(m->arena);
     if (m->map_base) {
@@ -162,6 +169,7 @@ typedef struct slot {
     job_kind init;     /* random init kind */
     float std;         /* random init std */
     int tag;           /* distinct per tensor: derives the random stream */
+    int mat;           /* layer * 4 + KVH_MAT_* for a layer's linear matrix, else -1 */
 } slot;
 
 static int slots_build(kvh_model *m, slot **out, int *n_out) {
@@ -186,6 +194,7 @@ static int slots_build(kvh_model *m, slot **out, int *n_out) {
         s[k].init = kind;                                                                               \
         s[k].std = sd;                                                                                  \
         s[k].tag = k + 1;                                                                               \
+        s[k].mat = -1;                                                                                  \
         k++;                                                                                            \
     } while (0)
     SLOT("wte.weight%.0d", 0, V, C, 2, &m->wte, JOB_NORMAL, std);
@@ -195,14 +204,18 @@ static int slots_build(kvh_model *m, slot **out, int *n_out) {
         SLOT("h.%d.ln_1.weight", i, C, 0, 1, &w->ln1_w, JOB_ONE, 0.0f);
         SLOT("h.%d.ln_1.bias", i, C, 0, 1, &w->ln1_b, JOB_ZERO, 0.0f);
         SLOT("h.%d.attn.c_attn.weight", i, C, 3 * C, 2, &w->attn_w, JOB_NORMAL, std);
+        s[k - 1].mat = i * 4 + KVH_MAT_ATTN_QKV;
         SLOT("h.%d.attn.c_attn.bias", i, 3 * C, 0, 1, &w->attn_b, JOB_ZERO, 0.0f);
         SLOT("h.%d.attn.c_proj.weight", i, C, C, 2, &w->proj_w, JOB_NORMAL, std_proj);
+        s[k - 1].mat = i * 4 + KVH_MAT_ATTN_PROJ;
         SLOT("h.%d.attn.c_proj.bias", i, C, 0, 1, &w->proj_b, JOB_ZERO, 0.0f);
         SLOT("h.%d.ln_2.weight", i, C, 0, 1, &w->ln2_w, JOB_ONE, 0.0f);
         SLOT("h.%d.ln_2.bias", i, C, 0, 1, &w->ln2_b, JOB_ZERO, 0.0f);
         SLOT("h.%d.mlp.c_fc.weight", i, C, F, 2, &w->fc_w, JOB_NORMAL, std);
+        s[k - 1].mat = i * 4 + KVH_MAT_MLP_FC;
         SLOT("h.%d.mlp.c_fc.bias", i, F, 0, 1, &w->fc_b, JOB_ZERO, 0.0f);
         SLOT("h.%d.mlp.c_proj.weight", i, F, C, 2, &w->fcproj_w, JOB_NORMAL, std_proj);
+        s[k - 1].mat = i * 4 + KVH_MAT_MLP_PROJ;
         SLOT("h.%d.mlp.c_proj.bias", i, C, 0, 1, &w->fcproj_b, JOB_ZERO, 0.0f);
     }
     SLOT("ln_f.weight%.0d", 0, C, 0, 1, &m->lnf_w, JOB_ONE, 0.0f);
@@ -343,11 +356,40 @@ static void dir_basename(const char *path, char *out, size_t cap) {
     out[n] = '\0';
 }
 
+/* Gives back the whole pages inside [p, p + bytes) of a read-only file mapping: they come back from the
+ * file if read again, so this only lowers the resident set. */
+static size_t release_range(const void *p, size_t bytes) {
+    const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE), a = (uintptr_t)p;
+    const uintptr_t lo = (a + page - 1) & ~(page - 1), hi = (a + bytes) & ~(page - 1);
+    if (hi <= lo) return 0;
+    return madvise((void *)lo, hi - lo, MADV_DONTNEED) == 0 ? (size_t)(hi - lo) : 0;
+}
+
+/* Index of the first non-finite element of an F16/BF16 run (all-ones exponent), or len. */
+static size_t first_nonfinite_16(const void *data, int dtype, size_t len) {
+    const unsigned char *p = data;
+    const unsigned expmask = dtype == KVH_ST_F16 ? 0x7c00u : 0x7f80u;
+    for (size_t i = 0; i < len; i++)
+        if (((unsigned)(p[2 * i] | (p[2 * i + 1] << 8)) & expmask) == expmask) return i;
+    return len;
+}
+
+/* First non-finite element of slot k's piece [start, start + len): the fp32 data, or for a deferred
+ * matrix (fp32 pointer still NULL) its F16/BF16 source in the file. */
+static size_t slot_first_nonfinite(const slot *sl, const kvh_st_tensor *src, size_t start, size_t len) {
+    if (*sl->dst) return kvh_first_nonfinite(*sl->dst + start, len);
+    return first_nonfinite_16((const unsigned char *)src->data + start * 2, src->dtype, len);
+}
+
 /* Every weight must be finite: one NaN or infinity makes every logit NaN, and a run would then print
  * token 0 forever or a perplexity of nan with exit 0. Checked once at load, in parallel over pieces of
  * CHUNK_FLOATS; the first bad value in file order is named (tensor, element, row/column). Cost: one read
- * of the weights (0.15 s per GB per core here, docs/security.md), which the first forward pass does anyway. */
-static int check_finite(const slot *slots, int n, const char *prefix, const char *path, kvh_err *err) {
+ * of the weights (0.15 s per GB per core here, docs/security.md), which the first forward pass does anyway.
+ * Deferred matrices (fp32 pointer NULL) are checked in their F16/BF16 source (src[k]), whose pages are
+ * given back piece by piece as they are read (release: src lies in a file mapping), so the check does
+ * not bring the whole file into the resident set. */
+static int check_finite(const slot *slots, int n, const kvh_st_tensor *const *src, bool release, const char *prefix,
+                        const char *path, kvh_err *err) {
     size_t *first = calloc((size_t)n + 1, sizeof *first);
     if (!first) return kvh_fail(err, "%s: out of memory", path);
     for (int i = 0; i < n; i++) first[i + 1] = first[i] + (slot_elems(&slots[i]) + CHUNK_FLOATS - 1) / CHUNK_FLOATS;
@@ -366,7 +408,8 @@ static int check_finite(const slot *slots, int n, const char *prefix, const char
         size_t ne = slot_elems(&slots[lo]);
         size_t start = ((size_t)c - first[lo]) * CHUNK_FLOATS;
         size_t len = ne - start < CHUNK_FLOATS ? ne - start : CHUNK_FLOATS;
-        if (kvh_first_nonfinite(*slots[lo].dst + start, len) < len && c < bad_chunk) bad_chunk = c;
+        if (slot_first_nonfinite(&slots[lo], src[lo], start, len) < len && c < bad_chunk) bad_chunk = c;
+        if (release && !*slots[lo].dst) (void)release_range((const unsigned char *)src[lo]->data + start * 2, len * 2);
     }
     int rc = 0;
     if (bad_chunk < total) {
@@ -375,8 +418,16 @@ static int check_finite(const slot *slots, int n, const char *prefix, const char
         size_t ne = slot_elems(&slots[k]);
         size_t start = ((size_t)bad_chunk - first[k]) * CHUNK_FLOATS;
         size_t len = ne - start < CHUNK_FLOATS ? ne - start : CHUNK_FLOATS;
-        size_t at = start + kvh_first_nonfinite(*slots[k].dst + start, len);
-        float v = (*slots[k].dst)[at];
+        size_t at = start + slot_first_nonfinite(&slots[k], src[k], start, len);
+        float v;
+        if (*slots[k].dst) v = (*slots[k].dst)[at];
+        else {
+            kvh_st_tensor one = *src[k];
+            one.data = (const unsigned char *)src[k]->data + at * 2;
+            one.n_elems = 1;
+            one.n_bytes = 2;
+            kvh_st_to_f32(&one, &v);
+        }
         char where[64] = "";
         if (slots[k].n_dims == 2)
             snprintf(where, sizeof where, " (row %zu, column %zu)", at / (size_t)slots[k].shape[1],
@@ -419,6 +470,8 @@ static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
     if (kvh_checkpoint_open(&ck, dir, err) != 0) return -1;
     snprintf(path, sizeof path, "%s", ck.path);
     const bool sharded = ck.n_files > 1; /* shards are copied into the arena, then unmapped */
+    /* A single file's F16/BF16 layer matrices are deferred: they stay in the mapping (model.h). */
+    const bool may_defer = !sharded;
 
     slot *slots = NULL;
     int n = 0;
@@ -476,7 +529,8 @@ static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
         }
         found[i] = t;
         used[ti] = true;
-        if (sharded || t->dtype != KVH_ST_F32 || ((uintptr_t)t->data % sizeof(float)) != 0)
+        const bool defer = may_defer && slots[i].mat >= 0 && t->dtype != KVH_ST_F32;
+        if (!defer && (sharded || t->dtype != KVH_ST_F32 || ((uintptr_t)t->data % sizeof(float)) != 0))
             convert_floats += round_up(t->n_elems, ARENA_ALIGN_FLOATS);
         m->n_params += t->n_elems;
     }
@@ -508,6 +562,21 @@ static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
             any_mapped = true;
             continue;
         }
+        if (may_defer && slots[i].mat >= 0 && t->dtype != KVH_ST_F32) { /* F16/BF16 layer matrix: stays in the file (model.h) */
+            if (!m->deferred && !(m->deferred = calloc((size_t)m->cfg.n_layer * 4, sizeof *m->deferred))) {
+                kvh_fail(err, "%s: out of memory", path);
+                goto done;
+            }
+            kvh_deferred_matrix *d = &m->deferred[slots[i].mat];
+            d->src = t->data;
+            d->n_elems = t->n_elems;
+            d->dtype = (int)t->dtype;
+            snprintf(d->name, sizeof d->name, "%s%s", prefix, slots[i].name);
+            *slots[i].dst = NULL;
+            m->n_deferred++;
+            m->deferred_floats += t->n_elems;
+            continue;
+        }
         float *p = m->arena + off;
         size_t padded = round_up(t->n_elems, ARENA_ALIGN_FLOATS);
         for (size_t k = t->n_elems; k < padded; k++) p[k] = 0.0f;
@@ -516,9 +585,14 @@ static int load_dir(kvh_model *m, const char *dir, kvh_err *err) {
         off += padded;
     }
     run_jobs(jobs, n_jobs, scratch);
-    if (check_finite(slots, n, prefix, path, err) != 0) goto done;
+    if (check_finite(slots, n, found, m->n_deferred > 0 && ck.files[0].map_base, prefix, path, err) != 0) goto done;
+    if (m->n_deferred && ck.files[0].map_base) { /* the mapping stays: give back what was read of it */
+        for (int i = 0; i < n_jobs; i++) (void)release_range(jobs[i].src->data, jobs[i].src->n_bytes);
+        for (int i = 0; i < m->cfg.n_layer * 4; i++)
+            if (m->deferred[i].src) (void)release_range(m->deferred[i].src, m->deferred[i].n_elems * 2);
+    }
 
-    if (any_mapped) { /* the model keeps the mapping; the header table is no longer needed */
+    if (any_mapped || m->n_deferred) { /* the model keeps the mapping; the header table is no longer needed */
         m->map_base = ck.files[0].map_base;
         m->map_len = ck.files[0].map_len;
         ck.files[0].map_base = NULL;
@@ -542,4 +616,68 @@ int kvh_model_load(kvh_model *m, const char *spec, kvh_err *err) {
     int rc = strncmp(spec, "random:", 7) == 0 ? load_random(m, spec, err) : load_dir(m, spec, err);
     if (rc != 0) kvh_model_free(m); /* zeroes *m */
     return rc;
+}
+
+/* ---- deferred F16/BF16 matrices ------------------------------------------------------------------ */
+
+static kvh_deferred_matrix *deferred_at(const kvh_model *m, int layer, int which) {
+    if (!m->deferred || layer < 0 || layer >= m->cfg.n_layer || which < 0 || which > KVH_MAT_MLP_PROJ) return NULL;
+    kvh_deferred_matrix *d = &m->deferred[layer * 4 + which];
+    return d->src ? d : NULL;
+}
+
+static const float **layer_ptr(kvh_model *m, int layer, int which) {
+    kvh_layer_weights *w = &m->layers[layer];
+    switch (which) {
+    case KVH_MAT_ATTN_QKV: return &w->attn_w;
+    case KVH_MAT_ATTN_PROJ: return &w->proj_w;
+    case KVH_MAT_MLP_FC: return &w->fc_w;
+    default: return &w->fcproj_w;
+    }
+}
+
+const kvh_deferred_matrix *kvh_model_deferred(const kvh_model *m, int layer, int which) {
+    return deferred_at(m, layer, which);
+}
+
+bool kvh_model_needs_materialize(const kvh_model *m, int layer, int which) {
+    const kvh_deferred_matrix *d = deferred_at(m, layer, which);
+    return d && !d->fp32;
+}
+
+void kvh_model_deferred_to_f32(const kvh_model *m, int layer, int which, float *dst) {
+    const kvh_deferred_matrix *d = deferred_at(m, layer, which);
+    if (!d) return;
+    kvh_st_tensor view = {.dtype = (kvh_st_dtype)d->dtype, .n_dims = 1, .n_elems = d->n_elems,
+                          .data = d->src, .n_bytes = d->n_elems * 2};
+    work_job job = {.kind = JOB_CONVERT, .dst = dst, .n = d->n_elems, .src = &view};
+    size_t scratch[2];
+    run_jobs(&job, 1, scratch);
+}
+
+size_t kvh_model_deferred_release_source(const kvh_model *m, int layer, int which) {
+    const kvh_deferred_matrix *d = deferred_at(m, layer, which);
+    return d && m->map_base ? release_range(d->src, d->n_elems * 2) : 0;
+}
+
+int kvh_model_materialize(kvh_model *m, int layer, int which, kvh_err *err) {
+    kvh_deferred_matrix *d = deferred_at(m, layer, which);
+    if (!d || d->fp32) return 0;
+    float *p = arena_alloc(d->n_elems);
+    if (!p)
+        return kvh_fail(err, "%s: out of memory converting tensor '%s' to fp32 (%.1f MB)", m->source, d->name,
+                        (double)d->n_elems * 4 / 1e6);
+    kvh_model_deferred_to_f32(m, layer, which, p);
+    d->fp32 = p;
+    *layer_ptr(m, layer, which) = p;
+    m->materialized_floats += d->n_elems;
+    (void)kvh_model_deferred_release_source(m, layer, which);
+    return 0;
+}
+
+int kvh_model_materialize_all(kvh_model *m, kvh_err *err) {
+    for (int l = 0; l < m->cfg.n_layer; l++)
+        for (int w = 0; w <= KVH_MAT_MLP_PROJ; w++)
+            if (kvh_model_materialize(m, l, w, err) != 0) return -1;
+    return 0;
 }

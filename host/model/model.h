@@ -1,6 +1,7 @@
 /* model.h — the GPT-2 model: hyper-parameters and weights in one fp32 arena.
  * Owns: kvh_model_config (from config.json or a random: preset), kvh_model (weight pointers into one
- * allocation, or into the memory-mapped safetensors file when it is already fp32), loading by spec.
+ * allocation, or into the memory-mapped safetensors file when it is already fp32), loading by spec, the
+ * deferred conversion of an F16/BF16 checkpoint's layer matrices (kvh_model_materialize).
  * Does not own: the tokenizer (tokenizer.h), the forward pass (backend.h), the KV cache (kvcache.h).
  *
  * Shapes use one alphabet: V vocab, P n_positions, C n_embd, NH n_head, HS head size (C/NH), L layers,
@@ -49,10 +50,33 @@ typedef struct kvh_model {
     /* storage behind the pointers above */
     float *arena;            /* owned fp32 arena (converted or random weights), may be NULL */
     size_t arena_floats;
-    void *map_base;          /* mmap of model.safetensors when weights point into it, else NULL */
+    void *map_base;          /* mmap of model.safetensors when weights point into it (or deferred
+                                matrices are read from it), else NULL */
     size_t map_len;
     size_t n_params;         /* total parameter count (tied LM head counted once) */
+
+    /* Deferred conversion (single-file F16/BF16 checkpoints): the four linear matrices of every layer
+     * stay in the file's F16/BF16 bytes at load and their fp32 pointers above are NULL until
+     * kvh_model_materialize converts them (a weight format packs them straight from those bytes
+     * instead, through kvh_model_deferred_to_f32, so their fp32 form is never held). NULL when the
+     * model has none (F32 or sharded checkpoints, random weights). */
+    struct kvh_deferred_matrix *deferred; /* [L * 4]: layer l, matrix KVH_MAT_* w at l * 4 + w */
+    int n_deferred;                /* matrices deferred at load */
+    size_t deferred_floats;        /* their elements in all */
+    size_t materialized_floats;    /* fp32 floats allocated since by kvh_model_materialize (the model's
+                                      memory beside the arena: one allocation per matrix) */
 } kvh_model;
+
+/* The four linear matrices of a layer, in the SDK's KVP_MAT_* order. */
+enum { KVH_MAT_ATTN_QKV = 0, KVH_MAT_ATTN_PROJ = 1, KVH_MAT_MLP_FC = 2, KVH_MAT_MLP_PROJ = 3 };
+
+typedef struct kvh_deferred_matrix {
+    const void *src;   /* n_elems elements in the model's file mapping; NULL: this matrix is not deferred */
+    size_t n_elems;
+    int dtype;         /* kvh_st_dtype: KVH_ST_F16 or KVH_ST_BF16 */
+    float *fp32;       /* owned converted copy once materialized, else NULL */
+    char name[112];    /* tensor name as in the file, for messages */
+} kvh_deferred_matrix;
 
 /* Fills cfg with one of the named GPT-2 presets: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl".
  * Returns -1 with a message listing the known names otherwise. */
@@ -94,5 +118,32 @@ int kvh_model_config_check(const kvh_model_config *cfg, const char *what, kvh_er
  * zeroed and nothing is leaked. */
 int kvh_model_init_random(kvh_model *m, const kvh_model_config *cfg, uint64_t seed, const char *name,
                           kvh_err *err);
+
+/* ---- deferred F16/BF16 matrices (model.c) -------------------------------------------------------- */
+
+/* The deferred record of layer's matrix `which` (KVH_MAT_*) when it was deferred at load (materialized
+ * or not), else NULL. */
+const kvh_deferred_matrix *kvh_model_deferred(const kvh_model *m, int layer, int which);
+
+/* True when the matrix was deferred and has no fp32 copy yet (its kvh_layer_weights pointer is NULL). */
+bool kvh_model_needs_materialize(const kvh_model *m, int layer, int which);
+
+/* Converts a deferred matrix into dst (n_elems floats, caller-owned) without keeping anything: for
+ * packing it into a weight format with one matrix of fp32 at a time. The source was checked finite at
+ * load. Works whether or not the matrix is materialized. */
+void kvh_model_deferred_to_f32(const kvh_model *m, int layer, int which, float *dst);
+
+/* Gives the deferred matrix's source pages in the file mapping back to the kernel (they come back from
+ * the file if read again): after it was packed or materialized. Returns the bytes given back. */
+size_t kvh_model_deferred_release_source(const kvh_model *m, int layer, int which);
+
+/* Converts a deferred matrix into an fp32 copy the model owns and points its kvh_layer_weights field at
+ * it (no-op when not deferred or already done). Counted in m->materialized_floats. It writes the model:
+ * sessions on one model are created (and so call it) from one thread, never while another session of
+ * the model runs a forward pass. Fails only for memory, naming the tensor. */
+int kvh_model_materialize(kvh_model *m, int layer, int which, kvh_err *err);
+
+/* Every deferred matrix (tests, tools that read kvh_layer_weights directly). */
+int kvh_model_materialize_all(kvh_model *m, kvh_err *err);
 
 #endif

@@ -248,6 +248,17 @@ static int svc_tensor(void *ctx, uint32_t layer, const char *name, kvp_tensor *o
         svc_set_error(x, msg);
         return KVP_ERROR;
     }
+    /* A deferred F16/BF16 matrix (model.h) is converted to fp32 the first time a plugin asks for it: this
+     * runs during session creation, which is single-threaded per model (session.c). */
+    for (int mat = KVH_MAT_ATTN_QKV; mat <= KVH_MAT_ATTN_PROJ && name; mat++) {
+        const char *nm = mat == KVH_MAT_ATTN_QKV ? "attn.c_attn.weight" : "attn.c_proj.weight";
+        kvh_err merr = {{0}};
+        if (strcmp(name, nm) == 0 && kvh_model_needs_materialize(m, (int)layer, mat) &&
+            kvh_model_materialize((kvh_model *)m, (int)layer, mat, &merr) != 0) {
+            svc_set_error(x, merr.msg);
+            return KVP_ERROR;
+        }
+    }
     const kvh_layer_weights *w = &m->layers[layer];
     static const char *const names[] = {"attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
                                         "attn.c_proj.bias", "ln_1.weight", "ln_1.bias"};

@@ -59,11 +59,11 @@ int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_
         }
         kvh_router_layer_settings(s->router, settings);
     }
-    /* The backend first: it decides where the K/V slot data lives. */
-    if (kvh_backend_create(&s->backend, opt->backend, model, opt->threads, err) != 0) {
-        free(settings);
-        goto fail;
-    }
+    /* Weight formats pack first (a deferred F16/BF16 matrix goes from the file's bytes into its format
+     * without an fp32 copy, model.h), then every deferred matrix no format holds is converted to fp32, all
+     * before the backend exists: the CUDA backend uploads the weights when it is created and the CPU one
+     * reads them in forward, so neither may see a NULL matrix. A backend other than cpu runs no weight
+     * format (refused below), so it gets every matrix in fp32. */
     if (s->router) {
         if (opt->calibration) {
             s->calibration = calloc(1, sizeof *s->calibration);
@@ -77,6 +77,27 @@ int kvh_session_create(kvh_session **out, const kvh_model *model, const kvh_run_
             free(settings);
             goto fail;
         }
+    }
+    if (model->n_deferred) {
+        /* Materializing writes the model (its deferred matrices' fp32 pointers): sessions on one model are
+         * created from one thread, and not while another session of it runs a forward pass; a matrix a
+         * running session reads is never NULL, so it is never written here. */
+        kvh_model *mm = (kvh_model *)model;
+        const bool cpu = !opt->backend || strcmp(opt->backend, "cpu") == 0;
+        for (int l = 0; l < L; l++)
+            for (int w = KVH_MAT_ATTN_QKV; w <= KVH_MAT_MLP_PROJ; w++)
+                if (kvh_model_needs_materialize(model, l, w) && (!cpu || !kvh_weights_matrix(s->weights, l, (uint32_t)w)) &&
+                    kvh_model_materialize(mm, l, w, err) != 0) {
+                    free(settings);
+                    goto fail;
+                }
+    }
+    /* The backend decides where the K/V slot data lives. */
+    if (kvh_backend_create(&s->backend, opt->backend, model, opt->threads, err) != 0) {
+        free(settings);
+        goto fail;
+    }
+    if (s->router) {
         const kvh_packed_matrix *first = kvh_weights_first(s->weights);
         if (first && strcmp(s->backend->ops->name, "cpu") != 0) {
             kvh_fail(err, "the %s backend does not run weight-format plugins yet ([%s] holds %s of layer %u). "

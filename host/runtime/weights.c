@@ -10,6 +10,10 @@
 #include "runtime/calibration.h"
 #include "runtime/plugin_guard.h"
 
+_Static_assert(KVP_MAT_ATTN_QKV == KVH_MAT_ATTN_QKV && KVP_MAT_ATTN_PROJ == KVH_MAT_ATTN_PROJ &&
+                   KVP_MAT_MLP_FC == KVH_MAT_MLP_FC && KVP_MAT_MLP_PROJ == KVH_MAT_MLP_PROJ,
+               "the model's matrix order is the SDK's");
+
 /* Gives back the whole pages of [p, p + bytes) when they lie in the model's file mapping. */
 static size_t release_if_mapped(const kvh_model *m, const void *p, size_t bytes) {
     if (!m->map_base) return 0;
@@ -65,6 +69,29 @@ static int pack_one(kvh_weight_set *ws, const kvh_model *m, const kvh_calibratio
     return 0;
 }
 
+/* pack_one for a layer matrix (KVP_MAT_* which, equal to KVH_MAT_*): a deferred F16/BF16 matrix without an
+ * fp32 copy is converted into a temporary buffer for the pack (the peak is one matrix), which is then freed
+ * and its source pages in the file mapping given back. */
+static int pack_layer_matrix(kvh_weight_set *ws, const kvh_model *m, const kvh_calibration *cal,
+                             const kvh_weight_format *f, int layer, uint32_t which, const float *src, uint32_t k,
+                             uint32_t n, kvh_err *err) {
+    if (src || !kvh_model_needs_materialize(m, layer, (int)which))
+        return pack_one(ws, m, cal, f, layer, which, src, KVP_LAYOUT_IN_MAJOR, k, n, err);
+    const size_t fp32_bytes = (size_t)k * n * sizeof(float);
+    float *tmp = aligned_alloc(64, (fp32_bytes + 63) / 64 * 64);
+    if (!tmp)
+        return kvh_fail(err, "out of memory converting %s of layer %d to fp32 for packing (%zu bytes, [%s])",
+                        kvp_matrix_name(which), layer, fp32_bytes, f->section);
+    kvh_model_deferred_to_f32(m, layer, (int)which, tmp);
+    const int rc = pack_one(ws, m, cal, f, layer, which, tmp, KVP_LAYOUT_IN_MAJOR, k, n, err);
+    free(tmp);
+    if (rc != 0) return rc;
+    (void)kvh_model_deferred_release_source(m, layer, (int)which);
+    ws->never_materialized_bytes += fp32_bytes;
+    ws->released_bytes += fp32_bytes;
+    return 0;
+}
+
 int kvh_weights_pack(kvh_weight_set **out, const kvh_model *m, const kvh_router *r, const kvh_calibration *cal,
                      kvh_err *err) {
     *out = NULL;
@@ -85,10 +112,10 @@ int kvh_weights_pack(kvh_weight_set **out, const kvh_model *m, const kvh_router 
     for (int l = 0; l < L && rc == 0; l++) {
         if (!kvh_router_weight_format(r, l, &f)) continue;
         const kvh_layer_weights *w = &m->layers[l];
-        if ((rc = pack_one(ws, m, cal, &f, l, KVP_MAT_ATTN_QKV, w->attn_w, KVP_LAYOUT_IN_MAJOR, C, 3 * C, err)) == 0 &&
-            (rc = pack_one(ws, m, cal, &f, l, KVP_MAT_ATTN_PROJ, w->proj_w, KVP_LAYOUT_IN_MAJOR, C, C, err)) == 0 &&
-            (rc = pack_one(ws, m, cal, &f, l, KVP_MAT_MLP_FC, w->fc_w, KVP_LAYOUT_IN_MAJOR, C, F, err)) == 0)
-            rc = pack_one(ws, m, cal, &f, l, KVP_MAT_MLP_PROJ, w->fcproj_w, KVP_LAYOUT_IN_MAJOR, F, C, err);
+        if ((rc = pack_layer_matrix(ws, m, cal, &f, l, KVP_MAT_ATTN_QKV, w->attn_w, C, 3 * C, err)) == 0 &&
+            (rc = pack_layer_matrix(ws, m, cal, &f, l, KVP_MAT_ATTN_PROJ, w->proj_w, C, C, err)) == 0 &&
+            (rc = pack_layer_matrix(ws, m, cal, &f, l, KVP_MAT_MLP_FC, w->fc_w, C, F, err)) == 0)
+            rc = pack_layer_matrix(ws, m, cal, &f, l, KVP_MAT_MLP_PROJ, w->fcproj_w, F, C, err);
     }
     if (rc == 0 && kvh_router_weight_format(r, L, &f))
         rc = pack_one(ws, m, cal, &f, L, KVP_MAT_LM_HEAD, m->wte, KVP_LAYOUT_OUT_MAJOR, C, V, err);

@@ -8,9 +8,12 @@
  * Giving memory back: a matrix read from a memory-mapped model.safetensors is released with
  * madvise(MADV_DONTNEED) once packed (whole pages inside it): the kernel drops the pages, and should
  * anything read them again they come back from the file, so another session on the same model still
- * works. Weights in the model's own fp32 arena (random: models, F16/BF16 checkpoints converted at load)
- * stay, because the model may serve other sessions; the record's weight bytes count what the formats
- * hold either way.
+ * works. Weights in the model's own fp32 arena (random: models, sharded F16/BF16 checkpoints converted
+ * at load) stay, because the model may serve other sessions; the record's weight bytes count what the
+ * formats hold either way. The layer matrices of a single-file F16/BF16 checkpoint are never in fp32 at
+ * all when a format holds them: the model defers their conversion (model.h), and packing converts one
+ * matrix at a time into a temporary buffer, packs it, frees it and gives the file pages back; the session
+ * converts (kvh_model_materialize) only those no format holds.
  *
  * The LM head is tied to the token embedding (wte): when a format holds it, the backend reads each
  * prompt token's embedding row from the packed form too (unpack of one row), as GGUF models do, so the
@@ -41,7 +44,11 @@ typedef struct kvh_weight_set {
     int n_packed;               /* matrices packed */
     size_t packed_bytes;        /* bytes the formats hold */
     size_t replaced_fp32_bytes; /* fp32 bytes of the matrices they replace */
-    size_t released_bytes;      /* fp32 bytes of mapped file pages given back */
+    size_t released_bytes;      /* fp32 bytes the packed matrices no longer hold in memory: mapped F32 file
+                                   pages given back, plus never_materialized_bytes (the record's
+                                   weights_fp32_released_bytes) */
+    size_t never_materialized_bytes; /* fp32 bytes of deferred F16/BF16 matrices packed straight from the
+                                        checkpoint's bytes: their fp32 form was never allocated */
 } kvh_weight_set;
 
 /* Packs what the router's weight formats serve, handing each matrix its input statistics from cal (may be

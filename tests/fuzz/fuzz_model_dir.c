@@ -56,6 +56,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     const kvh_model_config *c = &m.cfg;
     CHECK(m.n_params == kvh_model_config_param_count(c));
+    CHECK(kvh_model_materialize_all(&m, &err) == 0); /* deferred F16/BF16 layer matrices (model.h) */
     size_t C = (size_t)c->n_embd, F = (size_t)c->n_inner;
     check_finite(m.wte, (size_t)c->n_vocab * C);
     check_finite(m.wpe, (size_t)c->n_positions * C);
