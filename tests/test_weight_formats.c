@@ -319,23 +319,6 @@ static void check_matmul(const char *fmt, uint32_t level, uint32_t group, uint32
             L.d->matmul(inst.state, &b);
             cr_assert(memcmp(y_alone + n0, y + (size_t)(rows - 1) * n + n0, (size_t)(n1 - n0) * sizeof(float)) == 0,
                       "%s level %u: row %u of %u differs from the same row alone", fmt, level, rows - 1, rows);
-            /* the host's thread-count hint picks the f16/bf16 block width (eight outputs for a lone row when
-             * one thread runs): same bits for every hint, and a host without the field (ABI 1.4 args) too */
-            float *hinted = malloc((size_t)n * sizeof(float));
-            const struct { uint32_t threads; size_t size; } hints[] = {
-                {1, sizeof(kvp_matmul_args)}, {2, sizeof(kvp_matmul_args)}, {1, offsetof(kvp_matmul_args, threads)}};
-            for (size_t h = 0; h < sizeof hints / sizeof hints[0]; h++) {
-                for (uint32_t j = 0; j < n; j++) hinted[j] = 0.5f;
-                kvp_matmul_args d = b;
-                d.struct_size = (uint32_t)hints[h].size;
-                d.threads = hints[h].threads;
-                d.y = hinted;
-                L.d->matmul(inst.state, &d);
-                cr_assert(memcmp(hinted + n0, y_alone + n0, (size_t)(n1 - n0) * sizeof(float)) == 0,
-                          "%s level %u range [%u,%u): threads hint %u (args of %zu bytes) changes the result", fmt, level,
-                          n0, n1, hints[h].threads, hints[h].size);
-            }
-            free(hinted);
             /* and one output alone (a range starting there) too */
             float *one = malloc((size_t)n * sizeof(float));
             one[n1 - 1] = 0.5f;

@@ -159,13 +159,8 @@ static void packed_range(const kvh_blas *blas, const kvh_packed_matrix *pm, floa
     if (T <= small_max || (pm->desc->caps & KVP_CAP_MATMUL_PREFILL)) {
         if (beta == 0.0f)
             for (int t = 0; t < T; t++) memset(y + (size_t)t * ldy + n0, 0, (size_t)(n1 - n0) * sizeof(float));
-        uint32_t threads = 1; /* the ranges of this parallel region run at once */
-#ifdef _OPENMP
-        threads = (uint32_t)omp_get_num_threads();
-#endif
         kvp_matmul_args a = {.struct_size = sizeof a, .w = &pm->info, .packed = pm->packed, .x = x,
-                             .rows = (uint32_t)T, .n0 = (uint32_t)n0, .n1 = (uint32_t)n1, .y = y, .ldy = ldy,
-                             .threads = threads};
+                             .rows = (uint32_t)T, .n0 = (uint32_t)n0, .n1 = (uint32_t)n1, .y = y, .ldy = ldy};
         kvh_plugin_guard_enter(pm->desc->name, pm->file, "matmul", (int)pm->info.layer);
         pm->desc->matmul(pm->state, &a);
         kvh_plugin_guard_leave();

@@ -136,8 +136,7 @@ static void wf_unpack(void *state, const kvp_weight_info *w, const void *packed,
 
 static void wf_matmul_hook(void *state, const kvp_matmul_args *a) {
     const wf_state *st = state;
-    wf_matmul(st->spec, st->level, a->w->k, a->packed, a->x, a->rows, a->n0, a->n1, a->y, a->ldy,
-              KVP_ARGS_HAS(a, threads) ? a->threads : 0);
+    wf_matmul(st->spec, st->level, a->w->k, a->packed, a->x, a->rows, a->n0, a->n1, a->y, a->ldy);
 }
 
 static const kvp_descriptor descriptor = {

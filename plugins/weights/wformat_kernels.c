@@ -3,9 +3,8 @@
  * f16/bf16: every build walks the inputs 32 at a time: decode 32 weights of an output to fp32 (exactly the
  * values of wf_unpack_row), multiply-add them with the same 32 inputs of every row into that (row,
  * output)'s own accumulator, and sum the accumulator at the end. The AVX-512 build takes four outputs at a
- * time (four weight streams, each decoded once for up to four rows), eight for a single row when one
- * thread does all the products; the AVX2 build, with half the registers, four outputs for one row at a
- * time.
+ * time (four weight streams, each decoded once for up to four rows); the AVX2 build, with half the
+ * registers, four outputs for one row at a time.
  * w8/w4 (second half of the file): integer products over the row quantized per 32 inputs, in a portable,
  * an AVX2 and an AVX-512 VNNI build; docs/weights.md "How the products run" explains them. */
 #include "wformat_kernels.h"
@@ -81,13 +80,13 @@ AVX512 static INLINE void deq_bf16(uint32_t k, uint32_t G, const uint8_t *row, u
 #define DEFINE_BLOCK(NAME, DEQ)                                                                                  \
     AVX512 static INLINE void NAME(uint32_t k, uint32_t G, const uint8_t *packed, size_t rb, const float *x,     \
                                    uint32_t r0, uint32_t j, float *y, size_t ldy, const int JB, const int RB) {  \
-        __m512 acc[4][8];                                                                                        \
-        const uint8_t *row[8];                                                                                   \
+        __m512 acc[4][4];                                                                                        \
+        const uint8_t *row[4];                                                                                   \
         for (int b = 0; b < JB; b++) row[b] = packed + (size_t)(j + (uint32_t)b) * rb;                           \
         for (int r = 0; r < RB; r++)                                                                             \
             for (int b = 0; b < JB; b++) acc[r][b] = _mm512_setzero_ps();                                        \
         for (uint32_t c = 0; c < k; c += 32) {                                                                   \
-            __m512 wl[8], wh[8];                                                                                 \
+            __m512 wl[4], wh[4];                                                                                 \
             for (int b = 0; b < JB; b++) {                                                                       \
                 /* the same 64 bytes of the output WF_F16_PF rows on: streams stay ahead of use */               \
                 _mm_prefetch((const char *)(row[b] + WF_F16_PF * rb) + 2u * c, _MM_HINT_T0);                      \
@@ -106,19 +105,13 @@ AVX512 static INLINE void deq_bf16(uint32_t k, uint32_t G, const uint8_t *row, u
             for (int b = 0; b < JB; b++) y[(size_t)(r0 + (uint32_t)r) * ldy + j + (uint32_t)b] += _mm512_reduce_add_ps(acc[r][b]); \
     }
 
-/* The whole range: four outputs at a time (one at a time for the last few), rows four at a time. A single
- * row (decode) read by the only thread running takes eight outputs at a time first: eight weight streams
- * in flight instead of four. Measured on the 2-core Xeon VM, GPT-2 Medium f16 decode, 5 alternating
- * rounds: +7% at 1 thread, -4% at 2 (two cores' sixteen streams then contend), hence the `wide` switch.
- * Every output keeps its own accumulator and order, so the block width never changes a result. */
+/* The whole range: four outputs at a time (one at a time for the last few), rows four at a time. */
 #define DEFINE_MATMUL(NAME, BLOCK)                                                                               \
     AVX512 static void NAME(uint32_t k, uint32_t G, const uint8_t *packed, const float *x, uint32_t rows,       \
-                            uint32_t n0, uint32_t n1, float *y, size_t ldy, size_t rb, int wide) {               \
+                            uint32_t n0, uint32_t n1, float *y, size_t ldy, size_t rb) {                         \
         for (uint32_t r0 = 0; r0 < rows; r0 += 4) {                                                              \
             const uint32_t nr = rows - r0 < 4 ? rows - r0 : 4;                                                   \
             uint32_t j = n0;                                                                                     \
-            if (wide && nr == 1)                                                                                 \
-                for (; j + 8 <= n1; j += 8) BLOCK(k, G, packed, rb, x, r0, j, y, ldy, 8, 1);                     \
             for (; j + 4 <= n1; j += 4) switch (nr) {                                                            \
                 case 1: BLOCK(k, G, packed, rb, x, r0, j, y, ldy, 4, 1); break;                                  \
                 case 2: BLOCK(k, G, packed, rb, x, r0, j, y, ldy, 4, 2); break;                                  \
@@ -140,11 +133,11 @@ DEFINE_MATMUL(mm_f16, block_f16)
 DEFINE_MATMUL(mm_bf16, block_bf16)
 
 static int float_avx512(wf_spec s, uint32_t k, const uint8_t *packed, const float *x, uint32_t rows, uint32_t n0,
-                        uint32_t n1, float *y, size_t ldy, int wide) {
+                        uint32_t n1, float *y, size_t ldy) {
     const size_t rb = wf_row_bytes(s, k);
     switch (s.kind) {
-    case WF_F16: mm_f16(k, s.group, packed, x, rows, n0, n1, y, ldy, rb, wide); return 1;
-    case WF_BF16: mm_bf16(k, s.group, packed, x, rows, n0, n1, y, ldy, rb, wide); return 1;
+    case WF_F16: mm_f16(k, s.group, packed, x, rows, n0, n1, y, ldy, rb); return 1;
+    case WF_BF16: mm_bf16(k, s.group, packed, x, rows, n0, n1, y, ldy, rb); return 1;
     default: return 0;
     }
 }
@@ -640,7 +633,7 @@ int wf_cpu_has_vnni(void) { return 0; }
 
 /* ---- dispatch ---- */
 void wf_matmul(wf_spec s, uint32_t level, uint32_t k, const uint8_t *packed, const float *x, uint32_t rows, uint32_t n0,
-               uint32_t n1, float *y, size_t ldy, uint32_t threads) {
+               uint32_t n1, float *y, size_t ldy) {
     const int integer = s.kind == WF_W8 || s.kind == WF_W4;
 #if defined(__x86_64__)
     if (integer) {
@@ -649,10 +642,10 @@ void wf_matmul(wf_spec s, uint32_t level, uint32_t k, const uint8_t *packed, con
         else int_portable(s, k, packed, x, rows, n0, n1, y, ldy);
         return;
     }
-    if (level >= WF_LEVEL_AVX512 && float_avx512(s, k, packed, x, rows, n0, n1, y, ldy, threads == 1)) return;
+    if (level >= WF_LEVEL_AVX512 && float_avx512(s, k, packed, x, rows, n0, n1, y, ldy)) return;
     if (level >= WF_LEVEL_AVX2 && float_avx2(s, k, packed, x, rows, n0, n1, y, ldy)) return;
 #else
-    (void)level, (void)threads;
+    (void)level;
     if (integer) {
         int_portable(s, k, packed, x, rows, n0, n1, y, ldy);
         return;

@@ -25,11 +25,9 @@
 #define WF_LEVEL_AVX512_VNNI 3u /* and AVX512-VNNI: w8/w4's vpdpbusd build */
 
 /* y[r * ldy + j] += sum_i x[r * k + i] * W(i, j), r < rows, n0 <= j < n1; packed: the whole matrix.
- * level: at most what the CPU runs. w8/w4 need k <= WF_MAX_K (wformat_act.h). threads: how many threads
- * multiply this matrix at once (0: unknown), a hint that picks how many weight streams a thread reads in
- * flight; the results do not depend on it. */
+ * level: at most what the CPU runs. w8/w4 need k <= WF_MAX_K (wformat_act.h). */
 void wf_matmul(wf_spec s, uint32_t level, uint32_t k, const uint8_t *packed, const float *x, uint32_t rows, uint32_t n0,
-               uint32_t n1, float *y, size_t ldy, uint32_t threads);
+               uint32_t n1, float *y, size_t ldy);
 
 /* 1 when the CPU has AVX512-VNNI (x86-64 only). */
 int wf_cpu_has_vnni(void);

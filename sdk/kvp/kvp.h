@@ -54,7 +54,7 @@ extern "C" {
                           *    between sequences and skip copies (KVP_INSTANCE_HAS); KVP_CAP_ACT_QUANT for
                           *    weight formats whose products quantize activations
                           * 5: KVP_CAP_MATMUL_PREFILL: a weight format's matmul() serves calls of any
-                          *    number of rows, prefill pieces included; kvp_matmul_args.threads */
+                          *    number of rows, prefill pieces included */
 #define KVP_ENTRY_SYMBOL "kvp_plugin_entry"
 
 /* ---- status codes returned by hooks ---------------------------------------------------------- */
@@ -405,16 +405,7 @@ typedef struct kvp_matmul_args {
     uint32_t n0, n1;    /* output range, 0 <= n0 < n1 <= n */
     float *y;
     size_t ldy;         /* floats between rows of y */
-    /* ---- ABI 1.5 ---- */
-    uint32_t threads;   /* how many threads multiply disjoint ranges of this matrix at the same time (0:
-                         * unknown). A tuning hint only — e.g. how many weight streams one thread keeps
-                         * in flight —; a row's result must not depend on it. Read it only when
-                         * KVP_ARGS_HAS(a, threads): an older host has no such field. */
 } kvp_matmul_args;
-
-/* True when the host's kvp_matmul_args has the named field (a plugin running on an older host). */
-#define KVP_ARGS_HAS(args, field) \
-    ((args)->struct_size >= offsetof(kvp_matmul_args, field) + sizeof(((kvp_matmul_args *)0)->field))
 
 /* ---- the descriptor ------------------------------------------------------------------------------ */
 typedef struct kvp_descriptor {
