@@ -76,34 +76,10 @@ static kvh_session *session(const kvh_model *m, const char *plugins, const char 
     return s;
 }
 
-/* A prefill of two prompts then decode steps at batch 2 and 1; tol 0: bit for bit. */
+/* kvh_test_compare_sessions' script (a prefill of two prompts, then decode at batch 2 and 1); tol 0: bit
+ * for bit. */
 static void compare(kvh_session *a, kvh_session *b, double tol, const char *what) {
-    const int V = SHAPE.V;
-    const int32_t p0[] = {1, 5, 9, 33, 2, 96, 40, 11, 12, 13, 70, 3, 44}, p1[] = {8, 6, 7, 5, 3, 0, 9, 90, 91, 92};
-    const int32_t *toks[2] = {p0, p1};
-    int seqs[2] = {0, 1}, ns[2] = {13, 10};
-    float *la = malloc((size_t)2 * V * sizeof(float)), *lb = malloc((size_t)2 * V * sizeof(float));
-    kvh_err err = {{0}};
-    kvh_batch batch = {.n = 2, .seq = seqs, .tokens = toks, .n_tokens = ns, .all_logits = false};
-    cr_assert_eq(kvh_session_forward(a, &batch, la, &err), 0, "%s", err.msg);
-    cr_assert_eq(kvh_session_forward(b, &batch, lb, &err), 0, "%s", err.msg);
-    char label[128];
-    snprintf(label, sizeof label, "%s prefill", what);
-    cr_assert_leq(kvh_test_compare(label, la, lb, (size_t)2 * V, tol), tol, "%s", label);
-    if (tol == 0) cr_assert(memcmp(la, lb, (size_t)2 * V * sizeof(float)) == 0, "%s: not bit for bit", label);
-    for (int step = 0; step < 5; step++) {
-        int32_t next[2] = {(int32_t)((step * 31 + 7) % V), (int32_t)((step * 17 + 3) % V)};
-        const int32_t *nt[2] = {&next[0], &next[1]};
-        int one[2] = {1, 1};
-        kvh_batch dec = {.n = step < 3 ? 2 : 1, .seq = seqs, .tokens = nt, .n_tokens = one, .all_logits = false};
-        cr_assert_eq(kvh_session_forward(a, &dec, la, &err), 0, "%s", err.msg);
-        cr_assert_eq(kvh_session_forward(b, &dec, lb, &err), 0, "%s", err.msg);
-        snprintf(label, sizeof label, "%s decode step %d", what, step);
-        cr_assert_leq(kvh_test_compare(label, la, lb, (size_t)dec.n * V, tol), tol, "%s", label);
-        if (tol == 0) cr_assert(memcmp(la, lb, (size_t)dec.n * V * sizeof(float)) == 0, "%s: not bit for bit", label);
-    }
-    free(la);
-    free(lb);
+    kvh_test_compare_sessions(a, b, SHAPE.V, tol, tol, 6, what);
 }
 
 Test(weights_deferred, null_after_load_then_same_values) {

@@ -78,42 +78,10 @@ static void take_held_values(kvh_model *ref, const kvh_session *s) {
         }
 }
 
-/* Prefill of two prompts (one batch), then decode steps at batch 2 and batch 1: the weight-format session
- * against the reference-model session, logits within tol_prefill / tol_decode. Returns the largest
- * difference seen over all steps. */
-static double compare_runs2(kvh_session *a, kvh_session *b, int V, double tol_prefill, double tol_decode, const char *what) {
-    const int32_t p0[] = {1, 5, 9, 33, 2, 96, 40, 11, 12, 13, 70, 3, 44}, p1[] = {8, 6, 7, 5, 3, 0, 9, 90, 91, 92};
-    const int32_t *toks[2] = {p0, p1};
-    int seqs[2] = {0, 1}, ns[2] = {13, 10};
-    float *la = malloc((size_t)2 * V * sizeof(float)), *lb = malloc((size_t)2 * V * sizeof(float));
-    kvh_err err = {{0}};
-    kvh_batch batch = {.n = 2, .seq = seqs, .tokens = toks, .n_tokens = ns, .all_logits = false};
-    cr_assert_eq(kvh_session_forward(a, &batch, la, &err), 0, "%s", err.msg);
-    cr_assert_eq(kvh_session_forward(b, &batch, lb, &err), 0, "%s", err.msg);
-    char label[96];
-    snprintf(label, sizeof label, "%s prefill", what);
-    double d = kvh_test_compare(label, la, lb, (size_t)2 * V, tol_prefill);
-    cr_assert_leq(d, tol_prefill, "%s", label);
-    double worst = d;
-    for (int step = 0; step < 6; step++) {
-        int32_t next[2] = {(int32_t)((step * 31 + 7) % V), (int32_t)((step * 17 + 3) % V)};
-        const int32_t *nt[2] = {&next[0], &next[1]};
-        int one[2] = {1, 1};
-        kvh_batch dec = {.n = step < 3 ? 2 : 1, .seq = seqs, .tokens = nt, .n_tokens = one, .all_logits = false};
-        cr_assert_eq(kvh_session_forward(a, &dec, la, &err), 0, "%s", err.msg);
-        cr_assert_eq(kvh_session_forward(b, &dec, lb, &err), 0, "%s", err.msg);
-        snprintf(label, sizeof label, "%s decode step %d (batch %d)", what, step, dec.n);
-        d = kvh_test_compare(label, la, lb, (size_t)dec.n * V, tol_decode);
-        cr_assert_leq(d, tol_decode, "%s", label);
-        worst = fmax(worst, d);
-    }
-    free(la);
-    free(lb);
-    return worst;
-}
-
-static void compare_runs(kvh_session *a, kvh_session *b, int V, double tol, const char *what) {
-    compare_runs2(a, b, V, tol, tol, what);
+/* The weight-format session against the reference-model session: kvh_test_compare_sessions' script
+ * (prefill of two prompts, then decode at batch 2 and 1), logits within tol_prefill / tol_decode. */
+static double compare_runs(kvh_session *a, kvh_session *b, int V, double tol_prefill, double tol_decode, const char *what) {
+    return kvh_test_compare_sessions(a, b, V, tol_prefill, tol_decode, 6, what);
 }
 
 /* The bound on the activation quantization's effect on this model's logits (|logit| <~ 0.3 here): 0.01
@@ -133,10 +101,10 @@ static void check_format(const char *plugin) {
     kvh_session *r = session_with(&ref, NULL, NULL, 2);
     const int integer = strcmp(plugin, "w8.so") == 0 || strcmp(plugin, "w4.so") == 0;
     if (!integer) {
-        compare_runs(s, r, c.n_vocab, 2e-5, plugin);
+        compare_runs(s, r, c.n_vocab, 2e-5, 2e-5, plugin);
     } else {
         const double tol = ACT_QUANT_TOL;
-        const double got = compare_runs2(s, r, c.n_vocab, tol, tol, plugin);
+        const double got = compare_runs(s, r, c.n_vocab, tol, tol, plugin);
         cr_log_info("%s: largest logit difference from the fp32 model of the held values: %.3g", plugin, got);
         /* with an fp32 LM head: since SDK 1.5 (KVP_CAP_MATMUL_PREFILL) prefill runs the same integer products
          * as decode, so it too stays within the activation quantization's bound of the fp32 model */
@@ -155,7 +123,7 @@ static void check_format(const char *plugin) {
         cr_assert_eq(kvh_model_init_random(&ref2, &c, 11, "random:small", &err), 0, "%s", err.msg);
         take_held_values(&ref2, s2);
         r2 = session_with(&ref2, NULL, NULL, 2);
-        compare_runs2(s2, r2, c.n_vocab, tol, tol, "fp32 head");
+        compare_runs(s2, r2, c.n_vocab, tol, tol, "fp32 head");
         kvh_session_free(r2);
         /* a wiring mistake: the reference with layer 1's mlp.c_proj in layer 2's place, and vice versa */
         float *f1 = (float *)ref2.layers[1].fcproj_w, *f2 = (float *)ref2.layers[2].fcproj_w;
@@ -168,7 +136,7 @@ static void check_format(const char *plugin) {
         kvh_session_free(s2);
         cr_assert_eq(kvh_test_session(&s2, &m, plugin, sets, 1, &o, &err), 0, "%s", err.msg);
         r2 = session_with(&ref2, NULL, NULL, 2);
-        const double wrong = compare_runs2(s2, r2, c.n_vocab, INFINITY, INFINITY, "swapped layers");
+        const double wrong = compare_runs(s2, r2, c.n_vocab, INFINITY, INFINITY, "swapped layers");
         cr_log_info("%s: with two layers' matrices swapped: %.3g", plugin, wrong);
         cr_expect_gt(wrong, 5 * tol, "%s: a wiring mistake moves the logits by only %.3g: the decode bound cannot "
                      "tell it from activation quantization", plugin, wrong);
@@ -210,7 +178,7 @@ Test(weights_e2e, per_layer_composition_and_fp32_head) {
     cr_expect_eq(kvh_weights_bytes_held(&m, ws), m.n_params * 4 - 3 * per_layer * 4 + ws->packed_bytes);
     take_held_values(&ref, s);
     kvh_session *r = session_with(&ref, NULL, NULL, 2);
-    compare_runs2(s, r, c.n_vocab, ACT_QUANT_TOL, ACT_QUANT_TOL, "f16 + w4 by layer"); /* w4: W4A8, prefill too */
+    compare_runs(s, r, c.n_vocab, ACT_QUANT_TOL, ACT_QUANT_TOL, "f16 + w4 by layer"); /* w4: W4A8, prefill too */
     kvh_session_free(s);
     kvh_session_free(r);
     kvh_model_free(&m);

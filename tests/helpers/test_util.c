@@ -33,6 +33,44 @@ double kvh_test_compare(const char *what, const float *a, const float *b, size_t
     return max_diff;
 }
 
+/* One step's logits of both sessions: within tol, and the same bits when tol is 0. */
+static double check_step(const char *label, const float *la, const float *lb, size_t n, double tol) {
+    const double d = kvh_test_compare(label, la, lb, n, tol);
+    cr_assert_leq(d, tol, "%s", label);
+    if (tol == 0) cr_assert(memcmp(la, lb, n * sizeof(float)) == 0, "%s: not bit for bit", label);
+    return d;
+}
+
+double kvh_test_compare_sessions(kvh_session *a, kvh_session *b, int V, double tol_prefill, double tol_decode, int steps,
+                                 const char *what) {
+    const int32_t p0[] = {1, 5, 9, 33, 2, 96, 40, 11, 12, 13, 70, 3, 44}, p1[] = {8, 6, 7, 5, 3, 0, 9, 90, 91, 92};
+    const int32_t *toks[2] = {p0, p1};
+    int seqs[2] = {0, 1}, ns[2] = {13, 10};
+    float *la = malloc((size_t)2 * V * sizeof(float)), *lb = malloc((size_t)2 * V * sizeof(float));
+    cr_assert(la && lb, "out of memory");
+    kvh_err err = {{0}};
+    kvh_batch batch = {.n = 2, .seq = seqs, .tokens = toks, .n_tokens = ns, .all_logits = false};
+    cr_assert_eq(kvh_session_forward(a, &batch, la, &err), 0, "%s", err.msg);
+    cr_assert_eq(kvh_session_forward(b, &batch, lb, &err), 0, "%s", err.msg);
+    char label[160];
+    snprintf(label, sizeof label, "%s prefill", what);
+    double worst = check_step(label, la, lb, (size_t)2 * V, tol_prefill);
+    for (int step = 0; step < steps; step++) {
+        int32_t next[2] = {(int32_t)((step * 31 + 7) % V), (int32_t)((step * 17 + 3) % V)};
+        const int32_t *nt[2] = {&next[0], &next[1]};
+        int one[2] = {1, 1};
+        kvh_batch dec = {.n = step < 3 ? 2 : 1, .seq = seqs, .tokens = nt, .n_tokens = one, .all_logits = false};
+        cr_assert_eq(kvh_session_forward(a, &dec, la, &err), 0, "%s", err.msg);
+        cr_assert_eq(kvh_session_forward(b, &dec, lb, &err), 0, "%s", err.msg);
+        snprintf(label, sizeof label, "%s decode step %d (batch %d)", what, step, dec.n);
+        const double d = check_step(label, la, lb, (size_t)dec.n * V, tol_decode);
+        if (d > worst) worst = d;
+    }
+    free(la);
+    free(lb);
+    return worst;
+}
+
 const char *kvh_test_shared_path(const char *rel) {
     static char buf[4096];
     snprintf(buf, sizeof buf, "%s/%s", KVH_SHARED_DIR, rel);

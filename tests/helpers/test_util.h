@@ -13,6 +13,13 @@
  * mismatches (index, a, b, diff) with `what` to stderr so a failing assertion explains itself. */
 double kvh_test_compare(const char *what, const float *a, const float *b, size_t n, double tol);
 
+/* The same short script on two sessions of one model shape (vocabulary V): a prefill of two fixed prompts
+ * (13 and 10 tokens, sequences 0 and 1, one batch), then `steps` decode steps, batch 2 for the first three
+ * and batch 1 after. Asserts each step's logits agree within tol_prefill / tol_decode (a tolerance of 0
+ * means bit for bit) and returns the largest difference seen. */
+double kvh_test_compare_sessions(kvh_session *a, kvh_session *b, int V, double tol_prefill, double tol_decode, int steps,
+                                 const char *what);
+
 /* One xorshift64 step (shifts 13, 7, 17) of *state, returning the new state: the suites' deterministic
  * random numbers (each suite keeps its own state and seed, so its sequence is fixed). */
 static inline uint64_t kvh_test_xorshift(uint64_t *state) {
