@@ -364,7 +364,10 @@ static kvh_model model;
 static kvh_engine *eng;
 
 static kvh_bridge *bridge_up(int max_seqs, int max_waiting) {
-    kvh_model_config c = {.n_vocab = 97, .n_positions = 256, .n_embd = 64, .n_head = 4, .n_layer = 2,
+    /* 4096 positions: a request of 4000 tokens runs long enough (thousands of steps) that a cancel issued
+     * right after its first tokens lands before it ends, even when the test thread is descheduled for a
+     * while on a loaded machine (with 240 tokens of this tiny model it could end first: a flake) */
+    kvh_model_config c = {.n_vocab = 97, .n_positions = 4096, .n_embd = 64, .n_head = 4, .n_layer = 2,
                           .n_inner = 128, .ln_eps = 1e-5f, .bos_id = 96};
     kvh_err err = {{0}};
     cr_assert_eq(kvh_model_init_random(&model, &c, 7, "random:small", &err), 0, "%s", err.msg);
@@ -395,10 +398,10 @@ static kvh_engine_request request(int max_tokens) {
 
 /* Reads the request's tokens until it ends; returns how many. */
 static int drain_tokens(kvh_bridge *b, kvh_bridge_req *q, kvh_bridge_poll *p) {
-    int32_t toks[256];
+    static int32_t toks[4096];
     int have = 0;
     do {
-        kvh_bridge_wait(b, q, have, toks + have, 256 - have, 5000, p);
+        kvh_bridge_wait(b, q, have, toks + have, 4096 - have, 5000, p);
         have += p->n_new;
     } while (!p->done);
     return have;
@@ -423,7 +426,7 @@ Test(serve_bridge, tokens_through_the_outbox) {
         cr_assert(t0 > 0 && t1 >= t0 && t2 >= t1);
         kvh_bridge_release(b, q[i]);
     }
-    cr_assert(kvh_bridge_wait_idle(b, 1000));
+    cr_assert(kvh_bridge_wait_idle(b, 5000));
     kvh_bridge_snapshot s;
     kvh_bridge_snapshot_get(b, &s);
     cr_assert_eq(s.completed, 3u);
@@ -436,7 +439,7 @@ Test(serve_bridge, tokens_through_the_outbox) {
 
 Test(serve_bridge, refused_request_fails_with_the_engines_message) {
     kvh_bridge *b = bridge_up(2, 0);
-    kvh_engine_request r = request(300); /* prompt 5 + 300 > n_positions 256 */
+    kvh_engine_request r = request(5000); /* prompt 5 + 5000 > n_positions 4096 */
     kvh_bridge_req *q;
     cr_assert_eq(kvh_bridge_submit(b, &r, &q), KVH_BRIDGE_OK);
     kvh_bridge_poll p;
@@ -449,7 +452,7 @@ Test(serve_bridge, refused_request_fails_with_the_engines_message) {
 
 Test(serve_bridge, cancel_full_and_draining) {
     kvh_bridge *b = bridge_up(1, 1);
-    kvh_engine_request r = request(240);
+    kvh_engine_request r = request(4000);
     kvh_bridge_req *run, *wait, *extra;
     cr_assert_eq(kvh_bridge_submit(b, &r, &run), KVH_BRIDGE_OK);
     int32_t first[4];
@@ -464,7 +467,7 @@ Test(serve_bridge, cancel_full_and_draining) {
     kvh_bridge_cancel(b, run);
     const int got = drain_tokens(b, run, &p);
     cr_assert_eq(p.why, KVH_FINISH_CANCELLED);
-    cr_assert_lt(got, 240);
+    cr_assert_lt(got, 4000);
     cr_assert_eq(drain_tokens(b, wait, &p), 3);
     kvh_bridge_release(b, run);
     kvh_bridge_release(b, wait);
