@@ -314,6 +314,13 @@ static bool plugin_built(const char *files, char *why, size_t cap) {
     return true;
 }
 
+/* Skips the calling test unless every plugin of the comma list `files` is built (why, in the skip). */
+#define REQUIRE_PLUGINS(files)                                                          \
+    do {                                                                                \
+        char why_[1024];                                                                \
+        if (!plugin_built((files), why_, sizeof why_)) cr_skip_test("%s", why_);        \
+    } while (0)
+
 static int cmp_i32(const void *a, const void *b) {
     int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
     return (x > y) - (x < y);
@@ -421,8 +428,7 @@ static void eviction_run_model(const kvh_model *mp, const char *plugin_files, co
 
 static void eviction_run_cfg(const char *plugin_files, const char *ini, kvh_model_config mc, bool strict) {
     REQUIRE_CUDA();
-    char why[1024];
-    if (!plugin_built(plugin_files, why, sizeof why)) cr_skip_test("%s", why);
+    REQUIRE_PLUGINS(plugin_files);
     kvh_model m;
     random_model(&m, mc, "small-evict");
     eviction_run_model(&m, plugin_files, ini, strict, 0.0);
@@ -440,8 +446,7 @@ Test(cuda, eviction_sink_same_positions) { eviction_run("sink.so", "[cache]\nbud
  * brought to the host by before_evict, match the CPU's within fp16 tolerance. */
 static void scores_run(const char *plugin_file, const char *ini) {
     REQUIRE_CUDA();
-    char why[1024];
-    if (!plugin_built(plugin_file, why, sizeof why)) cr_skip_test("%s", why);
+    REQUIRE_PLUGINS(plugin_file);
     kvh_model m;
     random_model(&m, small_config(64, 4, 2), "small-scores");
     const int V = m.cfg.n_vocab;
@@ -607,8 +612,7 @@ static double cap_compare(const report_cap *g, const report_cap *c, int B, int L
  * both backends); every forward's reports compared. Run with the decode graph and without. */
 static void report_match_run(const char *plugin_file, const char *ini) {
     REQUIRE_CUDA();
-    char why[1024];
-    if (!plugin_built(plugin_file, why, sizeof why)) cr_skip_test("%s", why);
+    REQUIRE_PLUGINS(plugin_file);
     kvh_model m;
     random_model(&m, small_config(64, 4, 2), "small-report");
     const int V = m.cfg.n_vocab, B = 2;
@@ -720,8 +724,7 @@ Test(cuda, report_contract_tp_report) {
  * on at least 90% of the rows. */
 static void report_tiny_run(const char *plugin_file, const char *ini) {
     REQUIRE_CUDA();
-    char why[1024];
-    if (!plugin_built(plugin_file, why, sizeof why)) cr_skip_test("%s", why);
+    REQUIRE_PLUGINS(plugin_file);
     const char *dir = kvh_test_tiny_model_dir();
     if (!dir) cr_skip_test("../shared/models/gpt2-tiny-wt absent");
     kvh_model m;
@@ -746,8 +749,7 @@ Test(cuda, eviction_scissorhands_tiny_model) {
 Test(cuda, report_traffic_only_where_asked) {
     REQUIRE_CUDA();
 #ifdef KVH_HAVE_CUDA
-    char why[1024];
-    if (!plugin_built("tova.so,h2o.so", why, sizeof why)) cr_skip_test("%s", why);
+    REQUIRE_PLUGINS("tova.so,h2o.so");
     kvh_model m;
     random_model(&m, small_config(64, 4, 2), "small-traffic");
     const int V = m.cfg.n_vocab, NH = m.cfg.n_head;
@@ -868,8 +870,7 @@ Test(cuda, quant_encode_bytes_match_kvq_encode) {
 
 static void quant_decode_run(const char *store, const char *ini_tail, bool tiny, double tol, double agree) {
     REQUIRE_CUDA();
-    char why[1024];
-    if (!plugin_built(store, why, sizeof why)) cr_skip_test("%s", why);
+    REQUIRE_PLUGINS(store);
     kvh_model m;
     kvh_err err = {{0}};
     const char *name;
@@ -923,8 +924,7 @@ Test(cuda, eviction_h2o_int4_asym_positions) {
 /* A store the CUDA backend has no kernel for fails cleanly at the first forward, naming the store. */
 static void store_refused(const char *plugin_file, const char *ini, const char *expect) {
     REQUIRE_CUDA();
-    char why[1024];
-    if (!plugin_built(plugin_file, why, sizeof why)) cr_skip_test("%s", why);
+    REQUIRE_PLUGINS(plugin_file);
     kvh_model m;
     random_model(&m, small_config(64, 2, 1), "small-store");
     kvh_run_config cfg;

@@ -19,18 +19,6 @@
 
 static const kvh_fx_shape SHAPE = {.V = 257, .P = 32, .C = 8, .NH = 2, .L = 3};
 
-typedef struct plant {
-    const char *tensor;
-    size_t index;
-    float value;
-} plant;
-
-/* user: plants terminated by one with tensor NULL */
-static void plant_edit(const char *name, float *data, size_t n, void *user) {
-    for (const plant *p = user; p->tensor; p++)
-        if (strcmp(name, p->tensor) == 0 && p->index < n) data[p->index] = p->value;
-}
-
 Test(nonfinite, weights_refused_at_load) {
     const char *tensors[] = {"wte.weight", "wpe.weight", "h.0.ln_1.weight", "h.1.attn.c_attn.weight",
                              "h.1.attn.c_proj.bias", "h.2.mlp.c_fc.weight", "h.2.mlp.c_proj.weight", "ln_f.bias"};
@@ -41,10 +29,10 @@ Test(nonfinite, weights_refused_at_load) {
     for (size_t t = 0; t < sizeof tensors / sizeof tensors[0]; t++) {
         for (size_t v = 0; v < 3; v++) {
             const char *dt = dtypes[(t + v) % 3];
-            plant p[2] = {{tensors[t], 3 + t % 4, values[v]}, {NULL, 0, 0}}; /* < C: inside every tensor */
+            kvh_fx_plant p[2] = {{tensors[t], 3 + t % 4, values[v]}, {NULL, 0, 0}}; /* < C: inside every tensor */
             char dir[600];
             snprintf(dir, sizeof dir, "%s/nf_%d", kvh_test_tmpdir(), k++);
-            kvh_fx_write_model(dir, SHAPE, dt, NULL, plant_edit, p);
+            kvh_fx_write_model(dir, SHAPE, dt, NULL, kvh_fx_plant_edit, p);
             kvh_model m;
             kvh_err err = {{0}};
             cr_assert_eq(kvh_model_load(&m, dir, &err), -1, "%s %s in %s accepted", dt, names[v], tensors[t]);
@@ -56,10 +44,10 @@ Test(nonfinite, weights_refused_at_load) {
         }
     }
     /* the first bad value in file order is the one named */
-    plant two[3] = {{"h.2.mlp.c_fc.weight", 0, NAN}, {"h.0.attn.c_attn.weight", 50, INFINITY}, {NULL, 0, 0}};
+    kvh_fx_plant two[3] = {{"h.2.mlp.c_fc.weight", 0, NAN}, {"h.0.attn.c_attn.weight", 50, INFINITY}, {NULL, 0, 0}};
     char dir[600];
     snprintf(dir, sizeof dir, "%s/nf_two", kvh_test_tmpdir());
-    kvh_fx_write_model(dir, SHAPE, "F32", NULL, plant_edit, two);
+    kvh_fx_write_model(dir, SHAPE, "F32", NULL, kvh_fx_plant_edit, two);
     kvh_model m;
     kvh_err err = {{0}};
     cr_assert_eq(kvh_model_load(&m, dir, &err), -1);

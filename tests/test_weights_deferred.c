@@ -63,16 +63,8 @@ static kvh_session *session(const kvh_model *m, const char *plugins, const char 
     o.threads = 2;
     kvh_session *s = NULL;
     kvh_err err = {{0}};
-    if (ini) {
-        kvh_run_config cfg;
-        kvh_config_defaults(&cfg);
-        cr_assert_eq(kvh_config_load_string(&cfg, ini, "test.ini", &err), 0, "%s", err.msg);
-        const int rc = kvh_session_create(&s, m, &cfg, &o, &err);
-        kvh_config_free(&cfg);
-        cr_assert_eq(rc, 0, "session: %s", err.msg);
-    } else {
-        cr_assert_eq(kvh_test_session(&s, m, plugins, NULL, 0, &o, &err), 0, "session: %s", err.msg);
-    }
+    const int rc = ini ? kvh_test_session_ini(&s, m, ini, &o, &err) : kvh_test_session(&s, m, plugins, NULL, 0, &o, &err);
+    cr_assert_eq(rc, 0, "session: %s", err.msg);
     return s;
 }
 
@@ -264,21 +256,10 @@ Test(weights_deferred, layer_subset) {
 }
 
 /* A non-finite value in a deferred matrix is still refused at load, naming the tensor and the element. */
-typedef struct plant {
-    const char *tensor;
-    size_t index;
-    float value;
-} plant;
-
-static void plant_edit(const char *name, float *data, size_t n, void *user) {
-    const plant *p = user;
-    if (strcmp(name, p->tensor) == 0 && p->index < n) data[p->index] = p->value;
-}
-
 Test(weights_deferred, nonfinite_deferred_matrix_refused_at_load) {
     const struct {
         const char *dtype;
-        plant p;
+        kvh_fx_plant p;
         const char *want;
     } cases[] = {
         {"F16", {"h.1.mlp.c_fc.weight", 300, NAN},
@@ -291,8 +272,8 @@ Test(weights_deferred, nonfinite_deferred_matrix_refused_at_load) {
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char dir[600];
         snprintf(dir, sizeof dir, "%s/bad_%zu", kvh_test_tmpdir(), i);
-        plant p = cases[i].p;
-        kvh_fx_write_model(dir, SHAPE, cases[i].dtype, NULL, plant_edit, &p);
+        kvh_fx_plant p[2] = {cases[i].p, {NULL, 0, 0}};
+        kvh_fx_write_model(dir, SHAPE, cases[i].dtype, NULL, kvh_fx_plant_edit, p);
         kvh_model m;
         kvh_err err = {{0}};
         cr_assert_eq(kvh_model_load(&m, dir, &err), -1, "%s: loaded", cases[i].want);

@@ -38,16 +38,8 @@ static kvh_session *session_with(const kvh_model *m, const char *plugins, const 
     o.threads = 2;
     kvh_session *s = NULL;
     kvh_err err = {{0}};
-    if (ini) {
-        kvh_run_config cfg;
-        kvh_config_defaults(&cfg);
-        cr_assert_eq(kvh_config_load_string(&cfg, ini, "test.ini", &err), 0, "%s", err.msg);
-        int rc = kvh_session_create(&s, m, &cfg, &o, &err);
-        kvh_config_free(&cfg);
-        cr_assert_eq(rc, 0, "session: %s", err.msg);
-    } else {
-        cr_assert_eq(kvh_test_session(&s, m, plugins, NULL, 0, &o, &err), 0, "session: %s", err.msg);
-    }
+    const int rc = ini ? kvh_test_session_ini(&s, m, ini, &o, &err) : kvh_test_session(&s, m, plugins, NULL, 0, &o, &err);
+    cr_assert_eq(rc, 0, "session: %s", err.msg);
     return s;
 }
 

@@ -69,6 +69,11 @@ static uint16_t to_f16(float f) {
     return (uint16_t)(sign | ((uint32_t)e << 10) | (mant >> 13));
 }
 
+void kvh_fx_plant_edit(const char *name, float *data, size_t n, void *user) {
+    for (const kvh_fx_plant *p = user; p->tensor; p++)
+        if (strcmp(name, p->tensor) == 0 && p->index < n) data[p->index] = p->value;
+}
+
 void kvh_fx_write_model(const char *dir, kvh_fx_shape s, const char *dtype, const char *extra_config,
                         kvh_fx_edit edit, void *user) {
     mkdir(dir, 0755);

@@ -14,6 +14,17 @@ typedef struct kvh_fx_shape {
  * written, so a test can plant a NaN or scale a row. */
 typedef void (*kvh_fx_edit)(const char *name, float *data, size_t n, void *user);
 
+/* One value to plant: element `index` of tensor `tensor` (GPT-2 name without prefix) becomes `value`. */
+typedef struct kvh_fx_plant {
+    const char *tensor;
+    size_t index;
+    float value;
+} kvh_fx_plant;
+
+/* A kvh_fx_edit whose user is an array of plants ended by one with tensor NULL (an index past a tensor's
+ * end plants nothing). */
+void kvh_fx_plant_edit(const char *name, float *data, size_t n, void *user);
+
 /* Writes dir/config.json and dir/model.safetensors (dtype "F32", "F16" or "BF16"); creates dir. Values
  * are seeded, small (|w| < 0.05, LayerNorm weights 1). extra_config is inserted into config.json's
  * object (e.g. "\"n_layer\": 3, " to repeat a key) or NULL. Aborts the test on I/O errors. */

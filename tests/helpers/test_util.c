@@ -128,3 +128,14 @@ int kvh_test_session(kvh_session **out, const kvh_model *m, const char *plugins,
     kvh_config_free(&cfg);
     return rc;
 }
+
+int kvh_test_session_ini(kvh_session **out, const kvh_model *m, const char *ini, const kvh_session_options *o,
+                         kvh_err *err) {
+    kvh_run_config cfg;
+    kvh_config_defaults(&cfg);
+    cr_assert_eq(kvh_config_load_string(&cfg, ini, "test.ini", err), 0, "%s", err->msg);
+    *out = NULL;
+    int rc = kvh_session_create(out, m, &cfg, o, err);
+    kvh_config_free(&cfg);
+    return rc;
+}

@@ -36,6 +36,10 @@ static inline uint64_t kvh_test_xorshift(uint64_t *state) {
 int kvh_test_session(kvh_session **out, const kvh_model *m, const char *plugins, const char *const *sets, int n_sets,
                      const kvh_session_options *o, kvh_err *err);
 
+/* The same with the run configuration read from an INI text (named "test.ini" in its errors). */
+int kvh_test_session_ini(kvh_session **out, const kvh_model *m, const char *ini, const kvh_session_options *o,
+                         kvh_err *err);
+
 /* Path of the tiny model directory, or NULL (with the reason printed) when ../shared is absent. */
 const char *kvh_test_tiny_model_dir(void);
 /* Path of a file under ../shared (static buffer), or NULL when it does not exist. */
