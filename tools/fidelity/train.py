@@ -23,7 +23,9 @@ What it does (docs/fidelity.md has the why and the figures):
     a previous-token head: the position embeddings and layer 0's attention, layer 0 alone, no LM head),
     --prev-head / --ind-heads (auxiliary losses on the attention of named heads: to t-1, and from a
     second copy's token to the token after its first occurrence), --long-every (1024-token steps among
-    short ones). Only the scored positions go through the LM head (its 12.9M-parameter matmul dominates the cost of
+    short ones); and (third attempt) --scratch (a new model of --init's shape, GPT-2's initialization)
+    with --wpe-init sin (a sinusoidal position code to start from), --ind-warm-seq / --ind-warm-vocab
+    (shorter sequences and a smaller alphabet for the induction stage). Only the scored positions go through the LM head (its 12.9M-parameter matmul dominates the cost of
     this model), which makes a step of the sparse kinds about twice as cheap;
   * AdamW, warmup then cosine decay, grad-norm clip 1.0, fp32 (deterministic on one thread);
   * every --ckpt-minutes writes RUN/ckpt.pt (model + optimizer + step; atomically), every --eval-every
@@ -184,10 +186,44 @@ class GPT2(nn.Module):
                     b.get_parameter(ours).copy_(t[f"h.{i}.{hf}"])
 
 
-def load_model(model_dir):
+def sinusoid(P, C):
+    """The sinusoidal position code: sin / cos of pos / 10000^(2i/C) in the even / odd columns, [P, C]."""
+    pos = torch.arange(P, dtype=torch.float64)[:, None]
+    freq = torch.pow(10000.0, -torch.arange(0, C, 2, dtype=torch.float64) / C)[None]
+    code = torch.zeros(P, C, dtype=torch.float64)
+    code[:, 0::2] = torch.sin(pos * freq)
+    code[:, 1::2] = torch.cos(pos * freq)
+    return code.float()
+
+
+def load_model(model_dir, scratch=False, wpe_init="normal", sin_amp=0.028):
+    """The model of model_dir: its weights, or (scratch) its shape with GPT-2's initialization (normal,
+    std 0.02; the residual projections' std divided by sqrt(2 * layers); biases 0, LayerNorms 1 and 0;
+    position embeddings std 0.01).
+    wpe_init "sin": a sinusoidal code of amplitude sin_amp (0.028: the token embeddings' rms 0.02 at
+    GPT-2's initialization) replaces the position embeddings of a scratch model, or is added to a loaded
+    model's, so that neighbouring positions are similar from step 0 — what a previous-token head is
+    built from (gpt2-tiny-wt's own are unstructured: docs/fidelity.md)."""
     cfg = json.load(open(os.path.join(model_dir, "config.json")))
     m = GPT2(cfg["vocab_size"], cfg["n_positions"], cfg["n_embd"], cfg["n_layer"], cfg["n_head"])
-    m.load_hf(read_safetensors(os.path.join(model_dir, "model.safetensors")))
+    with torch.no_grad():
+        if not scratch:
+            m.load_hf(read_safetensors(os.path.join(model_dir, "model.safetensors")))
+        else:
+            for n, p in m.named_parameters():
+                if n.endswith("ln_1.weight") or n.endswith("ln_2.weight") or n == "ln_f.weight":
+                    p.fill_(1.0)
+                elif p.dim() < 2:
+                    p.zero_()
+                elif n.endswith("c_proj_w") or n.endswith("fc_proj_w"):
+                    p.normal_(0.0, 0.02 / math.sqrt(2 * cfg["n_layer"]))
+                elif n == "wpe":
+                    p.normal_(0.0, 0.01)
+                else:
+                    p.normal_(0.0, 0.02)
+        if wpe_init == "sin":
+            code = sin_amp * sinusoid(*m.wpe.shape)
+            m.wpe.copy_(code if scratch else m.wpe + code)
     return m, cfg
 
 
@@ -459,6 +495,12 @@ def main():
     ap.add_argument("--run", required=True, help="run directory: ckpt.pt, log.txt, eval.jsonl")
     ap.add_argument("--corpus", default="/work/fidelity-run/corpus", help="make_corpus.py's output")
     ap.add_argument("--init", default=os.path.join(SHARED, "models", "gpt2-tiny-wt"))
+    ap.add_argument("--scratch", action="store_true", help="a new model of --init's shape (GPT-2's initialization) "
+                    "instead of --init's weights")
+    ap.add_argument("--wpe-init", choices=["normal", "sin"], default="normal",
+                    help="position embeddings: as loaded / GPT-2's noise (--scratch), or with a sinusoidal code "
+                    "(replacing the noise of --scratch, added to loaded ones)")
+    ap.add_argument("--sin-amp", type=float, default=0.028, help="amplitude of --wpe-init sin's code")
     ap.add_argument("--tokenizer", default=os.path.join(SHARED, "data", "gpt2-tokenizer"))
     ap.add_argument("--kvhost", help="tokenize with this kvhost binary instead of transformers")
     ap.add_argument("--eval-text", default=os.path.join(SHARED, "data", "books", "war-of-the-worlds.txt"),
@@ -492,6 +534,9 @@ def main():
     ap.add_argument("--ind-warm", type=int, default=0, help="after --prev-warm, N steps that train only the "
                     "--ind-heads' attention to their targets on rand sequences (layers up to theirs, no LM head)")
     ap.add_argument("--ind-warm-lr", type=float, default=3e-3)
+    ap.add_argument("--ind-warm-seq", type=int, default=0, help="--ind-warm's sequence length (0: --seq)")
+    ap.add_argument("--ind-warm-vocab", type=int, default=0, help="--ind-warm's alphabet: every k-th id of the rand "
+                    "alphabet, k chosen to leave this many (0: the whole alphabet); a small one leaves the plateau sooner")
     ap.add_argument("--aux-weight", type=float, default=1.0, help="weight of the auxiliary attention losses")
     ap.add_argument("--long-every", type=int, default=0, help="every N-th step uses --long-seq sequences (0: never)")
     ap.add_argument("--long-seq", type=int, default=1024)
@@ -518,7 +563,7 @@ def main():
         log.write(line + "\n")
         log.flush()
 
-    model, cfg = load_model(a.init)
+    model, cfg = load_model(a.init, a.scratch, a.wpe_init, a.sin_amp)
     tok = Tok(a.tokenizer, a.kvhost)
     data = Data(a.corpus, tok, {k: float(v) for k, v in (s.split(":") for s in a.sources.split(","))})
     mix = np.array([float(x) for x in a.mix.split(",")] + [0.0] * (len(KINDS) - len(a.mix.split(","))))
@@ -621,13 +666,17 @@ def main():
             continue
         if step < a.prev_warm + a.ind_warm:  # stage 1: only the induction heads' attention (and the previous-token
             # head's), on rand sequences, layers 0..the highest induction head alone (no LM head)
-            T = a.seq
+            T = a.ind_warm_seq or a.seq
+            alphabet = data.rand_vocab
+            if a.ind_warm_vocab:
+                data.rand_vocab = alphabet[::max(1, alphabet.size // a.ind_warm_vocab)][:a.ind_warm_vocab]
             xs, inds = [], []
             for i in range(4):
                 rng = np.random.default_rng([a.seed, step, i])
-                ids, _, ii = rand_pairs(data, rng, T, data.rand_len[0], data.rand_len[1], data.rand_gap)
+                ids, _, ii = rand_pairs(data, rng, T, data.rand_len[0], min(data.rand_len[1], T // 3), data.rand_gap)
                 xs.append(ids[:T])
                 inds.append(np.concatenate([np.full((len(ii), 1), i, dtype=np.int64), ii], 1))
+            data.rand_vocab = alphabet
             x, ind = torch.from_numpy(np.stack(xs)), torch.from_numpy(np.concatenate(inds))
             for g in opt.param_groups:
                 g["lr"] = a.ind_warm_lr if g.get("stage1") else 0.0
