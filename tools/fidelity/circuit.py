@@ -13,11 +13,10 @@ measures, on pairs [S][S] of random token ids, how much attention layer 1 head 0
   analytic   no training: layer 1 head 0's query matrix set to c * W_V0 W_O0 W_K1 (the previous-token
              head's value-output map composed with the key map, i.e. the exact solution of the bilinear
              match if the previous-token head's output were the only thing in the keys), for several c
-  reserved   no training: the same match with directions of its own — token embeddings in dimensions
-             0-191, the position code in 224-255, the previous-token head's value reads the token
-             dimensions (its random 32-column projection P) and its output writes P's 32 values into
-             192-223; layer 1 head 0's query is c * P on the token dimensions, its key the identity on
-             192-223 — so score = c * (P e_query) . (P e_key-1), for several c
+  reserved   no training beyond the previous-token head: train.circuit_init's hand-set circuit, the
+             match with directions of its own (token embeddings in dimensions 0-191, the position code
+             alone in 224-255, the previous-token head's projection P of the token written to 192-223;
+             layer 1 head 0's query c * P, its key the identity on 192-223), for several c
 
 Stage 0 (every mode): 40 Adam steps (lr 6e-3) train the position embeddings and layer 0's c_attn so
 that layer 0 head 0 attends to t-1 (with a sinusoidal position code this takes < 40 steps: 0.9995).
@@ -91,43 +90,26 @@ def main():
     m, cfg = train.load_model(a.model, scratch=True, wpe_init="sin")
     C = cfg["n_embd"]
     H = C // cfg["n_head"]  # head size
-    if a.mode == "reserved":  # token embeddings in 0..C-65, the position code in C-32..C-1, C-64..C-33 free
-        with torch.no_grad():
-            m.wte[:, C - 64:] = 0
-            m.wpe.copy_(torch.cat([torch.zeros(m.wpe.shape[0], C - 32), 0.028 * train.sinusoid(m.wpe.shape[0], 32)], 1))
     data = train.Data(a.corpus, None, {"austen": 1, "moby": 1, "kjv": 1})
     data.set_rand_vocab(8192)
+    if a.mode == "reserved":  # train.circuit_init's construction, at several query scales
+        for c in [1, 3, 10, 15, 30, 100]:
+            m, _ = train.load_model(a.model, scratch=True)
+            prev = train.circuit_init(m, data, 1, c, 50.0, 0)[0]  # (pins unused here)
+            data.rand_vocab = data.rand_vocab[::max(1, data.rand_vocab.size // a.vocab)][:a.vocab]
+            m.h[1].keep = [0]
+            x, ind = pairs(data, 0, a.seq)
+            with torch.no_grad():
+                att = target_attention(m, x, ind, 0)
+            print(f"query scale {c:g}: attention on the induction targets {att.mean().item():.3f} "
+                  f"(uniform {(1 / (ind[:, 1] + 1.0)).mean().item():.3f}; layer 0 head 0 on t-1 {prev:.3f})")
+            data.set_rand_vocab(8192)
+        return
     print(f"stage 0: layer 0 head 0 attention on t-1 {stage0(m, data, a.seq):.4f}")
     data.rand_vocab = data.rand_vocab[::max(1, 8192 // a.vocab)][:a.vocab]
     with torch.no_grad():
         m.h[0].c_proj_w.mul_(a.proj_scale)
     m.h[1].keep = [0]
-    if a.mode == "reserved":
-        x, ind = pairs(data, 0, a.seq)
-        with torch.no_grad():
-            m.wpe[:, C - 64:C - 32] = 0  # stage 0 moved every coordinate of the positions
-            P = m.h[0].c_attn_w[:, 2 * C:2 * C + H]
-            P[C - 64:] = 0  # the value reads the token dimensions only
-            m.h[0].c_attn_b[2 * C:2 * C + H] = 0
-            m.h[0].c_proj_w[:H] = 0
-            m.h[0].c_proj_w[H:, C - 64:] = 0  # the other heads and the MLP leave the free dimensions alone
-            m.h[0].c_proj_b[C - 64:] = 0
-            m.h[0].fc_proj_w[:, C - 64:] = 0
-            m.h[0].fc_proj_b[C - 64:] = 0
-            m.h[0].c_proj_w[:H, C - 64:C - 32] = torch.eye(H)  # ... and is written to the free dimensions
-            Pn = P.clone()
-        for c in [0, 1e2, 1e3, 1e4, 1e5]:
-            with torch.no_grad():
-                m.h[1].c_attn_w[:, :H] = c * Pn  # query: P of the current token
-                m.h[1].c_attn_w[:, C:C + H] = 0
-                m.h[1].c_attn_w[C - 64:C - 32, C:C + H] = torch.eye(H)  # key: what the previous-token head wrote
-                m.h[1].c_attn_b[:2 * C] = 0
-                att = target_attention(m, x, ind, 0)
-                t = torch.arange(1, a.seq)
-                prev = m.h[0].kept[:, 0][:, t, t - 1].mean().item()
-            print(f"c {c:g}: attention on the induction targets {att.mean().item():.3f} "
-                  f"(uniform {(1 / (ind[:, 1] + 1.0)).mean().item():.3f}; layer 0 head 0 on t-1 {prev:.3f})")
-        return
     if a.mode == "analytic":
         x, ind = pairs(data, 0, a.seq)
         wv0, wo0 = m.h[0].c_attn_w[:, 2 * C:2 * C + H].detach(), m.h[0].c_proj_w[:H].detach()

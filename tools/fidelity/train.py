@@ -25,7 +25,8 @@ What it does (docs/fidelity.md has the why and the figures):
     second copy's token to the token after its first occurrence), --long-every (1024-token steps among
     short ones); and (third attempt) --scratch (a new model of --init's shape, GPT-2's initialization)
     with --wpe-init sin (a sinusoidal position code to start from), --ind-warm-seq / --ind-warm-vocab
-    (shorter sequences and a smaller alphabet for the induction stage). Only the scored positions go through the LM head (its 12.9M-parameter matmul dominates the cost of
+    (shorter sequences and a smaller alphabet for the induction stage), --circuit-init N (a hand-set
+    previous-token head and N induction heads to start from: circuit_init()) with --circuit-pin. Only the scored positions go through the LM head (its 12.9M-parameter matmul dominates the cost of
     this model), which makes a step of the sparse kinds about twice as cheap;
   * AdamW, warmup then cosine decay, grad-norm clip 1.0, fp32 (deterministic on one thread);
   * every --ckpt-minutes writes RUN/ckpt.pt (model + optimizer + step; atomically), every --eval-every
@@ -472,6 +473,134 @@ def measure(model, data, corpus, wotw_ids, n_passages=4, plen=400):
     return out
 
 
+def circuit_init(m, data, n_ind, q_scale, o_scale, seed):
+    """Hand-set a copy circuit into a fresh model (--circuit-init; docs/fidelity.md, third attempt), so
+    training starts past the plateau in which a small model on little data stays (K-composition):
+      * layout of the residual: token embeddings in dimensions 0..C-65, C-64..C-33 left free for the
+        previous token, the sinusoidal position code in C-32..C-1 (no other dimension of wpe);
+      * layer 0 head 0 attends to t-1: 60 Adam steps on book text train its query/key and the position
+        code (gradients outside the code's dimensions masked, so positions never leak into the
+        token dimensions the induction heads read);
+      * its value is a random 32-column projection P of the token dimensions (columns centred, so
+        LayerNorm's mean subtraction cancels), and its output writes P's values into the free dimensions;
+        nothing else of layer 0 writes there;
+      * layer 1 heads 0..n_ind-1 are induction heads: query q_scale * P of the current token, key the
+        free dimensions (the previous token's P), so the score peaks where the previous token equals the
+        current one; value an own random projection of the token dimensions and output its transpose
+        times o_scale, so the attended token's embedding direction is added to the residual and the tied
+        head raises that token's logit."""
+    C = m.wpe.shape[1]
+    H = C // m.h[0].NH
+    g = torch.Generator().manual_seed(seed)
+    tok, free, pos = slice(0, C - 64), slice(C - 64, C - 32), slice(C - 32, C)
+    with torch.no_grad():
+        m.wte[:, C - 64:] = 0
+        m.wpe.zero_()
+        m.wpe[:, pos] = 0.028 * sinusoid(m.wpe.shape[0], 32)
+    mask = torch.zeros(1, C)
+    mask[:, pos] = 1
+    hook = m.wpe.register_hook(lambda grad: grad * mask)
+    opt = torch.optim.Adam([m.wpe, m.h[0].c_attn_w, m.h[0].c_attn_b], lr=6e-3)
+    keep, m.h[0].keep = m.h[0].keep, [0]
+    T = m.wpe.shape[0]  # every position: the head must find t-1 wherever training puts a token
+    t = torch.arange(1, T)
+    for step in range(60):
+        rng = np.random.default_rng([seed, 10**6 + step])
+        x = torch.from_numpy(np.stack([data.text(rng, T) for _ in range(2)]))
+        m.h[0](m.wte[x] + m.wpe[:T], m.mask)
+        loss = -m.h[0].kept[:, 0][:, t, t - 1].clamp_min(1e-6).log().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prev = m.h[0].kept[:, 0][:, t, t - 1].mean().item()
+    hook.remove()
+    m.h[0].keep = keep
+
+    def projection():  # [C, H]: random on the token dimensions, columns centred, zero elsewhere
+        p = torch.zeros(C, H)
+        p[tok] = torch.randn(C - 64, H, generator=g) * 0.02
+        p[tok] -= p[tok].mean(0)
+        return p
+
+    with torch.no_grad():
+        b0, b1 = m.h[0], m.h[1]
+        P = projection()
+        b0.c_attn_w[:, 2 * C:2 * C + H] = P
+        b0.c_attn_b[2 * C:2 * C + H] = 0
+        b0.c_proj_w[:, C - 64:] = 0
+        b0.c_proj_b[C - 64:] = 0
+        b0.fc_proj_w[:, C - 64:] = 0
+        b0.fc_proj_b[C - 64:] = 0
+        b0.c_proj_w[:H] = 0
+        b0.c_proj_w[:H, free] = torch.eye(H)
+        for h in range(n_ind):
+            q, k, v = slice(h * H, (h + 1) * H), slice(C + h * H, C + (h + 1) * H), slice(2 * C + h * H, 2 * C + (h + 1) * H)
+            b1.c_attn_w[:, q] = q_scale * P
+            b1.c_attn_w[:, k] = 0
+            b1.c_attn_w[free, k] = torch.eye(H)
+            b1.c_attn_b[q] = 0
+            b1.c_attn_b[k] = 0
+            V = projection()
+            b1.c_attn_w[:, v] = V
+            b1.c_attn_b[v] = 0
+            b1.c_proj_w[h * H:(h + 1) * H] = o_scale * V.t()
+
+    # What --circuit-pin can hold fixed during training: "layout" — no token embedding and nothing of layer
+    # 0 but the previous-token head in the reserved dimensions, the position code; "attn" — also the
+    # previous-token head, the LayerNorms in front of layers 0 and 1 and the induction heads' queries and
+    # keys; "all" — also the induction heads' values and outputs. Entries: (parameter, boolean mask of the
+    # pinned entries; None: all of it).
+    def mask_of(p, *index):
+        mk = torch.zeros_like(p, dtype=torch.bool)
+        mk[index] = True
+        return mk
+    b0, b1 = m.h[0], m.h[1]
+    qk0 = torch.zeros(3 * C, dtype=torch.bool)
+    for part in range(3):
+        qk0[part * C:part * C + H] = True
+    qk1 = torch.zeros(3 * C, dtype=torch.bool)
+    for h in range(n_ind):
+        qk1[h * H:(h + 1) * H] = True
+        qk1[C + h * H:C + (h + 1) * H] = True
+    ov1 = torch.zeros(3 * C, dtype=torch.bool)
+    for h in range(n_ind):
+        ov1[2 * C + h * H:2 * C + (h + 1) * H] = True
+    layout = [(m.wte, mask_of(m.wte, slice(None), slice(C - 64, None))), (m.wpe, torch.ones_like(m.wpe, dtype=torch.bool)),
+              (b0.c_proj_w, mask_of(b0.c_proj_w, slice(H, None), slice(C - 64, None))),
+              (b0.c_proj_b, mask_of(b0.c_proj_b, slice(C - 64, None))),
+              (b0.fc_proj_w, mask_of(b0.fc_proj_w, slice(None), slice(C - 64, None))),
+              (b0.fc_proj_b, mask_of(b0.fc_proj_b, slice(C - 64, None)))]
+    attn = [(b0.c_attn_w, qk0[None].expand(C, -1).clone()), (b0.c_attn_b, qk0.clone()),
+            (b0.c_proj_w, mask_of(b0.c_proj_w, slice(0, H))),
+            (b0.ln_1.weight, None), (b0.ln_1.bias, None), (b1.ln_1.weight, None), (b1.ln_1.bias, None),
+            (b1.c_attn_w, qk1[None].expand(C, -1).clone()), (b1.c_attn_b, qk1.clone())]
+    ov = [(b1.c_attn_w, ov1[None].expand(C, -1).clone()), (b1.c_attn_b, ov1.clone()),
+          (b1.c_proj_w, mask_of(b1.c_proj_w, slice(0, n_ind * H)))]
+    return prev, {"layout": layout, "attn": layout + attn, "all": layout + attn + ov}
+
+
+class Pins:
+    """Entries of parameters held at their values: restored after every optimizer step (so neither the
+    gradients nor AdamW's weight decay move them)."""
+
+    def __init__(self, pins):
+        self.pins = [(p, mk, p.detach().clone()) for p, mk in pins]
+
+    def restore(self):
+        with torch.no_grad():
+            for p, mk, v in self.pins:
+                if mk is None:
+                    p.copy_(v)
+                else:
+                    p[mk] = v[mk]
+
+    def state(self):
+        return [v for _, _, v in self.pins]
+
+    def load(self, vals):
+        self.pins = [(p, mk, v) for (p, mk, _), v in zip(self.pins, vals)]
+
+
 def lr_at(step, a):
     if step < a.warmup:
         return a.lr * (step + 1) / a.warmup
@@ -500,6 +629,12 @@ def main():
     ap.add_argument("--wpe-init", choices=["normal", "sin"], default="normal",
                     help="position embeddings: as loaded / GPT-2's noise (--scratch), or with a sinusoidal code "
                     "(replacing the noise of --scratch, added to loaded ones)")
+    ap.add_argument("--circuit-init", type=int, default=0, help="with --scratch: hand-set a previous-token head "
+                    "(0.0) and this many induction heads (1.0, 1.1, ...) before training (circuit_init())")
+    ap.add_argument("--circuit-pin", choices=["none", "layout", "attn", "all"], default="none",
+                    help="--circuit-init: what of the circuit training may not move (circuit_init())")
+    ap.add_argument("--circuit-q", type=float, default=15.0, help="--circuit-init: query scale of the induction heads")
+    ap.add_argument("--circuit-o", type=float, default=50.0, help="--circuit-init: output scale of the induction heads")
     ap.add_argument("--sin-amp", type=float, default=0.028, help="amplitude of --wpe-init sin's code")
     ap.add_argument("--tokenizer", default=os.path.join(SHARED, "data", "gpt2-tokenizer"))
     ap.add_argument("--kvhost", help="tokenize with this kvhost binary instead of transformers")
@@ -612,6 +747,12 @@ def main():
         groups[1]["params"] += [p for p in fast if p.dim() < 2]
     opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     step = 0
+    pins = None
+    if a.circuit_init:  # (also when resuming: the pinned values come back from the checkpoint)
+        prev, pin_sets = circuit_init(model, data, a.circuit_init, a.circuit_q, a.circuit_o, a.seed)
+        say(f"circuit-init: previous-token head 0.0 on t-1 {prev:.3f}, induction heads 1.0..1.{a.circuit_init - 1}")
+        if a.circuit_pin != "none":
+            pins = pin_sets[a.circuit_pin]
     if os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path)
         model.load_state_dict(ck["model"])
@@ -619,6 +760,8 @@ def main():
             opt.load_state_dict(ck["opt"])
         step = ck["step"]
         say(f"resumed from {ckpt_path} at step {step}")
+    if pins is not None:
+        pins = Pins(pins)  # the values to hold: the model's, after a resume the checkpoint's
 
     if a.export:
         export(model, cfg, a.init, a.export)
@@ -740,6 +883,8 @@ def main():
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0).item()
         opt.step()
+        if pins is not None:
+            pins.restore()
         step += 1
         ntok += x.shape[0] * T
         if step % 10 == 0 or step == 1:
