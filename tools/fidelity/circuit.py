@@ -18,8 +18,8 @@ measures, on pairs [S][S] of random token ids, how much attention layer 1 head 0
              alone in 224-255, the previous-token head's projection P of the token written to 192-223;
              layer 1 head 0's query c * P, its key the identity on 192-223), for several c
 
-Stage 0 (every mode): 40 Adam steps (lr 6e-3) train the position embeddings and layer 0's c_attn so
-that layer 0 head 0 attends to t-1 (with a sinusoidal position code this takes < 40 steps: 0.9995).
+Stage 0 (every mode; train.train_prev_head): 40 Adam steps (lr 6e-3) train the position embeddings and
+layer 0's c_attn so that layer 0 head 0 attends to t-1 (with a sinusoidal position code: 0.9997).
 
   /usr/bin/python3 tools/fidelity/circuit.py same --lr 1e-2
   /usr/bin/python3 tools/fidelity/circuit.py induction --lr 1e-2 --train attn1 --proj-scale 10
@@ -35,22 +35,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import train  # noqa: E402
-
-
-def stage0(m, data, T):
-    """Layer 0 head 0 becomes a previous-token head (positions and layer 0's attention trained)."""
-    m.h[0].keep = [0]
-    opt = torch.optim.Adam([m.wpe, m.h[0].c_attn_w, m.h[0].c_attn_b], lr=6e-3)
-    t = torch.arange(1, T)
-    for step in range(40):
-        rng = np.random.default_rng([1, step])
-        x = torch.from_numpy(np.stack([data.text(rng, T) for _ in range(2)]))
-        m.h[0](m.wte[x] + m.wpe[:T], m.mask)
-        loss = -m.h[0].kept[:, 0][:, t, t - 1].clamp_min(1e-6).log().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.h[0].kept[:, 0][:, t, t - 1].mean().item()
 
 
 def pairs(data, step, T):
@@ -105,7 +89,9 @@ def main():
                   f"(uniform {(1 / (ind[:, 1] + 1.0)).mean().item():.3f}; layer 0 head 0 on t-1 {prev:.3f})")
             data.set_rand_vocab(8192)
         return
-    print(f"stage 0: layer 0 head 0 attention on t-1 {stage0(m, data, a.seq):.4f}")
+    prev = train.train_prev_head(m, data, a.seq, 40, lambda step: np.random.default_rng([1, step]))
+    m.h[0].keep = [0]
+    print(f"stage 0: layer 0 head 0 attention on t-1 {prev:.4f}")
     data.rand_vocab = data.rand_vocab[::max(1, 8192 // a.vocab)][:a.vocab]
     with torch.no_grad():
         m.h[0].c_proj_w.mul_(a.proj_scale)

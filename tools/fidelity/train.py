@@ -473,6 +473,26 @@ def measure(model, data, corpus, wotw_ids, n_passages=4, plen=400):
     return out
 
 
+def train_prev_head(m, data, T, steps, rng_of):
+    """Make layer 0 head 0 a previous-token head: Adam (lr 6e-3) on the position embeddings and layer 0's
+    c_attn, layer 0 alone on two T-token windows of book text per step (rng_of(step) draws them), loss
+    -log(attention on t-1). Returns the final attention on t-1."""
+    opt = torch.optim.Adam([m.wpe, m.h[0].c_attn_w, m.h[0].c_attn_b], lr=6e-3)
+    keep, m.h[0].keep = m.h[0].keep, [0]
+    t = torch.arange(1, T)
+    for step in range(steps):
+        rng = rng_of(step)
+        x = torch.from_numpy(np.stack([data.text(rng, T) for _ in range(2)]))
+        m.h[0](m.wte[x] + m.wpe[:T], m.mask)
+        loss = -m.h[0].kept[:, 0][:, t, t - 1].clamp_min(1e-6).log().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prev = m.h[0].kept[:, 0][:, t, t - 1].mean().item()
+    m.h[0].keep = keep
+    return prev
+
+
 def circuit_init(m, data, n_ind, q_scale, o_scale, seed):
     """Hand-set a copy circuit into a fresh model (--circuit-init; docs/fidelity.md, third attempt), so
     training starts past the plateau in which a small model on little data stays (K-composition):
@@ -500,21 +520,9 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed):
     mask = torch.zeros(1, C)
     mask[:, pos] = 1
     hook = m.wpe.register_hook(lambda grad: grad * mask)
-    opt = torch.optim.Adam([m.wpe, m.h[0].c_attn_w, m.h[0].c_attn_b], lr=6e-3)
-    keep, m.h[0].keep = m.h[0].keep, [0]
-    T = m.wpe.shape[0]  # every position: the head must find t-1 wherever training puts a token
-    t = torch.arange(1, T)
-    for step in range(60):
-        rng = np.random.default_rng([seed, 10**6 + step])
-        x = torch.from_numpy(np.stack([data.text(rng, T) for _ in range(2)]))
-        m.h[0](m.wte[x] + m.wpe[:T], m.mask)
-        loss = -m.h[0].kept[:, 0][:, t, t - 1].clamp_min(1e-6).log().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    prev = m.h[0].kept[:, 0][:, t, t - 1].mean().item()
+    # every position: the head must find t-1 wherever training puts a token
+    prev = train_prev_head(m, data, m.wpe.shape[0], 60, lambda step: np.random.default_rng([seed, 10**6 + step]))
     hook.remove()
-    m.h[0].keep = keep
 
     def projection():  # [C, H]: random on the token dimensions, columns centred, zero elsewhere
         p = torch.zeros(C, H)
