@@ -57,17 +57,6 @@ static size_t layer_floats(void) {
     return C * 3 * C + C * C + C * F + F * C;
 }
 
-static kvh_session *session(const kvh_model *m, const char *plugins, const char *ini) {
-    kvh_session_options o = kvh_session_default_options();
-    o.n_seq = 2;
-    o.threads = 2;
-    kvh_session *s = NULL;
-    kvh_err err = {{0}};
-    const int rc = ini ? kvh_test_session_ini(&s, m, ini, &o, &err) : kvh_test_session(&s, m, plugins, NULL, 0, &o, &err);
-    cr_assert_eq(rc, 0, "session: %s", err.msg);
-    return s;
-}
-
 /* kvh_test_compare_sessions' script (a prefill of two prompts, then decode at batch 2 and 1); tol 0: bit
  * for bit. */
 static void compare(kvh_session *a, kvh_session *b, double tol, const char *what) {
@@ -131,16 +120,17 @@ Test(weights_deferred, no_format_same_logits_bit_for_bit) {
     load(&f32, dir32);
     kvh_err err = {{0}};
     cr_assert_eq(kvh_model_materialize_all(&eager, &err), 0, "%s", err.msg);
-    kvh_session *s = session(&m, NULL, NULL);
+    kvh_session *s = kvh_test_open_session(&m, NULL, NULL, 2, 2);
     cr_assert_null(s->weights);
     cr_assert_eq(m.materialized_floats, m.deferred_floats, "the session converts every deferred matrix");
     for (int l = 0; l < SHAPE.L; l++)
         for (int w = 0; w < 4; w++) cr_assert_not_null(mat_ptr(&m, l, w));
-    kvh_session *e = session(&eager, NULL, NULL), *r = session(&f32, NULL, NULL);
+    kvh_session *e = kvh_test_open_session(&eager, NULL, NULL, 2, 2);
+    kvh_session *r = kvh_test_open_session(&f32, NULL, NULL, 2, 2);
     compare(s, e, 0, "deferred vs converted up front");
     kvh_session_free(s);
     kvh_session_free(e);
-    s = session(&m, NULL, NULL);
+    s = kvh_test_open_session(&m, NULL, NULL, 2, 2);
     compare(s, r, 0, "F16 checkpoint vs F32 of the same values");
     kvh_session_free(s);
     kvh_session_free(r);
@@ -160,7 +150,7 @@ static void check_native(const char *dtype, const char *plugin, bool exact) {
     kvh_model m, ref;
     load(&m, dir);
     load(&ref, dir);
-    kvh_session *s = session(&m, plugin, NULL);
+    kvh_session *s = kvh_test_open_session(&m, plugin, NULL, 2, 2);
     const kvh_weight_set *ws = s->weights;
     cr_assert_not_null(ws);
     cr_assert_eq(ws->n_packed, 4 * SHAPE.L + 1);
@@ -190,14 +180,14 @@ static void check_native(const char *dtype, const char *plugin, bool exact) {
     /* the fp32 model of the same values (materialized), without a format: within fp32 summation order */
     kvh_err err = {{0}};
     cr_assert_eq(kvh_model_materialize_all(&ref, &err), 0, "%s", err.msg);
-    kvh_session *r = session(&ref, NULL, NULL);
+    kvh_session *r = kvh_test_open_session(&ref, NULL, NULL, 2, 2);
     compare(s, r, 2e-5, plugin);
     kvh_session_free(r);
     if (exact) { /* the same format over an F32 checkpoint of the same numbers packs the same bytes */
         snprintf(sub, sizeof sub, "native32_%s", dtype);
         kvh_model f32;
         load(&f32, write_fixture(sub, "F32", true));
-        kvh_session *t = session(&f32, plugin, NULL);
+        kvh_session *t = kvh_test_open_session(&f32, plugin, NULL, 2, 2);
         for (int l = 0; l < SHAPE.L; l++)
             for (int w = 0; w < 4; w++) {
                 const kvh_packed_matrix *a = kvh_weights_matrix(ws, l, (uint32_t)w);
@@ -205,7 +195,8 @@ static void check_native(const char *dtype, const char *plugin, bool exact) {
                 cr_assert_eq(a->bytes, b->bytes);
                 cr_assert(memcmp(a->packed, b->packed, a->bytes) == 0, "layer %d matrix %d packed differently", l, w);
             }
-        kvh_session *s2 = session(&m, plugin, NULL); /* fresh caches; packs from the file's bytes again */
+        /* fresh caches; packs from the file's bytes again */
+        kvh_session *s2 = kvh_test_open_session(&m, plugin, NULL, 2, 2);
         cr_assert_eq(m.materialized_floats, 0);
         compare(s2, t, 0, "checkpoint vs F32 of the same values, both packed");
         kvh_session_free(s2);
@@ -213,7 +204,7 @@ static void check_native(const char *dtype, const char *plugin, bool exact) {
         kvh_model_free(&f32);
     }
     /* a later session on the same model without a format converts what it needs then */
-    kvh_session *plain = session(&m, NULL, NULL);
+    kvh_session *plain = kvh_test_open_session(&m, NULL, NULL, 2, 2);
     cr_assert_eq(m.materialized_floats, m.deferred_floats);
     kvh_session_free(plain);
     kvh_session_free(s);
@@ -238,7 +229,8 @@ Test(weights_deferred, layer_subset) {
     load(&m, write_fixture("sub16", "F16", true));
     load(&f32, write_fixture("sub32", "F32", true));
     const char *ini = "[edge]\nplugin = f16.so\nlayers = 0,2\nlm_head = false\n";
-    kvh_session *s = session(&m, NULL, ini), *r = session(&f32, NULL, ini);
+    kvh_session *s = kvh_test_open_session(&m, NULL, ini, 2, 2);
+    kvh_session *r = kvh_test_open_session(&f32, NULL, ini, 2, 2);
     cr_assert_eq(s->weights->n_packed, 8);
     cr_assert_eq(m.materialized_floats, layer_floats(), "only layer 1 is converted (%zu floats)", m.materialized_floats);
     cr_assert_eq(s->weights->never_materialized_bytes, 2 * layer_floats() * sizeof(float));

@@ -32,17 +32,6 @@ static kvh_model_config small_config(void) {
     return c;
 }
 
-static kvh_session *session_with(const kvh_model *m, const char *plugins, const char *ini, int n_seq) {
-    kvh_session_options o = kvh_session_default_options();
-    o.n_seq = n_seq;
-    o.threads = 2;
-    kvh_session *s = NULL;
-    kvh_err err = {{0}};
-    const int rc = ini ? kvh_test_session_ini(&s, m, ini, &o, &err) : kvh_test_session(&s, m, plugins, NULL, 0, &o, &err);
-    cr_assert_eq(rc, 0, "session: %s", err.msg);
-    return s;
-}
-
 /* Writes the values the session's formats hold into ref's arena (same shapes as the session's model). */
 static void take_held_values(kvh_model *ref, const kvh_session *s) {
     const kvh_weight_set *ws = s->weights;
@@ -87,10 +76,10 @@ static void check_format(const char *plugin) {
     kvh_err err = {{0}};
     cr_assert_eq(kvh_model_init_random(&m, &c, 11, "random:small", &err), 0, "%s", err.msg);
     cr_assert_eq(kvh_model_init_random(&ref, &c, 11, "random:small", &err), 0, "%s", err.msg);
-    kvh_session *s = session_with(&m, plugin, NULL, 2);
+    kvh_session *s = kvh_test_open_session(&m, plugin, NULL, 2, 2);
     cr_assert_eq(s->weights->n_packed, 3 * 4 + 1, "%s: %d matrices packed", plugin, s->weights->n_packed);
     take_held_values(&ref, s);
-    kvh_session *r = session_with(&ref, NULL, NULL, 2);
+    kvh_session *r = kvh_test_open_session(&ref, NULL, NULL, 2, 2);
     const int integer = strcmp(plugin, "w8.so") == 0 || strcmp(plugin, "w4.so") == 0;
     if (!integer) {
         compare_runs(s, r, c.n_vocab, 2e-5, 2e-5, plugin);
@@ -114,7 +103,7 @@ static void check_format(const char *plugin) {
         kvh_model ref2;
         cr_assert_eq(kvh_model_init_random(&ref2, &c, 11, "random:small", &err), 0, "%s", err.msg);
         take_held_values(&ref2, s2);
-        r2 = session_with(&ref2, NULL, NULL, 2);
+        r2 = kvh_test_open_session(&ref2, NULL, NULL, 2, 2);
         compare_runs(s2, r2, c.n_vocab, tol, tol, "fp32 head");
         kvh_session_free(r2);
         /* a wiring mistake: the reference with layer 1's mlp.c_proj in layer 2's place, and vice versa */
@@ -127,7 +116,7 @@ static void check_format(const char *plugin) {
         }
         kvh_session_free(s2);
         cr_assert_eq(kvh_test_session(&s2, &m, plugin, sets, 1, &o, &err), 0, "%s", err.msg);
-        r2 = session_with(&ref2, NULL, NULL, 2);
+        r2 = kvh_test_open_session(&ref2, NULL, NULL, 2, 2);
         const double wrong = compare_runs(s2, r2, c.n_vocab, INFINITY, INFINITY, "swapped layers");
         cr_log_info("%s: with two layers' matrices swapped: %.3g", plugin, wrong);
         cr_expect_gt(wrong, 5 * tol, "%s: a wiring mistake moves the logits by only %.3g: the decode bound cannot "
@@ -155,7 +144,7 @@ Test(weights_e2e, per_layer_composition_and_fp32_head) {
     cr_assert_eq(kvh_model_init_random(&ref, &c, 5, "random:small", &err), 0, "%s", err.msg);
     const char *ini = "[edge]\nplugin = f16.so\nlayers = 0,2\nlm_head = false\n\n[mid]\nplugin = w4.so\nlayers = 1\n"
                       "lm_head = false\ngroup = 64\n";
-    kvh_session *s = session_with(&m, NULL, ini, 2);
+    kvh_session *s = kvh_test_open_session(&m, NULL, ini, 2, 2);
     const kvh_weight_set *ws = s->weights;
     cr_assert_eq(ws->n_packed, 12);
     cr_expect_str_eq(kvh_weights_matrix(ws, 0, KVP_MAT_MLP_FC)->desc->name, "f16");
@@ -169,7 +158,7 @@ Test(weights_e2e, per_layer_composition_and_fp32_head) {
     cr_expect_eq(ws->packed_bytes, 2 * per_layer * 2 + w4_bytes);
     cr_expect_eq(kvh_weights_bytes_held(&m, ws), m.n_params * 4 - 3 * per_layer * 4 + ws->packed_bytes);
     take_held_values(&ref, s);
-    kvh_session *r = session_with(&ref, NULL, NULL, 2);
+    kvh_session *r = kvh_test_open_session(&ref, NULL, NULL, 2, 2);
     compare_runs(s, r, c.n_vocab, ACT_QUANT_TOL, ACT_QUANT_TOL, "f16 + w4 by layer"); /* w4: W4A8, prefill too */
     kvh_session_free(s);
     kvh_session_free(r);
@@ -255,14 +244,14 @@ static void check_prefill_paths(const char *plugin) {
     const size_t V = (size_t)c.n_vocab;
     float *alone = malloc(P * V * sizeof(float)), *batched = malloc((P + P1 + P2) * V * sizeof(float));
     float *one = malloc(V * sizeof(float));
-    kvh_session *s = session_with(&m, plugin, NULL, 3);
+    kvh_session *s = kvh_test_open_session(&m, plugin, NULL, 3, 2);
     {
         int seq = 0, n = P;
         const int32_t *t = prompt;
         kvh_batch b = {.n = 1, .seq = &seq, .tokens = &t, .n_tokens = &n, .all_logits = true};
         cr_assert_eq(kvh_session_forward(s, &b, alone, &err), 0, "%s", err.msg);
     }
-    kvh_session *s2 = session_with(&m, plugin, NULL, 3);
+    kvh_session *s2 = kvh_test_open_session(&m, plugin, NULL, 3, 2);
     {
         int seqs[3] = {0, 1, 2}, ns[3] = {P1, P, P2};
         const int32_t *ts[3] = {other1, prompt, other2};
@@ -320,7 +309,7 @@ Test(weights_e2e, plan_weight_bytes_equal_what_the_formats_hold) {
         in.weight_prec.kind = cases[i].prec;
         kvh_plan_result r;
         cr_assert_eq(kvh_plan_compute(&in, &r, &err), 0, "%s", err.msg);
-        kvh_session *s = session_with(&m, cases[i].plugin, NULL, 1);
+        kvh_session *s = kvh_test_open_session(&m, cases[i].plugin, NULL, 1, 2);
         cr_expect_eq(kvh_weights_bytes_held(&m, s->weights), r.weight_bytes_exact, "%s: session %zu, plan %llu",
                      cases[i].plugin, kvh_weights_bytes_held(&m, s->weights),
                      (unsigned long long)r.weight_bytes_exact);

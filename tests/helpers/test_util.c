@@ -139,3 +139,14 @@ int kvh_test_session_ini(kvh_session **out, const kvh_model *m, const char *ini,
     kvh_config_free(&cfg);
     return rc;
 }
+
+kvh_session *kvh_test_open_session(const kvh_model *m, const char *plugins, const char *ini, int n_seq, int threads) {
+    kvh_session_options o = kvh_session_default_options();
+    o.n_seq = n_seq;
+    o.threads = threads;
+    kvh_session *s = NULL;
+    kvh_err err = {{0}};
+    const int rc = ini ? kvh_test_session_ini(&s, m, ini, &o, &err) : kvh_test_session(&s, m, plugins, NULL, 0, &o, &err);
+    cr_assert_eq(rc, 0, "session: %s", err.msg);
+    return s;
+}

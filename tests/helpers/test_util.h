@@ -40,6 +40,10 @@ int kvh_test_session(kvh_session **out, const kvh_model *m, const char *plugins,
 int kvh_test_session_ini(kvh_session **out, const kvh_model *m, const char *ini, const kvh_session_options *o,
                          kvh_err *err);
 
+/* A session that must open (any error fails the calling test): run configuration from the INI text `ini`
+ * when given, else the --plugins list `plugins` (NULL: none); n_seq sequences on `threads` threads. */
+kvh_session *kvh_test_open_session(const kvh_model *m, const char *plugins, const char *ini, int n_seq, int threads);
+
 /* Path of the tiny model directory, or NULL (with the reason printed) when ../shared is absent. */
 const char *kvh_test_tiny_model_dir(void);
 /* Path of a file under ../shared (static buffer), or NULL when it does not exist. */
