@@ -602,12 +602,6 @@ class Pins:
                 else:
                     p[mk] = v[mk]
 
-    def state(self):
-        return [v for _, _, v in self.pins]
-
-    def load(self, vals):
-        self.pins = [(p, mk, v) for (p, mk, _), v in zip(self.pins, vals)]
-
 
 def lr_at(step, a):
     if step < a.warmup:
