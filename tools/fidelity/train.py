@@ -228,6 +228,56 @@ def load_model(model_dir, scratch=False, wpe_init="normal", sin_amp=0.028):
     return m, cfg
 
 
+def widen(m, cfg, k, seed):
+    """gpt2-tiny-wt made k heads wider (--widen; docs/fidelity.md, fourth attempt): a model of width
+    C + k * head_dim and n_head + k whose old part computes what the old model computed, so its book
+    perplexity starts where the old model's is, and whose k new residual dimensions per head are free for
+    circuit_init()'s reserved layout (the previous token, the position code).
+      * residual dimensions: the old ones first, the new ones last (zero in wte, wpe; read by no old unit);
+      * heads: the new ones first (circuit_init() sets layer 0 head 0 and layer 1 heads 0..), the old ones
+        after; a new head's output projection starts at zero, its query/key/value small and random;
+      * MLP: 4 x the new width; the old units first, the new units' output rows zero;
+      * LayerNorms: the new dimensions' gain 1, the old ones' gain times sqrt(C_old / C_new), which
+        undoes the smaller variance that the (near-zero) new dimensions give the normalization.
+    Returns the new model and its config."""
+    C, NH, L = cfg["n_embd"], cfg["n_head"], cfg["n_layer"]
+    HS = C // NH
+    C2, NH2 = C + k * HS, NH + k
+    new = GPT2(cfg["vocab_size"], cfg["n_positions"], C2, L, NH2)
+    g = torch.Generator().manual_seed(seed + 7)
+    old_dims = slice(0, C)
+    gain = math.sqrt(C / C2)
+
+    def ln(dst, src):
+        dst.weight.fill_(1.0)
+        dst.bias.zero_()
+        dst.weight[old_dims] = src.weight * gain
+        dst.bias[old_dims] = src.bias
+
+    with torch.no_grad():
+        for p in new.parameters():
+            p.zero_()
+        new.wte[:, old_dims] = m.wte
+        new.wpe[:, old_dims] = m.wpe
+        ln(new.ln_f, m.ln_f)
+        for b2, b in zip(new.h, m.h):
+            ln(b2.ln_1, b.ln_1)
+            ln(b2.ln_2, b.ln_2)
+            for part in range(3):  # q, k, v: [new heads | old heads] in each part
+                a2, a = part * C2, part * C
+                b2.c_attn_w[old_dims, a2 + k * HS:a2 + C2] = b.c_attn_w[:, a:a + C]
+                b2.c_attn_b[a2 + k * HS:a2 + C2] = b.c_attn_b[a:a + C]
+                b2.c_attn_w[old_dims, a2:a2 + k * HS] = torch.randn(C, k * HS, generator=g) * 0.02
+            b2.c_proj_w[k * HS:, old_dims] = b.c_proj_w  # rows: the heads' outputs; new heads' rows stay 0
+            b2.c_proj_b[old_dims] = b.c_proj_b
+            b2.fc_w[old_dims, :4 * C] = b.fc_w
+            b2.fc_b[:4 * C] = b.fc_b
+            b2.fc_w[old_dims, 4 * C:] = torch.randn(C, 4 * (C2 - C), generator=g) * 0.02
+            b2.fc_proj_w[:4 * C, old_dims] = b.fc_proj_w  # new units' rows stay 0
+            b2.fc_proj_b[old_dims] = b.fc_proj_b
+    return new, dict(cfg, n_embd=C2, n_head=NH2)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Data
 class Tok:
@@ -493,12 +543,12 @@ def train_prev_head(m, data, T, steps, rng_of):
     return prev
 
 
-def circuit_init(m, data, n_ind, q_scale, o_scale, seed):
-    """Hand-set a copy circuit into a fresh model (--circuit-init; docs/fidelity.md, third attempt), so
+def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
+    """Hand-set a copy circuit into a model (--circuit-init; docs/fidelity.md, third and fourth attempts), so
     training starts past the plateau in which a small model on little data stays (K-composition):
-      * layout of the residual: token embeddings in dimensions 0..C-65, C-64..C-33 left free for the
-        previous token, the sinusoidal position code in C-32..C-1 (no other dimension of wpe);
-      * layer 0 head 0 attends to t-1: 60 Adam steps on book text train its query/key and the position
+      * layout of the residual: token embeddings in dimensions 0..C-R-1, C-64..C-33 left free for the
+        previous token, the sinusoidal position code in C-32..C-1 (no other dimension of wpe), R = 64;
+      * layer 0 head 0 attends to t-1: Adam steps on book text train its query/key and the position
         code (gradients outside the code's dimensions masked, so positions never leak into the
         token dimensions the induction heads read);
       * its value is a random 32-column projection P of the token dimensions (columns centred, so
@@ -508,42 +558,64 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed):
         free dimensions (the previous token's P), so the score peaks where the previous token equals the
         current one; value an own random projection of the token dimensions and output its transpose
         times o_scale, so the attended token's embedding direction is added to the residual and the tied
-        head raises that token's logit."""
+        head raises that token's logit.
+    code = (amplitude, query gain, head-0 output gain), for a --widen model, whose layer 0 rewrites the
+    token dimensions (gpt2-tiny-wt: residual std 0.05 per dimension in, 1.3 out), so that a projection of
+    them at layer 1 no longer matches the one layer 0 copied: R = 96, and C-96..C-65 hold a fixed random
+    code of each token (its wte columns: +-amplitude times the rms of its embedding, so that LayerNorm 0
+    gives every token's code about the same size), which nothing writes to. Head 0's value reads the
+    code, its output (times the head-0 gain) writes it into the free dimensions; the induction heads'
+    query is the code (times the query gain). The final LayerNorm's gain is 0 on the reserved dimensions
+    (the tied head would otherwise read the code). The old position embeddings stay in the token
+    dimensions: the old model reads them."""
     C = m.wpe.shape[1]
     H = C // m.h[0].NH
+    R = 64 if code is None else 96
     g = torch.Generator().manual_seed(seed)
-    tok, free, pos = slice(0, C - 64), slice(C - 64, C - 32), slice(C - 32, C)
+    tok, cur, free, pos = slice(0, C - R), slice(C - 96, C - 64), slice(C - 64, C - 32), slice(C - 32, C)
     with torch.no_grad():
-        m.wte[:, C - 64:] = 0
-        m.wpe.zero_()
+        m.wte[:, C - R:] = 0
+        m.wpe[:, C - R:] = 0
+        if code is None:
+            m.wpe.zero_()
+        else:
+            rms = m.wte[:, tok].pow(2).mean(1, keepdim=True).sqrt()  # so LayerNorm 0 gives every token's code ~code[0]
+            m.wte[:, cur] = code[0] * rms * (2 * torch.randint(0, 2, (m.wte.shape[0], 32), generator=g) - 1).float()
+            m.ln_f.weight[C - R:] = 0
+            m.ln_f.bias[C - R:] = 0
         m.wpe[:, pos] = 0.028 * sinusoid(m.wpe.shape[0], 32)
     mask = torch.zeros(1, C)
     mask[:, pos] = 1
     hook = m.wpe.register_hook(lambda grad: grad * mask)
     # every position: the head must find t-1 wherever training puts a token
-    prev = train_prev_head(m, data, m.wpe.shape[0], 60, lambda step: np.random.default_rng([seed, 10**6 + step]))
+    prev = train_prev_head(m, data, m.wpe.shape[0], 60 if code is None else 120,
+                           lambda step: np.random.default_rng([seed, 10**6 + step]))
     hook.remove()
 
     def projection():  # [C, H]: random on the token dimensions, columns centred, zero elsewhere
         p = torch.zeros(C, H)
-        p[tok] = torch.randn(C - 64, H, generator=g) * 0.02
+        p[tok] = torch.randn(C - R, H, generator=g) * 0.02
         p[tok] -= p[tok].mean(0)
         return p
 
     with torch.no_grad():
         b0, b1 = m.h[0], m.h[1]
-        P = projection()
+        if code is None:
+            P = projection()
+        else:
+            P = torch.zeros(C, H)
+            P[cur] = torch.eye(H)
         b0.c_attn_w[:, 2 * C:2 * C + H] = P
         b0.c_attn_b[2 * C:2 * C + H] = 0
-        b0.c_proj_w[:, C - 64:] = 0
-        b0.c_proj_b[C - 64:] = 0
-        b0.fc_proj_w[:, C - 64:] = 0
-        b0.fc_proj_b[C - 64:] = 0
+        b0.c_proj_w[:, C - R:] = 0
+        b0.c_proj_b[C - R:] = 0
+        b0.fc_proj_w[:, C - R:] = 0
+        b0.fc_proj_b[C - R:] = 0
         b0.c_proj_w[:H] = 0
-        b0.c_proj_w[:H, free] = torch.eye(H)
+        b0.c_proj_w[:H, free] = torch.eye(H) * (1.0 if code is None else code[2])
         for h in range(n_ind):
             q, k, v = slice(h * H, (h + 1) * H), slice(C + h * H, C + (h + 1) * H), slice(2 * C + h * H, 2 * C + (h + 1) * H)
-            b1.c_attn_w[:, q] = q_scale * P
+            b1.c_attn_w[:, q] = q_scale * P if code is None else code[1] * P
             b1.c_attn_w[:, k] = 0
             b1.c_attn_w[free, k] = torch.eye(H)
             b1.c_attn_b[q] = 0
@@ -554,7 +626,8 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed):
             b1.c_proj_w[h * H:(h + 1) * H] = o_scale * V.t()
 
     # What --circuit-pin can hold fixed during training: "layout" — no token embedding and nothing of layer
-    # 0 but the previous-token head in the reserved dimensions, the position code; "attn" — also the
+    # 0 but the previous-token head in the reserved dimensions (with a code: the code), the position code,
+    # the final LayerNorm's zeros; "attn" — also the
     # previous-token head, the LayerNorms in front of layers 0 and 1 and the induction heads' queries and
     # keys; "all" — also the induction heads' values and outputs. Entries: (parameter, boolean mask of the
     # pinned entries; None: all of it).
@@ -573,11 +646,14 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed):
     ov1 = torch.zeros(3 * C, dtype=torch.bool)
     for h in range(n_ind):
         ov1[2 * C + h * H:2 * C + (h + 1) * H] = True
-    layout = [(m.wte, mask_of(m.wte, slice(None), slice(C - 64, None))), (m.wpe, torch.ones_like(m.wpe, dtype=torch.bool)),
-              (b0.c_proj_w, mask_of(b0.c_proj_w, slice(H, None), slice(C - 64, None))),
-              (b0.c_proj_b, mask_of(b0.c_proj_b, slice(C - 64, None))),
-              (b0.fc_proj_w, mask_of(b0.fc_proj_w, slice(None), slice(C - 64, None))),
-              (b0.fc_proj_b, mask_of(b0.fc_proj_b, slice(C - 64, None)))]
+    layout = [(m.wte, mask_of(m.wte, slice(None), slice(C - R, None))), (m.wpe, torch.ones_like(m.wpe, dtype=torch.bool)),
+              (b0.c_proj_w, mask_of(b0.c_proj_w, slice(H, None), slice(C - R, None))),
+              (b0.c_proj_b, mask_of(b0.c_proj_b, slice(C - R, None))),
+              (b0.fc_proj_w, mask_of(b0.fc_proj_w, slice(None), slice(C - R, None))),
+              (b0.fc_proj_b, mask_of(b0.fc_proj_b, slice(C - R, None)))]
+    if code is not None:
+        layout += [(m.ln_f.weight, mask_of(m.ln_f.weight, slice(C - R, None))),
+                   (m.ln_f.bias, mask_of(m.ln_f.bias, slice(C - R, None)))]
     attn = [(b0.c_attn_w, qk0[None].expand(C, -1).clone()), (b0.c_attn_b, qk0.clone()),
             (b0.c_proj_w, mask_of(b0.c_proj_w, slice(0, H))),
             (b0.ln_1.weight, None), (b0.ln_1.bias, None), (b1.ln_1.weight, None), (b1.ln_1.bias, None),
@@ -633,6 +709,10 @@ def main():
                     "(replacing the noise of --scratch, added to loaded ones)")
     ap.add_argument("--circuit-init", type=int, default=0, help="with --scratch: hand-set a previous-token head "
                     "(0.0) and this many induction heads (1.0, 1.1, ...) before training (circuit_init())")
+    ap.add_argument("--widen", type=int, default=0, help="start from --init made this many heads wider (widen(): "
+                    "same function, new residual dimensions for --circuit-init's layout; needs --circuit-init <= N)")
+    ap.add_argument("--circuit-code", default="0.4,450,0.75", help="--widen with --circuit-init: the token code's "
+                    "amplitude (relative to the token's embedding), the induction heads' query gain and head 0's output gain (circuit_init())")
     ap.add_argument("--circuit-pin", choices=["none", "layout", "attn", "all"], default="none",
                     help="--circuit-init: what of the circuit training may not move (circuit_init())")
     ap.add_argument("--circuit-q", type=float, default=15.0, help="--circuit-init: query scale of the induction heads")
@@ -701,6 +781,11 @@ def main():
         log.flush()
 
     model, cfg = load_model(a.init, a.scratch, a.wpe_init, a.sin_amp)
+    if a.widen:
+        if a.scratch or a.circuit_init > a.widen:
+            sys.exit("train.py: --widen N starts from --init's weights (no --scratch) and has N new heads per "
+                     f"layer for --circuit-init's induction heads (got --circuit-init {a.circuit_init})")
+        model, cfg = widen(model, cfg, a.widen, a.seed)
     tok = Tok(a.tokenizer, a.kvhost)
     data = Data(a.corpus, tok, {k: float(v) for k, v in (s.split(":") for s in a.sources.split(","))})
     mix = np.array([float(x) for x in a.mix.split(",")] + [0.0] * (len(KINDS) - len(a.mix.split(","))))
@@ -751,7 +836,8 @@ def main():
     step = 0
     pins = None
     if a.circuit_init:  # (also when resuming: the pinned values come back from the checkpoint)
-        prev, pin_sets = circuit_init(model, data, a.circuit_init, a.circuit_q, a.circuit_o, a.seed)
+        code = tuple(float(v) for v in a.circuit_code.split(",")) if a.widen else None
+        prev, pin_sets = circuit_init(model, data, a.circuit_init, a.circuit_q, a.circuit_o, a.seed, code)
         say(f"circuit-init: previous-token head 0.0 on t-1 {prev:.3f}, induction heads 1.0..1.{a.circuit_init - 1}")
         if a.circuit_pin != "none":
             pins = pin_sets[a.circuit_pin]
