@@ -580,7 +580,10 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
             m.wpe.zero_()
         else:
             rms = m.wte[:, tok].pow(2).mean(1, keepdim=True).sqrt()  # so LayerNorm 0 gives every token's code ~code[0]
-            m.wte[:, cur] = code[0] * rms * (2 * torch.randint(0, 2, (m.wte.shape[0], 32), generator=g) - 1).float()
+            signs = torch.ones(m.wte.shape[0], 32)  # 16 of each sign: the code sums to 0 (see centre below)
+            signs[:, 16:] = -1
+            signs = torch.gather(signs, 1, torch.argsort(torch.rand(m.wte.shape[0], 32, generator=g), 1))
+            m.wte[:, cur] = code[0] * rms * signs
             m.ln_f.weight[C - R:] = 0
             m.ln_f.bias[C - R:] = 0
         m.wpe[:, pos] = 0.028 * sinusoid(m.wpe.shape[0], 32)
@@ -598,13 +601,15 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
         p[tok] -= p[tok].mean(0)
         return p
 
+    centre = torch.eye(H) - 1.0 / H
     with torch.no_grad():
         b0, b1 = m.h[0], m.h[1]
         if code is None:
             P = projection()
-        else:
+        else:  # the centring matrix: LayerNorm's mean subtraction adds the residual's mean to every reserved
+            # dimension, as large as the small code itself; the code sums to 0, so centring removes just that
             P = torch.zeros(C, H)
-            P[cur] = torch.eye(H)
+            P[cur] = centre
         b0.c_attn_w[:, 2 * C:2 * C + H] = P
         b0.c_attn_b[2 * C:2 * C + H] = 0
         b0.c_proj_w[:, C - R:] = 0
@@ -613,17 +618,23 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
         b0.fc_proj_b[C - R:] = 0
         b0.c_proj_w[:H] = 0
         b0.c_proj_w[:H, free] = torch.eye(H) * (1.0 if code is None else code[2])
+        if code is not None:
+            Vs, Os = copy_ov(m, data, n_ind * H, C - R, seed)
         for h in range(n_ind):
             q, k, v = slice(h * H, (h + 1) * H), slice(C + h * H, C + (h + 1) * H), slice(2 * C + h * H, 2 * C + (h + 1) * H)
             b1.c_attn_w[:, q] = q_scale * P if code is None else code[1] * P
             b1.c_attn_w[:, k] = 0
-            b1.c_attn_w[free, k] = torch.eye(H)
+            b1.c_attn_w[free, k] = torch.eye(H) if code is None else centre * code[3]
             b1.c_attn_b[q] = 0
             b1.c_attn_b[k] = 0
-            V = projection()
+            if code is None:
+                V = projection()
+                O = V.t()
+            else:
+                V, O = Vs[:, h * H:(h + 1) * H], Os[h * H:(h + 1) * H]
             b1.c_attn_w[:, v] = V
             b1.c_attn_b[v] = 0
-            b1.c_proj_w[h * H:(h + 1) * H] = o_scale * V.t()
+            b1.c_proj_w[h * H:(h + 1) * H] = o_scale * O
 
     # What --circuit-pin can hold fixed during training: "layout" — no token embedding and nothing of layer
     # 0 but the previous-token head in the reserved dimensions (with a code: the code), the position code,
@@ -661,6 +672,31 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
     ov = [(b1.c_attn_w, ov1[None].expand(C, -1).clone()), (b1.c_attn_b, ov1.clone()),
           (b1.c_proj_w, mask_of(b1.c_proj_w, slice(0, n_ind * H)))]
     return prev, {"layout": layout, "attn": layout + attn, "all": layout + attn + ov}
+
+
+def copy_ov(m, data, rank, n_tok, seed, n_seq=8, T=512):
+    """The induction heads' value and output for a --widen model (circuit_init() with a code): the best
+    rank-`rank` linear map from layer 1's LayerNorm-ed input at a position to the embedding of the token
+    there (reduced-rank ridge regression on n_seq x T positions of book text; every token's target
+    scaled to unit rms, so frequent tokens do not dominate). Added to the residual of the query that
+    attends there, it raises that token's logit through the tied head. Returns V [C, rank] (reads the
+    token dimensions 0..n_tok-1) and O [rank, C] (writes them)."""
+    C = m.wpe.shape[1]
+    rng = np.random.default_rng([seed, 2 * 10**6])
+    x = torch.from_numpy(np.stack([data.text(rng, T) for _ in range(n_seq)]))
+    with torch.no_grad():
+        h = m.h[0](m.wte[x] + m.wpe[:T], m.mask)
+        a = m.h[1].ln_1(h).reshape(-1, C)[:, :n_tok].double()  # [N, n_tok]
+        y = m.wte[x.reshape(-1), :n_tok].double()
+        y = y / y.pow(2).mean(1, keepdim=True).sqrt()
+        w = torch.linalg.solve(a.t() @ a + 1e-2 * a.shape[0] * torch.eye(n_tok, dtype=torch.float64), a.t() @ y)
+        _, _, vt = torch.linalg.svd(a @ w, full_matrices=False)  # the fitted outputs' main directions
+        vr = vt[:rank].t()  # [n_tok, rank]
+        V = torch.zeros(C, rank)
+        O = torch.zeros(rank, C)
+        V[:n_tok] = (w @ vr).float()
+        O[:, :n_tok] = vr.t().float()
+    return V, O
 
 
 class Pins:
@@ -711,8 +747,11 @@ def main():
                     "(0.0) and this many induction heads (1.0, 1.1, ...) before training (circuit_init())")
     ap.add_argument("--widen", type=int, default=0, help="start from --init made this many heads wider (widen(): "
                     "same function, new residual dimensions for --circuit-init's layout; needs --circuit-init <= N)")
-    ap.add_argument("--circuit-code", default="0.4,450,0.75", help="--widen with --circuit-init: the token code's "
-                    "amplitude (relative to the token's embedding), the induction heads' query gain and head 0's output gain (circuit_init())")
+    ap.add_argument("--circuit-code", default="0.1,400,0.1,130", help="--widen with --circuit-init: the token code's "
+                    "amplitude (relative to the token's embedding), the induction heads' query gain, head 0's output "
+                    "gain and the induction heads' key gain (circuit_init())")
+    ap.add_argument("--distill", type=float, default=0.0, help="weight of KL(--init's model || this one) on the "
+                    "text sequences' scored targets: keeps the book function of the model it started from")
     ap.add_argument("--circuit-pin", choices=["none", "layout", "attn", "all"], default="none",
                     help="--circuit-init: what of the circuit training may not move (circuit_init())")
     ap.add_argument("--circuit-q", type=float, default=15.0, help="--circuit-init: query scale of the induction heads")
@@ -781,6 +820,10 @@ def main():
         log.flush()
 
     model, cfg = load_model(a.init, a.scratch, a.wpe_init, a.sin_amp)
+    teacher = None
+    if a.distill > 0:
+        teacher, _ = load_model(a.init)
+        teacher.requires_grad_(False)
     if a.widen:
         if a.scratch or a.circuit_init > a.widen:
             sys.exit("train.py: --widen N starts from --init's weights (no --scratch) and has N new heads per "
@@ -950,6 +993,16 @@ def main():
         lt = F.cross_entropy(logits.float(), x[:, 1:].reshape(-1)[sel], reduction="none")
         loss = lt.mean()
         aux = {}
+        owner = torch.arange(x.shape[0]).repeat_interleave(T)[sel]  # the sequence of each scored target
+        if teacher is not None and "text" in kinds:  # keep the text function: KL(teacher || model) on text targets
+            on = torch.tensor([kinds[i] == "text" for i in range(x.shape[0])])[owner]
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(a.bf16)):
+                th = teacher.hidden(x[:, :-1])
+                tl = teacher.logits(th.reshape(-1, th.shape[-1])[sel][on]).float().log_softmax(-1)
+            sl = logits[on].float().log_softmax(-1)
+            kl = (tl.exp() * (tl - sl)).sum(-1).mean()
+            loss = loss + a.distill * kl
+            run_loss.setdefault("kl-teacher", []).append(kl.item())
         if prev_head is not None:  # the previous-token head attends to t-1 at every position t >= 1
             l, hh = prev_head
             att = model.h[l].kept[:, keep[l].index(hh)].float()
@@ -962,7 +1015,6 @@ def main():
         for k, v in aux.items():
             loss = loss + a.aux_weight * v
             run_loss.setdefault("aux-" + k, []).append(v.item())
-        owner = torch.arange(x.shape[0]).repeat_interleave(T)[sel]  # the sequence of each scored target
         for i, k in enumerate(kinds):
             li = lt[owner == i]
             if li.numel():
