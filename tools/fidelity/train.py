@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""train.py — continue training gpt2-tiny-wt with a copy curriculum, so the stand-in model uses its context.
+"""train.py — train a stand-in model that uses its context: gpt2-tiny-wt continued with a copy curriculum.
 
 What it does (docs/fidelity.md has the why and the figures):
   * starts from ../shared/models/gpt2-tiny-wt (6 layers, 256 wide, 8 heads, GPT-2 vocab, 1024 positions),
-    read from model.safetensors by the small reader below (no transformers needed for training);
+    read from model.safetensors by the small reader below (no transformers needed for training); the
+    recipe of `make model` (tools/fidelity/make_model.sh, fourth attempt) first widens it by three heads
+    with the same function (--widen), sets a copy circuit into the new dimensions (--circuit-init with
+    its token code, copy_ov()), and trains with the curriculum while --distill holds the book text to
+    gpt2-tiny-wt's predictions;
   * trains on the corpus of make_corpus.py (Austen, Moby Dick, KJV from Debian packages) with four kinds
     of 1024-token sequences, drawn per sequence from a generator seeded by (seed, step, index), so a
     step's data never depends on the steps before it (resuming is exact):
