@@ -110,7 +110,10 @@ def main():
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("budget (tokens per head, slack 0)")
                 ax.set_ylabel("accuracy (%)")
-                ax.set_ylim(-2, 102)
+                # the data's range, not 0-100: a weak model's differences of a few points must show
+                ys = [100 * r["accuracy"] for r in rs] + [100 * rs[0]["full_accuracy"]]
+                lo, hi = min(ys), max(ys)
+                ax.set_ylim(max(-2.0, lo - 2 - 0.1 * (hi - lo)), min(102.0, hi + 2 + 0.1 * (hi - lo)))
                 ax.set_title(f"{task} ({mode})")
                 ax.grid(alpha=0.3)
             axes[0][-1].legend(fontsize=7, loc="lower right")
