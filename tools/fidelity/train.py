@@ -563,13 +563,14 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
         current one; value an own random projection of the token dimensions and output its transpose
         times o_scale, so the attended token's embedding direction is added to the residual and the tied
         head raises that token's logit.
-    code = (amplitude, query gain, head-0 output gain), for a --widen model, whose layer 0 rewrites the
+    code = (amplitude, query gain, head-0 output gain, key gain), for a --widen model, whose layer 0 rewrites the
     token dimensions (gpt2-tiny-wt: residual std 0.05 per dimension in, 1.3 out), so that a projection of
     them at layer 1 no longer matches the one layer 0 copied: R = 96, and C-96..C-65 hold a fixed random
-    code of each token (its wte columns: +-amplitude times the rms of its embedding, so that LayerNorm 0
-    gives every token's code about the same size), which nothing writes to. Head 0's value reads the
-    code, its output (times the head-0 gain) writes it into the free dimensions; the induction heads'
-    query is the code (times the query gain). The final LayerNorm's gain is 0 on the reserved dimensions
+    code of each token (its wte columns: sixteen +amplitude and sixteen -amplitude entries times the rms
+    of its embedding, so that LayerNorm 0 gives every token's code about the same size), which nothing
+    writes to. Head 0's value reads the code, its output (times the head-0 gain) writes it into the free
+    dimensions; the induction heads' query is the centred code (times the query gain), their key the
+    centred free dimensions (times the key gain); their value and output come from copy_ov(). The final LayerNorm's gain is 0 on the reserved dimensions
     (the tied head would otherwise read the code). The old position embeddings stay in the token
     dimensions: the old model reads them."""
     C = m.wpe.shape[1]
@@ -747,7 +748,7 @@ def main():
     ap.add_argument("--wpe-init", choices=["normal", "sin"], default="normal",
                     help="position embeddings: as loaded / GPT-2's noise (--scratch), or with a sinusoidal code "
                     "(replacing the noise of --scratch, added to loaded ones)")
-    ap.add_argument("--circuit-init", type=int, default=0, help="with --scratch: hand-set a previous-token head "
+    ap.add_argument("--circuit-init", type=int, default=0, help="with --scratch or --widen: hand-set a previous-token head "
                     "(0.0) and this many induction heads (1.0, 1.1, ...) before training (circuit_init())")
     ap.add_argument("--widen", type=int, default=0, help="start from --init made this many heads wider (widen(): "
                     "same function, new residual dimensions for --circuit-init's layout; needs --circuit-init <= N)")
@@ -824,14 +825,20 @@ def main():
         log.flush()
 
     model, cfg = load_model(a.init, a.scratch, a.wpe_init, a.sin_amp)
-    teacher = None
-    if a.distill > 0:
+    teacher = code = None
+    if a.distill > 0 and not a.export:  # an export reads the weights only
         teacher, _ = load_model(a.init)
         teacher.requires_grad_(False)
     if a.widen:
         if a.scratch or a.circuit_init > a.widen:
             sys.exit("train.py: --widen N starts from --init's weights (no --scratch) and has N new heads per "
                      f"layer for --circuit-init's induction heads (got --circuit-init {a.circuit_init})")
+        try:
+            code = tuple(float(v) for v in a.circuit_code.split(","))
+        except ValueError:
+            code = ()
+        if len(code) != 4:
+            sys.exit(f"train.py: --circuit-code wants four numbers a,q,h,k (got {a.circuit_code!r})")
         model, cfg = widen(model, cfg, a.widen, a.seed)
     tok = Tok(a.tokenizer, a.kvhost)
     data = Data(a.corpus, tok, {k: float(v) for k, v in (s.split(":") for s in a.sources.split(","))})
@@ -883,7 +890,6 @@ def main():
     step = 0
     pins = None
     if a.circuit_init:  # (also when resuming: the pinned values come back from the checkpoint)
-        code = tuple(float(v) for v in a.circuit_code.split(",")) if a.widen else None
         prev, pin_sets = circuit_init(model, data, a.circuit_init, a.circuit_q, a.circuit_o, a.seed, code)
         say(f"circuit-init: previous-token head 0.0 on t-1 {prev:.3f}, induction heads 1.0..1.{a.circuit_init - 1}")
         if a.circuit_pin != "none":
