@@ -527,27 +527,30 @@ def measure(model, data, corpus, wotw_ids, n_passages=4, plen=400):
     return out
 
 
-def train_prev_head(m, data, T, steps, rng_of):
-    """Make layer 0 head 0 a previous-token head: Adam (lr 6e-3) on the position embeddings and layer 0's
-    c_attn, layer 0 alone on two T-token windows of book text per step (rng_of(step) draws them), loss
-    -log(attention on t-1). Returns the final attention on t-1."""
+def train_prev_head(m, data, T, steps, rng_of, offsets=(1,)):
+    """Make layer 0 head j attend to t - offsets[j] (head 0: the previous token; with a two-token match head 1
+    also the one before it): Adam (lr 6e-3) on the position embeddings and layer 0's c_attn, layer 0 alone on
+    two T-token windows of book text per step (rng_of(step) draws them), loss the sum over the heads of
+    -log(attention on t - offset). Returns the final attention of head 0 on t-1 (of each head, for several)."""
     opt = torch.optim.Adam([m.wpe, m.h[0].c_attn_w, m.h[0].c_attn_b], lr=6e-3)
-    keep, m.h[0].keep = m.h[0].keep, [0]
-    t = torch.arange(1, T)
+    keep, m.h[0].keep = m.h[0].keep, list(range(len(offsets)))
     for step in range(steps):
         rng = rng_of(step)
         x = torch.from_numpy(np.stack([data.text(rng, T) for _ in range(2)]))
         m.h[0](m.wte[x] + m.wpe[:T], m.mask)
-        loss = -m.h[0].kept[:, 0][:, t, t - 1].clamp_min(1e-6).log().mean()
+        loss = 0.0
+        for j, o in enumerate(offsets):
+            t = torch.arange(o, T)
+            loss = loss - m.h[0].kept[:, j][:, t, t - o].clamp_min(1e-6).log().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    prev = m.h[0].kept[:, 0][:, t, t - 1].mean().item()
+    got = [m.h[0].kept[:, j][:, torch.arange(o, T), torch.arange(o, T) - o].mean().item() for j, o in enumerate(offsets)]
     m.h[0].keep = keep
-    return prev
+    return got[0] if len(offsets) == 1 else got
 
 
-def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
+def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rarity=0.0):
     """Hand-set a copy circuit into a model (--circuit-init; docs/fidelity.md, third and fourth attempts), so
     training starts past the plateau in which a small model on little data stays (K-composition):
       * layout of the residual: token embeddings in dimensions 0..C-R-1, C-64..C-33 left free for the
@@ -572,12 +575,22 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
     dimensions; the induction heads' query is the centred code (times the query gain), their key the
     centred free dimensions (times the key gain); their value and output come from copy_ov(). The final LayerNorm's gain is 0 on the reserved dimensions
     (the tied head would otherwise read the code). The old position embeddings stay in the token
-    dimensions: the old model reads them."""
+    dimensions: the old model reads them.
+    match = 2 (--circuit-match 2, with a code; --widen 4): a two-token match. R = 128: the token's code, the
+    previous token's (layer 0 head 0), the one before it (head 1, trained onto t-2 with head 0) and the
+    position code. The induction query reads the current and the previous token's codes, the key the
+    previous and the one-before's, the second pair through a random rotation (so that equal tokens in the
+    crossed pairs do not match); each pair's gains are scaled by the measured sizes of the codes at layer
+    1, so both matches weigh the same. A key scores high only where two tokens in a row repeat, which in
+    ordinary text is rare, so the heads stay quiet there; "the pass key is" and "key 123 is" are found."""
     C = m.wpe.shape[1]
     H = C // m.h[0].NH
-    R = 64 if code is None else 96
+    R = 64 if code is None else 32 * (2 + match)
     g = torch.Generator().manual_seed(seed)
-    tok, cur, free, pos = slice(0, C - R), slice(C - 96, C - 64), slice(C - 64, C - 32), slice(C - 32, C)
+    top = 32 * (2 + match)  # the layout's first reserved dimension is C - top (without a code, no token code)
+    tok, cur, pos = slice(0, C - R), slice(C - top, C - top + 32), slice(C - 32, C)
+    prevs = [slice(C - top + 32 * (j + 1), C - top + 32 * (j + 2)) for j in range(match)]  # layer 0 head j writes
+    free = prevs[0]
     with torch.no_grad():
         m.wte[:, C - R:] = 0
         m.wpe[:, C - R:] = 0
@@ -588,6 +601,10 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
             signs = torch.ones(m.wte.shape[0], 32)  # 16 of each sign: the code sums to 0 (see centre below)
             signs[:, 16:] = -1
             signs = torch.gather(signs, 1, torch.argsort(torch.rand(m.wte.shape[0], 32, generator=g), 1))
+            if rarity > 0:  # frequent tokens' codes smaller: their matches (most false ones) score less
+                c = sum(np.bincount(v, minlength=m.wte.shape[0]) for v in data.src.values()).astype(np.float64)
+                f = torch.from_numpy(c / c.sum()).float().clamp_min(1e-12)[:, None]
+                rms = rms * (rarity / f).sqrt().clamp(max=1.0)
             m.wte[:, cur] = code[0] * rms * signs
             m.ln_f.weight[C - R:] = 0
             m.ln_f.bias[C - R:] = 0
@@ -597,7 +614,7 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
     hook = m.wpe.register_hook(lambda grad: grad * mask)
     # every position: the head must find t-1 wherever training puts a token
     prev = train_prev_head(m, data, m.wpe.shape[0], 60 if code is None else 120,
-                           lambda step: np.random.default_rng([seed, 10**6 + step]))
+                           lambda step: np.random.default_rng([seed, 10**6 + step]), tuple(range(1, match + 1)))
     hook.remove()
 
     def projection():  # [C, H]: random on the token dimensions, columns centred, zero elsewhere
@@ -615,14 +632,22 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
             # dimension, as large as the small code itself; the code sums to 0, so centring removes just that
             P = torch.zeros(C, H)
             P[cur] = centre
-        b0.c_attn_w[:, 2 * C:2 * C + H] = P
-        b0.c_attn_b[2 * C:2 * C + H] = 0
         b0.c_proj_w[:, C - R:] = 0
         b0.c_proj_b[C - R:] = 0
         b0.fc_proj_w[:, C - R:] = 0
         b0.fc_proj_b[C - R:] = 0
-        b0.c_proj_w[:H] = 0
-        b0.c_proj_w[:H, free] = torch.eye(H) * (1.0 if code is None else code[2])
+        for j in range(match):  # head j copies the code of the token at t-1-j into prevs[j]
+            b0.c_attn_w[:, 2 * C + j * H:2 * C + (j + 1) * H] = P
+            b0.c_attn_b[2 * C + j * H:2 * C + (j + 1) * H] = 0
+            b0.c_proj_w[j * H:(j + 1) * H] = 0
+            b0.c_proj_w[j * H:(j + 1) * H, prevs[j]] = torch.eye(H) * (1.0 if code is None else code[2])
+        if match > 1:  # the second pair's rotation and the codes' sizes at layer 1 (book text)
+            rot = torch.linalg.qr(torch.randn(H, H, generator=g))[0]
+            rng = np.random.default_rng([seed, 3 * 10**6])
+            x = torch.from_numpy(np.stack([data.text(rng, 512) for _ in range(4)]))
+            a1 = b1.ln_1(b0(m.wte[x] + m.wpe[:512], m.mask)).reshape(-1, C)
+            size = [a1[:, d] @ centre for d in [cur] + prevs]  # centred, as the query and key read them
+            size = [v.pow(2).mean().sqrt().item() for v in size]
         if code is not None:
             Vs, Os = copy_ov(m, data, n_ind * H, C - R, seed)
         for h in range(n_ind):
@@ -630,6 +655,9 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
             b1.c_attn_w[:, q] = q_scale * P if code is None else code[1] * P
             b1.c_attn_w[:, k] = 0
             b1.c_attn_w[free, k] = torch.eye(H) if code is None else centre * code[3]
+            if match > 1:  # previous token (query) against the token two back (key), as large as the first pair
+                b1.c_attn_w[prevs[0], q] = code[1] * size[0] / size[1] * centre @ rot
+                b1.c_attn_w[prevs[1], k] = code[3] * size[1] / size[2] * centre @ rot
             b1.c_attn_b[q] = 0
             b1.c_attn_b[k] = 0
             if code is None:
@@ -654,7 +682,7 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
     b0, b1 = m.h[0], m.h[1]
     qk0 = torch.zeros(3 * C, dtype=torch.bool)
     for part in range(3):
-        qk0[part * C:part * C + H] = True
+        qk0[part * C:part * C + match * H] = True
     qk1 = torch.zeros(3 * C, dtype=torch.bool)
     for h in range(n_ind):
         qk1[h * H:(h + 1) * H] = True
@@ -663,7 +691,7 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
     for h in range(n_ind):
         ov1[2 * C + h * H:2 * C + (h + 1) * H] = True
     layout = [(m.wte, mask_of(m.wte, slice(None), slice(C - R, None))), (m.wpe, torch.ones_like(m.wpe, dtype=torch.bool)),
-              (b0.c_proj_w, mask_of(b0.c_proj_w, slice(H, None), slice(C - R, None))),
+              (b0.c_proj_w, mask_of(b0.c_proj_w, slice(match * H, None), slice(C - R, None))),
               (b0.c_proj_b, mask_of(b0.c_proj_b, slice(C - R, None))),
               (b0.fc_proj_w, mask_of(b0.fc_proj_w, slice(None), slice(C - R, None))),
               (b0.fc_proj_b, mask_of(b0.fc_proj_b, slice(C - R, None)))]
@@ -671,7 +699,7 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None):
         layout += [(m.ln_f.weight, mask_of(m.ln_f.weight, slice(C - R, None))),
                    (m.ln_f.bias, mask_of(m.ln_f.bias, slice(C - R, None)))]
     attn = [(b0.c_attn_w, qk0[None].expand(C, -1).clone()), (b0.c_attn_b, qk0.clone()),
-            (b0.c_proj_w, mask_of(b0.c_proj_w, slice(0, H))),
+            (b0.c_proj_w, mask_of(b0.c_proj_w, slice(0, match * H))),
             (b0.ln_1.weight, None), (b0.ln_1.bias, None), (b1.ln_1.weight, None), (b1.ln_1.bias, None),
             (b1.c_attn_w, qk1[None].expand(C, -1).clone()), (b1.c_attn_b, qk1.clone())]
     ov = [(b1.c_attn_w, ov1[None].expand(C, -1).clone()), (b1.c_attn_b, ov1.clone()),
@@ -755,6 +783,10 @@ def main():
     ap.add_argument("--circuit-code", default="0.1,400,0.1,130", help="--widen with --circuit-init: the token code's "
                     "amplitude (relative to the token's embedding), the induction heads' query gain, head 0's output "
                     "gain and the induction heads' key gain (circuit_init())")
+    ap.add_argument("--circuit-match", type=int, choices=[1, 2], default=1, help="--widen with --circuit-init: "
+                    "how many tokens in a row the induction heads match (2 needs --widen 4: circuit_init())")
+    ap.add_argument("--circuit-rarity", type=float, default=0.0, help="--widen with --circuit-init: tokens more "
+                    "frequent than this share of the corpus get a code sqrt(share / this) times smaller (0: off)")
     ap.add_argument("--distill", type=float, default=0.0, help="weight of KL(--init's model || this one) on the "
                     "text sequences' scored targets: keeps the book function of the model it started from")
     ap.add_argument("--circuit-pin", choices=["none", "layout", "attn", "all"], default="none",
@@ -839,6 +871,9 @@ def main():
             code = ()
         if len(code) != 4:
             sys.exit(f"train.py: --circuit-code wants four numbers a,q,h,k (got {a.circuit_code!r})")
+        if a.widen < 2 + a.circuit_match:
+            sys.exit(f"train.py: --circuit-match {a.circuit_match} reserves {2 + a.circuit_match} heads' dimensions: "
+                     f"it needs --widen {2 + a.circuit_match} or more (got --widen {a.widen})")
         model, cfg = widen(model, cfg, a.widen, a.seed)
     tok = Tok(a.tokenizer, a.kvhost)
     data = Data(a.corpus, tok, {k: float(v) for k, v in (s.split(":") for s in a.sources.split(","))})
@@ -890,8 +925,13 @@ def main():
     step = 0
     pins = None
     if a.circuit_init:  # (also when resuming: the pinned values come back from the checkpoint)
-        prev, pin_sets = circuit_init(model, data, a.circuit_init, a.circuit_q, a.circuit_o, a.seed, code)
-        say(f"circuit-init: previous-token head 0.0 on t-1 {prev:.3f}, induction heads 1.0..1.{a.circuit_init - 1}")
+        prev, pin_sets = circuit_init(model, data, a.circuit_init, a.circuit_q, a.circuit_o, a.seed, code,
+                                      a.circuit_match, a.circuit_rarity)
+        if a.circuit_match == 1:
+            say(f"circuit-init: previous-token head 0.0 on t-1 {prev:.3f}, induction heads 1.0..1.{a.circuit_init - 1}")
+        else:
+            say(f"circuit-init: heads 0.0 / 0.1 on t-1 / t-2 {prev[0]:.3f} / {prev[1]:.3f}, two-token induction heads "
+                f"1.0..1.{a.circuit_init - 1}")
         if a.circuit_pin != "none":
             pins = pin_sets[a.circuit_pin]
     if os.path.exists(ckpt_path):
