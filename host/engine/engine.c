@@ -27,6 +27,7 @@ typedef struct request {
     int32_t *chain;    /* [n_prompt / B + 1] prefix-cache entries this request uses */
     uint32_t n_chain;
     bool registered;   /* its prompt blocks went into the prefix cache */
+    bool evicted;      /* an evicting policy removed tokens of its sequence (no more registration) */
 } request;
 
 struct kvh_engine {
@@ -42,6 +43,9 @@ struct kvh_engine {
     uint64_t next_id, admit_counter;
     kvh_prefix_cache pc;
     bool sharing;
+    bool policy_sharing; /* sharing under an evicting policy: blocks registered with policy-state snapshots */
+    uint32_t share_cap;  /* policy sharing: the last block boundary at or before the smallest budget + slack,
+                          * where a prompt's first eviction can come at the earliest */
     char sharing_reason[256];
     float *logits;     /* [max_seqs, V] */
     /* batch scratch, [max_seqs] each */
@@ -98,10 +102,11 @@ static const char *sharing_blocker(const kvh_engine *e, char *buf, size_t cap) {
     }
     for (int l = 0; l < c->n_layer; l++) {
         const kvh_layer_policy_settings *ls = &c->layer[l];
-        if (ls->budget != KVH_BUDGET_UNLIMITED || ls->track_scores || ls->obs_scores || ls->slot_meta_bytes ||
-            ls->report) {
-            snprintf(buf, cap, "layer %d has an eviction policy: its per-token state and evictions differ between "
-                     "sequences that share a prompt", l);
+        if (ls->policy && ls->policy->reset) {
+            /* A policy without reset() keeps its per-sequence state in the host's slot arrays (scores,
+             * metadata, budgets), which the prefix cache snapshots; one with reset() may keep more. */
+            snprintf(buf, cap, "layer %d's policy '%s' has a reset hook: it may keep per-sequence state of its own, "
+                     "which a shared prompt block could not bring along", l, ls->policy->name);
             return buf;
         }
         if (ls->store && (ls->store->append || ls->store->release) && !(ls->store_flags & KVP_STORE_SELF_CONTAINED)) {
@@ -117,6 +122,36 @@ static const char *sharing_blocker(const kvh_engine *e, char *buf, size_t cap) {
 }
 
 static size_t prompt_reserve(const kvh_engine *e, int left);
+
+/* Whether some layer has an eviction policy (per-token state, budgets). */
+static bool has_policy(const kvh_kvcache *c) {
+    for (int l = 0; l < c->n_layer; l++) {
+        const kvh_layer_policy_settings *ls = &c->layer[l];
+        if (ls->budget != KVH_BUDGET_UNLIMITED || ls->track_scores || ls->obs_scores || ls->slot_meta_bytes ||
+            ls->report)
+            return true;
+    }
+    return false;
+}
+
+/* Whether a head of r's sequence holds fewer tokens than it computed: its policy evicted. */
+static bool seq_evicted(const kvh_engine *e, const request *r) {
+    const kvh_kvcache *c = &e->s->cache;
+    for (int l = 0; l < c->n_layer; l++)
+        for (int h = 0; h < c->n_head; h++)
+            if (c->heads[kvh_kvcache_head_index(c, r->seq, l, h)].n < (uint32_t)r->computed) return true;
+    return false;
+}
+
+/* Bytes r's first eviction may copy under policy sharing: every head's shared blocks (copy-on-write before
+ * compaction writes into them). */
+static size_t cow_reserve(const kvh_engine *e, const request *r) {
+    if (!e->policy_sharing || !r->n_chain || r->evicted) return 0;
+    const kvh_kvcache *c = &e->s->cache;
+    size_t per_block = 0;
+    for (int l = 0; l < c->n_layer; l++) per_block += c->pool[l].block_bytes;
+    return (size_t)r->n_chain * per_block * (size_t)c->n_head;
+}
 
 /* ---- lifecycle ------------------------------------------------------------------------------------ */
 
@@ -168,6 +203,15 @@ int kvh_engine_create(kvh_engine **out, const kvh_model *model, const kvh_run_co
     } else {
         if (kvh_prefix_cache_init(&e->pc, &e->s->cache, err) != 0) goto fail;
         e->sharing = true;
+        e->policy_sharing = has_policy(&e->s->cache);
+        if (e->policy_sharing) {
+            uint32_t least = UINT32_MAX;
+            for (int l = 0; l < c->n_layer; l++)
+                if (c->layer[l].budget != KVH_BUDGET_UNLIMITED && c->layer[l].budget + c->layer[l].slack < least)
+                    least = c->layer[l].budget + c->layer[l].slack;
+            if (least == UINT32_MAX) least = (uint32_t)model->cfg.n_positions; /* scores only, no budget */
+            e->share_cap = least - least % c->block_slots;
+        }
     }
     *out = e;
     return 0;
@@ -239,6 +283,7 @@ static int release_seq(kvh_engine *e, request *r, kvh_err *err) {
     if (e->sharing && r->n_chain) kvh_prefix_cache_release(&e->pc, r->chain, r->n_chain);
     r->n_chain = 0;
     r->registered = false;
+    r->evicted = false;
     int rc = kvh_session_reset_seq(e->s, r->seq, err);
     e->seq_busy[r->seq] = false;
     r->seq = -1;
@@ -378,10 +423,23 @@ static int preempt_newest(kvh_engine *e, kvh_err *err) {
     return 0;
 }
 
+/* Under policy sharing, while a request may still register blocks, a prompt piece ends on a block boundary
+ * (or at the prompt's end), and the piece that would pass share_cap stops there: the state after it can
+ * then be snapshot for the requests after it, before the first eviction changes it. */
+static int align_piece(const kvh_engine *e, const request *r, int want) {
+    if (!e->policy_sharing || r->evicted) return want;
+    const int B = (int)e->s->cache.block_slots, cap = (int)e->share_cap;
+    int end = r->computed + want;
+    if (r->computed < cap && end > cap) end = cap;
+    else if (end < r->n_prompt) end -= end % B;
+    return end > r->computed ? end - r->computed : want;
+}
+
 /* The largest piece (<= want tokens) of a prompt that fits, or 0. */
 static int fitting_chunk(kvh_engine *e, const plan *p, const request *r, int want, size_t *bytes) {
+    want = align_piece(e, r, want);
     for (int n = want; n >= 1; n = n > 16 ? n / 2 : n - 1) {
-        const size_t b = kvh_kvcache_bytes_to_append(&e->s->cache, r->seq, (uint32_t)n);
+        const size_t b = kvh_kvcache_bytes_to_append(&e->s->cache, r->seq, (uint32_t)n) + cow_reserve(e, r);
         if (fits(e, p, (size_t)n, b + report_margin(e, b))) {
             *bytes = b + report_margin(e, b);
             return n;
@@ -400,7 +458,7 @@ restart:
         request *r = e->running[i];
         const int left = r->n_tokens - r->computed;
         if (left != 1) continue;
-        const size_t b = kvh_kvcache_bytes_to_append(&e->s->cache, r->seq, 1);
+        const size_t b = kvh_kvcache_bytes_to_append(&e->s->cache, r->seq, 1) + cow_reserve(e, r);
         if (!fits(e, p, 1, b + report_margin(e, b))) {
             if (e->n_running == 1)
                 return kvh_fail(err, "engine: request %llu alone does not fit the budgets (max_tokens %u, %zu KV bytes "
@@ -430,7 +488,12 @@ restart:
 static int attach_shared(kvh_engine *e, const plan *p, request *r, kvh_err *err) {
     kvh_kvcache *c = &e->s->cache;
     const uint32_t B = c->block_slots;
-    const uint32_t hit = kvh_prefix_cache_match(&e->pc, r->tokens, (uint32_t)(r->n_tokens - 1) / B, r->chain);
+    uint32_t hit = kvh_prefix_cache_match(&e->pc, r->tokens, (uint32_t)(r->n_tokens - 1) / B, r->chain);
+    if (e->policy_sharing) { /* only up to an entry where a piece ended: its snapshot is the policy's state there */
+        const uint32_t matched = hit;
+        while (hit && !e->pc.e[r->chain[hit - 1]].snap) hit--;
+        e->pc.blocks_hit -= matched - hit;
+    }
     if (!hit) return 0;
     /* In use before anything may reclaim memory, so fits() cannot drop the very entries matched. */
     kvh_prefix_cache_use(&e->pc, r->chain, hit);
@@ -454,6 +517,7 @@ static int attach_shared(kvh_engine *e, const plan *p, request *r, kvh_err *err)
         kvh_kvcache_reset_seq(c, r->seq);
         return -1;
     }
+    if (e->policy_sharing) kvh_prefix_cache_load_snapshot(&e->pc, r->chain[hit - 1], r->seq);
     c->next_pos[r->seq] = (int32_t)(hit * B);
     r->n_chain = hit;
     return (int)(hit * B);
@@ -485,6 +549,41 @@ static void pending_prompts(const kvh_engine *e, const plan *p, size_t *tokens, 
     }
 }
 
+/* Tries to start r in sequence seq, with its cached prefix (share) or without: its first piece must fit next
+ * to what the running requests' prompts still need. Returns the piece's tokens (r is running, *bytes its
+ * planned bytes, *shared the prefix tokens it took), 0 when it does not fit (r is back as it was), -1 on
+ * error. */
+static int try_start(kvh_engine *e, plan *p, request *r, int seq, bool share, size_t *bytes, int *shared,
+                     kvh_err *err) {
+    r->seq = seq;
+    r->computed = 0;
+    *shared = 0;
+    if (share) {
+        *shared = attach_shared(e, p, r, err);
+        if (*shared < 0) {
+            r->seq = -1;
+            return -1;
+        }
+        r->computed = *shared;
+    }
+    size_t pend_t, pend_b;
+    pending_prompts(e, p, &pend_t, &pend_b);
+    e->seq_busy[seq] = true;
+    e->running[e->n_running++] = r; /* counted by tokens_held from here on */
+    const int left = r->n_tokens - r->computed;
+    const int want = left < (int)p->prefill_left ? left : (int)p->prefill_left;
+    const size_t reserve = prompt_reserve(e, left);
+    const size_t reserve_b = kvh_kvcache_bytes_to_append(&e->s->cache, seq, (uint32_t)reserve);
+    const int n = fits(e, p, pend_t + reserve, pend_b + reserve_b + report_margin(e, reserve_b))
+                      ? fitting_chunk(e, p, r, want, bytes)
+                      : 0;
+    if (!n) {
+        running_remove(e, r);
+        if (release_seq(e, r, err) != 0) return -1;
+    }
+    return n;
+}
+
 /* Admits waiting requests in order (no overtaking) while a sequence is free and their prompt fits the
  * budgets next to what the running requests' prompts still need (a policy stack: its ceiling). */
 static int admit(kvh_engine *e, plan *p, kvh_err *err) {
@@ -493,35 +592,15 @@ static int admit(kvh_engine *e, plan *p, kvh_err *err) {
         int seq = -1;
         for (uint32_t i = 0; i < e->o.max_seqs && seq < 0; i++)
             if (!e->seq_busy[i]) seq = (int)i;
-        r->seq = seq;
-        r->computed = 0;
-        if (e->sharing) {
-            const int shared = attach_shared(e, p, r, err);
-            if (shared < 0) {
-                r->seq = -1;
-                return -1;
-            }
-            r->computed = shared;
-            e->st.prompt_tokens_shared += (uint64_t)shared;
-        }
-        size_t pend_t, pend_b;
-        pending_prompts(e, p, &pend_t, &pend_b);
-        e->seq_busy[seq] = true;
-        e->running[e->n_running++] = r; /* counted by tokens_held from here on */
-        const int left = r->n_tokens - r->computed;
-        const int want = left < (int)p->prefill_left ? left : (int)p->prefill_left;
-        const size_t reserve = prompt_reserve(e, left);
-        const size_t reserve_b = kvh_kvcache_bytes_to_append(&e->s->cache, seq, (uint32_t)reserve);
         size_t bytes = 0;
-        const int n = fits(e, p, pend_t + reserve, pend_b + reserve_b + report_margin(e, reserve_b))
-                          ? fitting_chunk(e, p, r, want, &bytes)
-                          : 0;
-        if (!n) { /* stays first in line */
-            running_remove(e, r);
-            e->st.prompt_tokens_shared -= (uint64_t)r->computed;
-            if (release_seq(e, r, err) != 0) return -1;
-            break;
-        }
+        int shared = 0;
+        int n = try_start(e, p, r, seq, e->sharing, &bytes, &shared, err);
+        /* Under eviction an attached prefix is copied at the first eviction after it, which the plan reserves:
+         * where that does not fit, the request computes its prompt itself. */
+        if (n == 0 && shared > 0 && e->policy_sharing) n = try_start(e, p, r, seq, false, &bytes, &shared, err);
+        if (n < 0) return -1;
+        if (!n) break; /* stays first in line */
+        e->st.prompt_tokens_shared += (uint64_t)shared;
         waiting_remove(e, 0);
         r->state = KVH_REQ_RUNNING;
         r->admit_no = ++e->admit_counter;
@@ -535,6 +614,33 @@ static int admit(kvh_engine *e, plan *p, kvh_err *err) {
 /* ---- the step ------------------------------------------------------------------------------------------ */
 
 static bool is_eos(const kvh_engine *e, int32_t tok) { return tok == e->model->cfg.bos_id; }
+
+/* Policy sharing, after a piece of r: until its sequence first evicts, the prompt blocks the pieces so far
+ * completed go into the prefix cache, the last one with a snapshot of the policy state when the piece ended
+ * on its boundary. At the first eviction its state starts to depend on more than the prefix: it stops
+ * registering and leaves the chain (the blocks its heads still share stay referenced by them; its tokens
+ * then count in full). */
+static int share_policy_prefix(kvh_engine *e, request *r, kvh_err *err) {
+    if (r->evicted) return 0;
+    if (seq_evicted(e, r)) {
+        r->evicted = true;
+        if (r->n_chain) kvh_prefix_cache_release(&e->pc, r->chain, r->n_chain);
+        r->n_chain = 0;
+        return 0;
+    }
+    const uint32_t B = e->s->cache.block_slots;
+    if (r->computed % (int)B || r->computed > r->n_prompt) return 0;
+    const uint32_t d = (uint32_t)r->computed / B;
+    if (d <= r->n_chain) return 0;
+    const int n = kvh_prefix_cache_insert(&e->pc, r->seq, r->tokens, r->n_chain, d, r->chain, err);
+    if (n < 0) return -1;
+    r->n_chain = (uint32_t)n;
+    /* n < d: a block was cached already (another sequence computed this prefix), the rest stays private */
+    if ((uint32_t)n == d && !e->pc.e[r->chain[d - 1]].snap &&
+        kvh_prefix_cache_snapshot(&e->pc, r->chain[d - 1], r->seq, err) < 0)
+        return -1;
+    return 0;
+}
 
 int kvh_engine_step(kvh_engine *e, kvh_err *err) {
     plan p;
@@ -562,8 +668,11 @@ int kvh_engine_step(kvh_engine *e, kvh_err *err) {
         const int n_new = e->b_n[i];
         if (r->n_tokens - r->computed > 1) e->st.prompt_tokens_computed += (uint64_t)n_new;
         r->computed += n_new;
-        /* A finished prompt goes into the prefix cache (its full blocks), for the requests after it. */
-        if (e->sharing && !r->registered && r->computed >= r->n_prompt) {
+        /* A finished prompt goes into the prefix cache (its full blocks), for the requests after it; under
+         * an evicting policy each piece's blocks go in as it ends, until the first eviction. */
+        if (e->policy_sharing) {
+            if (share_policy_prefix(e, r, err) != 0) return -1;
+        } else if (e->sharing && !r->registered && r->computed >= r->n_prompt) {
             const uint32_t B = e->s->cache.block_slots;
             const int n = kvh_prefix_cache_insert(&e->pc, r->seq, r->tokens, r->n_chain, (uint32_t)r->n_prompt / B,
                                                   r->chain, err);

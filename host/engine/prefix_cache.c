@@ -39,6 +39,8 @@ void kvh_prefix_cache_free(kvh_prefix_cache *pc) {
             for (size_t b = 0; b < (size_t)pc->n_layer * (size_t)pc->n_head; b++)
                 kvh_block_unref(pc->cache, (int)(b / (size_t)pc->n_head), pc->e[i].blocks[b]);
         }
+        if (pc->e[i].live && pc->e[i].snap) kvh_kvcache_snapshot_shrink(pc->cache, pc->e[i].snap_bytes);
+        free(pc->e[i].snap);
         free(pc->e[i].tokens);
         free(pc->e[i].blocks);
     }
@@ -173,6 +175,8 @@ int kvh_prefix_cache_insert(kvh_prefix_cache *pc, int s, const int32_t *tokens, 
             }
         e->users = 1;
         e->children = 0;
+        e->snap = NULL;
+        e->snap_bytes = 0;
         e->last_use = pc->clock;
         e->live = 1;
         if (parent >= 0) pc->e[parent].children++;
@@ -199,11 +203,51 @@ static void entry_drop(kvh_prefix_cache *pc, int32_t i) {
     for (size_t b = 0; b < (size_t)pc->n_layer * (size_t)pc->n_head; b++)
         kvh_block_unref(pc->cache, (int)(b / (size_t)pc->n_head), e->blocks[b]);
     if (e->parent >= 0) pc->e[e->parent].children--;
+    if (e->snap) kvh_kvcache_snapshot_shrink(pc->cache, e->snap_bytes);
+    free(e->snap);
+    e->snap = NULL;
+    e->snap_bytes = 0;
     e->live = 0;
     e->next = pc->free_head;
     pc->free_head = i;
     pc->n_live--;
     pc->entries_reclaimed++;
+}
+
+int kvh_prefix_cache_snapshot(kvh_prefix_cache *pc, int32_t i, int s, kvh_err *err) {
+    kvh_prefix_entry *e = &pc->e[i];
+    kvh_kvcache *c = pc->cache;
+    const uint32_t n = (e->depth + 1) * pc->block_slots;
+    size_t bytes = 0;
+    for (int l = 0; l < pc->n_layer; l++) bytes += (size_t)pc->n_head * kvh_kvcache_policy_state_bytes(c, l, n);
+    if (kvh_kvcache_snapshot_grow(c, bytes) != 0) return 1;
+    char *snap = malloc(bytes);
+    if (!snap) {
+        kvh_kvcache_snapshot_shrink(c, bytes);
+        return kvh_fail(err, "prefix cache: out of memory for a policy-state snapshot of %zu bytes", bytes);
+    }
+    char *p = snap;
+    for (int l = 0; l < pc->n_layer; l++)
+        for (int h = 0; h < pc->n_head; h++) {
+            kvh_kvcache_policy_state_save(c, s, l, h, n, p);
+            p += kvh_kvcache_policy_state_bytes(c, l, n);
+        }
+    if (e->snap) kvh_kvcache_snapshot_shrink(c, e->snap_bytes);
+    free(e->snap);
+    e->snap = snap;
+    e->snap_bytes = bytes;
+    return 0;
+}
+
+void kvh_prefix_cache_load_snapshot(const kvh_prefix_cache *pc, int32_t i, int s) {
+    const kvh_prefix_entry *e = &pc->e[i];
+    const uint32_t n = (e->depth + 1) * pc->block_slots;
+    const char *p = e->snap;
+    for (int l = 0; l < pc->n_layer; l++)
+        for (int h = 0; h < pc->n_head; h++) {
+            kvh_kvcache_policy_state_load(pc->cache, s, l, h, n, p);
+            p += kvh_kvcache_policy_state_bytes(pc->cache, l, n);
+        }
 }
 
 size_t kvh_prefix_cache_reclaim(kvh_prefix_cache *pc, size_t bytes) {
@@ -232,6 +276,7 @@ size_t kvh_prefix_cache_idle_bytes(const kvh_prefix_cache *pc) {
     for (int32_t i = 0; i < pc->n; i++) {
         const kvh_prefix_entry *e = &pc->e[i];
         if (!e->live || e->users) continue;
+        total += e->snap_bytes;
         for (size_t b = 0; b < (size_t)pc->n_layer * (size_t)pc->n_head; b++) {
             const int l = (int)(b / (size_t)pc->n_head);
             if (pc->cache->pool[l].ref[e->blocks[b]] == 1) total += pc->cache->pool[l].block_bytes;

@@ -7,7 +7,12 @@
  * Does not own: the blocks themselves (the KV cache's pools; an entry holds one reference on the block of
  * every (layer, head)), deciding when sharing is exact (the engine), or sequences.
  *
- * An entry at depth d covers prompt positions d*B .. d*B + B - 1 (B = the cache's block_slots). */
+ * An entry at depth d covers prompt positions d*B .. d*B + B - 1 (B = the cache's block_slots).
+ *
+ * Under an evicting policy an entry can also keep a snapshot of the registering sequence's policy state
+ * (scores, observation scores, policy metadata, budgets of every head over slots 0 .. (d+1)*B - 1), taken
+ * right after a prompt piece ended at the end of its block and before that sequence evicted anything: a
+ * sequence attaching the chain up to this entry loads it and so starts where that sequence stood. */
 #ifndef KVH_PREFIX_CACHE_H
 #define KVH_PREFIX_CACHE_H
 
@@ -26,6 +31,8 @@ typedef struct kvh_prefix_entry {
     uint32_t users;    /* running sequences whose heads hold these blocks */
     uint32_t children; /* entries whose parent this is */
     uint64_t last_use; /* LRU clock of the last match or release */
+    void *snap;        /* policy-state snapshot (see above), NULL when none was taken here */
+    size_t snap_bytes; /* its size, counted in the cache's bytes_held */
     int32_t next;      /* next entry in the same hash bucket, or in the free list */
     int live;
 } kvh_prefix_entry;
@@ -66,13 +73,21 @@ void kvh_prefix_cache_release(kvh_prefix_cache *pc, const int32_t *chain, uint32
 int kvh_prefix_cache_insert(kvh_prefix_cache *pc, int s, const int32_t *tokens, uint32_t from, uint32_t to,
                             int32_t *chain, kvh_err *err);
 
+/* Takes the snapshot of entry i from sequence s (its heads hold the prompt in position order, slot j =
+ * position j, up to the entry's end). Returns 0, 1 when it would pass the memory limit (nothing taken:
+ * the entry just has no snapshot), -1 when out of memory. */
+int kvh_prefix_cache_snapshot(kvh_prefix_cache *pc, int32_t i, int s, kvh_err *err);
+/* Loads entry i's snapshot into sequence s, whose heads hold the entry's chain (attached blocks). */
+void kvh_prefix_cache_load_snapshot(const kvh_prefix_cache *pc, int32_t i, int s);
+
 /* Drops least-recently-used unused leaf entries until `bytes` have gone back to the pools or none is
  * left; returns the bytes returned. */
 size_t kvh_prefix_cache_reclaim(kvh_prefix_cache *pc, size_t bytes);
 
 /* Entries with at least one user (their blocks are live tokens of running sequences, counted once). */
 uint32_t kvh_prefix_cache_entries_in_use(const kvh_prefix_cache *pc);
-/* Bytes held by unused entries' blocks that reclaiming would return (blocks no head holds). */
+/* Bytes held by unused entries' blocks that reclaiming would return (blocks no head holds), and their
+ * snapshots. */
 size_t kvh_prefix_cache_idle_bytes(const kvh_prefix_cache *pc);
 
 /* The default hash: FNV-1a 64 over the parent key's and the tokens' bytes. */

@@ -412,6 +412,60 @@ void kvh_kvcache_store_shrink(kvh_kvcache *c, size_t bytes) {
     c->bytes_held -= bytes;
 }
 
+int kvh_kvcache_snapshot_grow(kvh_kvcache *c, size_t bytes) {
+    if (c->bytes_limit && (c->bytes_held > c->bytes_limit || bytes > c->bytes_limit - c->bytes_held)) return -1;
+    c->snapshot_bytes += bytes;
+    count_held(c, bytes);
+    return 0;
+}
+
+void kvh_kvcache_snapshot_shrink(kvh_kvcache *c, size_t bytes) {
+    if (bytes > c->snapshot_bytes) bytes = c->snapshot_bytes;
+    c->snapshot_bytes -= bytes;
+    c->bytes_held -= bytes;
+}
+
+size_t kvh_kvcache_policy_state_bytes(const kvh_kvcache *c, int l, uint32_t n) {
+    const kvh_layer_policy_settings *ls = &c->layer[l];
+    const size_t per_slot = (ls->track_scores ? sizeof(float) : 0) + (ls->obs_scores ? sizeof(float) : 0) +
+                            ls->slot_meta_bytes;
+    return sizeof(uint32_t) + (size_t)n * per_slot;
+}
+
+void kvh_kvcache_policy_state_save(const kvh_kvcache *c, int s, int l, int h, uint32_t n, void *out) {
+    const kvh_head_cache *hc = &c->heads[kvh_kvcache_head_index(c, s, l, h)];
+    const size_t mb = (size_t)n * c->layer[l].slot_meta_bytes;
+    char *p = out;
+    memcpy(p, &hc->budget, sizeof hc->budget);
+    p += sizeof hc->budget;
+    if (hc->score) {
+        memcpy(p, hc->score, n * sizeof(float));
+        p += n * sizeof(float);
+    }
+    if (hc->obs_score) {
+        memcpy(p, hc->obs_score, n * sizeof(float));
+        p += n * sizeof(float);
+    }
+    if (hc->meta) memcpy(p, hc->meta, mb);
+}
+
+void kvh_kvcache_policy_state_load(kvh_kvcache *c, int s, int l, int h, uint32_t n, const void *in) {
+    kvh_head_cache *hc = kvh_kvcache_head(c, s, l, h);
+    const size_t mb = (size_t)n * c->layer[l].slot_meta_bytes;
+    const char *p = in;
+    memcpy(&hc->budget, p, sizeof hc->budget);
+    p += sizeof hc->budget;
+    if (hc->score) {
+        memcpy(hc->score, p, n * sizeof(float));
+        p += n * sizeof(float);
+    }
+    if (hc->obs_score) {
+        memcpy(hc->obs_score, p, n * sizeof(float));
+        p += n * sizeof(float);
+    }
+    if (hc->meta) memcpy(hc->meta, p, mb);
+}
+
 void kvh_kvcache_reset_seq(kvh_kvcache *c, int s) {
     for (int l = 0; l < c->n_layer; l++) {
         size_t per_slot = slot_bytes(c, l);

@@ -90,6 +90,7 @@ typedef struct kvh_layer_policy_settings {
     int (*policy_report)(void *ctx, struct kvh_kvcache *c, int seq, int layer, int T, const int32_t *qpos,
                          kvh_err *err);
     void *policy_ctx;
+    const struct kvp_descriptor *policy; /* the policy plugin of this layer (NULL: none) */
     uint32_t k_slot_bytes;  /* bytes of one token's K in one head; 0 = dense fp32 (head_dim * 4) */
     uint32_t v_slot_bytes;  /* same for V */
     const struct kvp_descriptor *store; /* store plugin holding this layer (NULL: dense fp32) */
@@ -113,6 +114,7 @@ typedef struct kvh_kvcache {
     size_t bytes_peak;                /* largest bytes_held seen */
     size_t bytes_limit;               /* 0 = none; growth beyond it fails (emulates a smaller memory) */
     size_t store_bytes;               /* part of bytes_held: memory store plugins hold outside the slots */
+    size_t snapshot_bytes;            /* part of bytes_held: policy-state snapshots of shared prompt blocks */
     float **report_buf;               /* [n_seq * NH] score-report buffers (ABI 1.3), counted in bytes_held */
     size_t *report_floats;            /* [n_seq * NH] their sizes */
     uint32_t *scratch_victims;        /* [n_ctx + max slack] scratch for victim lists */
@@ -273,6 +275,18 @@ void kvh_block_unref(kvh_kvcache *c, int l, uint32_t id);
  * positions pos[n_blocks * block_slots] and zero scores / metadata: the head then holds those slots. */
 int kvh_kvcache_attach_blocks(kvh_kvcache *c, int s, int l, int h, const uint32_t *ids, uint32_t n_blocks,
                               const int32_t *pos, kvh_err *err);
+
+/* ---- policy state of shared prompt blocks (prefix sharing under an evicting policy) ----
+ * A head's policy state over slots [0, n): scores, observation scores, policy metadata (as the layer keeps
+ * them) and the head's budget, saved to / loaded from a flat buffer of kvh_kvcache_policy_state_bytes(c, l, n)
+ * bytes. Load overwrites what attaching blocks set (zeros); the slots must exist. */
+size_t kvh_kvcache_policy_state_bytes(const kvh_kvcache *c, int l, uint32_t n);
+void kvh_kvcache_policy_state_save(const kvh_kvcache *c, int s, int l, int h, uint32_t n, void *out);
+void kvh_kvcache_policy_state_load(kvh_kvcache *c, int s, int l, int h, uint32_t n, const void *in);
+/* Memory held for such snapshots, counted in bytes_held (and snapshot_bytes): grow fails (-1, nothing
+ * counted) when bytes_limit would be passed. */
+int kvh_kvcache_snapshot_grow(kvh_kvcache *c, size_t bytes);
+void kvh_kvcache_snapshot_shrink(kvh_kvcache *c, size_t bytes);
 
 /* Paged layout figures for records: blocks in use, of them shared, kept free in the pools, and slots in
  * in-use blocks that hold no live token (internal fragmentation). Contiguous: zeros. */

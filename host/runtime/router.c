@@ -730,6 +730,7 @@ void kvh_router_layer_settings(const kvh_router *r, kvh_layer_policy_settings *s
         s->policy_insert = d->insert ? policy_insert : NULL;
         s->policy_report = s->report ? policy_report : NULL;
         s->policy_ctx = (void *)x;
+        s->policy = d;
     }
 }
 
