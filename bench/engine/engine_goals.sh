@@ -7,11 +7,14 @@
 #            together): KV bytes at peak vs the formula Lp + (N-1)(L-Lp) tokens, and their prefill time,
 #            with prefix sharing vs without (gpt2-tiny-wt when present, else random:gpt2; block size 8 so
 #            Lp = 200 is a whole number of blocks)
+#   sharing-policy  the sharing trace under h2o.so (budget 128, slack 32): the part before the first
+#            eviction is shared (docs/engine.md): prompt tokens computed and the later requests' TTFT, with
+#            prefix sharing vs without
 #   capacity a long-context trace (prompts 850..950 tokens) under one KV memory cap, every shipped stack:
 #            concurrent sequences and tokens/s vs the full fp32 cache (random:gpt2)
 # Results: OUT/goals.jsonl (every replay/generate record) and OUT/goals.md (python3 report_goals.py).
 #
-# usage: bench/engine/engine_goals.sh [--only paging|sharing|capacity] [--rounds R] [--threads T]
+# usage: bench/engine/engine_goals.sh [--only paging|sharing|sharing-policy|capacity] [--rounds R] [--threads T]
 # environment: KVHOST (default build/kvhost), OUT (default docs/results/engine), CAP (capacity's KV cap,
 #   default 512M), NCAP (capacity's requests, default 16), OUTLEN (capacity's new tokens per request,
 #   default 64: prefill-bound; longer outputs let the decode batch, and so the memory saving, count),
@@ -51,10 +54,10 @@ if want paging; then
   done
 fi
 
-if want sharing; then
-  model=random:gpt2
-  [ -d "$TINY" ] && model=$TINY
-  T=$OUT/traces/sharing-100x1000-200.jsonl
+model=random:gpt2
+[ -d "$TINY" ] && model=$TINY
+T=$OUT/traces/sharing-100x1000-200.jsonl
+if want sharing || want sharing-policy; then
   # request 0 at t=0 computes the prefix; the other 99 arrive together at t=3 s and find it cached
   "$PYTHON" - "$T" <<'EOF'
 import json, random, sys
@@ -66,14 +69,18 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"id": f"s{i}", "arrival": 0.0 if i == 0 else 3.0, "prompt_ids": ids,
                             "max_tokens": 1, "prefix": "sys"}) + "\n")
 EOF
+fi
+sharing_runs() { # $@: plugin options
   for mode in share noshare; do
     extra=()
     [ $mode = noshare ] && extra=(--no-prefix-sharing)
-    echo "== sharing: $mode" >&2
+    echo "== sharing ${*:-(full cache)}: $mode" >&2
     "$KVHOST" replay "$T" --model "$model" --threads "$THREADS" --block-size 8 --max-seqs 100 \
-      --step-tokens 100000 --quiet --json "$J" "${extra[@]}"
+      --step-tokens 100000 --quiet --json "$J" "${extra[@]}" "$@"
   done
-fi
+}
+want sharing && sharing_runs
+want sharing-policy && sharing_runs --plugins h2o.so --set cache.budget=128 --set cache.slack=32
 
 if want capacity; then
   # the 64-token trace keeps its original name, so earlier records still name their trace

@@ -425,7 +425,11 @@ typedef struct kvp_descriptor {
     int (*create)(const kvp_host *host, const kvp_layer_info *layer, kvp_instance *out);
     /* REQUIRED. Frees what create() made. Called once per successful create(). */
     void (*destroy)(void *state);
-    /* Optional (may be NULL). A sequence slot is reused for a new sequence: forget its history. */
+    /* Optional (may be NULL). A sequence slot is reused for a new sequence: forget its history.
+     * A POLICY WITHOUT reset() promises that it keeps no per-sequence state of its own: everything it knows
+     * of a sequence is in the host's arrays (score[], obs_score[], slot metadata, budgets). The engine
+     * relies on it to share prompt blocks between requests with a snapshot of those arrays (docs/engine.md);
+     * a policy with reset() gets no prefix sharing. */
     int (*reset)(void *state, uint32_t seq);
     /* Optional. Per-head budgets for a sequence, called after its prefill with KVP_CAP_HEAD_BUDGETS.
      * Fill budgets[0..n_kv_head-1]; each >= 1. The host validates them. */
