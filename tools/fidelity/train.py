@@ -550,7 +550,7 @@ def train_prev_head(m, data, T, steps, rng_of, offsets=(1,)):
     return got[0] if len(offsets) == 1 else got
 
 
-def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rarity=0.0):
+def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rarity=0.0, ov_rand=0):
     """Hand-set a copy circuit into a model (--circuit-init; docs/fidelity.md, third and fourth attempts), so
     training starts past the plateau in which a small model on little data stays (K-composition):
       * layout of the residual: token embeddings in dimensions 0..C-R-1, C-64..C-33 left free for the
@@ -649,7 +649,7 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
             size = [a1[:, d] @ centre for d in [cur] + prevs]  # centred, as the query and key read them
             size = [v.pow(2).mean().sqrt().item() for v in size]
         if code is not None:
-            Vs, Os = copy_ov(m, data, n_ind * H, C - R, seed)
+            Vs, Os = copy_ov(m, data, n_ind * H, C - R, seed, n_rand=ov_rand)
         for h in range(n_ind):
             q, k, v = slice(h * H, (h + 1) * H), slice(C + h * H, C + (h + 1) * H), slice(2 * C + h * H, 2 * C + (h + 1) * H)
             b1.c_attn_w[:, q] = q_scale * P if code is None else code[1] * P
@@ -707,16 +707,18 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
     return prev, {"layout": layout, "attn": layout + attn, "all": layout + attn + ov}
 
 
-def copy_ov(m, data, rank, n_tok, seed, n_seq=8, T=512):
+def copy_ov(m, data, rank, n_tok, seed, n_seq=8, T=512, n_rand=0):
     """The induction heads' value and output for a --widen model (circuit_init() with a code): the best
     rank-`rank` linear map from layer 1's LayerNorm-ed input at a position to the embedding of the token
     there (reduced-rank ridge regression on n_seq x T positions of book text; every token's target
     scaled to unit rms, so frequent tokens do not dominate). Added to the residual of the query that
     attends there, it raises that token's logit through the tied head. Returns V [C, rank] (reads the
-    token dimensions 0..n_tok-1) and O [rank, C] (writes them)."""
+    token dimensions 0..n_tok-1) and O [rank, C] (writes them). n_rand more sequences of ids drawn uniformly
+    from the whole vocabulary make the map copy tokens that book text rarely has (numbers, names)."""
     C = m.wpe.shape[1]
     rng = np.random.default_rng([seed, 2 * 10**6])
-    x = torch.from_numpy(np.stack([data.text(rng, T) for _ in range(n_seq)]))
+    x = torch.from_numpy(np.stack([data.text(rng, T) for _ in range(n_seq)]
+                                  + [rng.integers(0, EOT, T) for _ in range(n_rand)]))
     with torch.no_grad():
         h = m.h[0](m.wte[x] + m.wpe[:T], m.mask)
         a = m.h[1].ln_1(h).reshape(-1, C)[:, :n_tok].double()  # [N, n_tok]
@@ -766,6 +768,12 @@ def export(model, cfg, init_dir, out_dir):
         shutil.copyfile(os.path.join(init_dir, fn), os.path.join(out_dir, fn))
 
 
+# Options that do not change what a run computes (where it reads and writes, how far it goes this time, how
+# often it reports): a checkpoint made with different values of the others is refused on resume.
+NOT_RECIPE = {"run", "corpus", "init", "tokenizer", "kvhost", "eval_text", "eval_tokens", "stop_at", "threads",
+              "ckpt_minutes", "eval_every", "export", "no_init_measure", "measure_init"}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="run directory: ckpt.pt, log.txt, eval.jsonl")
@@ -787,6 +795,8 @@ def main():
                     "how many tokens in a row the induction heads match (2 needs --widen 4: circuit_init())")
     ap.add_argument("--circuit-rarity", type=float, default=0.0, help="--widen with --circuit-init: tokens more "
                     "frequent than this share of the corpus get a code sqrt(share / this) times smaller (0: off)")
+    ap.add_argument("--circuit-ov-rand", type=int, default=0, help="--widen with --circuit-init: also fit the "
+                    "induction heads' value/output on this many sequences of random ids (copy_ov(); 0: book text only)")
     ap.add_argument("--distill", type=float, default=0.0, help="weight of KL(--init's model || this one) on the "
                     "text sequences' scored targets: keeps the book function of the model it started from")
     ap.add_argument("--circuit-pin", choices=["none", "layout", "attn", "all"], default="none",
@@ -926,7 +936,7 @@ def main():
     pins = None
     if a.circuit_init:  # (also when resuming: the pinned values come back from the checkpoint)
         prev, pin_sets = circuit_init(model, data, a.circuit_init, a.circuit_q, a.circuit_o, a.seed, code,
-                                      a.circuit_match, a.circuit_rarity)
+                                      a.circuit_match, a.circuit_rarity, a.circuit_ov_rand)
         if a.circuit_match == 1:
             say(f"circuit-init: previous-token head 0.0 on t-1 {prev:.3f}, induction heads 1.0..1.{a.circuit_init - 1}")
         else:
@@ -934,8 +944,16 @@ def main():
                 f"1.0..1.{a.circuit_init - 1}")
         if a.circuit_pin != "none":
             pins = pin_sets[a.circuit_pin]
+    # what makes the run the run it is: every option but where it goes, how far and how often it reports
+    recipe = {k: v for k, v in vars(a).items() if k not in NOT_RECIPE}
     if os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path)
+        if "recipe" in ck and ck["recipe"] != recipe:  # (checkpoints older than this check have none)
+            old = ck["recipe"]
+            diff = sorted(k for k in set(old) | set(recipe) if old.get(k) != recipe.get(k))
+            said = "; ".join(f"--{k.replace('_', '-')} {old.get(k)!r} there, {recipe.get(k)!r} now" for k in diff)
+            sys.exit(f"train.py: {ckpt_path} was made with other options ({said}): resuming would mix two runs; "
+                     "use another --run directory")
         model.load_state_dict(ck["model"])
         if not a.export:  # the export needs the weights only (and no --train-params that match the run's)
             opt.load_state_dict(ck["opt"])
@@ -1026,7 +1044,8 @@ def main():
                 say(f"step {step} (induction stage) loss {loss.item():.4f} attention on the induction targets "
                     + " ".join(f"{v:.3f}" for v in accs))
             if time.time() - t_ck > a.ckpt_minutes * 60:
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path + ".tmp")
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "recipe": recipe},
+                           ckpt_path + ".tmp")
                 os.replace(ckpt_path + ".tmp", ckpt_path)
                 t_ck = time.time()
                 say(f"checkpoint step {step}")
@@ -1089,7 +1108,8 @@ def main():
             with open(os.path.join(a.run, "eval.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if time.time() - t_ck > a.ckpt_minutes * 60 or step == stop:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, ckpt_path + ".tmp")
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "recipe": recipe},
+                           ckpt_path + ".tmp")
             os.replace(ckpt_path + ".tmp", ckpt_path)
             t_ck = time.time()
             say(f"checkpoint step {step}")
