@@ -4,10 +4,12 @@
 What it does (docs/fidelity.md has the why and the figures):
   * starts from ../shared/models/gpt2-tiny-wt (6 layers, 256 wide, 8 heads, GPT-2 vocab, 1024 positions),
     read from model.safetensors by the small reader below (no transformers needed for training); the
-    recipe of `make model` (tools/fidelity/make_model.sh, fourth attempt) first widens it by three heads
-    with the same function (--widen), sets a copy circuit into the new dimensions (--circuit-init with
-    its token code, copy_ov()), and trains with the curriculum while --distill holds the book text to
-    gpt2-tiny-wt's predictions;
+    recipe of `make model` (tools/fidelity/make_model.sh, fourth and fifth attempts) first widens it by
+    three heads with the same function (--widen), sets a copy circuit into the new dimensions
+    (--circuit-init with its token code, frequent tokens' codes smaller by --circuit-rarity, copy_ov()),
+    and trains with the curriculum while --distill holds the book text to gpt2-tiny-wt's predictions
+    (fifth attempt, measured, not in the recipe: --circuit-match 2, a two-token match; --circuit-ov-rand,
+    copy_ov() fitted on random ids too);
   * trains on the corpus of make_corpus.py (Austen, Moby Dick, KJV from Debian packages) with four kinds
     of 1024-token sequences, drawn per sequence from a generator seeded by (seed, step, index), so a
     step's data never depends on the steps before it (resuming is exact):
@@ -33,7 +35,8 @@ What it does (docs/fidelity.md has the why and the figures):
     previous-token head and N induction heads to start from: circuit_init()) with --circuit-pin. Only the scored positions go through the LM head (its 12.9M-parameter matmul dominates the cost of
     this model), which makes a step of the sparse kinds about twice as cheap;
   * AdamW, warmup then cosine decay, grad-norm clip 1.0, fp32 (deterministic on one thread);
-  * every --ckpt-minutes writes RUN/ckpt.pt (model + optimizer + step; atomically), every --eval-every
+  * every --ckpt-minutes writes RUN/ckpt.pt (model + optimizer + step + the options that make the run,
+    atomically; a resume with other options is refused, naming them), every --eval-every
     steps measures (RUN/eval.jsonl): NLL and top-1 of the first and the second copy of held-out repeated
     passages (Northanger Abbey, never trained on), passkey accuracy on held-out filler, and the
     perplexity of the first tokens of The War of the Worlds (evaluation text, never trained on); the
