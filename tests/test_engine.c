@@ -342,6 +342,9 @@ static kvh_engine_stats budget_run(const char *plugins, const char *const *sets,
     cr_assert_eq(st.finished + st.cancelled, 40u);
     if (max_tokens) cr_assert_leq(st.tokens_peak, (size_t)max_tokens);
     if (mem) cr_assert_leq(st.kv_bytes_peak, mem);
+    /* what the running requests hold (idle cached prefixes left out) is part of what the cache holds */
+    cr_assert_gt(st.kv_bytes_active_peak, 0u);
+    cr_assert_leq(st.kv_bytes_active_peak, st.kv_bytes_peak);
     if (expect_preemption)
         cr_assert_gt(st.preemptions, 0u, "%s: the budget was meant to force preemptions", plugins ? plugins : "full cache");
     kvh_engine_free(e);

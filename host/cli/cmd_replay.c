@@ -348,6 +348,7 @@ int kvh_cmd_replay(int argc, char **argv) {
     cJSON_AddNumberToObject(rec, "max_concurrent", es.max_running);
     cJSON_AddNumberToObject(rec, "threads", threads);
     cJSON_AddNumberToObject(rec, "kv_bytes_peak", (double)es.kv_bytes_peak);
+    cJSON_AddNumberToObject(rec, "kv_bytes_active_peak", (double)es.kv_bytes_active_peak);
     cJSON_AddNumberToObject(rec, "kv_tokens_peak", (double)es.tokens_peak);
     cJSON_AddNumberToObject(rec, "kv_fragmentation_mean", frag_n ? frag_sum / (double)frag_n : 0);
     cJSON_AddNumberToObject(rec, "prefix_hit_rate",

@@ -662,6 +662,9 @@ int kvh_engine_step(kvh_engine *e, kvh_err *err) {
     if ((uint32_t)e->n_running > e->st.max_running) e->st.max_running = (uint32_t)e->n_running;
     const size_t held = tokens_held(e);
     if (held > e->st.tokens_peak) e->st.tokens_peak = held;
+    const size_t idle = e->sharing ? kvh_prefix_cache_idle_bytes(&e->pc) : 0;
+    const size_t active = e->s->cache.bytes_held > idle ? e->s->cache.bytes_held - idle : 0;
+    if (active > e->st.kv_bytes_active_peak) e->st.kv_bytes_active_peak = active;
     const int V = e->model->cfg.n_vocab;
     for (int i = 0; i < p.n; i++) {
         request *r = e->b_req[i];

@@ -62,6 +62,8 @@ typedef struct kvh_engine_stats {
     uint32_t running, waiting, max_running;
     size_t tokens_held, tokens_peak;  /* global-budget tokens (see above) */
     size_t kv_bytes_held, kv_bytes_peak;
+    size_t kv_bytes_active_peak;      /* most KV bytes held after a step less the prefix cache's idle entries
+                                       * (what the running requests hold; idle entries are reclaimed on demand) */
     uint64_t prefix_blocks_looked_up, prefix_blocks_hit, prefix_verify_rejects, prefix_entries_reclaimed;
     uint64_t cow_copies;
 } kvh_engine_stats;
