@@ -185,17 +185,21 @@ int kvh_engine_create(kvh_engine **out, const kvh_model *model, const kvh_run_co
         kvh_fail(err, "engine: out of memory for %u sequences", eo->max_seqs);
         goto fail;
     }
-    /* With a budget on every layer a sequence never holds more than budget + slack + one step's chunk. */
+    /* With a budget on every layer a sequence never holds more than budget + slack + one step's chunk; the
+     * smallest budget + slack is where its first eviction can come at the earliest (policy sharing). */
     const kvh_kvcache *c = &e->s->cache;
-    e->policy_cap = 0;
+    uint32_t most = 0, least = UINT32_MAX;
+    bool every_layer = true;
     for (int l = 0; l < c->n_layer; l++) {
         if (c->layer[l].budget == KVH_BUDGET_UNLIMITED) {
-            e->policy_cap = 0;
-            break;
+            every_layer = false;
+            continue;
         }
-        uint32_t cap = c->layer[l].budget + c->layer[l].slack;
-        if (cap > e->policy_cap) e->policy_cap = cap;
+        const uint32_t cap = c->layer[l].budget + c->layer[l].slack;
+        if (cap > most) most = cap;
+        if (cap < least) least = cap;
     }
+    e->policy_cap = every_layer ? most : 0;
     char why[256];
     const char *blocker = eo->prefix_sharing ? sharing_blocker(e, why, sizeof why) : "[engine] prefix_sharing = off";
     if (blocker) {
@@ -205,10 +209,6 @@ int kvh_engine_create(kvh_engine **out, const kvh_model *model, const kvh_run_co
         e->sharing = true;
         e->policy_sharing = has_policy(&e->s->cache);
         if (e->policy_sharing) {
-            uint32_t least = UINT32_MAX;
-            for (int l = 0; l < c->n_layer; l++)
-                if (c->layer[l].budget != KVH_BUDGET_UNLIMITED && c->layer[l].budget + c->layer[l].slack < least)
-                    least = c->layer[l].budget + c->layer[l].slack;
             if (least == UINT32_MAX) least = (uint32_t)model->cfg.n_positions; /* scores only, no budget */
             e->share_cap = least - least % c->block_slots;
         }
@@ -438,8 +438,9 @@ static int align_piece(const kvh_engine *e, const request *r, int want) {
 /* The largest piece (<= want tokens) of a prompt that fits, or 0. */
 static int fitting_chunk(kvh_engine *e, const plan *p, const request *r, int want, size_t *bytes) {
     want = align_piece(e, r, want);
+    const size_t cow = cow_reserve(e, r);
     for (int n = want; n >= 1; n = n > 16 ? n / 2 : n - 1) {
-        const size_t b = kvh_kvcache_bytes_to_append(&e->s->cache, r->seq, (uint32_t)n) + cow_reserve(e, r);
+        const size_t b = kvh_kvcache_bytes_to_append(&e->s->cache, r->seq, (uint32_t)n) + cow;
         if (fits(e, p, (size_t)n, b + report_margin(e, b))) {
             *bytes = b + report_margin(e, b);
             return n;
@@ -662,9 +663,12 @@ int kvh_engine_step(kvh_engine *e, kvh_err *err) {
     if ((uint32_t)e->n_running > e->st.max_running) e->st.max_running = (uint32_t)e->n_running;
     const size_t held = tokens_held(e);
     if (held > e->st.tokens_peak) e->st.tokens_peak = held;
-    const size_t idle = e->sharing ? kvh_prefix_cache_idle_bytes(&e->pc) : 0;
-    const size_t active = e->s->cache.bytes_held > idle ? e->s->cache.bytes_held - idle : 0;
-    if (active > e->st.kv_bytes_active_peak) e->st.kv_bytes_active_peak = active;
+    /* active <= held: the scan of idle prefix-cache entries is needed only when held is above the peak */
+    if (e->s->cache.bytes_held > e->st.kv_bytes_active_peak) {
+        const size_t idle = e->sharing ? kvh_prefix_cache_idle_bytes(&e->pc) : 0;
+        const size_t active = e->s->cache.bytes_held > idle ? e->s->cache.bytes_held - idle : 0;
+        if (active > e->st.kv_bytes_active_peak) e->st.kv_bytes_active_peak = active;
+    }
     const int V = e->model->cfg.n_vocab;
     for (int i = 0; i < p.n; i++) {
         request *r = e->b_req[i];

@@ -47,11 +47,30 @@ static void count_held(kvh_kvcache *c, size_t add) {
     if (c->bytes_held > c->bytes_peak) c->bytes_peak = c->bytes_held;
 }
 
+/* Whether holding `bytes` more would pass the byte limit (written so that it cannot overflow). */
+static bool passes_limit(const kvh_kvcache *c, size_t bytes) {
+    return c->bytes_limit && (c->bytes_held > c->bytes_limit || bytes > c->bytes_limit - c->bytes_held);
+}
+
+/* Memory held beside the slots (a store's own, prefix-cache snapshots): counted in bytes_held and in its
+ * part of it. */
+static int grow_part(kvh_kvcache *c, size_t *part, size_t bytes) {
+    if (passes_limit(c, bytes)) return -1;
+    *part += bytes;
+    count_held(c, bytes);
+    return 0;
+}
+
+static void shrink_part(kvh_kvcache *c, size_t *part, size_t bytes) {
+    if (bytes > *part) bytes = *part;
+    *part -= bytes;
+    c->bytes_held -= bytes;
+}
+
 /* A fresh block (reference count 1) of layer l, or -1 when the memory limit or memory runs out. */
 static int pool_alloc(kvh_kvcache *c, int l, uint32_t *id_out) {
     kvh_block_pool *p = &c->pool[l];
-    if (c->bytes_limit && (c->bytes_held > c->bytes_limit || p->block_bytes > c->bytes_limit - c->bytes_held))
-        return -1;
+    if (passes_limit(c, p->block_bytes)) return -1;
     uint32_t id;
     if (p->n_free) {
         id = p->free_ids[--p->n_free];
@@ -398,32 +417,10 @@ static void store_release(kvh_kvcache *c, int s, int l, int h, const uint32_t *s
     kvh_plugin_guard_leave();
 }
 
-int kvh_kvcache_store_grow(kvh_kvcache *c, size_t bytes) {
-    if (c->bytes_limit && (c->bytes_held > c->bytes_limit || bytes > c->bytes_limit - c->bytes_held)) return -1;
-    c->bytes_held += bytes;
-    c->store_bytes += bytes;
-    if (c->bytes_held > c->bytes_peak) c->bytes_peak = c->bytes_held;
-    return 0;
-}
-
-void kvh_kvcache_store_shrink(kvh_kvcache *c, size_t bytes) {
-    if (bytes > c->store_bytes) bytes = c->store_bytes;
-    c->store_bytes -= bytes;
-    c->bytes_held -= bytes;
-}
-
-int kvh_kvcache_snapshot_grow(kvh_kvcache *c, size_t bytes) {
-    if (c->bytes_limit && (c->bytes_held > c->bytes_limit || bytes > c->bytes_limit - c->bytes_held)) return -1;
-    c->snapshot_bytes += bytes;
-    count_held(c, bytes);
-    return 0;
-}
-
-void kvh_kvcache_snapshot_shrink(kvh_kvcache *c, size_t bytes) {
-    if (bytes > c->snapshot_bytes) bytes = c->snapshot_bytes;
-    c->snapshot_bytes -= bytes;
-    c->bytes_held -= bytes;
-}
+int kvh_kvcache_store_grow(kvh_kvcache *c, size_t bytes) { return grow_part(c, &c->store_bytes, bytes); }
+void kvh_kvcache_store_shrink(kvh_kvcache *c, size_t bytes) { shrink_part(c, &c->store_bytes, bytes); }
+int kvh_kvcache_snapshot_grow(kvh_kvcache *c, size_t bytes) { return grow_part(c, &c->snapshot_bytes, bytes); }
+void kvh_kvcache_snapshot_shrink(kvh_kvcache *c, size_t bytes) { shrink_part(c, &c->snapshot_bytes, bytes); }
 
 size_t kvh_kvcache_policy_state_bytes(const kvh_kvcache *c, int l, uint32_t n) {
     const kvh_layer_policy_settings *ls = &c->layer[l];
