@@ -323,9 +323,13 @@ class Data:
         self.text_frac, self.rand_len, self.rand_gap = 0.5, (8, 128), 0
         self.rand_vocab = np.zeros(0, dtype=np.int64)
 
+    def token_counts(self, n_vocab=EOT + 1):
+        """How often each token id occurs in the training sources, [n_vocab]."""
+        return sum(np.bincount(v, minlength=n_vocab) for v in self.src.values())
+
     def set_rand_vocab(self, n):
         """The n most frequent token ids of the training sources (ties by id): the alphabet of `rand`."""
-        c = sum(np.bincount(v, minlength=EOT + 1) for v in self.src.values())
+        c = self.token_counts()
         c[EOT] = 0
         order = np.lexsort((np.arange(c.size), -c))
         self.rand_vocab = np.sort(order[:n]).astype(np.int64)
@@ -584,8 +588,12 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
     position code. The induction query reads the current and the previous token's codes, the key the
     previous and the one-before's, the second pair through a random rotation (so that equal tokens in the
     crossed pairs do not match); each pair's gains are scaled by the measured sizes of the codes at layer
-    1, so both matches weigh the same. A key scores high only where two tokens in a row repeat, which in
-    ordinary text is rare, so the heads stay quiet there; "the pass key is" and "key 123 is" are found."""
+    1, so both matches weigh the same. Meant to fire only where two tokens in a row repeat; measured
+    (docs/fidelity.md, fifth attempt), it copies better but does not quiet the heads on ordinary text (two
+    codes add two codes' noise) and finds no passkey.
+    rarity > 0 (--circuit-rarity): a token whose share of the training sources is above `rarity` gets a
+    code sqrt(rarity / share) times smaller, so matches on frequent words score less. ov_rand: copy_ov()'s
+    n_rand."""
     C = m.wpe.shape[1]
     H = C // m.h[0].NH
     R = 64 if code is None else 32 * (2 + match)
@@ -605,7 +613,7 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
             signs[:, 16:] = -1
             signs = torch.gather(signs, 1, torch.argsort(torch.rand(m.wte.shape[0], 32, generator=g), 1))
             if rarity > 0:  # frequent tokens' codes smaller: their matches (most false ones) score less
-                c = sum(np.bincount(v, minlength=m.wte.shape[0]) for v in data.src.values()).astype(np.float64)
+                c = data.token_counts(m.wte.shape[0]).astype(np.float64)
                 f = torch.from_numpy(c / c.sum()).float().clamp_min(1e-12)[:, None]
                 rms = rms * (rarity / f).sqrt().clamp(max=1.0)
             m.wte[:, cur] = code[0] * rms * signs
