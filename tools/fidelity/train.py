@@ -864,6 +864,23 @@ def main():
     ap.add_argument("--no-init-measure", action="store_true", help="do not measure the initial model (known)")
     ap.add_argument("--measure-init", action="store_true", help="measure the initial model and stop")
     a = ap.parse_args()
+    code = None
+    if a.widen:  # checked before anything is written into --run
+        if a.scratch or a.circuit_init > a.widen:
+            sys.exit("train.py: --widen N starts from --init's weights (no --scratch) and has N new heads per "
+                     f"layer for --circuit-init's induction heads (got --circuit-init {a.circuit_init})")
+        try:
+            code = tuple(float(v) for v in a.circuit_code.split(","))
+        except ValueError:
+            code = ()
+        if len(code) != 4:
+            sys.exit(f"train.py: --circuit-code wants four numbers a,q,h,k (got {a.circuit_code!r})")
+        if not 0 <= a.circuit_rarity < 1 or a.circuit_ov_rand < 0:
+            sys.exit(f"train.py: --circuit-rarity is a share of the corpus in [0, 1) and --circuit-ov-rand a count >= 0 "
+                     f"(got {a.circuit_rarity}, {a.circuit_ov_rand})")
+        if a.widen < 2 + a.circuit_match:
+            sys.exit(f"train.py: --circuit-match {a.circuit_match} reserves {2 + a.circuit_match} heads' dimensions: "
+                     f"it needs --widen {2 + a.circuit_match} or more (got --widen {a.widen})")
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -878,23 +895,11 @@ def main():
         log.flush()
 
     model, cfg = load_model(a.init, a.scratch, a.wpe_init, a.sin_amp)
-    teacher = code = None
+    teacher = None
     if a.distill > 0 and not a.export:  # an export reads the weights only
         teacher, _ = load_model(a.init)
         teacher.requires_grad_(False)
     if a.widen:
-        if a.scratch or a.circuit_init > a.widen:
-            sys.exit("train.py: --widen N starts from --init's weights (no --scratch) and has N new heads per "
-                     f"layer for --circuit-init's induction heads (got --circuit-init {a.circuit_init})")
-        try:
-            code = tuple(float(v) for v in a.circuit_code.split(","))
-        except ValueError:
-            code = ()
-        if len(code) != 4:
-            sys.exit(f"train.py: --circuit-code wants four numbers a,q,h,k (got {a.circuit_code!r})")
-        if a.widen < 2 + a.circuit_match:
-            sys.exit(f"train.py: --circuit-match {a.circuit_match} reserves {2 + a.circuit_match} heads' dimensions: "
-                     f"it needs --widen {2 + a.circuit_match} or more (got --widen {a.widen})")
         model, cfg = widen(model, cfg, a.widen, a.seed)
     tok = Tok(a.tokenizer, a.kvhost)
     data = Data(a.corpus, tok, {k: float(v) for k, v in (s.split(":") for s in a.sources.split(","))})
