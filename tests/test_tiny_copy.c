@@ -137,11 +137,11 @@ Test(tiny_copy, copies_and_a_small_window_cannot) {
     for (int i = 0; i < set.n; i++) cr_assert_eq(kvh_task_run_sample(win, full, &set.s[i], 0, &sc, &err), 0, "%s", err.msg);
     double full_acc = (double)sc.full_correct / (double)sc.answers, win_acc = (double)sc.correct / (double)sc.answers;
     fprintf(stderr, "gpt2-tiny-copy: copy accuracy full %.3f, window 32 %.3f (%zu tokens)\n", full_acc, win_acc, sc.answers);
-    /* 8 spans of 48: 376 scored tokens. The built model (docs/fidelity.md): full 0.221, window 0.173; the
-     * thresholds leave room for a rebuild on another machine kind, not for a model that does not copy
-     * (gpt2-tiny-wt: full and window within a point of each other) */
-    cr_assert(full_acc > 0.19, "the full cache copies: %.3f", full_acc);
-    cr_assert(win_acc < full_acc - 0.03, "a window of 32 cannot see a copy 208 tokens back: %.3f vs %.3f", win_acc,
+    /* 8 spans of 48: 376 scored tokens. The built model (docs/fidelity.md): full 0.332, window 0.176 (the
+     * fifth attempt's: 0.229 and 0.173); the thresholds leave room for a rebuild on another machine kind,
+     * not for a model that copies weakly or not at all (gpt2-tiny-wt: full and window within a point) */
+    cr_assert(full_acc > 0.28, "the full cache copies: %.3f", full_acc);
+    cr_assert(win_acc < full_acc - 0.10, "a window of 32 cannot see a copy 208 tokens back: %.3f vs %.3f", win_acc,
               full_acc);
     kvh_session_free(win);
     kvh_session_free(full);

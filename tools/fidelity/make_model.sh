@@ -1,23 +1,23 @@
 #!/bin/sh
 # make_model.sh — rebuild models/gpt2-tiny-copy (`make model`): the training corpus from Debian packages,
-# gpt2-tiny-wt widened by three heads with a hand-set copy circuit (frequent tokens' codes scaled down) and
-# trained with the copy curriculum while held to gpt2-tiny-wt's predictions on book text (docs/fidelity.md,
-# "Fourth attempt" and "Fifth attempt": RECIPE below),
-# the export in the Hugging Face layout, golden outputs.
-# Deterministic on one CPU thread for a given machine kind (PyTorch 1.13 from Debian, bfloat16 autocast);
-# about 45 min on an idle core of a 2-core VM (docs/fidelity.md has the figures and the hashes we got).
+# gpt2-tiny-wt widened by six heads with a hand-set copy circuit (frequent tokens' codes scaled down, the
+# induction heads in the last layer copying through answer codes of their own: docs/fidelity.md, "Sixth
+# attempt"; RECIPE below), the export in the Hugging Face layout, golden outputs. The recipe trains the
+# circuit's previous-token head (Adam, 120 steps) and no curriculum steps (STEPS=0: measured to make the
+# circuit worse); STEPS=N trains N steps of train.py's curriculum on top (TRAIN_ARGS: its options).
+# Deterministic on one CPU thread for a given machine kind (PyTorch 1.13 from Debian); about 10 min on an
+# idle core of a 2-core VM (docs/fidelity.md has the figures and the hashes we got).
 # Resumable: rerun it and training continues from WORK/run/ckpt.pt.
-#   STEPS (250) the schedule, STOP_AT (= STEPS) where to stop, WORK (build/fidelity), OUT (models/gpt2-tiny-copy),
+#   STEPS (0) the schedule, STOP_AT (= STEPS) where to stop, WORK (build/fidelity), OUT (models/gpt2-tiny-copy),
 #   PYTHON (/usr/bin/python3: Debian's, which has python3-torch), KVHOST (build/kvhost: the tokenizer),
-#   RECIPE (the fifth attempt's options), TRAIN_ARGS (none): more train.py options,
+#   RECIPE (the sixth attempt's options), TRAIN_ARGS (none): more train.py options,
 #   GOLDEN_PYTHON (= PYTHON): a Python with torch and transformers 4.44.2 for golden.json (e.g. a venv made
 #   with --system-site-packages and `pip install transformers==4.44.2`); without one the golden test skips.
 set -eu
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-STEPS=${STEPS:-250}
-RECIPE=${RECIPE:---widen 3 --circuit-init 3 --circuit-rarity 1e-3 --circuit-pin attn --circuit-o 1 --prev-head 0.0 \
- --ind-heads 1.0,1.1,1.2 --aux-weight 0 --distill 2 --seq 512 --batch 4 --long-every 4 --text-frac 0.5 --mix 0.5,0.2,0.1,0.1,0.1 \
- --sources austen:0.55,moby:0.35,kjv:0.1 --rand-gap 32 --lr 3e-4 --min-lr 3e-5 --warmup 20 --eval-every 50}
+STEPS=${STEPS:-0}
+RECIPE=${RECIPE:---widen 6 --circuit-init 3 --circuit-rarity 1e-3 --circuit-code 0.1,1000,0.1,325 --circuit-answer 0.01,50,3 \
+ --circuit-pin all --prev-head 0.0 --ind-heads 5.0,5.1,5.2 --aux-weight 0 --sources austen:0.55,moby:0.35,kjv:0.1 --eval-every 50}
 STOP_AT=${STOP_AT:-$STEPS}
 WORK=${WORK:-$ROOT/build/fidelity}
 OUT=${OUT:-$ROOT/models/gpt2-tiny-copy}

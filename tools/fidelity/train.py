@@ -4,11 +4,13 @@
 What it does (docs/fidelity.md has the why and the figures):
   * starts from ../shared/models/gpt2-tiny-wt (6 layers, 256 wide, 8 heads, GPT-2 vocab, 1024 positions),
     read from model.safetensors by the small reader below (no transformers needed for training); the
-    recipe of `make model` (tools/fidelity/make_model.sh, fourth and fifth attempts) first widens it by
-    three heads with the same function (--widen), sets a copy circuit into the new dimensions
-    (--circuit-init with its token code, frequent tokens' codes smaller by --circuit-rarity, copy_ov()),
-    and trains with the curriculum while --distill holds the book text to gpt2-tiny-wt's predictions
-    (fifth attempt, measured, not in the recipe: --circuit-match 2, a two-token match; --circuit-ov-rand,
+    recipe of `make model` (tools/fidelity/make_model.sh, sixth attempt) widens it by six heads with the
+    same function (--widen), sets a copy circuit into the new dimensions (--circuit-init with its token
+    code, frequent tokens' codes smaller by --circuit-rarity, the induction heads in the last layer copying
+    through answer codes of their own: --circuit-answer) and stops there (--steps 0: the curriculum below
+    made that circuit worse, measured). The fourth and fifth attempts' recipe put the induction heads in
+    layer 1 with copy_ov()'s output and trained with the curriculum while --distill held the book text
+    to gpt2-tiny-wt's predictions (also measured: --circuit-match 2, a two-token match; --circuit-ov-rand,
     copy_ov() fitted on random ids too);
   * trains on the corpus of make_corpus.py (Austen, Moby Dick, KJV from Debian packages) with four kinds
     of 1024-token sequences, drawn per sequence from a generator seeded by (seed, step, index), so a
@@ -557,7 +559,7 @@ def train_prev_head(m, data, T, steps, rng_of, offsets=(1,)):
     return got[0] if len(offsets) == 1 else got
 
 
-def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rarity=0.0, ov_rand=0):
+def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rarity=0.0, ov_rand=0, answer=None):
     """Hand-set a copy circuit into a model (--circuit-init; docs/fidelity.md, third and fourth attempts), so
     training starts past the plateau in which a small model on little data stays (K-composition):
       * layout of the residual: token embeddings in dimensions 0..C-R-1, C-64..C-33 left free for the
@@ -593,15 +595,28 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
     codes add two codes' noise) and finds no passkey.
     rarity > 0 (--circuit-rarity): a token whose share of the training sources is above `rarity` gets a
     code sqrt(rarity / share) times smaller, so matches on frequent words score less. ov_rand: copy_ov()'s
-    n_rand."""
+    n_rand.
+    answer = (size, gain, boost) (--circuit-answer, with a code and match 1; docs/fidelity.md, sixth attempt):
+    the induction heads sit in the *last* layer and copy through an answer code of their own instead of
+    copy_ov()'s map. R = 96 + 32 * n_ind: after the token's and the previous token's codes come n_ind blocks
+    of 32 dimensions in which every token's wte row holds a fixed balanced +-size code (size small, so the
+    token's own code barely reaches the logits); head h's value reads block h at the key's position (the
+    token to copy) and its output writes it back `gain` times larger; the final LayerNorm's gain on the
+    blocks is set so that a full match raises the copied token's logit by `boost` nats through the tied
+    head (the inner product of the two codes), and is 0 on the other reserved dimensions as before. No
+    layer reads what the heads write before the logits do, so the copy costs the text only where the
+    heads match wrongly."""
     C = m.wpe.shape[1]
     H = C // m.h[0].NH
-    R = 64 if code is None else 32 * (2 + match)
+    n_ans = 32 * n_ind if answer else 0
+    R = 64 if code is None else 32 * (2 + match) + n_ans
     g = torch.Generator().manual_seed(seed)
-    top = 32 * (2 + match)  # the layout's first reserved dimension is C - top (without a code, no token code)
+    top = 32 * (2 + match) + n_ans  # the layout's first reserved dimension is C - top (without a code, no token code)
     tok, cur, pos = slice(0, C - R), slice(C - top, C - top + 32), slice(C - 32, C)
     prevs = [slice(C - top + 32 * (j + 1), C - top + 32 * (j + 2)) for j in range(match)]  # layer 0 head j writes
     free = prevs[0]
+    ans = [slice(C - top + 32 * (1 + match + h), C - top + 32 * (2 + match + h)) for h in range(n_ind if answer else 0)]
+    L_ind = len(m.h) - 1 if answer else 1  # the induction heads' layer
     with torch.no_grad():
         m.wte[:, C - R:] = 0
         m.wpe[:, C - R:] = 0
@@ -609,14 +624,14 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
             m.wpe.zero_()
         else:
             rms = m.wte[:, tok].pow(2).mean(1, keepdim=True).sqrt()  # so LayerNorm 0 gives every token's code ~code[0]
-            signs = torch.ones(m.wte.shape[0], 32)  # 16 of each sign: the code sums to 0 (see centre below)
-            signs[:, 16:] = -1
-            signs = torch.gather(signs, 1, torch.argsort(torch.rand(m.wte.shape[0], 32, generator=g), 1))
+            signs = balanced_signs(m.wte.shape[0], g)  # the code sums to 0 (see centre below)
             if rarity > 0:  # frequent tokens' codes smaller: their matches (most false ones) score less
                 c = data.token_counts(m.wte.shape[0]).astype(np.float64)
                 f = torch.from_numpy(c / c.sum()).float().clamp_min(1e-12)[:, None]
                 rms = rms * (rarity / f).sqrt().clamp(max=1.0)
             m.wte[:, cur] = code[0] * rms * signs
+            if answer:  # drawn now, written after the previous-token head's training (whose LayerNorm it would change)
+                ans_code = torch.cat([balanced_signs(m.wte.shape[0], g) for _ in ans], 1) * answer[0]
             m.ln_f.weight[C - R:] = 0
             m.ln_f.bias[C - R:] = 0
         m.wpe[:, pos] = 0.028 * sinusoid(m.wpe.shape[0], 32)
@@ -627,6 +642,9 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
     prev = train_prev_head(m, data, m.wpe.shape[0], 60 if code is None else 120,
                            lambda step: np.random.default_rng([seed, 10**6 + step]), tuple(range(1, match + 1)))
     hook.remove()
+    if answer:
+        with torch.no_grad():
+            m.wte[:, C - top + 32 * (1 + match):C - 32] = ans_code
 
     def projection():  # [C, H]: random on the token dimensions, columns centred, zero elsewhere
         p = torch.zeros(C, H)
@@ -636,7 +654,7 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
 
     centre = torch.eye(H) - 1.0 / H
     with torch.no_grad():
-        b0, b1 = m.h[0], m.h[1]
+        b0, b1 = m.h[0], m.h[L_ind]
         if code is None:
             P = projection()
         else:  # the centring matrix: LayerNorm's mean subtraction adds the residual's mean to every reserved
@@ -659,7 +677,16 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
             a1 = b1.ln_1(b0(m.wte[x] + m.wpe[:512], m.mask)).reshape(-1, C)
             size = [a1[:, d] @ centre for d in [cur] + prevs]  # centred, as the query and key read them
             size = [v.pow(2).mean().sqrt().item() for v in size]
-        if code is not None:
+        if answer:  # residual size per dimension in front of the heads' layer and of the final LayerNorm
+            rng = np.random.default_rng([seed, 4 * 10**6])
+            x = torch.from_numpy(np.stack([data.text(rng, 512) for _ in range(2)]))
+            hs = m.wte[x] + m.wpe[:512]
+            for i, b in enumerate(m.h):
+                if i == L_ind:
+                    size_in = hs.std(-1).mean().item()
+                hs = b(hs, m.mask)
+            size_final = hs.std(-1).mean().item()
+        elif code is not None:
             Vs, Os = copy_ov(m, data, n_ind * H, C - R, seed, n_rand=ov_rand)
         for h in range(n_ind):
             q, k, v = slice(h * H, (h + 1) * H), slice(C + h * H, C + (h + 1) * H), slice(2 * C + h * H, 2 * C + (h + 1) * H)
@@ -671,14 +698,20 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
                 b1.c_attn_w[prevs[1], k] = code[3] * size[1] / size[2] * centre @ rot
             b1.c_attn_b[q] = 0
             b1.c_attn_b[k] = 0
-            if code is None:
+            if answer:  # value: the centred answer block h (LayerNorm adds the residual's mean; the block sums to 0)
+                V, O = torch.zeros(C, H), torch.zeros(H, C)
+                V[ans[h]] = centre
+                O[:, ans[h]] = torch.eye(H) * answer[1] * size_in  # undoes LayerNorm's 1 / size: writes gain x size
+            elif code is None:
                 V = projection()
-                O = V.t()
+                O = V.t() * o_scale
             else:
-                V, O = Vs[:, h * H:(h + 1) * H], Os[h * H:(h + 1) * H]
+                V, O = Vs[:, h * H:(h + 1) * H], Os[h * H:(h + 1) * H] * o_scale
             b1.c_attn_w[:, v] = V
             b1.c_attn_b[v] = 0
-            b1.c_proj_w[h * H:(h + 1) * H] = o_scale * O
+            b1.c_proj_w[h * H:(h + 1) * H] = O
+        if answer:  # logit of the copied token: gain * size^2 * n_ans * (final gain) / size_final = boost
+            m.ln_f.weight[C - top + 32 * (1 + match):C - 32] = answer[2] * size_final / (answer[1] * answer[0] ** 2 * n_ans)
 
     # What --circuit-pin can hold fixed during training: "layout" — no token embedding and nothing of layer
     # 0 but the previous-token head in the reserved dimensions (with a code: the code), the position code,
@@ -690,7 +723,7 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
         mk = torch.zeros_like(p, dtype=torch.bool)
         mk[index] = True
         return mk
-    b0, b1 = m.h[0], m.h[1]
+    b0, b1 = m.h[0], m.h[L_ind]
     qk0 = torch.zeros(3 * C, dtype=torch.bool)
     for part in range(3):
         qk0[part * C:part * C + match * H] = True
@@ -706,16 +739,31 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
               (b0.c_proj_b, mask_of(b0.c_proj_b, slice(C - R, None))),
               (b0.fc_proj_w, mask_of(b0.fc_proj_w, slice(None), slice(C - R, None))),
               (b0.fc_proj_b, mask_of(b0.fc_proj_b, slice(C - R, None)))]
+    if answer:  # every layer's writes into the reserved dimensions but the circuit's heads' (the last layer's heads
+        # read them through query gains of ~1000 and the final LayerNorm's answer gain: a small write is a big change)
+        for i, b in enumerate(m.h[1:], 1):
+            first = n_ind * H if i == L_ind else 0
+            layout += [(b.c_proj_w, mask_of(b.c_proj_w, slice(first, None), slice(C - R, None))),
+                       (b.c_proj_b, mask_of(b.c_proj_b, slice(C - R, None))),
+                       (b.fc_proj_w, mask_of(b.fc_proj_w, slice(None), slice(C - R, None))),
+                       (b.fc_proj_b, mask_of(b.fc_proj_b, slice(C - R, None)))]
     if code is not None:
         layout += [(m.ln_f.weight, mask_of(m.ln_f.weight, slice(C - R, None))),
                    (m.ln_f.bias, mask_of(m.ln_f.bias, slice(C - R, None)))]
     attn = [(b0.c_attn_w, qk0[None].expand(C, -1).clone()), (b0.c_attn_b, qk0.clone()),
             (b0.c_proj_w, mask_of(b0.c_proj_w, slice(0, match * H))),
-            (b0.ln_1.weight, None), (b0.ln_1.bias, None), (b1.ln_1.weight, None), (b1.ln_1.bias, None),
+            (b0.ln_1.weight, None), (b0.ln_1.bias, None), (b1.ln_1.weight, None), (b1.ln_1.bias, None),  # b1: L_ind's
             (b1.c_attn_w, qk1[None].expand(C, -1).clone()), (b1.c_attn_b, qk1.clone())]
     ov = [(b1.c_attn_w, ov1[None].expand(C, -1).clone()), (b1.c_attn_b, ov1.clone()),
           (b1.c_proj_w, mask_of(b1.c_proj_w, slice(0, n_ind * H)))]
     return prev, {"layout": layout, "attn": layout + attn, "all": layout + attn + ov}
+
+
+def balanced_signs(n, g):
+    """n rows of 32 entries, sixteen +1 and sixteen -1 each in a random order (g): a code that sums to 0."""
+    signs = torch.ones(n, 32)
+    signs[:, 16:] = -1
+    return torch.gather(signs, 1, torch.argsort(torch.rand(n, 32, generator=g), 1))
 
 
 def copy_ov(m, data, rank, n_tok, seed, n_seq=8, T=512, n_rand=0):
@@ -808,6 +856,9 @@ def main():
                     "frequent than this share of the corpus get a code sqrt(share / this) times smaller (0: off)")
     ap.add_argument("--circuit-ov-rand", type=int, default=0, help="--widen with --circuit-init: also fit the "
                     "induction heads' value/output on this many sequences of random ids (copy_ov(); 0: book text only)")
+    ap.add_argument("--circuit-answer", default="", help="--widen with --circuit-init: size,gain,boost: the induction "
+                    "heads in the last layer, copying through an answer code of their own (circuit_init(); needs "
+                    "--widen 3 + --circuit-init; empty: layer 1 and copy_ov())")
     ap.add_argument("--distill", type=float, default=0.0, help="weight of KL(--init's model || this one) on the "
                     "text sequences' scored targets: keeps the book function of the model it started from")
     ap.add_argument("--circuit-pin", choices=["none", "layout", "attn", "all"], default="none",
@@ -864,7 +915,7 @@ def main():
     ap.add_argument("--no-init-measure", action="store_true", help="do not measure the initial model (known)")
     ap.add_argument("--measure-init", action="store_true", help="measure the initial model and stop")
     a = ap.parse_args()
-    code = None
+    code = answer = None
     if a.widen:  # checked before anything is written into --run
         if a.scratch or a.circuit_init > a.widen:
             sys.exit("train.py: --widen N starts from --init's weights (no --scratch) and has N new heads per "
@@ -881,6 +932,20 @@ def main():
         if a.widen < 2 + a.circuit_match:
             sys.exit(f"train.py: --circuit-match {a.circuit_match} reserves {2 + a.circuit_match} heads' dimensions: "
                      f"it needs --widen {2 + a.circuit_match} or more (got --widen {a.widen})")
+        if a.circuit_answer:
+            try:
+                answer = tuple(float(v) for v in a.circuit_answer.split(","))
+            except ValueError:
+                answer = ()
+            if len(answer) != 3 or min(answer) <= 0:
+                sys.exit(f"train.py: --circuit-answer wants three positive numbers size,gain,boost (got {a.circuit_answer!r})")
+            if a.circuit_match != 1 or a.widen < 3 + a.circuit_init:
+                sys.exit(f"train.py: --circuit-answer reserves 3 + --circuit-init heads' dimensions (one answer block "
+                         f"per induction head) with --circuit-match 1: it needs --widen {3 + a.circuit_init} or more "
+                         f"(got --widen {a.widen}, --circuit-match {a.circuit_match})")
+    if a.circuit_answer and not (a.widen and a.circuit_init):
+        sys.exit("train.py: --circuit-answer sets the induction heads of --circuit-init into the dimensions of --widen: "
+                 "it needs both")
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -952,9 +1017,11 @@ def main():
     pins = None
     if a.circuit_init:  # (also when resuming: the pinned values come back from the checkpoint)
         prev, pin_sets = circuit_init(model, data, a.circuit_init, a.circuit_q, a.circuit_o, a.seed, code,
-                                      a.circuit_match, a.circuit_rarity, a.circuit_ov_rand)
+                                      a.circuit_match, a.circuit_rarity, a.circuit_ov_rand, answer)
         if a.circuit_match == 1:
-            say(f"circuit-init: previous-token head 0.0 on t-1 {prev:.3f}, induction heads 1.0..1.{a.circuit_init - 1}")
+            li = len(model.h) - 1 if answer else 1
+            say(f"circuit-init: previous-token head 0.0 on t-1 {prev:.3f}, induction heads {li}.0..{li}.{a.circuit_init - 1}"
+                + (" with answer codes" if answer else ""))
         else:
             say(f"circuit-init: heads 0.0 / 0.1 on t-1 / t-2 {prev[0]:.3f} / {prev[1]:.3f}, two-token induction heads "
                 f"1.0..1.{a.circuit_init - 1}")
