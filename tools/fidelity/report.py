@@ -116,7 +116,8 @@ def main():
                 ax.set_ylim(max(-2.0, lo - 2 - 0.1 * (hi - lo)), min(102.0, hi + 2 + 0.1 * (hi - lo)))
                 ax.set_title(f"{task} ({mode})")
                 ax.grid(alpha=0.3)
-            axes[0][-1].legend(fontsize=7, loc="lower right")
+            # the legend where the most lines are (a task run for a few policies only has a short one)
+            max(axes[0], key=lambda a: len(a.get_legend_handles_labels()[1])).legend(fontsize=7, loc="upper left")
             fig.suptitle(model)
             fig.tight_layout()
             png = f"{model}-{mode}.png"
