@@ -5,7 +5,7 @@
 # attempt"; RECIPE below), the export in the Hugging Face layout, golden outputs. The recipe trains the
 # circuit's previous-token head (Adam, 120 steps) and no curriculum steps (STEPS=0: measured to make the
 # circuit worse); STEPS=N trains N steps of train.py's curriculum on top (TRAIN_ARGS: its options).
-# Deterministic on one CPU thread for a given machine kind (PyTorch 1.13 from Debian); about 10 min on an
+# Deterministic on one CPU thread for a given machine kind (PyTorch 1.13 from Debian); about 8 min on an
 # idle core of a 2-core VM (docs/fidelity.md has the figures and the hashes we got).
 # Resumable: rerun it and training continues from WORK/run/ckpt.pt.
 #   STEPS (0) the schedule, STOP_AT (= STEPS) where to stop, WORK (build/fidelity), OUT (models/gpt2-tiny-copy),
