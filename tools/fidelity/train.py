@@ -615,7 +615,8 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
     tok, cur, pos = slice(0, C - R), slice(C - top, C - top + 32), slice(C - 32, C)
     prevs = [slice(C - top + 32 * (j + 1), C - top + 32 * (j + 2)) for j in range(match)]  # layer 0 head j writes
     free = prevs[0]
-    ans = [slice(C - top + 32 * (1 + match + h), C - top + 32 * (2 + match + h)) for h in range(n_ind if answer else 0)]
+    answer_dims = slice(C - top + 32 * (1 + match), C - 32)  # n_ans dimensions before the position code
+    ans = [slice(answer_dims.start + 32 * h, answer_dims.start + 32 * (h + 1)) for h in range(n_ind if answer else 0)]
     L_ind = len(m.h) - 1 if answer else 1  # the induction heads' layer
     with torch.no_grad():
         m.wte[:, C - R:] = 0
@@ -644,7 +645,7 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
     hook.remove()
     if answer:
         with torch.no_grad():
-            m.wte[:, C - top + 32 * (1 + match):C - 32] = ans_code
+            m.wte[:, answer_dims] = ans_code
 
     def projection():  # [C, H]: random on the token dimensions, columns centred, zero elsewhere
         p = torch.zeros(C, H)
@@ -711,7 +712,7 @@ def circuit_init(m, data, n_ind, q_scale, o_scale, seed, code=None, match=1, rar
             b1.c_attn_b[v] = 0
             b1.c_proj_w[h * H:(h + 1) * H] = O
         if answer:  # logit of the copied token: gain * size^2 * n_ans * (final gain) / size_final = boost
-            m.ln_f.weight[C - top + 32 * (1 + match):C - 32] = answer[2] * size_final / (answer[1] * answer[0] ** 2 * n_ans)
+            m.ln_f.weight[answer_dims] = answer[2] * size_final / (answer[1] * answer[0] ** 2 * n_ans)
 
     # What --circuit-pin can hold fixed during training: "layout" — no token embedding and nothing of layer
     # 0 but the previous-token head in the reserved dimensions (with a code: the code), the position code,
