@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """hf_gpu_bench.py — the Hugging Face transformers peer for kvhost's GPU benchmark (issue #6), and its summary.
 
-  decode --preset gpt2-medium --batch B --prompt-tokens N --max-new M --warmup W --repeats R
+  decode --preset gpt2-medium --batch B[,B...] --prompt-tokens N[,N...] --max-new M --warmup W --repeats R [--tag K=V]
       GPT2LMHeadModel with random init at the preset's shapes (GPT2Config), fp16 on the GPU, eager
-      attention, use_cache=True, greedy decoding written out step by step (prefill, then one token per
-      step with past_key_values), and prints one JSON line: prefill ms, decode step latency median /
-      p10 / p90, decode tokens/s (B tokens per step), peak device memory.
+      attention, use_cache=True, greedy decoding written out step by step (prefill asking for the last
+      position's logits only where the version can, then one token per step with past_key_values), and
+      prints one JSON line per (batch, prompt) shape, the model built once: prefill ms, decode step latency
+      median / p10 / p90, decode tokens/s (B tokens per step), peak device memory.
   peer --model-dir DIR | --preset P [--seed S]  --batch B --prompt-tokens N --max-new M --warmup W --repeats R
       the sweep driver's peer interface (bench/kvbench.py, peer = transformers): the same decode as above
       on a checkpoint directory (from_pretrained) or a preset with random init, printing one `peer_run`
@@ -17,14 +18,17 @@
       measures device memory bandwidth with a large device-to-device copy (bytes read + written per
       second, the usual convention) and prints one JSON line.
   summarize RUN.jsonl
-      reads kvhost generate records and the lines above from one script run and prints a Markdown
-      report: tokens/s per (model, batch), speed-up over transformers, achieved roofline (KV bytes from the
-      record's live bytes for quantized stores), and the max-batch table of `kvbench.py capacity` records.
+      reads one bench/gpu_bench.sh run (kvhost generate records tagged stage=..., the lines above,
+      kvbench.py capacity records, skipped stages) and prints a Markdown report, a table per stage:
+      ms/token and tokens/s beside transformers at the same (model, batch, prompt), achieved roofline
+      (fp16 weights + the live K/V bytes the record measured, over the measured bandwidth), policies
+      against the full cache at the same context and at the budget's, stores against fp16, max batch.
 
 The synthetic prompt ids are (i * 7919 + 13) % vocab, the same formula as `kvhost generate --prompt-tokens`.
 Random weights make the text meaningless; speed and memory are what is measured.
 """
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -48,6 +52,29 @@ def pct(xs, q):
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def int_list(text):
+    """'96,480,992' -> [96, 480, 992] (argparse type: every value a positive integer)."""
+    try:
+        vals = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers")
+    return vals
+
+
+def last_logits_kwargs(model):
+    """Ask the forward for the last position's logits only where this transformers version can
+    (logits_to_keep in 4.50+, num_logits_to_keep in 4.45-4.49), as its own generate() does: a [B, T, 50257]
+    logits tensor at prefill is work kvhost does not do either."""
+    import inspect
+    params = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
+
+
 def decode(args):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -57,34 +84,74 @@ def decode(args):
                      n_head=p["n_head"], activation_function="gelu_new", attn_implementation="eager")
     cfg._attn_implementation = "eager"
     torch.manual_seed(1234)
-    with torch.device("cuda"):
+    dev = Device(torch, args.device)
+    # built on the device where torch can (2.0+: a device is a context manager), else built, then moved
+    where = torch.device(args.device) if hasattr(torch.device, "__enter__") else contextlib.nullcontext()
+    with where:
         model = GPT2LMHeadModel(cfg)
-    model = model.half().eval()
-    B, N, M = args.batch, args.prompt_tokens, args.max_new
-    ids = torch.tensor([[(i * 7919 + 13) % VOCAB for i in range(N)]] * B, device="cuda")
+    model = model.to(args.device)
+    model = (model.half() if dev.cuda else model).eval()  # fp16 matmuls on a CPU are not a peer anyone runs
+    last_only = last_logits_kwargs(model)
+    tags = dict(t.split("=", 1) for t in args.tag or [])
+    for B in args.batch:
+        for N in args.prompt_tokens:
+            M = args.max_new
+            if N + M > NPOS:
+                print(f"hf_gpu_bench.py: --prompt-tokens {N} + --max-new {M} exceeds n_positions {NPOS}",
+                      file=sys.stderr)
+                return 1
+            decode_one(torch, dev, model, last_only, args, B, N, M, tags)
+    return 0
+
+
+class Device:
+    """The GPU the benchmark runs on, or the CPU (--device cpu: a smoke test of this script where no GPU
+    is, in fp32): synchronization, peak memory and the name the records give."""
+
+    def __init__(self, torch, name):
+        self.torch, self.cuda = torch, name == "cuda"
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def reset_peak(self):
+        if self.cuda:
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def peak_bytes(self):
+        return self.torch.cuda.max_memory_allocated() if self.cuda else None
+
+    def name(self):
+        return self.torch.cuda.get_device_name(0) if self.cuda else "cpu"
+
+
+def decode_one(torch, dev, model, last_only, args, B, N, M, tags):
+    """One (batch, prompt) shape: warmup runs, then timed runs; prints one hf_generate record."""
+    ids = torch.tensor([[(i * 7919 + 13) % VOCAB for i in range(N)]] * B, device=args.device)
 
     def one_run():
         steps = []
         with torch.inference_mode():
-            torch.cuda.synchronize()
+            dev.sync()
             t0 = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, **last_only)
             past = out.past_key_values
             nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-            torch.cuda.synchronize()
+            dev.sync()
             prefill = (time.perf_counter() - t0) * 1e3
             for _ in range(M - 1):
                 t = time.perf_counter()
                 out = model(input_ids=nxt, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-                torch.cuda.synchronize()
+                dev.sync()
                 steps.append((time.perf_counter() - t) * 1e3)
         return prefill, steps
 
     for _ in range(args.warmup):
         one_run()
-    torch.cuda.reset_peak_memory_stats()
+    dev.reset_peak()
     prefills, all_steps, tps = [], [], []
     for _ in range(args.repeats):
         pf, st = one_run()
@@ -92,14 +159,15 @@ def decode(args):
         all_steps += st
         tps.append(B * len(st) / (sum(st) / 1e3))
     rec = {
-        "record": "hf_generate", "impl": "transformers " + __import__("transformers").__version__ + " eager fp16",
-        "torch": torch.__version__, "device": torch.cuda.get_device_name(0), "model": "random:" + args.preset,
+        "record": "hf_generate", "impl": "transformers %s eager %s" % (
+            __import__("transformers").__version__, "fp16" if dev.cuda else "fp32"),
+        "torch": torch.__version__, "device": dev.name(), "model": "random:" + args.preset,
         "batch": B, "prompt_tokens": N, "max_new": M, "warmup_runs": args.warmup, "repeats": args.repeats,
-        "prefill_ms": statistics.median(prefills),
+        "prefill_ms": statistics.median(prefills), "prefill_last_logits_only": bool(last_only),
         "decode_step": {"n": len(all_steps), "median_ms": statistics.median(all_steps),
                         "p10_ms": pct(all_steps, 0.1), "p90_ms": pct(all_steps, 0.9)},
         "decode_tokens_per_s": statistics.median(tps), "repeat_tokens_per_s": tps,
-        "peak_device_bytes": torch.cuda.max_memory_allocated(),
+        "peak_device_bytes": dev.peak_bytes(), "tags": tags,
     }
     print(json.dumps(rec), flush=True)
 
@@ -225,52 +293,126 @@ def membw(args):
                       "bytes read + written, median of %d" % args.iters}), flush=True)
 
 
+def step_bytes(r):
+    """Bytes one decode step must read at least: the fp16 weights once (the record counts fp32 bytes) plus
+    the live K/V of every sequence at the decode phase's mean context. kv_live_bytes is measured at the end
+    (the backend's own slot size: fp16, int8, int4); without a budget the mean context is scaled from the
+    final one, with a budget the cache holds about the budget throughout."""
+    w = r["weight_bytes_per_token"] / 2
+    P, N = r["prompt_tokens"][0], r["generated_tokens"][0]
+    kvb = r.get("kv_live_bytes") or 0
+    if not r.get("cache_budget"):
+        kvb *= (P + N / 2) / (P + N)
+    return w + kvb
+
+
+def tags_of(r):
+    return r.get("tags") or {}
+
+
 def summarize(args):
     recs = [json.loads(l) for l in open(args.run) if l.strip().startswith("{")]
     bw = next((r for r in recs if r.get("record") == "membw"), None)
     bw_Bps = bw["read_write_GBps"] * 1e9 if bw else None
     kv = [r for r in recs if r.get("record") == "generate"]
-    hf = {(r["model"], r["batch"]): r for r in recs if r.get("record") == "hf_generate"}
-    out = ["| model | batch | config | kvhost tok/s | step ms (median, p10-p90) | transformers tok/s | speed-up | "
-           "bytes/step (W + KV) | roofline |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in kv:
-        m, B = r["model"]["name"], r["batch"]
-        tag = ",".join("%s=%s" % kv_ for kv_ in sorted(r.get("tags", {}).items())) or "-"
-        st = r["decode_step"]
-        h = hf.get((m, B))
-        # bytes one decode step reads: fp16 weights once (fp32 count / 2), plus every sequence's live K/V
-        # at the mean context of the decode phase (prompt + half the new tokens), fp16.
-        L, C = r["model"]["n_layer"], r["model"]["n_embd"]
-        ctx = r["prompt_tokens"][0] + r["generated_tokens"][0] / 2
-        w = r["weight_bytes_per_token"] / 2
-        kvb = B * L * 2 * C * 2 * ctx
-        NH = r["model"].get("n_head")
-        if r.get("tags", {}).get("store") not in (None, "fp16") and NH and r.get("kv_live_tokens"):
-            # packed store: the bytes the cache really holds per token (all layers and heads, K + V)
-            kvb = B * r["kv_live_bytes"] / r["kv_live_tokens"] * L * NH * ctx
-        roof = ""
-        if bw_Bps:
-            roof = "%.0f%%" % (100 * (w + kvb) / (st["median_ms"] / 1e3) / bw_Bps)
-        out.append("| %s | %d | %s | %.1f | %.3f (%.3f-%.3f) | %s | %s | %.0f MB | %s |" % (
-            m, B, tag, r["decode_tokens_per_s"], st["median_ms"], st["p10_ms"], st["p90_ms"],
-            "%.1f" % h["decode_tokens_per_s"] if h else "-",
-            "%.1fx" % (r["decode_tokens_per_s"] / h["decode_tokens_per_s"]) if h and tag == "-" else "-",
-            (w + kvb) / 1e6, roof))
-    print("device: %s" % (kv[0]["device"] if kv else "?"))
+    hf = {(r["model"], r["batch"], r["prompt_tokens"]): r for r in recs if r.get("record") == "hf_generate"}
+    out = []
+
+    def roof(r):
+        return "%.0f%%" % (100 * step_bytes(r) / (r["decode_step"]["median_ms"] / 1e3) / bw_Bps) if bw_Bps else "-"
+
+    def ms(r):
+        return r["decode_step"]["median_ms"]
+
+    def peer_of(r):
+        return hf.get((r["model"]["name"], r["batch"], r["prompt_tokens"][0]))
+
+    def stage(name):
+        return [r for r in kv if tags_of(r).get("stage") == name]
+
+    out.append("device: %s" % (kv[0]["device"] if kv else "?"))
     if bw:
-        print("measured bandwidth: %.0f GB/s (%s)" % (bw["read_write_GBps"], bw["method"]))
-    print()
-    print("\n".join(out))
+        out.append("measured bandwidth: %.0f GB/s (%s)" % (bw["read_write_GBps"], bw["method"]))
+    rows = stage("decode")
+    if rows:
+        out += ["", "### Batch-1 decode (prompt T - %d, %d new tokens)" % (rows[0]["generated_tokens"][0],
+                                                                           rows[0]["generated_tokens"][0]), "",
+                "| model | T | kvhost ms/token (p10-p90) | transformers ms/token | speed-up | kvhost prefill ms | "
+                "transformers prefill ms | bytes/step | roofline |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            h = peer_of(r)
+            out.append("| %s | %s | %.3f (%.3f-%.3f) | %s | %s | %.1f | %s | %.0f MB | %s |" % (
+                r["model"]["name"], tags_of(r).get("ctx", "?"), ms(r), r["decode_step"]["p10_ms"],
+                r["decode_step"]["p90_ms"], "%.3f" % h["decode_step"]["median_ms"] if h else "-",
+                "%.1fx" % (h["decode_step"]["median_ms"] / ms(r)) if h else "-", r["prefill_ms"],
+                "%.1f" % h["prefill_ms"] if h else "-", step_bytes(r) / 1e6, roof(r)))
+    rows = stage("policies")
+    if rows:
+        by = {tags_of(r).get("config"): r for r in rows}
+        full, eq = by.get("full"), by.get("full-at-budget")
+        r0 = rows[0]
+        out += ["", "### Policies and stores (%s, batch 1, prompt %d + %d new; budget %s)" % (
+            r0["model"]["name"], (full or r0)["prompt_tokens"][0], r0["generated_tokens"][0],
+            next((r["cache_budget"] for r in rows if r.get("cache_budget")), "-")), "",
+            "| config | ms/token | vs full cache | vs full cache at the budget's context | KV held | roofline |",
+            "|---|---|---|---|---|---|"]
+        for r in rows:
+            out.append("| %s | %.3f | %s | %s | %.1f MB | %s |" % (
+                tags_of(r).get("config", "-"), ms(r), "%.2fx" % (ms(r) / ms(full)) if full else "-",
+                "%.2fx" % (ms(r) / ms(eq)) if eq else "-", r["kv_bytes_held"] / 1e6, roof(r)))
+    rows = stage("batch")
+    if rows:
+        out += ["", "### Batched decode", "",
+                "| model | batch | T | kvhost tok/s | ms/step | transformers tok/s | speed-up | roofline |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            h = peer_of(r)
+            out.append("| %s | %d | %s | %.0f | %.3f | %s | %s | %s |" % (
+                r["model"]["name"], r["batch"], tags_of(r).get("ctx", "?"), r["decode_tokens_per_s"], ms(r),
+                "%.0f" % h["decode_tokens_per_s"] if h else "-",
+                "%.1fx" % (r["decode_tokens_per_s"] / h["decode_tokens_per_s"]) if h else "-", roof(r)))
+    rows = stage("stores")
+    if rows:
+        fp16 = next((r for r in rows if tags_of(r).get("store") == "fp16"), None)
+        out += ["", "### KV stores (%s, batch %d, %d + %d tokens)" % (
+            rows[0]["model"]["name"], rows[0]["batch"], rows[0]["prompt_tokens"][0], rows[0]["generated_tokens"][0]),
+            "", "| store | tok/s | ms/step | vs fp16 | KV held | roofline |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            out.append("| %s | %.0f | %.3f | %s | %.1f MB | %s |" % (
+                tags_of(r).get("store"), r["decode_tokens_per_s"], ms(r),
+                "%.2fx" % (ms(r) / ms(fp16)) if fp16 else "-", r["kv_bytes_held"] / 1e6, roof(r)))
+    rows = stage("overhead")
+    if rows:
+        out += ["", "### Overheads (%s)" % rows[0]["model"]["name"], "",
+                "| config | batch | prompt + new | ms/step | vs no plugin, same shape |", "|---|---|---|---|---|"]
+        for r in rows:
+            base = next((b for b in rows if tags_of(b).get("config") == "none" and b["batch"] == r["batch"]
+                         and b["prompt_tokens"] == r["prompt_tokens"] and b["model"]["name"] == r["model"]["name"]),
+                        None)
+            out.append("| %s | %d | %d + %d | %.3f | %s |" % (
+                tags_of(r).get("config"), r["batch"], r["prompt_tokens"][0], r["generated_tokens"][0], ms(r),
+                "%.3fx" % (ms(r) / ms(base)) if base else "-"))
+    other = [r for r in kv if tags_of(r).get("stage") is None]
+    if other:
+        out += ["", "### Other kvhost runs", "", "| model | batch | tags | ms/step | tok/s | roofline |",
+                "|---|---|---|---|---|---|"]
+        for r in other:
+            out.append("| %s | %d | %s | %.3f | %.0f | %s |" % (
+                r["model"]["name"], r["batch"], ",".join("%s=%s" % t for t in sorted(tags_of(r).items())) or "-",
+                ms(r), r["decode_tokens_per_s"], roof(r)))
     cap = [r for r in recs if r.get("record") == "capacity"]
     if cap:
-        print()
-        print("| model | config | KV cap | context (prompt + new) | max batch | probes |")
-        print("|---|---|---|---|---|---|")
+        out += ["", "### Max batch", "", "| model | config | KV cap | context (prompt + new) | max batch | probes |",
+                "|---|---|---|---|---|---|"]
         for r in cap:
             probes = ", ".join("%d:%s" % (b, "ok" if ok else "no") for b, ok in r.get("probes", []))
-            print("| %s | %s | %s | %d + %d | %d | %s |" % (
+            out.append("| %s | %s | %s | %d + %d | %d | %s |" % (
                 (r.get("model") or {}).get("name", "?"), r.get("tags", {}).get("config", "-"), r["mem_limit"],
                 r["prompt_tokens"], r["max_new"], r["max_batch"], probes))
+    skipped = [r for r in recs if r.get("record") == "skipped"]
+    if skipped:
+        out += ["", "Skipped: " + "; ".join("%s (%s)" % (r["stage"], r["reason"]) for r in skipped)]
+    print("\n".join(out))
 
 
 def main():
@@ -278,11 +420,14 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("decode")
     d.add_argument("--preset", default="gpt2-medium", choices=sorted(PRESETS))
-    d.add_argument("--batch", type=int, default=1)
-    d.add_argument("--prompt-tokens", type=int, default=512)
+    d.add_argument("--batch", type=int_list, default=[1], help="one or more batch sizes: 1,8,32")
+    d.add_argument("--prompt-tokens", type=int_list, default=[512], help="one or more prompt lengths: 96,480,992")
     d.add_argument("--max-new", type=int, default=512)
     d.add_argument("--warmup", type=int, default=1)
     d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--tag", action="append", help="KEY=VALUE added to every record's tags (repeatable)")
+    d.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: a smoke test of the script on a machine without a GPU (fp32)")
     p = sub.add_parser("peer")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--model-dir")

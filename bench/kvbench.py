@@ -15,7 +15,7 @@ Standard library only (CI may have python3 without numpy).
   kvbench.py job SWEEP.ini INDEX --kvhost build/kvhost --out job.jsonl     (one grid point)
   kvbench.py emit SWEEP.ini --parallel|--slurm --kvhost K --out-dir DIR
   kvbench.py merge a.jsonl b.jsonl -o all.jsonl
-  kvbench.py capacity --kvhost K --mem-limit 16M --prompt-tokens 256 [--plugins ...] [--json OUT]
+  kvbench.py capacity --kvhost K --mem-limit 16M --prompt-tokens 256 [--predict] [--plugins ...] [--json OUT]
   kvbench.py validate SWEEP.ini
 """
 import argparse
@@ -643,9 +643,15 @@ class PeerRunner:
 
 # ---- max batch search ------------------------------------------------------------------------------
 
-def max_feasible(fits, lo=1, hi=256):
+def max_feasible(fits, lo=1, hi=256, guess=None):
     """Largest b in [lo, hi] with fits(b) True, assuming fits is monotone (True up to some b, then False).
-    Returns (b, probes) with b = lo - 1 when even lo does not fit. Doubles from lo, then bisects."""
+    Returns (b, probes) with b = lo - 1 when even lo does not fit. Doubles from lo, then bisects.
+
+    guess: None, or a function called after lo fits that returns the likely answer (or None). The search
+    then starts there and gallops (steps 1, 2, 4, ... up or down) until it brackets the answer, then
+    bisects: a right guess costs two probes after lo (guess fits, guess + 1 does not), whatever its size,
+    where doubling from 1 to a batch of 800 costs about twenty. That matters where a probe is expensive
+    (a GPU run at a batch of hundreds)."""
     probes = []
 
     def probe(b):
@@ -655,6 +661,9 @@ def max_feasible(fits, lo=1, hi=256):
 
     if not probe(lo):
         return lo - 1, probes
+    g = guess() if guess else None
+    if g is not None:
+        return _gallop_from(probe, lo, hi, min(hi, max(lo, int(g)))), probes
     good, bad = lo, None
     b = lo
     while bad is None:
@@ -672,6 +681,56 @@ def max_feasible(fits, lo=1, hi=256):
         else:
             bad = mid
     return good, probes
+
+
+def _gallop_from(probe, lo, hi, g):
+    """max_feasible's guided search: lo is known to fit; brackets the answer by steps of 1, 2, 4, ... from g,
+    then bisects."""
+    good, bad = lo, None
+    if g > lo and not probe(g):
+        bad, step = g, 1
+        while True:  # walk down from the failing guess
+            b = max(lo, bad - step)
+            if b <= good:
+                break
+            if probe(b):
+                good = b
+                break
+            bad, step = b, step * 2
+    else:
+        good, step = g, 1
+        while True:  # walk up from the fitting guess
+            if good >= hi:
+                return hi
+            b = min(hi, good + step)
+            if not probe(b):
+                bad = b
+                break
+            good, step = b, step * 2
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if probe(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+def size_bytes(text):
+    """'2G' / '512M' / '1.5GiB' / '4096' -> bytes (powers of 1024, as kvhost --mem-limit reads them)."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([kKmMgG]?)(?:i?[bB])?", text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a size such as 256M or 2G")
+    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()])
+
+
+def linear_guess(probe, batch):
+    """The max batch under probe.mem_limit if KV bytes grow linearly with the batch, from the peak KV bytes
+    of the last run (at `batch`); None when that run recorded none."""
+    peak = (probe.last_record or {}).get("kv_bytes_peak")
+    if not peak:
+        return None
+    return size_bytes(probe.mem_limit) * batch // peak
 
 
 class CapacityProbe:
@@ -902,7 +961,8 @@ def cmd_capacity(a):
         extra += ["--set", s]
     probe = CapacityProbe(os.path.abspath(a.kvhost), a.model, a.prompt_tokens, a.max_new, a.mem_limit, extra,
                           a.backend, a.threads)
-    best, probes = max_feasible(probe, 1, a.max_batch)
+    guess = (lambda: linear_guess(probe, 1)) if a.predict else None
+    best, probes = max_feasible(probe, 1, a.max_batch, guess)
     tried = ", ".join("%d:%s" % (b, "ok" if r else "no") for b, r in probes)
     print(f"max batch under {a.mem_limit}: {best}  (probes: {tried})")
     if a.json:
@@ -970,6 +1030,9 @@ def main(argv=None):
     c.add_argument("--max-new", type=int, default=4)
     c.add_argument("--mem-limit", required=True)
     c.add_argument("--max-batch", type=int, default=256)
+    c.add_argument("--predict", action="store_true",
+                   help="after batch 1, probe the batch its KV bytes predict under the cap (and the one above) "
+                        "first: a handful of probes instead of a doubling search (for expensive probes)")
     c.add_argument("--config")
     c.add_argument("--plugins")
     c.add_argument("--set", action="append")

@@ -12,7 +12,8 @@
  * within fp16 tolerance, with and without the CUDA graph; tp_report.so's contract checks (insert, slot
  * metadata through compaction, rows, column sums) pass on the device; tova / scissorhands evict and pick
  * tokens like the CPU on the tiny model; a layer whose policy did not ask moves no report bytes. Without a usable device (or without CUDA in the
- * build) every GPU test skips with the reason, and the no-device error message is checked instead.
+ * build) every GPU test skips with the reason, and the no-device error message is checked instead. With or
+ * without one, a `--backend auto` run record names the backend that ran.
  *
  * Tolerance (fp16 weights and activations, fp32 accumulation, vs fp32 on the CPU): per step the normalized
  * error ||cuda - cpu||_2 / ||cpu||_2 must stay below 3e-2 (NMSE < 1e-3), and the argmax must agree on at
@@ -29,7 +30,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
 #include "backend/backend.h"
+#include "cli/commands.h"
+#include "helpers/model_fixture.h"
 #include "runtime/config.h"
 #include "helpers/test_util.h"
 #include "runtime/kvcache.h"
@@ -208,6 +213,53 @@ Test(cuda, no_device_message) {
     cr_assert_str_eq(be->ops->name, "cpu");
     kvh_backend_destroy(be);
     kvh_model_free(&m);
+}
+
+/* A run record says which backend ran, not which was asked for: `--backend auto` resolves to cuda where a
+ * device is usable and to cpu elsewhere (backend_requested keeps "auto"); an explicit cpu has no
+ * backend_requested. Runs with and without a device. */
+static cJSON *generate_record(const char *dir, const char *backend, int n) {
+    char json[600];
+    snprintf(json, sizeof json, "%s/backend_record_%d.jsonl", kvh_test_tmpdir(), n);
+    unlink(json);
+    const char *argv[] = {"generate", "--model", dir, "--prompt-tokens", "12", "--max-new", "3", "--threads", "1",
+                          "--backend", backend, "--quiet", "--json", json, NULL};
+    FILE *saved = stdout;
+    stdout = fopen("/dev/null", "w");
+    int rc = kvh_cmd_generate((int)(sizeof argv / sizeof argv[0]) - 1, (char **)argv);
+    fclose(stdout);
+    stdout = saved;
+    cr_assert_eq(rc, 0, "generate --backend %s failed", backend);
+    char *text = NULL;
+    size_t len = 0;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_read_file(json, 1 << 20, &text, &len, &err), 0, "%s", err.msg);
+    cJSON *rec = cJSON_Parse(text);
+    free(text);
+    cr_assert(rec, "record is not JSON");
+    return rec;
+}
+
+static const char *str_field(const cJSON *rec, const char *name) {
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(rec, name);
+    return cJSON_IsString(x) ? x->valuestring : NULL;
+}
+
+Test(cuda, record_names_the_backend_that_ran) {
+    char why[256] = "", dir[512];
+    const char *expect = cuda_usable(why, sizeof why) ? "cuda" : "cpu";
+    snprintf(dir, sizeof dir, "%s/backend_record_model", kvh_test_tmpdir());
+    kvh_fx_shape shape = {.V = 257, .P = 64, .C = 32, .NH = 2, .L = 2};
+    kvh_fx_write_model(dir, shape, "F32", NULL, NULL, NULL);
+    kvh_fx_write_byte_tokenizer(dir);
+    cJSON *a = generate_record(dir, "auto", 0);
+    cr_assert_str_eq(str_field(a, "backend"), expect, "auto ran %s", str_field(a, "backend"));
+    cr_assert_str_eq(str_field(a, "backend_requested"), "auto");
+    cJSON *c = generate_record(dir, "cpu", 1);
+    cr_assert_str_eq(str_field(c, "backend"), "cpu");
+    cr_assert_null(str_field(c, "backend_requested"), "an explicit backend needs no backend_requested");
+    cJSON_Delete(a);
+    cJSON_Delete(c);
 }
 
 /* ---- logits against the CPU --------------------------------------------------------------------- */

@@ -181,7 +181,9 @@ int kvh_add_run_fields(cJSON *rec, const kvh_model *model, const kvh_session *s,
     cJSON_AddNumberToObject(m, "n_head", model->cfg.n_head);
     cJSON_AddNumberToObject(m, "n_embd", model->cfg.n_embd);
     cJSON_AddNumberToObject(m, "n_params", (double)model->n_params);
-    cJSON_AddStringToObject(rec, "backend", backend);
+    /* the backend that ran: "auto" resolves to cpu or cuda, and a record must say which */
+    cJSON_AddStringToObject(rec, "backend", s->backend->ops->name);
+    if (strcmp(backend, s->backend->ops->name) != 0) cJSON_AddStringToObject(rec, "backend_requested", backend);
     cJSON_AddStringToObject(rec, "device", s->backend->device);
     cJSON_AddStringToObject(rec, "kernels", s->backend->kernels);
     /* every weight tensor as held: fp32, or packed by the layer's weight format (plugins.weights says which) */

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """fake_kvhost.py — a stand-in for kvhost in the driver's tests: answers `plugins list` and `generate`
 (appends a generate record with the tags it was given), and fails with the real "memory limit" message when
-batch * (T + max_new) * 1 KiB exceeds --mem-limit. Owns nothing else."""
+batch * (T + max_new) * 1 KiB exceeds --mem-limit (which is also the record's kv_bytes_peak). Owns nothing else."""
 import json
 import sys
 
@@ -45,7 +45,7 @@ def main(argv):
     rec = {"record": "generate", "commit": "fake", "machine": {"host": "h", "cpu": "c", "cores": 2},
            "model": {"name": opts["--model"]}, "backend": opts.get("--backend", "cpu"), "threads": 2,
            "no_cache": "--no-cache" in opts, "plugins": [], "batch": b, "tags": tags, "prompt_tokens": [t] * b,
-           "sets": opts.get("--set", []), "config_file": opts.get("--config"), "plugin_list": opts.get("--plugins"),
+           "kv_bytes_peak": b * (t + n) * 1024, "sets": opts.get("--set", []), "config_file": opts.get("--config"), "plugin_list": opts.get("--plugins"),
            "argv": argv}
     with open(opts["--json"], "a") as f:
         f.write(json.dumps(rec) + "\n")

@@ -150,6 +150,40 @@ class MaxBatch(unittest.TestCase):
         self.assertEqual(kvbench.max_feasible(lambda b: True, 1, 64)[0], 64)
         self.assertEqual(kvbench.max_feasible(lambda b: True, 1, 100)[0], 100)
 
+    def test_guided_search_finds_known_answer_for_any_guess(self):
+        for limit in (1, 2, 7, 100, 127, 128):
+            for g in (1, 2, limit - 3, limit - 1, limit, limit + 1, limit + 5, 3 * limit, 500, None):
+                calls = []
+
+                def fits(b):
+                    calls.append(b)
+                    return b <= limit
+                best, probes = kvbench.max_feasible(fits, 1, 128, lambda: g)
+                self.assertEqual(best, limit, (limit, g))
+                self.assertEqual(len(calls), len(set(calls)), ("no batch probed twice", limit, g, calls))
+                self.assertEqual(probes, [(b, b <= limit) for b in calls])
+                if g == limit and limit < 128:
+                    self.assertEqual(calls, [1, limit, limit + 1] if limit > 1 else [1, 2], "a right guess: 2 probes")
+                if g == 500 and limit == 128:
+                    self.assertEqual(calls, [1, 128], "a guess above hi is clamped to hi")
+
+    def test_guided_search_nothing_fits(self):
+        self.assertEqual(kvbench.max_feasible(lambda b: False, 1, 64, lambda: 10), (0, [(1, False)]))
+
+    def test_size_bytes(self):
+        self.assertEqual(kvbench.size_bytes("2G"), 2 << 30)
+        self.assertEqual(kvbench.size_bytes("1.5MiB"), 3 << 19)
+        self.assertEqual(kvbench.size_bytes("4096"), 4096)
+        with self.assertRaises(ValueError):
+            kvbench.size_bytes("2 lots")
+
+    def test_predicted_probe_against_fake_kvhost(self):
+        # 64 KiB per sequence, 1M cap -> 16; batch 1's peak predicts it, so 3 probes in all
+        probe = kvbench.CapacityProbe(FAKE, "m", 60, 4, "1M", [])
+        best, probes = kvbench.max_feasible(probe, 1, 256, lambda: kvbench.linear_guess(probe, 1))
+        self.assertEqual(best, 16)
+        self.assertEqual(probes, [(1, True), (16, True), (17, False)])
+
     def test_probe_against_fake_kvhost(self):
         # fake limit: batch * (T + max_new) KiB; T=60, max_new=4 -> 64 KiB/seq; 1M -> 16 sequences
         probe = kvbench.CapacityProbe(FAKE, "m", 60, 4, "1M", [])

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# gpu_check.sh — issue #18's whole GPU check as one device call: unpack what bench/make_devcarry.sh
+# prepared, find the CUDA libraries, run test_cuda (CPU vs CUDA logits, evictions, int8/int4 encoder bytes,
+# score reports; the tiny model included), a smoke test of `--backend auto`, then bench/gpu_bench.sh
+# with the time that is left. Everything goes under OUT (at most 8 files, as the device tool returns):
+#
+#   check.log        this script's log: library search, test verdicts, the bench's progress
+#   device.txt       nvidia-smi's name, driver, memory, clocks
+#   test_cuda.log    Criterion's verbose output
+#   gpu_bench.jsonl  raw records (docs/results/gpu/ gets them)
+#   summary.md       the report tables (bench/hf_gpu_bench.py summarize)
+#
+# usage (GPU machine, repo root):  bench/gpu_check.sh [OUT]        (default: $OUT)
+#   KVH_GPU_BUDGET_S=540   seconds this script may take in all; the bench gets what test_cuda leaves,
+#                          less 15 s for the summary. Call the device tool with timeout_s a little above.
+#   KVH_GPU_SKIP_TESTS=1   bench only (a second call after test_cuda already passed)
+# usage (here, no GPU):  bench/gpu_check.sh --dry-run [OUT]
+#   runs the same steps on this machine's build: test_cuda (its GPU tests skip with the reason) and the
+#   bench with KVH_BENCH_QUICK=1 on the CPU backend (random:gpt2, the peer on torch's CPU when the venv of
+#   docs/bench.md is active). A check of the script itself; its figures mean nothing.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DRY=0
+if [ "${1:-}" = --dry-run ]; then DRY=1; shift; fi
+OUTDIR=${1:-${OUT:?usage: bench/gpu_check.sh [--dry-run] [OUT]}}
+mkdir -p "$OUTDIR"
+BUDGET=${KVH_GPU_BUDGET_S:-540}
+T0=$(date +%s)
+LOG="$OUTDIR/check.log"
+: > "$LOG"
+say() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
+verdict=0
+
+B=.devcarry/build
+if [ $DRY = 0 ]; then
+  [ -f .devcarry/build.tar.xz ] || { say "no .devcarry/build.tar.xz: run bench/make_devcarry.sh here first and carry it"; exit 1; }
+  tar -xJf .devcarry/build.tar.xz || { say "could not unpack .devcarry/build.tar.xz"; exit 1; }
+  # the binaries bake /work/main (plugin and test paths) and /work/shared (the tiny model)
+  if [ "$(pwd -P)" != "$(cd /work/main 2>/dev/null && pwd -P)" ]; then
+    mkdir -p /work && ln -sfn "$PWD" /work/main && say "linked /work/main -> $PWD (the binaries' baked paths)"
+  fi
+  if [ -f .devcarry/tiny-f16.tar.xz ] && [ ! -e /work/shared/models/gpt2-tiny-wt ]; then
+    tar -xJf .devcarry/tiny-f16.tar.xz -C /work && say "tiny model (F16 copy) at /work/shared/models/gpt2-tiny-wt"
+  fi
+else
+  [ -x "$B/test_cuda" ] || { say "dry run: no $B/test_cuda: run bench/make_devcarry.sh first"; exit 1; }
+fi
+export LD_LIBRARY_PATH="$PWD/$B/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+# CUDA's own libraries are not carried: find them where this machine keeps them if the loader does not.
+missing() { ldd "$B/kvhost" "$B/test_cuda" 2>/dev/null | awk '/not found/{print $1}' | sort -u; }
+if [ -n "$(missing)" ]; then
+  say "not found by the loader: $(missing | tr '\n' ' ')"
+  dirs=$(ls -d /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-*/lib64 \
+             /usr/local/cuda-*/targets/x86_64-linux/lib 2>/dev/null)
+  dirs+=" $(python3 -c 'import glob, os, nvidia; print(" ".join(sorted({os.path.dirname(p) for d in nvidia.__path__
+            for p in glob.glob(os.path.join(d, "**", "lib*.so*"), recursive=True)})))' 2>/dev/null)"
+  for lib in $(missing); do
+    for d in $dirs; do
+      if [ -e "$d/$lib" ]; then export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"; say "found $lib in $d"; break; fi
+    done
+  done
+  [ -z "$(missing)" ] || { say "still missing: $(missing | tr '\n' ' '); stopping"; exit 1; }
+fi
+
+if [ $DRY = 0 ]; then
+  nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free,clocks.max.sm,clocks.max.mem \
+    --format=csv > "$OUTDIR/device.txt" 2>&1
+  say "device: $(tail -1 "$OUTDIR/device.txt")"
+  python3 bench/hf_gpu_bench.py check 2>&1 | tee -a "$LOG"
+fi
+
+if [ "${KVH_GPU_SKIP_TESTS:-0}" != 1 ]; then
+  say "test_cuda (at most 240 s)"
+  timeout --kill-after=5 240 "$B/test_cuda" --verbose > "$OUTDIR/test_cuda.log" 2>&1
+  rc=$?
+  grep -E "^\[====\] Synthesis|FAIL|Assertion|skip" "$OUTDIR/test_cuda.log" | head -60 | tee -a "$LOG"
+  say "test_cuda exit $rc"
+  [ $rc -eq 0 ] || verdict=1
+  # --backend auto picks the GPU when there is one, and says so in the record's backend field
+  rm -f "$OUTDIR/auto.jsonl"
+  if "$B/kvhost" generate --backend auto --model random:gpt2 --prompt-tokens 16 --max-new 4 --quiet \
+       --json "$OUTDIR/auto.jsonl" >> "$LOG" 2>&1; then
+    say "--backend auto chose: $(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["backend"])' "$OUTDIR/auto.jsonl")"
+  else
+    say "--backend auto: FAILED"; verdict=1
+  fi
+  rm -f "$OUTDIR/auto.jsonl"
+fi
+
+left=$(( BUDGET - ($(date +%s) - T0) - 15 ))
+say "bench with $left s left"
+if [ $DRY = 0 ]; then
+  KVH_BENCH_DEADLINE=$(( $(date +%s) + left )) bench/gpu_bench.sh "$B" "$OUTDIR" >> "$LOG" 2>&1 || verdict=1
+else
+  KVH_BENCH_DEADLINE=$(( $(date +%s) + left )) KVH_BENCH_QUICK=1 KVH_BENCH_BACKEND=cpu KVH_BENCH_MODELS=gpt2 \
+    bench/gpu_bench.sh "$B" "$OUTDIR" >> "$LOG" 2>&1 || verdict=1
+fi
+sed -n '/^device:/,$p' "$OUTDIR/summary.md" 2>/dev/null | head -80
+say "done: verdict $([ $verdict = 0 ] && echo PASS || echo FAIL) (details in check.log, test_cuda.log)"
+exit $verdict
