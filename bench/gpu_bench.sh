@@ -28,7 +28,9 @@
 #   KVH_BENCH_KV_CAP=2G                the KV cap of the capacity stage
 #   KVH_BENCH_QUICK=1                  small shapes, one repeat (a smoke test of the script)
 #   KVH_BENCH_BACKEND=cpu KVH_BENCH_MODELS=gpt2   with QUICK: the whole script on a CPU, the peer on
-#                                      torch's CPU (bench/gpu_check.sh --dry-run does this)
+#                                      torch's CPU (bench/gpu_check.sh --dry-run does this). A model is a
+#                                      preset (random: weights; the peer runs it too) or a checkpoint
+#                                      directory (kvhost only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${1:?usage: bench/gpu_bench.sh BUILD_DIR [RESULTS_DIR]}
@@ -59,6 +61,7 @@ export PYTHONUNBUFFERED=1
 failed=0
 
 now() { date +%s; }
+spec() { case $1 in */*) echo "$1" ;; *) echo "random:$1" ;; esac; }   # preset name or checkpoint dir
 skipped() { # stage reason
   echo "== skipped: $1 ($2)"
   printf '{"record":"skipped","stage":"%s","reason":"%s"}\n' "$1" "$2" >> "$RUN"
@@ -84,8 +87,9 @@ bounded() {
 kv() { # kvhost generate with the common options; the rest of the arguments follow
   bounded "$KVH" generate --backend "$BACKEND" --warmup 1 --repeats $REP --quiet --json "$RUN" "$@"
 }
-hf() { # the transformers peer (skipped where torch + transformers cannot run)
+hf() { # the transformers peer (skipped where torch + transformers cannot run, and for checkpoint dirs)
   [ "$HF_OK" = 1 ] || return 0
+  case $2 in */*) return 0 ;; esac
   bounded "$PY" bench/hf_gpu_bench.py decode --device "$HF_DEVICE" --warmup 1 --repeats $REP "$@" >> "$RUN"
 }
 csv() { local IFS=,; echo "$*"; }
@@ -110,7 +114,7 @@ prompts=(); for T in "${TS[@]}"; do prompts+=($((T - NEW))); done
 if stage decode $((${#MODEL_LIST[@]} * 90)); then
   for model in "${MODEL_LIST[@]}"; do
     for T in "${TS[@]}"; do
-      kv --model random:$model --batch 1 --prompt-tokens $((T - NEW)) --max-new $NEW --tag stage=decode --tag ctx=$T
+      kv --model $(spec $model) --batch 1 --prompt-tokens $((T - NEW)) --max-new $NEW --tag stage=decode --tag ctx=$T
     done
     hf --preset $model --batch 1 --prompt-tokens "$(csv "${prompts[@]}")" --max-new $NEW --tag stage=decode
   done
@@ -118,7 +122,7 @@ fi
 
 if stage policies 120; then
   P=$((TS[${#TS[@]}-1] - NEW))
-  base=(--model random:$BIG --batch 1 --max-new $NEW --tag stage=policies)
+  base=(--model $(spec $BIG) --batch 1 --max-new $NEW --tag stage=policies)
   kv "${base[@]}" --prompt-tokens $P --tag config=full
   kv "${base[@]}" --prompt-tokens $((BUDGET - NEW)) --tag config=full-at-budget
   for pol in window sink h2o pyramid; do
@@ -134,7 +138,7 @@ fi
 if stage batch $((${#MODEL_LIST[@]} * 60)); then
   for model in "${MODEL_LIST[@]}"; do
     for B in "${BATCHES[@]}"; do
-      kv --model random:$model --batch $B --prompt-tokens $((BT - NEW)) --max-new $NEW --tag stage=batch --tag ctx=$BT
+      kv --model $(spec $model) --batch $B --prompt-tokens $((BT - NEW)) --max-new $NEW --tag stage=batch --tag ctx=$BT
     done
     hf --preset $model --batch "$(csv "${BATCHES[@]}")" --prompt-tokens $((BT - NEW)) --max-new $NEW --tag stage=batch
   done
@@ -143,7 +147,7 @@ fi
 if stage stores 60; then
   for store in fp16 int8 int4; do
     plug=(); [ "$store" = fp16 ] || plug=(--plugins "$PLUG/$store.so")
-    kv --model random:$SMALL --batch $QB --prompt-tokens $QP --max-new $QN ${plug[@]+"${plug[@]}"} \
+    kv --model $(spec $SMALL) --batch $QB --prompt-tokens $QP --max-new $QN ${plug[@]+"${plug[@]}"} \
        --tag stage=stores --tag store=$store
   done
 fi
@@ -151,18 +155,18 @@ fi
 if stage overhead 90; then
   keep=$((TS[${#TS[@]}-1] + 64))   # a window that never evicts: only the hooks' cost remains
   for B in 1 32; do
-    kv --model random:$SMALL --batch $B --prompt-tokens $((BT - NEW)) --max-new $NEW --tag stage=overhead \
+    kv --model $(spec $SMALL) --batch $B --prompt-tokens $((BT - NEW)) --max-new $NEW --tag stage=overhead \
        --tag config=none
-    kv --model random:$SMALL --batch $B --prompt-tokens $((BT - NEW)) --max-new $NEW --tag stage=overhead \
+    kv --model $(spec $SMALL) --batch $B --prompt-tokens $((BT - NEW)) --max-new $NEW --tag stage=overhead \
        --plugins "$PLUG/window.so" --set cache.budget=$keep --tag config=window-keep-all
   done
   for pol in h2o tova scissorhands; do
-    kv --model random:$SMALL --batch 1 --prompt-tokens $((TS[${#TS[@]}-1] - NEW)) --max-new $NEW \
+    kv --model $(spec $SMALL) --batch 1 --prompt-tokens $((TS[${#TS[@]}-1] - NEW)) --max-new $NEW \
        --plugins "$PLUG/$pol.so" --set cache.budget=$BUDGET --tag stage=overhead --tag config=$pol
   done
   if [ "$BACKEND" = cuda ]; then
     for model in "${MODEL_LIST[@]}"; do
-      KVH_CUDA_GRAPH=0 kv --model random:$model --batch 1 --prompt-tokens $((BT - NEW)) --max-new $NEW \
+      KVH_CUDA_GRAPH=0 kv --model $(spec $model) --batch 1 --prompt-tokens $((BT - NEW)) --max-new $NEW \
         --tag stage=overhead --tag config=graph-off --tag ctx=$BT
     done
   fi
@@ -171,7 +175,7 @@ fi
 if stage capacity 150; then
   for store in fp16 int8 int4; do
     plug=(); [ "$store" = fp16 ] || plug=(--plugins "$PLUG/$store.so")
-    bounded "$PY" bench/kvbench.py capacity --kvhost "$KVH" --backend "$BACKEND" --model random:$SMALL \
+    bounded "$PY" bench/kvbench.py capacity --kvhost "$KVH" --backend "$BACKEND" --model $(spec $SMALL) \
       --prompt-tokens $QP --max-new $QN --mem-limit "$KV_CAP" --max-batch $CAP_MAX --predict \
       ${plug[@]+"${plug[@]}"} --label "store=$store" --json "$RUN"
   done
@@ -180,7 +184,7 @@ if stage capacity 150; then
     # workspace, which chunked prefill (128 tokens a piece) bounds at a batch of hundreds
     free_mib=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -1)
     cap_mib=$((free_mib - 9 * 1024))
-    bounded "$PY" bench/kvbench.py capacity --kvhost "$KVH" --backend cuda --model random:$SMALL \
+    bounded "$PY" bench/kvbench.py capacity --kvhost "$KVH" --backend cuda --model $(spec $SMALL) \
       --prompt-tokens $QP --max-new $QN --mem-limit "${cap_mib}M" --max-batch 4096 --predict \
       --set cache.prefill_chunk=128 --label "store=fp16,cap=gpu-free" --json "$RUN"
   fi

@@ -16,8 +16,10 @@
 #   KVH_GPU_SKIP_TESTS=1   bench only (a second call after test_cuda already passed)
 # usage (here, no GPU):  bench/gpu_check.sh --dry-run [OUT]
 #   runs the same steps on this machine's build: test_cuda (its GPU tests skip with the reason) and the
-#   bench with KVH_BENCH_QUICK=1 on the CPU backend (random:gpt2, the peer on torch's CPU when the venv of
-#   docs/bench.md is active). A check of the script itself; its figures mean nothing.
+#   bench with KVH_BENCH_QUICK=1 on the CPU backend (random:gpt2 unless KVH_BENCH_MODELS says otherwise;
+#   the peer on torch's CPU when a python3 with transformers is first on PATH). A check of the script
+#   itself; its figures mean nothing. KVH_GPU_BUILD=DIR takes the build from DIR instead of
+#   .devcarry/build (tests/gpu_check_dryrun.sh: CTest's build, the tiny model).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -32,6 +34,7 @@ say() { echo "[gpu_check +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG"; }
 verdict=0
 
 B=.devcarry/build
+[ $DRY = 1 ] && B=${KVH_GPU_BUILD:-$B}
 if [ $DRY = 0 ]; then
   [ -f .devcarry/build.tar.xz ] || { say "no .devcarry/build.tar.xz: run bench/make_devcarry.sh here first and carry it"; exit 1; }
   tar -xJf .devcarry/build.tar.xz || { say "could not unpack .devcarry/build.tar.xz"; exit 1; }
@@ -45,7 +48,8 @@ if [ $DRY = 0 ]; then
 else
   [ -x "$B/test_cuda" ] || { say "dry run: no $B/test_cuda: run bench/make_devcarry.sh first"; exit 1; }
 fi
-export LD_LIBRARY_PATH="$PWD/$B/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+case $B in /*) ;; *) B="$PWD/$B" ;; esac
+export LD_LIBRARY_PATH="$B/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 # CUDA's own libraries are not carried: find them where this machine keeps them if the loader does not.
 missing() { ldd "$B/kvhost" "$B/test_cuda" 2>/dev/null | awk '/not found/{print $1}' | sort -u; }
@@ -93,7 +97,8 @@ say "bench with $left s left"
 if [ $DRY = 0 ]; then
   KVH_BENCH_DEADLINE=$(( $(date +%s) + left )) bench/gpu_bench.sh "$B" "$OUTDIR" >> "$LOG" 2>&1 || verdict=1
 else
-  KVH_BENCH_DEADLINE=$(( $(date +%s) + left )) KVH_BENCH_QUICK=1 KVH_BENCH_BACKEND=cpu KVH_BENCH_MODELS=gpt2 \
+  KVH_BENCH_DEADLINE=$(( $(date +%s) + left )) KVH_BENCH_QUICK=1 KVH_BENCH_BACKEND=cpu \
+    KVH_BENCH_MODELS=${KVH_BENCH_MODELS:-gpt2} \
     bench/gpu_bench.sh "$B" "$OUTDIR" >> "$LOG" 2>&1 || verdict=1
 fi
 sed -n '/^device:/,$p' "$OUTDIR/summary.md" 2>/dev/null | head -80
