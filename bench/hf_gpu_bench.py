@@ -306,6 +306,12 @@ def step_bytes(r):
     return w + kvb
 
 
+def device_mb(r):
+    """The K/V slots' device memory (the backend's pool regions: class rounding and free blocks included)."""
+    b = r.get("kv_device_reserved_bytes")
+    return "%.1f MB" % (b / 1e6) if b is not None else "-"
+
+
 def tags_of(r):
     return r.get("tags") or {}
 
@@ -354,12 +360,12 @@ def summarize(args):
         out += ["", "### Policies and stores (%s, batch 1, prompt %d + %d new; budget %s)" % (
             r0["model"]["name"], (full or r0)["prompt_tokens"][0], r0["generated_tokens"][0],
             next((r["cache_budget"] for r in rows if r.get("cache_budget")), "-")), "",
-            "| config | ms/token | vs full cache | vs full cache at the budget's context | KV held | roofline |",
-            "|---|---|---|---|---|---|"]
+            "| config | ms/token | vs full cache | vs full cache at the budget's context | KV held | KV device "
+            "memory | roofline |", "|---|---|---|---|---|---|---|"]
         for r in rows:
-            out.append("| %s | %.3f | %s | %s | %.1f MB | %s |" % (
+            out.append("| %s | %.3f | %s | %s | %.1f MB | %s | %s |" % (
                 tags_of(r).get("config", "-"), ms(r), "%.2fx" % (ms(r) / ms(full)) if full else "-",
-                "%.2fx" % (ms(r) / ms(eq)) if eq else "-", r["kv_bytes_held"] / 1e6, roof(r)))
+                "%.2fx" % (ms(r) / ms(eq)) if eq else "-", r["kv_bytes_held"] / 1e6, device_mb(r), roof(r)))
     rows = stage("batch")
     if rows:
         out += ["", "### Batched decode", "",
@@ -376,11 +382,12 @@ def summarize(args):
         fp16 = next((r for r in rows if tags_of(r).get("store") == "fp16"), None)
         out += ["", "### KV stores (%s, batch %d, %d + %d tokens)" % (
             rows[0]["model"]["name"], rows[0]["batch"], rows[0]["prompt_tokens"][0], rows[0]["generated_tokens"][0]),
-            "", "| store | tok/s | ms/step | vs fp16 | KV held | roofline |", "|---|---|---|---|---|---|"]
+            "", "| store | tok/s | ms/step | vs fp16 | KV held | KV device memory | roofline |",
+            "|---|---|---|---|---|---|---|"]
         for r in rows:
-            out.append("| %s | %.0f | %.3f | %s | %.1f MB | %s |" % (
+            out.append("| %s | %.0f | %.3f | %s | %.1f MB | %s | %s |" % (
                 tags_of(r).get("store"), r["decode_tokens_per_s"], ms(r),
-                "%.2fx" % (ms(r) / ms(fp16)) if fp16 else "-", r["kv_bytes_held"] / 1e6, roof(r)))
+                "%.2fx" % (ms(r) / ms(fp16)) if fp16 else "-", r["kv_bytes_held"] / 1e6, device_mb(r), roof(r)))
     rows = stage("overhead")
     if rows:
         out += ["", "### Overheads (%s)" % rows[0]["model"]["name"], "",

@@ -255,9 +255,20 @@ Test(cuda, record_names_the_backend_that_ran) {
     cJSON *a = generate_record(dir, "auto", 0);
     cr_assert_str_eq(str_field(a, "backend"), expect, "auto ran %s", str_field(a, "backend"));
     cr_assert_str_eq(str_field(a, "backend_requested"), "auto");
+    /* K/V slots in device memory are also counted as the device holds them (pool regions), never less
+     * than the cache's slot bytes */
+    const cJSON *reserved = cJSON_GetObjectItemCaseSensitive(a, "kv_device_reserved_bytes");
+    const cJSON *peak = cJSON_GetObjectItemCaseSensitive(a, "kv_bytes_peak");
+    if (strcmp(expect, "cuda") == 0) {
+        cr_assert(cJSON_IsNumber(reserved) && cJSON_IsNumber(peak), "no kv_device_reserved_bytes on cuda");
+        cr_assert_geq(reserved->valuedouble, peak->valuedouble);
+    } else {
+        cr_assert_null(reserved, "host slots have no device reservation");
+    }
     cJSON *c = generate_record(dir, "cpu", 1);
     cr_assert_str_eq(str_field(c, "backend"), "cpu");
     cr_assert_null(str_field(c, "backend_requested"), "an explicit backend needs no backend_requested");
+    cr_assert_null(cJSON_GetObjectItemCaseSensitive(c, "kv_device_reserved_bytes"));
     cJSON_Delete(a);
     cJSON_Delete(c);
 }

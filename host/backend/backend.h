@@ -52,6 +52,10 @@ typedef struct kvh_backend_ops {
     int (*before_evict)(kvh_backend *be, kvh_kvcache *cache, int seq, int layer, kvh_err *err);
     /* ...and after the host compacted the metadata, so it can refresh its own copies. */
     int (*after_evict)(kvh_backend *be, kvh_kvcache *cache, int seq, int layer, kvh_err *err);
+    /* Optional: bytes of device memory this backend's kv_memory has taken for K/V slots (regions held,
+     * free blocks and size-class rounding included; never returned before destroy, so also the peak).
+     * The cache counts slot bytes; this is what they cost on the device. */
+    size_t (*kv_memory_reserved)(kvh_backend *be);
 } kvh_backend_ops;
 
 struct kvh_backend {

@@ -185,6 +185,8 @@ int kvh_add_run_fields(cJSON *rec, const kvh_model *model, const kvh_session *s,
     cJSON_AddStringToObject(rec, "backend", s->backend->ops->name);
     if (strcmp(backend, s->backend->ops->name) != 0) cJSON_AddStringToObject(rec, "backend_requested", backend);
     cJSON_AddStringToObject(rec, "device", s->backend->device);
+    if (s->backend->ops->kv_memory_reserved) /* slots in device memory: what they take there */
+        cJSON_AddNumberToObject(rec, "kv_device_reserved_bytes", (double)s->backend->ops->kv_memory_reserved(s->backend));
     cJSON_AddStringToObject(rec, "kernels", s->backend->kernels);
     /* every weight tensor as held: fp32, or packed by the layer's weight format (plugins.weights says which) */
     cJSON_AddNumberToObject(rec, "weights_bytes_held", (double)kvh_weights_bytes_held(model, s->weights));

@@ -216,7 +216,7 @@ static void *engine_thread(void *arg) {
                 fprintf(stderr, "kvhost serve: engine step failed: %s (no more requests run)\n", err.msg);
                 pthread_mutex_lock(&b->mu);
                 b->st.broken = true;
-                char msg[600];
+                char msg[sizeof err.msg + 32]; /* room for the whole message: no truncation */
                 snprintf(msg, sizeof msg, "engine step failed: %s", err.msg);
                 fail_all_locked(b, msg);
                 pthread_mutex_unlock(&b->mu);

@@ -25,6 +25,7 @@
 
 extern "C" {
 #include "backend/backend.h"
+#include "backend/slot_pool.h"
 #include "runtime/kvcache.h"
 #include "model/model.h"
 #include "util/util.h"
@@ -34,169 +35,27 @@ extern "C" {
 extern "C" int kvh_backend_cuda_create(kvh_backend **out, const kvh_model *model, int threads, kvh_err *err);
 extern "C" int kvh_backend_cuda_available(char *why, size_t cap);
 
-/* ---- pooled device memory for K/V slots -------------------------------------------------------------
+/* ---- device memory for K/V slots --------------------------------------------------------------------
  * Slot blocks come and go at every head growth and shrink; cudaMalloc / cudaFree per block would cost
- * tens of microseconds each and cudaFree synchronizes the device. Blocks are rounded up to a power of two
- * (>= 256 bytes), carved from 32 MiB chunks, and kept on per-size free lists until the backend is
- * destroyed. A pointer -> size-class map (open addressing) finds the class on free. */
+ * tens of microseconds each and cudaFree synchronizes the device. host/backend/slot_pool.c (plain C,
+ * tested on the CPU) carves them from 32 MiB regions in size classes that waste at most 1/16 of a block
+ * and keeps freed blocks for reuse until the backend is destroyed; these are its region callbacks. */
 
-#define POOL_MIN_SHIFT 8
-#define POOL_CLASSES 40
-#define POOL_CHUNK ((size_t)32 << 20)
+#define POOL_REGION ((size_t)32 << 20)
 
-typedef struct ptr_stack {
-    void **p;
-    size_t n, cap;
-} ptr_stack;
-
-typedef struct dev_pool {
-    ptr_stack free_list[POOL_CLASSES];
-    ptr_stack chunks;       /* every cudaMalloc'd region, freed at destroy */
-    char *bump;             /* unused tail of the current chunk */
-    size_t bump_left;
-    uintptr_t *keys;        /* block pointer -> class map (keys 0 = empty) */
-    unsigned char *cls;
-    size_t map_cap, map_n;
-    size_t reserved;        /* bytes obtained from cudaMalloc */
-} dev_pool;
-
-static int stack_push(ptr_stack *s, void *p) {
-    if (s->n == s->cap) {
-        size_t nc = s->cap ? s->cap * 2 : 64;
-        void **np = (void **)realloc(s->p, nc * sizeof *np);
-        if (!np) return -1;
-        s->p = np;
-        s->cap = nc;
-    }
-    s->p[s->n++] = p;
-    return 0;
-}
-
-static size_t ptr_hash(uintptr_t k, size_t cap) {
-    k ^= k >> 33;
-    k *= 0xff51afd7ed558ccdull;
-    k ^= k >> 33;
-    return (size_t)k & (cap - 1);
-}
-
-static int map_put(dev_pool *pl, void *p, int c);
-static int map_grow(dev_pool *pl) {
-    size_t oc = pl->map_cap, nc = oc ? oc * 2 : 1024;
-    uintptr_t *ok = pl->keys;
-    unsigned char *ocls = pl->cls;
-    uintptr_t *nk = (uintptr_t *)calloc(nc, sizeof *nk);
-    unsigned char *ncls = (unsigned char *)calloc(nc, 1);
-    if (!nk || !ncls) {
-        free(nk);
-        free(ncls);
-        return -1;
-    }
-    pl->keys = nk;
-    pl->cls = ncls;
-    pl->map_cap = nc;
-    pl->map_n = 0;
-    for (size_t i = 0; i < oc; i++)
-        if (ok[i]) (void)map_put(pl, (void *)ok[i], ocls[i]);
-    free(ok);
-    free(ocls);
-    return 0;
-}
-
-static int map_put(dev_pool *pl, void *p, int c) {
-    if ((pl->map_n + 1) * 2 > pl->map_cap && map_grow(pl) != 0) return -1;
-    size_t i = ptr_hash((uintptr_t)p, pl->map_cap);
-    while (pl->keys[i] && pl->keys[i] != (uintptr_t)p) i = (i + 1) & (pl->map_cap - 1);
-    if (!pl->keys[i]) pl->map_n++;
-    pl->keys[i] = (uintptr_t)p;
-    pl->cls[i] = (unsigned char)c;
-    return 0;
-}
-
-static int map_get(const dev_pool *pl, void *p) {
-    if (!pl->map_cap) return -1;
-    size_t i = ptr_hash((uintptr_t)p, pl->map_cap);
-    while (pl->keys[i]) {
-        if (pl->keys[i] == (uintptr_t)p) return pl->cls[i];
-        i = (i + 1) & (pl->map_cap - 1);
-    }
-    return -1;
-}
-
-static int size_class(size_t bytes) {
-    int c = 0;
-    while (c < POOL_CLASSES - 1 && ((size_t)1 << (c + POOL_MIN_SHIFT)) < bytes) c++;
-    return c;
-}
-
-/* Moves the rest of the current chunk onto the free lists (largest power-of-two pieces first). */
-static void pool_retire_bump(dev_pool *pl) {
-    while (pl->bump_left >= ((size_t)1 << POOL_MIN_SHIFT)) {
-        int c = size_class(pl->bump_left);
-        if (((size_t)1 << (c + POOL_MIN_SHIFT)) > pl->bump_left) c--;
-        size_t sz = (size_t)1 << (c + POOL_MIN_SHIFT);
-        if (map_put(pl, pl->bump, c) != 0 || stack_push(&pl->free_list[c], pl->bump) != 0) break;
-        pl->bump += sz;
-        pl->bump_left -= sz;
-    }
-    pl->bump = NULL;
-    pl->bump_left = 0;
-}
-
-static void *pool_alloc(dev_pool *pl, size_t bytes) {
-    int c = size_class(bytes ? bytes : 1);
-    size_t sz = (size_t)1 << (c + POOL_MIN_SHIFT);
-    if (sz < bytes) return NULL; /* beyond the largest class */
-    if (pl->free_list[c].n) return pl->free_list[c].p[--pl->free_list[c].n];
+static void *region_alloc(void *ctx, size_t bytes) {
+    (void)ctx;
     void *p = NULL;
-    if (sz >= POOL_CHUNK) {
-        if (cudaMalloc(&p, sz) != cudaSuccess) {
-            (void)cudaGetLastError();
-            return NULL;
-        }
-        if (stack_push(&pl->chunks, p) != 0) {
-            cudaFree(p);
-            return NULL;
-        }
-        pl->reserved += sz;
-    } else {
-        if (pl->bump_left < sz) {
-            void *chunk = NULL;
-            if (cudaMalloc(&chunk, POOL_CHUNK) != cudaSuccess) {
-                (void)cudaGetLastError();
-                return NULL;
-            }
-            if (stack_push(&pl->chunks, chunk) != 0) {
-                cudaFree(chunk);
-                return NULL;
-            }
-            pl->reserved += POOL_CHUNK;
-            pool_retire_bump(pl);
-            pl->bump = (char *)chunk;
-            pl->bump_left = POOL_CHUNK;
-        }
-        p = pl->bump;
-        pl->bump += sz;
-        pl->bump_left -= sz;
-    }
-    if (map_put(pl, p, c) != 0) {
-        (void)stack_push(&pl->free_list[c], p); /* keep it for later; report failure now */
+    if (cudaMalloc(&p, bytes) != cudaSuccess) {
+        (void)cudaGetLastError(); /* an allocation failure is not sticky; clear it for the next call */
         return NULL;
     }
     return p;
 }
 
-static void pool_free(dev_pool *pl, void *p) {
-    int c = map_get(pl, p);
-    if (c >= 0) (void)stack_push(&pl->free_list[c], p); /* a failed push only leaks until destroy */
-}
-
-static void pool_destroy(dev_pool *pl) {
-    for (size_t i = 0; i < pl->chunks.n; i++) cudaFree(pl->chunks.p[i]);
-    free(pl->chunks.p);
-    for (int c = 0; c < POOL_CLASSES; c++) free(pl->free_list[c].p);
-    free(pl->keys);
-    free(pl->cls);
-    memset(pl, 0, sizeof *pl);
+static void region_free(void *ctx, void *p) {
+    (void)ctx;
+    cudaFree(p);
 }
 
 /* ---- backend state ------------------------------------------------------------------------------ */
@@ -243,7 +102,7 @@ typedef struct cuda_backend {
     int32_t *dpos;
     float *dscore, *dobs;
 
-    dev_pool pool;
+    kvh_slot_pool pool;
     kvh_kv_memory mem;
     copy_list pending;  /* compaction copies not yet launched */
     kvh_err sticky;     /* first error raised inside a kv_memory callback (they return nothing) */
@@ -286,14 +145,14 @@ static void flush_copies(cuda_backend *cb) {
     cb->pending.n = 0;
 }
 
-static void *mem_alloc(void *ctx, size_t bytes) { return pool_alloc(&((cuda_backend *)ctx)->pool, bytes); }
+static void *mem_alloc(void *ctx, size_t bytes) { return kvh_slot_pool_alloc(&((cuda_backend *)ctx)->pool, bytes); }
 
 static void mem_free(void *ctx, void *p) {
     cuda_backend *cb = (cuda_backend *)ctx;
     /* pending copies may read p (resize moves old -> new, then frees old): launch them first, so a later
      * reuse of p is ordered after them on the stream */
     flush_copies(cb);
-    pool_free(&cb->pool, p);
+    kvh_slot_pool_free(&cb->pool, p);
 }
 
 static bool overlap(const void *a, size_t na, const void *b, size_t nb) {
@@ -894,7 +753,7 @@ static void cuda_destroy(kvh_backend *be) {
             cudaStreamSynchronize(cb->st);
         }
         graph_drop(cb);
-        pool_destroy(&cb->pool);
+        kvh_slot_pool_destroy(&cb->pool);
         workspace_free(cb);
         if (cb->tab_host) cudaFreeHost(cb->tab_host);
         dfree(&cb->tab_dev);
@@ -916,8 +775,10 @@ static void cuda_destroy(kvh_backend *be) {
     free(be);
 }
 
+static size_t cuda_kv_memory_reserved(kvh_backend *be) { return ((cuda_backend *)be->impl)->pool.reserved; }
+
 static const kvh_backend_ops cuda_ops = {"cuda", cuda_forward, cuda_destroy, cuda_kv_memory, cuda_before_evict,
-                                         cuda_after_evict};
+                                         cuda_after_evict, cuda_kv_memory_reserved};
 
 extern "C" int kvh_backend_cuda_available(char *why, size_t cap) {
     int n = 0;
@@ -1070,6 +931,8 @@ extern "C" int kvh_backend_cuda_create(kvh_backend **out, const kvh_model *model
     cb->mem.alloc = mem_alloc;
     cb->mem.free = mem_free;
     cb->mem.copy = mem_copy;
+    kvh_slot_pool_region region = {region_alloc, region_free, NULL};
+    kvh_slot_pool_init(&cb->pool, region, POOL_REGION);
     const char *g = getenv("KVH_CUDA_GRAPH");
     cb->graphs = !(g && strcmp(g, "0") == 0);
     const char *ph = getenv("KVH_CUDA_PHASES");
