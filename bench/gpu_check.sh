@@ -40,6 +40,9 @@ if [ $DRY = 0 ]; then
   tar -xJf .devcarry/build.tar.xz || { say "could not unpack .devcarry/build.tar.xz"; exit 1; }
   # the binaries bake /work/main (plugin and test paths) and /work/shared (the tiny model)
   if [ "$(pwd -P)" != "$(cd /work/main 2>/dev/null && pwd -P)" ]; then
+    if [ -e /work/main ] && [ ! -L /work/main ]; then  # something else sits there: keep it, out of the way
+      mv /work/main "/work/main.before-gpu-check.$$" && say "moved the existing /work/main aside"
+    fi
     mkdir -p /work && ln -sfn "$PWD" /work/main && say "linked /work/main -> $PWD (the binaries' baked paths)"
   fi
   if [ -f .devcarry/tiny-f16.tar.xz ] && [ ! -e /work/shared/models/gpt2-tiny-wt ]; then
