@@ -38,15 +38,18 @@ B=.devcarry/build
 if [ $DRY = 0 ]; then
   [ -f .devcarry/build.tar.xz ] || { say "no .devcarry/build.tar.xz: run bench/make_devcarry.sh here first and carry it"; exit 1; }
   tar -xJf .devcarry/build.tar.xz || { say "could not unpack .devcarry/build.tar.xz"; exit 1; }
-  # the binaries bake /work/main (plugin and test paths) and /work/shared (the tiny model)
+  # the binaries bake /work/main (plugin and test paths) and /work/main/../shared (the tiny model)
   if [ "$(pwd -P)" != "$(cd /work/main 2>/dev/null && pwd -P)" ]; then
     if [ -e /work/main ] && [ ! -L /work/main ]; then  # something else sits there: keep it, out of the way
       mv /work/main "/work/main.before-gpu-check.$$" && say "moved the existing /work/main aside"
     fi
     mkdir -p /work && ln -sfn "$PWD" /work/main && say "linked /work/main -> $PWD (the binaries' baked paths)"
   fi
-  if [ -f .devcarry/tiny-f16.tar.xz ] && [ ! -e /work/shared/models/gpt2-tiny-wt ]; then
-    tar -xJf .devcarry/tiny-f16.tar.xz -C /work && say "tiny model (F16 copy) at /work/shared/models/gpt2-tiny-wt"
+  # the tests look for /work/main/../shared, which the kernel resolves through the link: the folder
+  # beside this checkout's real path
+  parent=$(cd .. && pwd -P)
+  if [ -f .devcarry/tiny-f16.tar.xz ] && [ ! -e "$parent/shared/models/gpt2-tiny-wt" ]; then
+    tar -xJf .devcarry/tiny-f16.tar.xz -C "$parent" && say "tiny model (F16 copy) at $parent/shared/models/gpt2-tiny-wt"
   fi
 else
   [ -x "$B/test_cuda" ] || { say "dry run: no $B/test_cuda: run bench/make_devcarry.sh first"; exit 1; }

@@ -8,6 +8,8 @@
 #                            build/lib, the shared libraries they load except glibc's, the compiler's and
 #                            CUDA's own (the GPU machine has those). Paths inside are relative to the repo
 #                            root, as the binaries' baked paths (/work/main/.devcarry/build) expect.
+#                            gpu_check.sh links /work/main to the checkout there and puts the model in
+#                            the shared/ folder beside the checkout (what /work/main/../shared resolves to).
 #   .devcarry/tiny-f16.tar.xz  the tiny trained model (../shared/models/gpt2-tiny-wt) with its weights in
 #                            F16 (bench/safetensors_f16.py): 35 MB instead of 70, so that test_cuda's
 #                            tiny-model comparisons run there too. Both backends read the same fp16 values.
