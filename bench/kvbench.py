@@ -674,13 +674,18 @@ def max_feasible(fits, lo=1, hi=256, guess=None):
             good = b
         else:
             bad = b
+    return _bisect(probe, good, bad), probes
+
+
+def _bisect(probe, good, bad):
+    """The largest fitting batch between good (fits) and bad (does not)."""
     while bad - good > 1:
         mid = (good + bad) // 2
         if probe(mid):
             good = mid
         else:
             bad = mid
-    return good, probes
+    return good
 
 
 def _gallop_from(probe, lo, hi, g):
@@ -707,13 +712,7 @@ def _gallop_from(probe, lo, hi, g):
                 bad = b
                 break
             good, step = b, step * 2
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        if probe(mid):
-            good = mid
-        else:
-            bad = mid
-    return good
+    return _bisect(probe, good, bad)
 
 
 def size_bytes(text):

@@ -33,7 +33,6 @@
 #include <cjson/cJSON.h>
 
 #include "backend/backend.h"
-#include "cli/commands.h"
 #include "helpers/model_fixture.h"
 #include "runtime/config.h"
 #include "helpers/test_util.h"
@@ -221,23 +220,9 @@ Test(cuda, no_device_message) {
 static cJSON *generate_record(const char *dir, const char *backend, int n) {
     char json[600];
     snprintf(json, sizeof json, "%s/backend_record_%d.jsonl", kvh_test_tmpdir(), n);
-    unlink(json);
     const char *argv[] = {"generate", "--model", dir, "--prompt-tokens", "12", "--max-new", "3", "--threads", "1",
                           "--backend", backend, "--quiet", "--json", json, NULL};
-    FILE *saved = stdout;
-    stdout = fopen("/dev/null", "w");
-    int rc = kvh_cmd_generate((int)(sizeof argv / sizeof argv[0]) - 1, (char **)argv);
-    fclose(stdout);
-    stdout = saved;
-    cr_assert_eq(rc, 0, "generate --backend %s failed", backend);
-    char *text = NULL;
-    size_t len = 0;
-    kvh_err err = {{0}};
-    cr_assert_eq(kvh_read_file(json, 1 << 20, &text, &len, &err), 0, "%s", err.msg);
-    cJSON *rec = cJSON_Parse(text);
-    free(text);
-    cr_assert(rec, "record is not JSON");
-    return rec;
+    return kvh_test_generate_record(argv, json);
 }
 
 static const char *str_field(const cJSON *rec, const char *name) {

@@ -11,7 +11,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "cli/commands.h"
 #include "helpers/model_fixture.h"
 #include "helpers/test_util.h"
 #include "runtime/config.h"
@@ -97,7 +96,6 @@ static cJSON *generate(const char *plugins, const char *set1, const char *set2, 
     char json[600];
     static int n;
     snprintf(json, sizeof json, "%s/policy_bytes_%d.jsonl", kvh_test_tmpdir(), n++);
-    unlink(json);
     const char *argv[32];
     int argc = 0;
     const char *fixed[] = {"generate", "--model", model_dir(), "--prompt-tokens", "40", "--max-new", "8",
@@ -108,20 +106,7 @@ static cJSON *generate(const char *plugins, const char *set1, const char *set2, 
     if (set2) argv[argc++] = "--set", argv[argc++] = set2;
     if (mem_limit) argv[argc++] = "--mem-limit", argv[argc++] = mem_limit;
     argv[argc] = NULL;
-    FILE *saved = stdout;
-    stdout = fopen("/dev/null", "w");
-    int rc = kvh_cmd_generate(argc, (char **)argv);
-    fclose(stdout);
-    stdout = saved;
-    cr_assert_eq(rc, 0, "generate --plugins %s failed", plugins);
-    char *text = NULL;
-    size_t len = 0;
-    kvh_err err = {{0}};
-    cr_assert_eq(kvh_read_file(json, 1 << 20, &text, &len, &err), 0, "%s", err.msg);
-    cJSON *rec = cJSON_Parse(text);
-    free(text);
-    cr_assert(rec, "record is not JSON");
-    return rec;
+    return kvh_test_generate_record(argv, json);
 }
 
 static double field(const cJSON *rec, const char *name) {

@@ -10,7 +10,31 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cjson/cJSON.h>
+
+#include "cli/commands.h"
 #include "runtime/config.h"
+#include "util/util.h"
+
+cJSON *kvh_test_generate_record(const char *const *argv, const char *json_path) {
+    int argc = 0;
+    while (argv[argc]) argc++;
+    unlink(json_path);
+    FILE *saved = stdout;
+    stdout = fopen("/dev/null", "w");
+    int rc = kvh_cmd_generate(argc, (char **)argv);
+    fclose(stdout);
+    stdout = saved;
+    cr_assert_eq(rc, 0, "kvhost generate exited %d", rc);
+    char *text = NULL;
+    size_t len = 0;
+    kvh_err err = {{0}};
+    cr_assert_eq(kvh_read_file(json_path, 1 << 20, &text, &len, &err), 0, "%s", err.msg);
+    cJSON *rec = cJSON_Parse(text);
+    free(text);
+    cr_assert(rec, "%s: the record is not JSON", json_path);
+    return rec;
+}
 
 double kvh_test_compare(const char *what, const float *a, const float *b, size_t n, double tol) {
     double max_diff = 0.0;

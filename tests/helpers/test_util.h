@@ -49,6 +49,11 @@ const char *kvh_test_tiny_model_dir(void);
 /* Path of a file under ../shared (static buffer), or NULL when it does not exist. */
 const char *kvh_test_shared_path(const char *rel);
 
+/* Runs `kvhost generate` in-process with argv (NULL-terminated, argv[0] = "generate", and it must write
+ * --json json_path), its stdout silenced; fails the calling test unless it exits 0 and json_path holds
+ * one JSON record, which is returned (the caller cJSON_Delete's it). json_path is removed first. */
+struct cJSON *kvh_test_generate_record(const char *const *argv, const char *json_path);
+
 /* A fresh scratch directory for this process (created on first use, under /tmp). */
 const char *kvh_test_tmpdir(void);
 /* Writes len bytes to tmpdir/name and returns the full path (static buffer per call site: copy it). */
