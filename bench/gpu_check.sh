@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # gpu_check.sh — issue #18's whole GPU check as one device call: unpack what bench/make_devcarry.sh
 # prepared, find the CUDA libraries, run test_cuda (CPU vs CUDA logits, evictions, int8/int4 encoder bytes,
-# score reports; the tiny model included), a smoke test of `--backend auto`, then bench/gpu_bench.sh
-# with the time that is left. Everything goes under OUT (at most 8 files, as the device tool returns):
+# score reports; the tiny model included), a smoke test of `--backend auto`, compute-sanitizer's memcheck
+# over the small configurations, then bench/gpu_bench.sh with the time that is left. Everything goes under OUT (at most 8 files, as the device tool returns):
 #
 #   check.log        this script's log: library search, test verdicts, the bench's progress
 #   device.txt       nvidia-smi's name, driver, memory, clocks
@@ -96,6 +96,21 @@ if [ "${KVH_GPU_SKIP_TESTS:-0}" != 1 ]; then
     say "--backend auto: FAILED"; verdict=1
   fi
   rm -f "$OUTDIR/auto.jsonl"
+  # compute-sanitizer's memcheck over the small configurations (every kernel family: dense attention on
+  # both head-size paths, prefill + decode, ragged batches, the int8/int4 encoder, score reports,
+  # compaction copies): an out-of-bounds access is named with its kernel, which wrong logits are not.
+  # At most 90 s; its verdict counts like test_cuda's.
+  if [ $DRY = 0 ] && command -v compute-sanitizer > /dev/null; then
+    say "compute-sanitizer memcheck (at most 90 s)"
+    for t in small_model_decode odd_head_size_long_prompt ragged_batch_and_all_logits quant_encode_bytes_match_kvq_encode \
+             report_tova_matches_cpu eviction_window_int8_same_positions; do
+      timeout --kill-after=5 $(( 90 / 6 )) compute-sanitizer --tool memcheck --target-processes all --error-exitcode 9 \
+        "$B/test_cuda" --jobs 1 --filter "cuda/$t" >> "$OUTDIR/test_cuda.log" 2>&1
+      rc=$?
+      say "memcheck $t: exit $rc$([ $rc = 124 ] && echo ' (time limit: not a verdict)')"
+      case $rc in 0|124|137) ;; *) verdict=1 ;; esac
+    done
+  fi
 fi
 
 left=$(( BUDGET - ($(date +%s) - T0) - 15 ))
