@@ -11,7 +11,7 @@
 #   summary.md       the report tables (bench/hf_gpu_bench.py summarize)
 #
 # usage (GPU machine, repo root):  bench/gpu_check.sh [OUT]        (default: $OUT)
-#   KVH_GPU_BUDGET_S=540   seconds this script may take in all; the bench gets what test_cuda leaves,
+#   KVH_GPU_BUDGET_S=480   seconds this script may take in all; the bench gets what test_cuda leaves,
 #                          less 15 s for the summary. Call the device tool with timeout_s a little above.
 #   KVH_GPU_SKIP_TESTS=1   bench only (a second call after test_cuda already passed)
 # usage (here, no GPU):  bench/gpu_check.sh --dry-run [OUT]
@@ -26,7 +26,7 @@ DRY=0
 if [ "${1:-}" = --dry-run ]; then DRY=1; shift; fi
 OUTDIR=${1:-${OUT:?usage: bench/gpu_check.sh [--dry-run] [OUT]}}
 mkdir -p "$OUTDIR"
-BUDGET=${KVH_GPU_BUDGET_S:-540}
+BUDGET=${KVH_GPU_BUDGET_S:-480}
 T0=$(date +%s)
 LOG="$OUTDIR/check.log"
 : > "$LOG"

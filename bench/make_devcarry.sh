@@ -19,7 +19,7 @@
 #
 # usage (here):  bench/make_devcarry.sh
 # then one device call:  run(command="bench/gpu_check.sh", carry=[".devcarry/build.tar.xz",
-#                        ".devcarry/tiny-f16.tar.xz"], timeout_s=570)       (docs/results/gpu/README.md)
+#                        ".devcarry/tiny-f16.tar.xz"], timeout_s=510)       (docs/results/gpu/README.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXCL=$(git rev-parse --git-path info/exclude)
