@@ -80,6 +80,18 @@ if [ $DRY = 0 ]; then
   python3 bench/hf_gpu_bench.py check 2>&1 | tee -a "$LOG"
 fi
 
+# The device must run kvhost's CUDA backend before anything else is worth its time: a driver older than the
+# CUDA runtime the build was made with (nvcc 13 needs R580+) would make every GPU test skip, test_cuda exit
+# 0 and --backend auto fall back to the CPU, a "pass" that measured nothing.
+if [ $DRY = 0 ]; then
+  if ! "$B/kvhost" generate --backend cuda --model random:gpt2 --prompt-tokens 16 --max-new 4 --quiet >> "$LOG" 2>&1; then
+    say "kvhost --backend cuda does not run here (its message is above in check.log): stopping, nothing measured"
+    say "done: verdict FAIL"
+    exit 1
+  fi
+  say "kvhost --backend cuda runs"
+fi
+
 if [ "${KVH_GPU_SKIP_TESTS:-0}" != 1 ]; then
   say "test_cuda (at most 240 s)"
   timeout --kill-after=5 240 "$B/test_cuda" --verbose > "$OUTDIR/test_cuda.log" 2>&1
@@ -91,7 +103,9 @@ if [ "${KVH_GPU_SKIP_TESTS:-0}" != 1 ]; then
   rm -f "$OUTDIR/auto.jsonl"
   if "$B/kvhost" generate --backend auto --model random:gpt2 --prompt-tokens 16 --max-new 4 --quiet \
        --json "$OUTDIR/auto.jsonl" >> "$LOG" 2>&1; then
-    say "--backend auto chose: $(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["backend"])' "$OUTDIR/auto.jsonl")"
+    chose=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).readline())["backend"])' "$OUTDIR/auto.jsonl")
+    say "--backend auto chose: $chose"
+    if [ $DRY = 0 ] && [ "$chose" != cuda ]; then say "--backend auto should have chosen cuda here"; verdict=1; fi
   else
     say "--backend auto: FAILED"; verdict=1
   fi

@@ -45,6 +45,7 @@
 #include "../plugins/quant/kvq_format.h"
 
 #ifdef KVH_HAVE_CUDA
+#include "backend/cuda/graph_stats.h"
 #include "backend/cuda/quant_format.h"
 #include "backend/cuda/report.h"
 int kvh_backend_cuda_available(char *why, size_t cap);
@@ -147,6 +148,27 @@ static void fill_tokens(int32_t *t, int n, int V, unsigned seed) {
     }
 }
 
+/* The decode steps ran as CUDA graph replays (every one of `steps`, the first capturing), unless
+ * KVH_CUDA_GRAPH=0 (or KVH_CUDA_PHASES=1) asked for none: a capture that fails falls back to plain launches, and the tests "with
+ * the graph" must not pass on that path unnoticed. */
+static void expect_graphs(const kvh_session *gpu, const char *what, int steps) {
+#ifdef KVH_HAVE_CUDA
+    kvh_cuda_graph_stats gs;
+    cr_assert_eq(kvh_cuda_graph_stats_get(gpu->backend, &gs), 0);
+    const char *env = getenv("KVH_CUDA_GRAPH"), *phases = getenv("KVH_CUDA_PHASES"); /* phase timing: no graphs */
+    if ((env && strcmp(env, "0") == 0) || (phases && strcmp(phases, "1") == 0)) {
+        cr_assert_eq(gs.captures + gs.replays, 0, "%s: graphs off, yet %llu captures", what,
+                     (unsigned long long)gs.captures);
+        return;
+    }
+    cr_assert_eq(gs.fallbacks, 0, "%s: CUDA graph fell back to plain launches: %s", what, gs.fallback_reason);
+    cr_assert_geq(gs.replays, (uint64_t)steps, "%s: %llu graph replays for %d decode steps", what,
+                  (unsigned long long)gs.replays, steps);
+#else
+    (void)gpu, (void)what, (void)steps;
+#endif
+}
+
 /* Prefill `prompt` tokens, then `steps` greedy decode steps (CPU's choice fed to both), comparing logits
  * (normalized error below tol every step, argmax agreeing on at least a fraction `agree_min` of them). */
 static void compare_decode_tol(const kvh_model *m, const char *what, int prompt, int steps, const char *ini,
@@ -174,6 +196,7 @@ static void compare_decode_tol(const kvh_model *m, const char *what, int prompt,
     cr_assert_geq(agree, (int)ceil(agree_min * (steps + 1)), "%s: argmax agreed on %d of %d steps", what, agree,
                   steps + 1);
     printf("%s: argmax agreed on %d of %d steps\n", what, agree, steps + 1);
+    expect_graphs(gpu, what, steps);
     free(lc);
     free(lg);
     free(toks);
@@ -691,6 +714,7 @@ static void report_match_run(const char *plugin_file, const char *ini) {
             if (w > worst) worst = w;
         }
         printf("%s (graph %s): reports match the cpu, largest |diff| %.3g\n", plugin_file, graph ? "on" : "off", worst);
+        expect_graphs(gpu, plugin_file, 12);
         cap_free(kc);
         cap_free(kg);
         free(kc);

@@ -20,6 +20,7 @@
 #include "common.cuh"
 #include "layers.cuh"
 #include "quant.cuh"
+#include "graph_stats.h"
 #include "report.h"
 #include "tables.cuh"
 
@@ -78,16 +79,16 @@ typedef struct cuda_backend {
     cuda_layer *layers; /* [L] */
     kvh_cuda_kvfmt *lfmt; /* [L] slot format of each layer of the current cache (dense fp16 or int8/int4) */
 
-    /* activations, sized for rows_cap rows / out_cap logit rows / splits_cap splits */
+    /* activations, sized for rows_cap rows / out_cap logit rows / part_cap (row, split) pairs */
     size_t rows_cap, out_cap;
-    int splits_cap;
+    size_t part_cap;
     float *x;        /* [R, C] residual stream, fp32 */
     __half *xn;      /* [R, C] LayerNorm output */
     float *y;        /* [R, max(3C, F)] fp32 GEMM output before its epilogue */
     __half *q;       /* [R, C] */
     __half *att;     /* [R, C] attention output */
     __half *h;       /* [R, F] MLP hidden after GELU */
-    float *part_acc; /* [R, NH, S, HS] */
+    float *part_acc; /* [R, NH, S, HS] at the step's R and S */
     float *part_ml;  /* [R, NH, S, 2] */
     float *stat;     /* [R, NH, 2] */
     float *logits;   /* [out_cap, V] */
@@ -115,6 +116,7 @@ typedef struct cuda_backend {
     int *g_seq;         /* [g_B] */
     uint64_t g_gen;
     const kvh_kvcache *g_cache;
+    kvh_cuda_graph_stats g_stats;
 
     /* score reports (ABI 1.3) of the layers whose policy asked: attn_report_kernel writes them into drep
      * (offsets in the heads table), one transfer per forward brings them to hrep, the host then hands each
@@ -164,6 +166,7 @@ static void mem_copy(void *ctx, void *dst, const void *src, size_t bytes) {
     cuda_backend *cb = (cuda_backend *)ctx;
     if (bytes == 0) return;
     if (bytes > UINT32_MAX) {
+        flush_copies(cb); /* queued moves come first, as they would in a batch */
         kvh_err e;
         if (cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, cb->st) != cudaSuccess) {
             kvh_fail(&e, "cuda backend: device copy of %zu bytes failed: %s", bytes, cudaGetErrorString(cudaGetLastError()));
@@ -213,21 +216,26 @@ static void workspace_free(cuda_backend *cb) {
     dfree(&cb->stat);
     dfree(&cb->logits);
     cb->rows_cap = cb->out_cap = 0;
-    cb->splits_cap = 0;
+    cb->part_cap = 0;
 }
 
 #define DALLOC(err, ptr, bytes) KVH_CUDA_CHECK(err, cudaMalloc((void **)&(ptr), (bytes)))
 
 static int workspace_reserve(cuda_backend *cb, const kvh_model_config *cfg, size_t rows, size_t out_rows, int splits,
                              kvh_err *err) {
-    if (rows <= cb->rows_cap && out_rows <= cb->out_cap && splits <= cb->splits_cap) return 0;
+    /* The attention partials hold one (row, split) pair per row and split of this step: many splits come
+     * with few rows (decode), one split with many (prefill: attn_choose_splits gives 1 once the rows fill
+     * the GPU), so they are sized by the product. Sized by rows x the most splits instead, a 30,720-row
+     * prefill of gpt2-medium took 3.75 GiB of partials to use 117 MiB, memory the K/V cache then lacked. */
+    const size_t part = rows * (size_t)splits;
+    if (rows <= cb->rows_cap && out_rows <= cb->out_cap && part <= cb->part_cap) return 0;
     KVH_CUDA_CHECK(err, cudaStreamSynchronize(cb->st));
     size_t R = rows > cb->rows_cap ? rows : cb->rows_cap;
     size_t O = out_rows > cb->out_cap ? out_rows : cb->out_cap;
-    int S = splits > cb->splits_cap ? splits : cb->splits_cap;
+    size_t P = part > cb->part_cap ? part : cb->part_cap;
     if (R < 64) R = 64;
     if (O < 32) O = 32;
-    if (S < ATTN_MAX_SPLITS) S = ATTN_MAX_SPLITS;
+    if (P < 64 * (size_t)ATTN_MAX_SPLITS) P = 64 * (size_t)ATTN_MAX_SPLITS; /* decode up to 64 rows never regrows */
     workspace_free(cb);
     const size_t C = (size_t)cfg->n_embd, F = (size_t)cfg->n_inner, NH = (size_t)cfg->n_head;
     const size_t HS = C / NH, V = (size_t)cfg->n_vocab;
@@ -239,13 +247,13 @@ static int workspace_reserve(cuda_backend *cb, const kvh_model_config *cfg, size
     DALLOC(err, cb->q, R * C * sizeof(__half));
     DALLOC(err, cb->att, R * C * sizeof(__half));
     DALLOC(err, cb->h, R * F * sizeof(__half));
-    DALLOC(err, cb->part_acc, R * NH * (size_t)S * HS * sizeof(float));
-    DALLOC(err, cb->part_ml, R * NH * (size_t)S * 2 * sizeof(float));
+    DALLOC(err, cb->part_acc, P * NH * HS * sizeof(float));
+    DALLOC(err, cb->part_ml, P * NH * 2 * sizeof(float));
     DALLOC(err, cb->stat, R * NH * 2 * sizeof(float));
     DALLOC(err, cb->logits, O * V * sizeof(float));
     cb->rows_cap = R;
     cb->out_cap = O;
-    cb->splits_cap = S;
+    cb->part_cap = P;
     return 0;
 }
 
@@ -456,6 +464,18 @@ static bool graph_matches(const cuda_backend *cb, const kvh_kvcache *cache, cons
     return true;
 }
 
+/* Graphs off for the rest of this backend's life; said once on stderr and counted (graph_stats.h), so a
+ * run without graphs is never mistaken for one with them. Returns 1 (graph_capture's "not possible"). */
+static int graph_fallback(cuda_backend *cb, const char *why, const char *stage) {
+    cb->graphs = false;
+    if (cb->g_stats.fallbacks++ == 0) {
+        snprintf(cb->g_stats.fallback_reason, sizeof cb->g_stats.fallback_reason, "%s: %s", stage, why);
+        fprintf(stderr, "kvhost: cuda backend: CUDA graph %s failed (%s); decode steps launch kernel by kernel "
+                        "from now on\n", stage, why);
+    }
+    return 1;
+}
+
 /* Captures launch_step into a graph for this decode batch shape. Returns 0 with cb->gexec set, 1 when capture
  * is not possible here (graphs are then switched off for this backend), -1 on a real error. */
 static int graph_capture(kvh_backend *be, const kvh_kvcache *cache, const tab_layout *tl, const kvh_batch *batch,
@@ -463,24 +483,24 @@ static int graph_capture(kvh_backend *be, const kvh_kvcache *cache, const tab_la
     cuda_backend *cb = (cuda_backend *)be->impl;
     graph_drop(cb);
     KVH_CUDA_CHECK(err, cudaStreamBeginCapture(cb->st, cudaStreamCaptureModeThreadLocal));
-    kvh_err cap_err;
+    kvh_err cap_err = {{0}};
     int rc = launch_step(be, cache, tl, batch, R, n_out, S, G, &cap_err);
     cudaGraph_t g = NULL;
     cudaError_t e = cudaStreamEndCapture(cb->st, &g);
     if (rc != 0 || e != cudaSuccess || !g) {
         if (g) cudaGraphDestroy(g);
         (void)cudaGetLastError();
-        cb->graphs = false;
-        return 1;
+        return graph_fallback(cb, rc != 0 ? cap_err.msg : cudaGetErrorName(e != cudaSuccess ? e : cudaErrorUnknown),
+                              "capture");
     }
     e = cudaGraphInstantiate(&cb->gexec, g, 0);
     cudaGraphDestroy(g);
     if (e != cudaSuccess) {
         (void)cudaGetLastError();
         cb->gexec = NULL;
-        cb->graphs = false;
-        return 1;
+        return graph_fallback(cb, cudaGetErrorName(e), "instantiate");
     }
+    cb->g_stats.captures++;
     cb->g_seq = (int *)malloc((size_t)batch->n * sizeof(int));
     if (!cb->g_seq) {
         graph_drop(cb);
@@ -671,6 +691,7 @@ static int cuda_forward(kvh_backend *be, kvh_kvcache *cache, const kvh_batch *ba
         }
         if (cb->gexec) {
             KVH_CUDA_CHECK(err, cudaGraphLaunch(cb->gexec, cb->st));
+            cb->g_stats.replays++;
             ran = 1;
         }
     }
@@ -950,6 +971,13 @@ extern "C" int kvh_cuda_report_stats_get(const kvh_backend *be, kvh_cuda_report_
     memset(out, 0, sizeof *out);
     if (!be || be->ops != &cuda_ops) return -1;
     *out = ((const cuda_backend *)be->impl)->rep_stats;
+    return 0;
+}
+
+extern "C" int kvh_cuda_graph_stats_get(const kvh_backend *be, kvh_cuda_graph_stats *out) {
+    memset(out, 0, sizeof *out);
+    if (!be || be->ops != &cuda_ops) return -1;
+    *out = ((const cuda_backend *)be->impl)->g_stats;
     return 0;
 }
 

@@ -27,13 +27,17 @@ static inline const char *cublas_status_name(cublasStatus_t s) {
     }
 }
 
-/* `return`s -1 from the enclosing function with "cuda backend: <call> failed at file:line: <reason>". */
+/* `return`s -1 from the enclosing function with "cuda backend: <call> failed at file:line: <reason>". The
+ * runtime's last error is cleared (a sticky error stays), so that a caller who goes on after a handled
+ * failure (an allocation too large) does not see it again under the name of the next kernel launched. */
 #define KVH_CUDA_CHECK(err, call)                                                                          \
     do {                                                                                                   \
         cudaError_t kvh_cuda_rc_ = (call);                                                                 \
-        if (kvh_cuda_rc_ != cudaSuccess)                                                                   \
+        if (kvh_cuda_rc_ != cudaSuccess) {                                                                 \
+            (void)cudaGetLastError();                                                                      \
             return kvh_fail((err), "cuda backend: %s failed at %s:%d: %s (%s)", #call, __FILE__, __LINE__, \
                             cudaGetErrorString(kvh_cuda_rc_), cudaGetErrorName(kvh_cuda_rc_));             \
+        }                                                                                                  \
     } while (0)
 
 #define KVH_CUBLAS_CHECK(err, call)                                                                        \
