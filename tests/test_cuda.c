@@ -1,5 +1,6 @@
 /* test_cuda.c — the CUDA backend against the CPU backend (the reference): logits of kvh_sessions with
- * backend "cuda" and "cpu" on the same inputs (prefill + decode, ragged batches, all-logits prefill), on
+ * backend "cuda" and "cpu" on the same inputs (prefill + decode, ragged batches, all-logits prefill, long and
+ * uneven contexts up to n_positions), on
  * small random configs (both attention code paths: head size a multiple of 8 and not), on
  * random:gpt2-medium and on the tiny trained model when ../shared has it; eviction (window, sink) keeps
  * exactly the same positions per head on both backends; attention-score accumulators (h2o: decode +
@@ -361,6 +362,50 @@ Test(cuda, ragged_batch_and_all_logits) {
     forward(cpu, 1, &s1, &p1, &one, false, lc);
     forward(gpu, 1, &s1, &p1, &one, false, lg);
     (void)check_logits("after reset", 0, lg, lc, 1, V);
+    free(lc);
+    free(lg);
+    kvh_session_free(cpu);
+    kvh_session_free(gpu);
+    kvh_model_free(&m);
+}
+
+/* Long and very uneven contexts in one batch (prompts of 1000, 700, 300 and 3 tokens, then 24 decode steps
+ * that end at 1024 positions): prefill over many key tiles, and decode steps whose split count is fixed by
+ * n_ctx for the graph, so the short sequences' splits are mostly empty and the long ones' are full — the
+ * index arithmetic the small tests never reach. Every step's logits compared, and the decode steps replays. */
+Test(cuda, long_uneven_contexts_many_splits) {
+    REQUIRE_CUDA();
+    kvh_model m;
+    kvh_model_config cfg = small_config(64, 4, 2);
+    cfg.n_positions = 1024;
+    random_model(&m, cfg, "small-long");
+    const int V = m.cfg.n_vocab, B = 4, steps = 24;
+    kvh_session *cpu = open_session(&m, "cpu", B, NULL, NULL);
+    kvh_session *gpu = open_session(&m, "cuda", B, NULL, NULL);
+    int seq[4] = {0, 1, 2, 3}, n[4] = {1000, 700, 300, 3};
+    int32_t *t[4];
+    for (int b = 0; b < B; b++) {
+        t[b] = malloc((size_t)n[b] * sizeof(int32_t));
+        fill_tokens(t[b], n[b], V, 40u + (unsigned)b);
+    }
+    const int32_t *tp[4] = {t[0], t[1], t[2], t[3]};
+    float *lc = malloc((size_t)B * V * sizeof(float)), *lg = malloc((size_t)B * V * sizeof(float));
+    forward(cpu, B, seq, tp, n, false, lc);
+    forward(gpu, B, seq, tp, n, false, lg);
+    int agree = check_logits("long uneven prefill", 0, lg, lc, B, V), total = 1;
+    for (int st = 1; st <= steps; st++) {
+        int32_t next[4];
+        for (int b = 0; b < B; b++) next[b] = argmax(lc + (size_t)b * V, V);
+        const int32_t *np[4] = {&next[0], &next[1], &next[2], &next[3]};
+        int one[4] = {1, 1, 1, 1};
+        forward(cpu, B, seq, np, one, false, lc);
+        forward(gpu, B, seq, np, one, false, lg);
+        agree += check_logits("long uneven decode", st, lg, lc, B, V);
+        total++;
+    }
+    cr_assert_geq(agree, (int)ceil(ARGMAX_AGREE * total), "argmax of every row agreed on %d of %d steps", agree, total);
+    expect_graphs(gpu, "long uneven contexts", steps);
+    for (int b = 0; b < B; b++) free(t[b]);
     free(lc);
     free(lg);
     kvh_session_free(cpu);
