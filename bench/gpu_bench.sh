@@ -59,6 +59,7 @@ RUN="$RES/gpu_bench.jsonl"
 : > "$RUN"
 export PYTHONUNBUFFERED=1
 failed=0
+START=$(date +%s)
 
 now() { date +%s; }
 spec() { case $1 in */*) echo "$1" ;; *) echo "random:$1" ;; esac; }   # preset name or checkpoint dir
@@ -66,13 +67,15 @@ skipped() { # stage reason
   echo "== skipped: $1 ($2)"
   printf '{"record":"skipped","stage":"%s","reason":"%s"}\n' "$1" "$2" >> "$RUN"
 }
-# stage NAME SECONDS: 0 when the deadline leaves SECONDS for it (its estimate on an H100), else a skip record
+# stage NAME SECONDS: 0 when the deadline leaves SECONDS for it, else a skip record. The estimates are
+# guesses for an H100 (model creation a few seconds per kvhost run, a Python start per peer run); the
+# log prints when each stage starts, so the first GPU run's log tells the real figures.
 stage() {
   if [ "$DEADLINE" != 0 ] && [ $(( $(now) + $2 )) -gt "$DEADLINE" ]; then
     skipped "$1" "deadline: about $2 s needed, $(( DEADLINE - $(now) )) s left"
     return 1
   fi
-  echo "== stage $1 (estimate $2 s)"
+  echo "== stage $1 (estimate $2 s) at +$(( $(now) - START )) s"
 }
 # bounded COMMAND...: runs it under the time the deadline leaves; a failure is logged, counted, not fatal
 bounded() {
@@ -111,7 +114,7 @@ if [ "$BACKEND" = cuda ] && stage membw 15; then
 fi
 
 prompts=(); for T in "${TS[@]}"; do prompts+=($((T - NEW))); done
-if stage decode $((${#MODEL_LIST[@]} * 90)); then
+if stage decode $((${#MODEL_LIST[@]} * 60)); then
   for model in "${MODEL_LIST[@]}"; do
     for T in "${TS[@]}"; do
       kv --model $(spec $model) --batch 1 --prompt-tokens $((T - NEW)) --max-new $NEW --tag stage=decode --tag ctx=$T
@@ -120,7 +123,7 @@ if stage decode $((${#MODEL_LIST[@]} * 90)); then
   done
 fi
 
-if stage policies 120; then
+if stage policies 90; then
   P=$((TS[${#TS[@]}-1] - NEW))
   base=(--model $(spec $BIG) --batch 1 --max-new $NEW --tag stage=policies)
   kv "${base[@]}" --prompt-tokens $P --tag config=full
@@ -135,7 +138,7 @@ if stage policies 120; then
      --tag config=h2o+int8
 fi
 
-if stage batch $((${#MODEL_LIST[@]} * 60)); then
+if stage batch $((${#MODEL_LIST[@]} * 45)); then
   for model in "${MODEL_LIST[@]}"; do
     for B in "${BATCHES[@]}"; do
       kv --model $(spec $model) --batch $B --prompt-tokens $((BT - NEW)) --max-new $NEW --tag stage=batch --tag ctx=$BT
@@ -144,7 +147,7 @@ if stage batch $((${#MODEL_LIST[@]} * 60)); then
   done
 fi
 
-if stage stores 60; then
+if stage stores 45; then
   for store in fp16 int8 int4; do
     plug=(); [ "$store" = fp16 ] || plug=(--plugins "$PLUG/$store.so")
     kv --model $(spec $SMALL) --batch $QB --prompt-tokens $QP --max-new $QN ${plug[@]+"${plug[@]}"} \
@@ -152,7 +155,7 @@ if stage stores 60; then
   done
 fi
 
-if stage overhead 90; then
+if stage overhead 60; then
   keep=$((TS[${#TS[@]}-1] + 64))   # a window that never evicts: only the hooks' cost remains
   for B in 1 32; do
     kv --model $(spec $SMALL) --batch $B --prompt-tokens $((BT - NEW)) --max-new $NEW --tag stage=overhead \
@@ -172,7 +175,7 @@ if stage overhead 90; then
   fi
 fi
 
-if stage capacity 150; then
+if stage capacity 120; then
   for store in fp16 int8 int4; do
     plug=(); [ "$store" = fp16 ] || plug=(--plugins "$PLUG/$store.so")
     bounded "$PY" bench/kvbench.py capacity --kvhost "$KVH" --backend "$BACKEND" --model $(spec $SMALL) \
@@ -190,6 +193,7 @@ if stage capacity 150; then
   fi
 fi
 
+echo "== all stages done at +$(( $(now) - START )) s"
 "$PY" bench/hf_gpu_bench.py summarize "$RUN" | tee "$RES/summary.md"
 echo "gpu_bench: $failed command(s) failed; records in $RUN"
 [ $failed -eq 0 ]
