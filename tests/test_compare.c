@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "cli/commands.h"
+#include "helpers/test_util.h"
 #include "util/util.h"
 
 static const char *tiny_model(void) {
@@ -81,18 +82,11 @@ static void run_compare(const char *budget_set, int prompt, cJSON **base, cJSON 
                     "--prompt-tokens", ptok, "--max-new", "12", "--warmup", "0", "--repeats", "1",
                     "--threads", "1", "--json", json, NULL};
     cr_assert_eq(kvh_cmd_compare(19, argv), 0);
-    char *text = NULL;
-    size_t len = 0;
-    kvh_err err = {{0}};
-    cr_assert_eq(kvh_read_file(json, 1 << 20, &text, &len, &err), 0, "%s", err.msg);
+    cJSON *recs[2];
+    kvh_test_read_json(json, recs, 2);
     unlink(json);
-    char *nl = strchr(text, '\n');
-    cr_assert(nl);
-    *nl = '\0';
-    *base = cJSON_Parse(text);
-    *stack = cJSON_Parse(nl + 1);
-    free(text);
-    cr_assert(*base && *stack);
+    *base = recs[0];
+    *stack = recs[1];
 }
 
 static double num(const cJSON *o, const char *a, const char *b) {

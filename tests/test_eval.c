@@ -242,15 +242,9 @@ Test(eval_cmd, tiny_model_errors_and_record) {
     const char *ok[] = {"eval", "--model", model, "--text-file", text, "--max-tokens", "30", "--ctx", "12",
                         "--mode", "both", "--threads", "1", "--json", json, "--tag", "k=v"};
     cr_assert_eq(run_cmd(ok, 17), 0);
-    char *buf = NULL;
-    size_t len = 0;
-    kvh_err err = {{0}};
-    cr_assert_eq(kvh_read_file(json, 1 << 20, &buf, &len, &err), 0, "%s", err.msg);
-    char *nl = strchr(buf, '\n');
-    cr_assert(nl != NULL);
-    *nl = '\0';
-    cJSON *t = cJSON_Parse(buf), *s = cJSON_Parse(nl + 1);
-    cr_assert(t && s, "two JSON records");
+    cJSON *rec[2];
+    kvh_test_read_json(json, rec, 2); /* two records: teacher, stream */
+    cJSON *t = rec[0], *s = rec[1];
     cr_assert_str_eq(cJSON_GetObjectItem(t, "record")->valuestring, "eval");
     cr_assert_str_eq(cJSON_GetObjectItem(t, "mode")->valuestring, "teacher");
     cr_assert_str_eq(cJSON_GetObjectItem(s, "mode")->valuestring, "stream");
@@ -267,7 +261,6 @@ Test(eval_cmd, tiny_model_errors_and_record) {
     cr_assert(cJSON_GetObjectItem(s, "model") && cJSON_GetObjectItem(s, "plugins"), "run fields present");
     cJSON_Delete(t);
     cJSON_Delete(s);
-    free(buf);
 }
 
 /* ---- reproduction of the tiny model's perplexity on text prefixes --------------------------------- */

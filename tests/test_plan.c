@@ -12,6 +12,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "helpers/test_util.h"
 #include "plan/plan.h"
 
 #define GIB 1073741824.0
@@ -546,13 +547,8 @@ Test(plan_cmd, json_file)
                                 "--sweep", NULL};
     cr_assert_eq(run(args), 0);
     cr_assert_neq(access(tmp, F_OK), 0, "temporary file left behind");
-    char *text = NULL;
-    size_t len = 0;
-    kvh_err err = {{0}};
-    cr_assert_eq(kvh_read_file(path, 1 << 22, &text, &len, &err), 0, "%s", err.msg);
-    cJSON *root = cJSON_Parse(text);
-    free(text);
-    cr_assert_not_null(root);
+    cJSON *root;
+    kvh_test_read_json(path, &root, 1);
     cJSON *params = cJSON_GetObjectItem(root, "params");
     cr_assert_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(params, "exact"), "total")->valuedouble, 8030261248.0);
     cr_assert_eq(cJSON_GetObjectItem(cJSON_GetObjectItem(params, "simplified"), "total")->valuedouble, 6430916608.0);

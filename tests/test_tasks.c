@@ -378,15 +378,9 @@ Test(tasks_cmd, record_on_a_random_model) {
                        "--queries", "2", "--mode", "both", "--threads", "1", "--json", json, "--tag", "policy=none",
                        "--plugins", "window.so", "--set", "cache.budget=16", "--set", "cache.slack=0"};
     cr_assert_eq(run_cmd(a, 25), 0);
-    char *buf = NULL;
-    size_t len = 0;
-    kvh_err err = {{0}};
-    cr_assert_eq(kvh_read_file(json, 1 << 20, &buf, &len, &err), 0, "%s", err.msg);
-    char *nl = strchr(buf, '\n');
-    cr_assert(nl);
-    *nl = '\0';
-    cJSON *p = cJSON_Parse(buf), *s = cJSON_Parse(nl + 1);
-    cr_assert(p && s, "two records");
+    cJSON *rec[2];
+    kvh_test_read_json(json, rec, 2); /* two records: prefill, stream */
+    cJSON *p = rec[0], *s = rec[1];
     cr_assert_str_eq(cJSON_GetObjectItem(p, "record")->valuestring, "eval");
     cr_assert_str_eq(cJSON_GetObjectItem(p, "mode")->valuestring, "prefill");
     cr_assert_str_eq(cJSON_GetObjectItem(s, "mode")->valuestring, "stream");
@@ -403,5 +397,4 @@ Test(tasks_cmd, record_on_a_random_model) {
     cr_assert(cJSON_GetObjectItem(p, "plugins"), "run fields present");
     cJSON_Delete(p);
     cJSON_Delete(s);
-    free(buf);
 }

@@ -26,14 +26,24 @@ cJSON *kvh_test_generate_record(const char *const *argv, const char *json_path) 
     fclose(stdout);
     stdout = saved;
     cr_assert_eq(rc, 0, "kvhost generate exited %d", rc);
+    cJSON *rec;
+    kvh_test_read_json(json_path, &rec, 1);
+    return rec;
+}
+
+void kvh_test_read_json(const char *path, cJSON **recs, int n) {
     char *text = NULL;
     size_t len = 0;
     kvh_err err = {{0}};
-    cr_assert_eq(kvh_read_file(json_path, 1 << 20, &text, &len, &err), 0, "%s", err.msg);
-    cJSON *rec = cJSON_Parse(text);
+    cr_assert_eq(kvh_read_file(path, (size_t)64 << 20, &text, &len, &err), 0, "%s", err.msg);
+    const char *at = text;
+    for (int i = 0; i < n; i++) {
+        const char *end = NULL;
+        recs[i] = cJSON_ParseWithOpts(at, &end, 0);
+        cr_assert(recs[i], "%s: value %d of %d is missing or not JSON", path, i + 1, n);
+        at = end;
+    }
     free(text);
-    cr_assert(rec, "%s: the record is not JSON", json_path);
-    return rec;
 }
 
 double kvh_test_compare(const char *what, const float *a, const float *b, size_t n, double tol) {

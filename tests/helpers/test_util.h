@@ -49,6 +49,11 @@ const char *kvh_test_tiny_model_dir(void);
 /* Path of a file under ../shared (static buffer), or NULL when it does not exist. */
 const char *kvh_test_shared_path(const char *rel);
 
+/* Reads `path` (at most 64 MiB) and parses its first n JSON values into recs[0..n-1] (the caller
+ * cJSON_Delete's them): JSON Lines records, or one document over several lines. Fails the calling test
+ * if the file cannot be read or holds fewer than n values. */
+void kvh_test_read_json(const char *path, struct cJSON **recs, int n);
+
 /* Runs `kvhost generate` in-process with argv (NULL-terminated, argv[0] = "generate", and it must write
  * --json json_path), its stdout silenced; fails the calling test unless it exits 0 and json_path holds
  * one JSON record, which is returned (the caller cJSON_Delete's it). json_path is removed first. */
