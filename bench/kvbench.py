@@ -20,6 +20,7 @@ Standard library only (CI may have python3 without numpy).
 """
 import argparse
 import configparser
+import fractions
 import json
 import os
 import re
@@ -118,8 +119,10 @@ def _bool(path, section, key, text):
 
 
 def _size(path, section, key, text):
-    if not re.fullmatch(r"[0-9]+(\.[0-9]+)?[kKmMgG]?(i?[bB])?", text.strip()):
-        raise SweepError(f"{path}: [{section}] {key} = {text}: expected a size such as 256M or 2G")
+    try:
+        size_bytes(text)  # the one grammar of sizes (kvhost --mem-limit's)
+    except ValueError:
+        raise SweepError(f"{path}: [{section}] {key} = {text}: expected a size such as 256M or 2G") from None
     return text.strip()
 
 
@@ -720,7 +723,8 @@ def size_bytes(text):
     m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([kKmMgG]?)(?:i?[bB])?", text.strip())
     if not m:
         raise ValueError(f"{text!r} is not a size such as 256M or 2G")
-    return int(float(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()])
+    # exact (no float: a size of any length is a size; kvhost says whether it is too large)
+    return int(fractions.Fraction(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()])
 
 
 def linear_guess(probe, batch):
