@@ -75,22 +75,58 @@ def last_logits_kwargs(model):
     return {}
 
 
-def decode(args):
-    import torch
+def preset_model(torch, preset, device):
+    """GPT2LMHeadModel with random init (the caller seeds torch) at a preset's shapes, eager attention, on
+    `device`: fp16 on a GPU, fp32 on a CPU (fp16 matmuls on a CPU are not a peer anyone runs)."""
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    p = PRESETS[args.preset]
+    p = PRESETS[preset]
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=NPOS, n_embd=p["n_embd"], n_layer=p["n_layer"],
                      n_head=p["n_head"], activation_function="gelu_new", attn_implementation="eager")
     cfg._attn_implementation = "eager"
-    torch.manual_seed(1234)
-    dev = Device(torch, args.device)
     # built on the device where torch can (2.0+: a device is a context manager), else built, then moved
-    where = torch.device(args.device) if hasattr(torch.device, "__enter__") else contextlib.nullcontext()
+    where = torch.device(device) if hasattr(torch.device, "__enter__") else contextlib.nullcontext()
     with where:
         model = GPT2LMHeadModel(cfg)
-    model = model.to(args.device)
-    model = (model.half() if dev.cuda else model).eval()  # fp16 matmuls on a CPU are not a peer anyone runs
+    model = model.to(device)
+    return (model.half() if device == "cuda" else model).eval()
+
+
+def timed_generate(torch, dev, model, ids, M, prefill_kwargs):
+    """One greedy generation of M tokens from the prompt ids [B, N]: the prefill, then M - 1 decode steps
+    with past_key_values, each timed up to a device synchronization. Returns (prefill ms, [step ms], total
+    ms, the first sequence's tokens)."""
+    steps, toks = [], []
+    with torch.inference_mode():
+        dev.sync()
+        t_start = time.perf_counter()
+        out = model(input_ids=ids, use_cache=True, **prefill_kwargs)
+        past = out.past_key_values
+        nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+        toks.append(int(nxt[0, 0]))
+        dev.sync()
+        prefill = (time.perf_counter() - t_start) * 1e3
+        for _ in range(M - 1):
+            t = time.perf_counter()
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+            dev.sync()
+            steps.append((time.perf_counter() - t) * 1e3)
+            toks.append(int(nxt[0, 0]))
+        total = (time.perf_counter() - t_start) * 1e3
+    return prefill, steps, total, toks
+
+
+def decode(args):
+    import torch
+
+    if args.max_new < 2:
+        print(f"hf_gpu_bench.py: --max-new {args.max_new}: decode times the steps after the first token, so it "
+              "needs 2 or more", file=sys.stderr)
+        return 2
+    torch.manual_seed(1234)
+    dev = Device(torch, args.device)
+    model = preset_model(torch, args.preset, args.device)
     last_only = last_logits_kwargs(model)
     tags = dict(t.split("=", 1) for t in args.tag or [])
     for B in args.batch:
@@ -129,32 +165,12 @@ class Device:
 def decode_one(torch, dev, model, last_only, args, B, N, M, tags):
     """One (batch, prompt) shape: warmup runs, then timed runs; prints one hf_generate record."""
     ids = torch.tensor([[(i * 7919 + 13) % VOCAB for i in range(N)]] * B, device=args.device)
-
-    def one_run():
-        steps = []
-        with torch.inference_mode():
-            dev.sync()
-            t0 = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True, **last_only)
-            past = out.past_key_values
-            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-            dev.sync()
-            prefill = (time.perf_counter() - t0) * 1e3
-            for _ in range(M - 1):
-                t = time.perf_counter()
-                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-                dev.sync()
-                steps.append((time.perf_counter() - t) * 1e3)
-        return prefill, steps
-
     for _ in range(args.warmup):
-        one_run()
+        timed_generate(torch, dev, model, ids, M, last_only)
     dev.reset_peak()
     prefills, all_steps, tps = [], [], []
     for _ in range(args.repeats):
-        pf, st = one_run()
+        pf, st, _, _ = timed_generate(torch, dev, model, ids, M, last_only)
         prefills.append(pf)
         all_steps += st
         tps.append(B * len(st) / (sum(st) / 1e3))
@@ -183,23 +199,17 @@ def peer(args):
     import resource
     import torch
     import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     if args.model_dir:
         model = GPT2LMHeadModel.from_pretrained(args.model_dir, torch_dtype=torch.float16, attn_implementation="eager")
-        model = model.to("cuda")
+        model = model.to("cuda").eval()
     else:
-        p = PRESETS[args.preset]
-        cfg = GPT2Config(vocab_size=VOCAB, n_positions=NPOS, n_embd=p["n_embd"], n_layer=p["n_layer"],
-                         n_head=p["n_head"], activation_function="gelu_new", attn_implementation="eager")
-        cfg._attn_implementation = "eager"
-        with torch.device("cuda"):
-            model = GPT2LMHeadModel(cfg)
-        model = model.half()
-    model = model.eval()
+        model = preset_model(torch, args.preset, "cuda")
+    dev = Device(torch, "cuda")
     c = model.config
     B, N, M = args.batch, args.prompt_tokens, args.max_new
     if N + M > c.n_positions:
@@ -207,35 +217,13 @@ def peer(args):
               file=sys.stderr)
         return 1
     ids = torch.tensor([[(i * 7919 + 13) % c.vocab_size for i in range(N)]] * B, device="cuda")  # [B, N]
-
-    def one_run():
-        steps, toks = [], []
-        with torch.inference_mode():
-            torch.cuda.synchronize()
-            t_start = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
-            past = out.past_key_values
-            nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-            toks.append(int(nxt[0, 0]))
-            torch.cuda.synchronize()
-            prefill = (time.perf_counter() - t_start) * 1e3
-            for _ in range(M - 1):
-                t = time.perf_counter()
-                out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-                torch.cuda.synchronize()
-                steps.append((time.perf_counter() - t) * 1e3)
-                toks.append(int(nxt[0, 0]))
-            total = (time.perf_counter() - t_start) * 1e3
-        return prefill, steps, total, toks
-
+    # the sweep peer's prefill computes every position's logits, as its records so far were measured
     for _ in range(args.warmup):
-        one_run()
-    torch.cuda.reset_peak_memory_stats()
+        timed_generate(torch, dev, model, ids, M, {})
+    dev.reset_peak()
     prefills, totals, all_steps, tps, toks = [], [], [], [], []
     for _ in range(args.repeats):
-        pf, st, tot, toks = one_run()
+        pf, st, tot, toks = timed_generate(torch, dev, model, ids, M, {})
         prefills.append(pf)
         totals.append(tot)
         all_steps += st
@@ -243,12 +231,12 @@ def peer(args):
     rec = {
         "record": "peer_run", "peer": "transformers", "peer_version": "transformers " + transformers.__version__,
         "peer_impl": f"GPT2LMHeadModel eager attention fp16, past_key_values, greedy (torch {torch.__version__})",
-        "device": torch.cuda.get_device_name(0), "threads": torch.get_num_threads(), "batch": B,
+        "device": dev.name(), "threads": torch.get_num_threads(), "batch": B,
         "prompt_tokens": N, "max_new": M, "warmup_runs": args.warmup, "repeats": args.repeats,
         "prefill_ms": prefills, "total_ms": totals, "step_ms": all_steps, "repeat_tokens_per_s": tps,
         "generated_tokens": [M] * B, "first_tokens": toks[:16],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "peak_device_bytes": torch.cuda.max_memory_allocated(),
+        "peak_device_bytes": dev.peak_bytes(),
         "model": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "n_params": n_params(c)},
     }
     print(json.dumps(rec), flush=True)
