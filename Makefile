@@ -39,8 +39,8 @@ test-valgrind: build
 	BUILD=$(BUILD) ./scripts/ci_valgrind.sh
 
 # Rebuilds the stand-in that uses its context, models/gpt2-tiny-copy (docs/fidelity.md): the corpus from
-# Debian packages, ../shared/models/gpt2-tiny-wt widened with a hand-set copy circuit (one CPU thread, about
-# 8 min on a 2-core VM), export in the Hugging Face layout, golden outputs. Not part of
+# Debian packages, ../shared/models/gpt2-tiny-wt widened with a hand-set copy circuit (one CPU thread, 2.5 to
+# 7.5 min on a 2-core VM), export in the Hugging Face layout, golden outputs. Not part of
 # `make test`: the tests that need the model skip when it is absent.
 model: build
 	WORK=$(BUILD)/fidelity KVHOST=$(BUILD)/kvhost ./tools/fidelity/make_model.sh

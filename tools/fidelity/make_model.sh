@@ -5,8 +5,10 @@
 # attempt"; RECIPE below), the export in the Hugging Face layout, golden outputs. The recipe trains the
 # circuit's previous-token head (Adam, 120 steps) and no curriculum steps (STEPS=0: measured to make the
 # circuit worse); STEPS=N trains N steps of train.py's curriculum on top (TRAIN_ARGS: its options).
-# Deterministic on one CPU thread for a given machine kind (PyTorch 1.13 from Debian); about 8 min on an
-# idle core of a 2-core VM (docs/fidelity.md has the figures and the hashes we got).
+# Deterministic on one CPU thread for a given machine (PyTorch 1.13 from Debian; another VM of the same kind
+# can differ in the last digits); 2.5 to 7.5 min on an idle core of a 2-core VM (docs/fidelity.md has the
+# figures and the hashes we got). With STEPS=0 the circuit is built once: the export reads the step-0
+# checkpoint.
 # Resumable: rerun it and training continues from WORK/run/ckpt.pt.
 #   STEPS (0) the schedule, STOP_AT (= STEPS) where to stop, WORK (build/fidelity), OUT (models/gpt2-tiny-copy),
 #   PYTHON (/usr/bin/python3: Debian's, which has python3-torch), KVHOST (build/kvhost: the tokenizer),

@@ -1016,7 +1016,15 @@ def main():
     opt = torch.optim.AdamW(groups, lr=a.lr, betas=(0.9, 0.95), eps=1e-8)
     step = 0
     pins = None
-    if a.circuit_init:  # (also when resuming: the pinned values come back from the checkpoint)
+    def save_ckpt():
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "recipe": recipe},
+                   ckpt_path + ".tmp")
+        os.replace(ckpt_path + ".tmp", ckpt_path)
+        say(f"checkpoint step {step}")
+
+    # (also when resuming: the pinned values come back from the checkpoint; an export of a checkpoint needs
+    # its weights only, not a circuit built to be overwritten by them)
+    if a.circuit_init and not (a.export and os.path.exists(ckpt_path)):
         prev, pin_sets = circuit_init(model, data, a.circuit_init, a.circuit_q, a.circuit_o, a.seed, code,
                                       a.circuit_match, a.circuit_rarity, a.circuit_ov_rand, answer)
         if a.circuit_match == 1:
@@ -1128,11 +1136,8 @@ def main():
                 say(f"step {step} (induction stage) loss {loss.item():.4f} attention on the induction targets "
                     + " ".join(f"{v:.3f}" for v in accs))
             if time.time() - t_ck > a.ckpt_minutes * 60:
-                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "recipe": recipe},
-                           ckpt_path + ".tmp")
-                os.replace(ckpt_path + ".tmp", ckpt_path)
+                save_ckpt()
                 t_ck = time.time()
-                say(f"checkpoint step {step}")
             continue
         B, T = shape_at(step, a)
         x, m, kinds, ind = batch(data, a.seed, step, B, T, mix)
@@ -1192,11 +1197,10 @@ def main():
             with open(os.path.join(a.run, "eval.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
         if time.time() - t_ck > a.ckpt_minutes * 60 or step == stop:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "recipe": recipe},
-                           ckpt_path + ".tmp")
-            os.replace(ckpt_path + ".tmp", ckpt_path)
+            save_ckpt()
             t_ck = time.time()
-            say(f"checkpoint step {step}")
+    if not os.path.exists(ckpt_path):  # nothing to train (--steps 0): the built circuit is the run's result, and
+        save_ckpt()                    # --export then reads it instead of building the circuit a second time
     say(f"done at step {step}")
 
 
