@@ -116,9 +116,10 @@ if [ "${KVH_GPU_SKIP_TESTS:-0}" != 1 ]; then
   # At most 90 s; its verdict counts like test_cuda's.
   if [ $DRY = 0 ] && command -v compute-sanitizer > /dev/null; then
     say "compute-sanitizer memcheck (at most 90 s)"
-    for t in small_model_decode odd_head_size_long_prompt ragged_batch_and_all_logits quant_encode_bytes_match_kvq_encode \
-             report_tova_matches_cpu eviction_window_int8_same_positions; do
-      timeout --kill-after=5 $(( 90 / 6 )) compute-sanitizer --tool memcheck --target-processes all --error-exitcode 9 \
+    cases=(small_model_decode odd_head_size_long_prompt ragged_batch_and_all_logits quant_encode_bytes_match_kvq_encode
+           report_tova_matches_cpu eviction_window_int8_same_positions)
+    for t in "${cases[@]}"; do
+      timeout --kill-after=5 $(( 90 / ${#cases[@]} )) compute-sanitizer --tool memcheck --target-processes all --error-exitcode 9 \
         "$B/test_cuda" --jobs 1 --filter "cuda/$t" >> "$OUTDIR/test_cuda.log" 2>&1
       rc=$?
       say "memcheck $t: exit $rc$([ $rc = 124 ] && echo ' (time limit: not a verdict)')"
