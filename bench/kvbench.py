@@ -955,6 +955,10 @@ def cmd_merge(a):
 
 
 def cmd_capacity(a):
+    try:
+        size_bytes(a.mem_limit)
+    except ValueError:
+        raise SweepError(f"capacity: --mem-limit {a.mem_limit!r}: expected a size such as 256M or 2G") from None
     extra = []
     if a.config:
         extra += ["--config", a.config]
@@ -965,7 +969,11 @@ def cmd_capacity(a):
     probe = CapacityProbe(os.path.abspath(a.kvhost), a.model, a.prompt_tokens, a.max_new, a.mem_limit, extra,
                           a.backend, a.threads)
     guess = (lambda: linear_guess(probe, 1)) if a.predict else None
-    best, probes = max_feasible(probe, 1, a.max_batch, guess)
+    try:
+        best, probes = max_feasible(probe, 1, a.max_batch, guess)
+    except RuntimeError as e:  # a probe failed for another reason than the memory limit: kvhost's message
+        log(f"kvbench: {e}")
+        return 1
     tried = ", ".join("%d:%s" % (b, "ok" if r else "no") for b, r in probes)
     print(f"max batch under {a.mem_limit}: {best}  (probes: {tried})")
     if a.json:

@@ -184,6 +184,20 @@ class MaxBatch(unittest.TestCase):
         self.assertEqual(best, 16)
         self.assertEqual(probes, [(1, True), (16, True), (17, False)])
 
+    def test_capacity_refuses_bad_sizes_and_reports_failed_probes(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = kvbench.main(["capacity", "--kvhost", FAKE, "--model", "m", "--mem-limit", "banana", "--predict"])
+        self.assertEqual(rc, 2)
+        self.assertIn("--mem-limit 'banana': expected a size", err.getvalue())
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):  # the fake refuses 1020 + 8 > 1024 positions: not a memory limit
+            rc = kvbench.main(["capacity", "--kvhost", FAKE, "--model", "m", "--mem-limit", "1M",
+                               "--prompt-tokens", "1020", "--max-new", "8"])
+        self.assertEqual(rc, 1)
+        self.assertIn("capacity probe at batch 1 failed", err.getvalue())
+        self.assertIn("exceeds n_positions", err.getvalue())
+
     def test_probe_against_fake_kvhost(self):
         # fake limit: batch * (T + max_new) KiB; T=60, max_new=4 -> 64 KiB/seq; 1M -> 16 sequences
         probe = kvbench.CapacityProbe(FAKE, "m", 60, 4, "1M", [])
